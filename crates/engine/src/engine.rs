@@ -1,0 +1,220 @@
+//! The engine: one call from spec to reply.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use fal_sandbox::{CgroupManager, Limits, WorkerCgroup};
+
+use crate::environment::{find_interpreter, EnvBuilder, EnvSpec};
+use crate::error::CallError;
+use crate::logs::{LogSink, LogSource};
+use crate::machine::{MachineType, MachineTypes};
+use crate::worker::{PoolKey, Worker, WorkerPool, WorkerSpec};
+
+/// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
+const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where environments live (`<cache_dir>/envs/<key>`).
+    pub cache_dir: PathBuf,
+    /// The `uv` binary.
+    pub uv: PathBuf,
+    pub machine_types: MachineTypes,
+    pub max_payload_bytes: usize,
+}
+
+impl EngineConfig {
+    /// `FAL_SERVERLESS_CACHE_DIR`, else `$XDG_CACHE_HOME/fal-serverless`, else `~/.cache/fal-serverless`; the uv
+    /// binary from `FAL_SERVERLESS_UV`, else `uv` on `PATH`.
+    pub fn from_env() -> Self {
+        let cache_dir = std::env::var_os("FAL_SERVERLESS_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("fal-serverless")
+        });
+        let uv = std::env::var_os("FAL_SERVERLESS_UV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("uv"));
+        Self { cache_dir, uv, machine_types: MachineTypes::builtin(), max_payload_bytes: DEFAULT_MAX_PAYLOAD }
+    }
+}
+
+/// One call to run.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// Whose call this is: workers are never shared across tenants.
+    pub tenant: String,
+    pub env: EnvSpec,
+    /// An interpreter of `env.python` to build with, if the caller knows one (the client's own, on the local host).
+    pub interpreter: Option<PathBuf>,
+    pub machine_type: String,
+    pub keep_alive: Duration,
+    /// cloudpickle of `(function, args, kwargs)`.
+    pub payload: Vec<u8>,
+}
+
+/// The function's outcome, still pickled: its return value, or (`raised`) a description of its exception.
+#[derive(Debug)]
+pub struct CallReply {
+    pub raised: bool,
+    pub payload: Vec<u8>,
+    /// The worker process that ran the call.
+    pub worker_pid: u32,
+}
+
+/// A live worker, as listed by [`Engine::workers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub pid: u32,
+    pub tenant: String,
+    pub env_key: String,
+    pub machine_type: String,
+    pub busy: bool,
+    /// Calls completed by this worker.
+    pub calls: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Engine(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    config: EngineConfig,
+    builder: EnvBuilder,
+    pool: WorkerPool,
+    cgroups: OnceLock<Result<CgroupManager, String>>,
+    warned_unlimited: AtomicBool,
+    gpus: Mutex<Vec<bool>>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Self {
+        let gpus = Mutex::new(vec![false; count_gpus()]);
+        Self(Arc::new(Inner {
+            builder: EnvBuilder::new(&config.cache_dir, config.uv.clone()),
+            config,
+            pool: WorkerPool::default(),
+            cgroups: OnceLock::new(),
+            warned_unlimited: AtomicBool::new(false),
+            gpus,
+        }))
+    }
+
+    pub fn machine_types(&self) -> &MachineTypes {
+        &self.0.config.machine_types
+    }
+
+    /// Runs one call: on a warm worker if one is idle, else on a new one (building its environment first if no
+    /// process has yet). Whatever the worker prints goes to `logs` as it is printed.
+    pub async fn call(&self, request: CallRequest, logs: &LogSink) -> Result<CallReply, CallError> {
+        let inner = &self.0;
+        let machine = inner.config.machine_types.get(&request.machine_type)?;
+        if request.payload.len() > inner.config.max_payload_bytes {
+            return Err(CallError::PayloadTooLarge {
+                size: request.payload.len(),
+                limit: inner.config.max_payload_bytes,
+            });
+        }
+        let key = PoolKey {
+            tenant: request.tenant.clone(),
+            env_key: request.env.key(),
+            machine_type: machine.name.clone(),
+        };
+        let mut leased = match inner.pool.checkout(&key) {
+            Some(leased) => leased,
+            None => {
+                let worker = self.start_worker(&request, machine, logs).await?;
+                inner.pool.lease_new(&key, worker)
+            }
+        };
+        match leased.worker().call(&request.payload, logs).await {
+            Some(reply) => {
+                let worker_pid = leased.worker().pid();
+                inner.pool.release(key, leased, request.keep_alive);
+                Ok(CallReply { raised: reply.raised, payload: reply.payload, worker_pid })
+            }
+            None => Err(leased.retire().failure(&machine.name, &machine.memory_display(), logs).await),
+        }
+    }
+
+    async fn start_worker(
+        &self,
+        request: &CallRequest,
+        machine: &MachineType,
+        logs: &LogSink,
+    ) -> Result<Worker, CallError> {
+        let inner = &self.0;
+        let visible_gpus = self.claim_gpus(machine)?;
+        let interpreter = find_interpreter(inner.builder.uv(), request.env.python, request.interpreter.as_deref()).await?;
+        let env = inner.builder.ensure(&request.env, &interpreter, logs).await?;
+        let spec = WorkerSpec {
+            python: env.python(),
+            env_root: env.root.clone(),
+            cgroup: self.cgroup_for(machine, logs)?,
+            visible_gpus,
+            max_payload: inner.config.max_payload_bytes,
+        };
+        tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
+        Worker::spawn(spec)
+    }
+
+    /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.
+    fn cgroup_for(&self, machine: &MachineType, logs: &LogSink) -> Result<Option<WorkerCgroup>, CallError> {
+        let inner = &self.0;
+        let manager = inner.cgroups.get_or_init(|| CgroupManager::detect().map_err(|e| e.to_string()));
+        match manager {
+            Ok(manager) => {
+                let limits = Limits { cpus: machine.cpus, memory_bytes: machine.memory_bytes, pids: machine.pids };
+                manager.create(&limits).map(Some).map_err(|e| CallError::Spawn(e.to_string()))
+            }
+            Err(reason) => {
+                if !inner.warned_unlimited.swap(true, Ordering::Relaxed) {
+                    logs.send(
+                        LogSource::Engine,
+                        format!(
+                            "machine type limits cannot be applied on this machine, so workers run without CPU and \
+                             memory limits ({reason}). Run as root, or on a host with a delegated cgroup v2 \
+                             hierarchy, to enforce them."
+                        ),
+                    );
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// `CUDA_VISIBLE_DEVICES` for a worker of `machine`: empty for CPU types; for GPU types the GPUs it needs.
+    fn claim_gpus(&self, machine: &MachineType) -> Result<String, CallError> {
+        if machine.gpus == 0 {
+            return Ok(String::new());
+        }
+        let gpus = self.0.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        if (machine.gpus as usize) > gpus.len() {
+            return Err(CallError::NoGpu {
+                machine_type: machine.name.clone(),
+                needed: machine.gpus,
+                available: gpus.len() as u32,
+            });
+        }
+        // On the local host workers share this machine's GPUs: the first ones are assigned.
+        Ok((0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+    }
+
+    /// Every live worker, idle or busy.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.0.pool.workers()
+    }
+
+    /// Stops all idle workers and waits for them; busy ones end with their calls.
+    pub async fn shutdown(&self) {
+        self.0.pool.shutdown().await;
+    }
+}
+
+/// NVIDIA GPUs the driver reports.
+fn count_gpus() -> usize {
+    std::fs::read_dir("/proc/driver/nvidia/gpus").map(|entries| entries.count()).unwrap_or(0)
+}

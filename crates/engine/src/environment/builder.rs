@@ -1,0 +1,199 @@
+//! Building environments: once per key, atomically, with progress streamed to whoever waits.
+//!
+//! A build happens in `envs/.tmp-<key>-<pid>` and is renamed to `envs/<key>` only when complete, so a half-built
+//! environment is never used: whatever is at `envs/<key>` is whole. Builders of the same key in this process wait on
+//! one in-process lock; builders in other processes wait on a file lock (`envs/.locks/<key>.lock`).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use super::EnvSpec;
+use crate::error::EnvironmentError;
+use crate::logs::{LogSink, LogSource};
+
+/// A built environment.
+#[derive(Debug, Clone)]
+pub(crate) struct Environment {
+    pub key: String,
+    pub root: PathBuf,
+}
+
+impl Environment {
+    pub fn python(&self) -> PathBuf {
+        self.root.join("bin").join("python")
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct EnvBuilder {
+    envs: PathBuf,
+    uv: PathBuf,
+    building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl EnvBuilder {
+    pub fn new(cache_dir: &Path, uv: PathBuf) -> Self {
+        Self { envs: cache_dir.join("envs"), uv, building: Mutex::default() }
+    }
+
+    pub fn uv(&self) -> &Path {
+        &self.uv
+    }
+
+    fn ready(&self, key: &str) -> Option<Environment> {
+        let root = self.envs.join(key);
+        root.join("pyvenv.cfg").is_file().then(|| Environment { key: key.to_string(), root })
+    }
+
+    /// Returns the environment of `spec`, building it with `interpreter` first if no process has yet.
+    pub async fn ensure(
+        &self,
+        spec: &EnvSpec,
+        interpreter: &Path,
+        logs: &LogSink,
+    ) -> Result<Environment, EnvironmentError> {
+        let key = spec.key();
+        if let Some(env) = self.ready(&key) {
+            return Ok(env);
+        }
+        let in_process = {
+            let mut building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+            building.entry(key.clone()).or_default().clone()
+        };
+        let _in_process = in_process.lock().await;
+        if let Some(env) = self.ready(&key) {
+            return Ok(env);
+        }
+
+        let locks = self.envs.join(".locks");
+        fs::create_dir_all(&locks).map_err(|source| EnvironmentError::Io { path: locks.clone(), source })?;
+        let lock_path = locks.join(format!("{key}.lock"));
+        let lock = File::create(&lock_path).map_err(|source| EnvironmentError::Io { path: lock_path.clone(), source })?;
+        let lock = match lock.try_lock() {
+            Ok(()) => lock,
+            Err(_) => {
+                logs.send(LogSource::Build, format!("waiting for another process to finish building environment {key}"));
+                tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+                    .await
+                    .map_err(|e| EnvironmentError::Io { path: lock_path.clone(), source: std::io::Error::other(e) })?
+                    .map_err(|source| EnvironmentError::Io { path: lock_path.clone(), source })?
+            }
+        };
+        let result = match self.ready(&key) {
+            Some(env) => Ok(env),
+            None => self.build(spec, &key, interpreter, logs).await,
+        };
+        drop(lock);
+        result
+    }
+
+    async fn build(
+        &self,
+        spec: &EnvSpec,
+        key: &str,
+        interpreter: &Path,
+        logs: &LogSink,
+    ) -> Result<Environment, EnvironmentError> {
+        let started = Instant::now();
+        let shown = if spec.requirements.is_empty() { "no requirements".to_string() } else { spec.requirements.join(", ") };
+        logs.send(LogSource::Build, format!("building environment {key} (Python {}, {shown})", spec.python));
+
+        // We hold the key's lock: any temp dir of this key is a leftover of an interrupted build.
+        self.remove_leftovers(key);
+        let staging = self.envs.join(format!(".tmp-{key}-{}", std::process::id()));
+        let result = self.build_into(spec, &staging, interpreter, logs).await;
+        let finish = result.and_then(|()| {
+            let root = self.envs.join(key);
+            fs::rename(&staging, &root).map_err(|source| EnvironmentError::Io { path: root.clone(), source })?;
+            Ok(Environment { key: key.to_string(), root })
+        });
+        if finish.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        } else {
+            logs.send(LogSource::Build, format!("environment {key} ready in {:.1}s", started.elapsed().as_secs_f64()));
+        }
+        finish
+    }
+
+    async fn build_into(
+        &self,
+        spec: &EnvSpec,
+        staging: &Path,
+        interpreter: &Path,
+        logs: &LogSink,
+    ) -> Result<(), EnvironmentError> {
+        let mut venv = self.uv_command();
+        // Relocatable: the environment is built in a temp dir and renamed; its scripts must not name the temp path.
+        venv.args(["venv", "--quiet", "--relocatable", "--no-project", "--python"]).arg(interpreter).arg(staging);
+        let (ok, output) = run_streaming(venv, &self.uv, logs).await?;
+        if !ok {
+            return Err(EnvironmentError::VenvFailed { python: spec.python.to_string(), output });
+        }
+        let mut install = self.uv_command();
+        install.args(["pip", "install", "--python"]).arg(staging.join("bin").join("python")).args(spec.install_targets());
+        let (ok, output) = run_streaming(install, &self.uv, logs).await?;
+        if !ok {
+            return Err(EnvironmentError::InstallFailed {
+                requirements: spec.requirements.join(", "),
+                python: spec.python.to_string(),
+                output,
+            });
+        }
+        Ok(())
+    }
+
+    fn uv_command(&self) -> Command {
+        let mut command = Command::new(&self.uv);
+        command
+            .env("UV_PYTHON_DOWNLOADS", "never")
+            .env("UV_NO_PROGRESS", "1")
+            .env_remove("VIRTUAL_ENV")
+            .env_remove("CONDA_PREFIX")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    fn remove_leftovers(&self, key: &str) {
+        let prefix = format!(".tmp-{key}-");
+        let Ok(entries) = fs::read_dir(&self.envs) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Runs `command`, streaming each line of its output to `logs`; returns success and the output, for errors.
+async fn run_streaming(mut command: Command, uv: &Path, logs: &LogSink) -> Result<(bool, String), EnvironmentError> {
+    let mut child = command.spawn().map_err(|source| EnvironmentError::UvMissing { uv: uv.to_path_buf(), source })?;
+    let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+    let stderr = child.stderr.take().map(|s| BufReader::new(s).lines());
+    let mut collected = String::new();
+    if let (Some(mut stdout), Some(mut stderr)) = (stdout, stderr) {
+        let (mut out_open, mut err_open) = (true, true);
+        while out_open || err_open {
+            let line = tokio::select! {
+                line = stdout.next_line(), if out_open => line.unwrap_or(None).or_else(|| { out_open = false; None }),
+                line = stderr.next_line(), if err_open => line.unwrap_or(None).or_else(|| { err_open = false; None }),
+            };
+            if let Some(line) = line {
+                logs.send(LogSource::Build, line.clone());
+                collected.push_str(&line);
+                collected.push('\n');
+            }
+        }
+    }
+    let status = child.wait().await.map_err(|source| EnvironmentError::UvMissing { uv: uv.to_path_buf(), source })?;
+    Ok((status.success(), collected.trim_end().to_string()))
+}

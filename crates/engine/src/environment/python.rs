@@ -1,0 +1,50 @@
+//! Finding an interpreter of a given major.minor on this machine.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use super::PythonVersion;
+use crate::error::EnvironmentError;
+
+/// Returns an interpreter of `version`: `hint` if it is one (the client's own interpreter, on the local host), else
+/// the first that `uv python list` finds. Never downloads one.
+pub(crate) async fn find_interpreter(
+    uv: &Path,
+    version: PythonVersion,
+    hint: Option<&Path>,
+) -> Result<PathBuf, EnvironmentError> {
+    if let Some(hint) = hint {
+        if hint.exists() {
+            return Ok(hint.to_path_buf());
+        }
+    }
+    let installations = list_installations(uv).await?;
+    installations.iter().find(|(v, _)| *v == version).map(|(_, path)| path.clone()).ok_or_else(|| {
+        let mut available: Vec<String> = installations.iter().map(|(v, _)| v.to_string()).collect();
+        available.dedup();
+        EnvironmentError::PythonNotFound { requested: version.to_string(), available }
+    })
+}
+
+async fn list_installations(uv: &Path) -> Result<Vec<(PythonVersion, PathBuf)>, EnvironmentError> {
+    let output = Command::new(uv)
+        .args(["python", "list", "--only-installed", "--output-format", "json"])
+        .env("UV_PYTHON_DOWNLOADS", "never")
+        .output()
+        .await
+        .map_err(|source| EnvironmentError::UvMissing { uv: uv.to_path_buf(), source })?;
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    let mut installations: Vec<(PythonVersion, PathBuf)> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.get("version")?.as_str()?.parse().ok()?;
+            let path = PathBuf::from(entry.get("path")?.as_str()?);
+            Some((version, path))
+        })
+        .collect();
+    installations.sort_by_key(|(v, _)| *v);
+    Ok(installations)
+}

@@ -1,0 +1,58 @@
+//! What can go wrong with a call, in words a user can act on.
+
+use std::path::PathBuf;
+
+use crate::machine::UnknownMachineType;
+
+/// An environment could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvironmentError {
+    #[error("invalid requirement {requirement:?}: {reason}")]
+    InvalidRequirement { requirement: String, reason: String },
+    #[error("invalid python version {0:?}: expected MAJOR.MINOR, for example \"3.11\"")]
+    InvalidPythonVersion(String),
+    #[error(
+        "Python {requested} is not available on this machine; it has {}. Install Python {requested} there, or run \
+         the client with one of those versions",
+        if available.is_empty() { "none that uv can find".to_string() } else { available.join(", ") }
+    )]
+    PythonNotFound { requested: String, available: Vec<String> },
+    #[error("could not run uv at {uv}: {source}; install uv (`pip install uv`) or point FAL_SERVERLESS_UV at it")]
+    UvMissing {
+        uv: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not install requirements [{requirements}] for Python {python}:\n{output}")]
+    InstallFailed { requirements: String, python: String, output: String },
+    #[error("could not create the virtual environment for Python {python}:\n{output}")]
+    VenvFailed { python: String, output: String },
+    #[error("environment cache {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A call that did not produce a reply from the function.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    UnknownMachineType(#[from] UnknownMachineType),
+    #[error(
+        "machine type {machine_type} needs {needed} GPU(s); this machine has {available}. Use a CPU machine type \
+         (XS, S, M, L, XL) or run on a host with GPUs"
+    )]
+    NoGpu { machine_type: String, needed: u32, available: u32 },
+    #[error(transparent)]
+    Environment(#[from] EnvironmentError),
+    #[error("could not start a worker: {0}")]
+    Spawn(String),
+    #[error("the worker exceeded the {memory} of machine type {machine_type} and was killed; use a larger machine_type")]
+    OutOfMemory { machine_type: String, memory: String },
+    #[error("the worker running this call died ({how}) before returning; the next call gets a fresh worker")]
+    WorkerDied { how: String },
+    #[error("the payload is {size} bytes, over the limit of {limit} bytes; pass large data by reference (a path or URL)")]
+    PayloadTooLarge { size: usize, limit: usize },
+}

@@ -1,0 +1,13 @@
+//! Workers: Python processes inside an environment that run one call at a time.
+//!
+//! The engine and a worker speak [frames](frame) on a socket of their own (fd 3 in the worker); the worker's stdout
+//! and stderr are pipes read line by line into the call's logs. `agent.py` is the worker's side: stdlib and
+//! cloudpickle only, so an environment never needs this project installed.
+
+mod frame;
+mod output;
+mod pool;
+mod process;
+
+pub(crate) use pool::{PoolKey, WorkerPool};
+pub(crate) use process::{Worker, WorkerSpec};

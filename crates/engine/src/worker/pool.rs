@@ -1,0 +1,184 @@
+//! Warm workers, kept per (tenant, environment, machine type) for `keep_alive` after each call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::Worker;
+use crate::engine::WorkerInfo;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub tenant: String,
+    pub env_key: String,
+    pub machine_type: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Idle workers by key, most recently used last; each with the id its keep_alive timer looks for.
+    idle: HashMap<PoolKey, Vec<(u64, Worker)>>,
+    /// Every live worker, idle or busy, for listings.
+    live: BTreeMap<u64, WorkerInfo>,
+    next_id: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WorkerPool(Arc<Mutex<State>>);
+
+/// A worker taken from the pool for one call. Dropped without [`WorkerPool::release`] (a cancelled call), it is
+/// stopped and forgotten.
+#[derive(Debug)]
+pub(crate) struct Leased {
+    id: u64,
+    worker: Option<Worker>,
+    pool: WorkerPool,
+}
+
+impl Leased {
+    pub fn worker(&mut self) -> &mut Worker {
+        self.worker.as_mut().expect("a lease holds its worker until released")
+    }
+
+    /// Takes the worker out of the pool's books, for a worker that failed.
+    pub fn retire(mut self) -> Worker {
+        self.pool.state().live.remove(&self.id);
+        self.worker.take().expect("a lease holds its worker until released")
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.pool.state().live.remove(&self.id);
+            spawn_stop(worker);
+        }
+    }
+}
+
+impl WorkerPool {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle, living worker for `key`, if there is one.
+    pub fn checkout(&self, key: &PoolKey) -> Option<Leased> {
+        let mut dead = Vec::new();
+        let leased = {
+            let mut state = self.state();
+            let mut found = None;
+            while let Some((id, mut worker)) = state.idle.get_mut(key).and_then(Vec::pop) {
+                if worker.has_exited() {
+                    state.live.remove(&id);
+                    dead.push(worker);
+                    continue;
+                }
+                if let Some(info) = state.live.get_mut(&id) {
+                    info.busy = true;
+                }
+                found = Some((id, worker));
+                break;
+            }
+            found
+        };
+        dead.into_iter().for_each(spawn_stop);
+        leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone() })
+    }
+
+    /// Registers a newly started worker as busy with a call.
+    pub fn lease_new(&self, key: &PoolKey, worker: Worker) -> Leased {
+        let mut state = self.state();
+        state.next_id += 1;
+        let id = state.next_id;
+        let info = WorkerInfo {
+            pid: worker.pid(),
+            tenant: key.tenant.clone(),
+            env_key: key.env_key.clone(),
+            machine_type: key.machine_type.clone(),
+            busy: true,
+            calls: 0,
+        };
+        state.live.insert(id, info);
+        Leased { id, worker: Some(worker), pool: self.clone() }
+    }
+
+    /// Returns a worker after a successful call. It stays warm for `keep_alive` (each call restarts the timer:
+    /// the timer only removes the worker if it is still idle under the same lease id), or stops now if zero.
+    pub fn release(&self, key: PoolKey, mut leased: Leased, keep_alive: Duration) {
+        let id = leased.id;
+        let Some(worker) = leased.worker.take() else { return };
+        {
+            let mut state = self.state();
+            if let Some(info) = state.live.get_mut(&id) {
+                info.calls += 1;
+                info.busy = false;
+            }
+            if keep_alive.is_zero() {
+                state.live.remove(&id);
+            } else {
+                // A fresh id per idle period: a timer of an earlier period finds nothing to remove.
+                state.next_id += 1;
+                let idle_id = state.next_id;
+                if let Some(info) = state.live.remove(&id) {
+                    state.live.insert(idle_id, info);
+                }
+                state.idle.entry(key.clone()).or_default().push((idle_id, worker));
+                drop(state);
+                let pool = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(keep_alive).await;
+                    pool.expire(&key, idle_id);
+                });
+                return;
+            }
+        }
+        spawn_stop(worker);
+    }
+
+    fn expire(&self, key: &PoolKey, idle_id: u64) {
+        let expired = {
+            let mut state = self.state();
+            let workers = state.idle.get_mut(key);
+            let position = workers.as_ref().and_then(|w| w.iter().position(|(id, _)| *id == idle_id));
+            let expired = position.and_then(|p| workers.map(|w| w.remove(p).1));
+            if expired.is_some() {
+                state.live.remove(&idle_id);
+            }
+            if state.idle.get(key).is_some_and(Vec::is_empty) {
+                state.idle.remove(key);
+            }
+            expired
+        };
+        if let Some(worker) = expired {
+            spawn_stop(worker);
+        }
+    }
+
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.state().live.values().cloned().collect()
+    }
+
+    /// Stops every idle worker and waits until they are gone.
+    pub async fn shutdown(&self) {
+        let idle: Vec<Worker> = {
+            let mut state = self.state();
+            let idle: Vec<Worker> = state.idle.drain().flat_map(|(_, ws)| ws.into_iter().map(|(_, w)| w)).collect();
+            state.live.retain(|_, info| info.busy);
+            idle
+        };
+        for worker in idle {
+            worker.stop().await;
+        }
+    }
+}
+
+fn spawn_stop(worker: Worker) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(worker.stop());
+        }
+        // Outside a runtime (process teardown): dropping kills the process (kill_on_drop); the cgroup is removed
+        // by the next engine that starts and finds it empty.
+        Err(_) => drop(worker),
+    }
+}

@@ -1,0 +1,181 @@
+//! One worker process: spawning it inside its environment and limits, calling it, and reading how it died.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use fal_sandbox::{ProcessSetup, WorkerCgroup};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use super::frame::{write_frame, FrameReader, CALL, RAISED, RETURNED};
+use super::output::{pipe, OutputPipe};
+use crate::error::CallError;
+use crate::logs::{LogSink, LogSource};
+
+const AGENT: &str = include_str!("agent.py");
+/// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How to start a worker.
+#[derive(Debug)]
+pub(crate) struct WorkerSpec {
+    pub python: PathBuf,
+    pub env_root: PathBuf,
+    pub cgroup: Option<WorkerCgroup>,
+    /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none.
+    pub visible_gpus: String,
+    pub max_payload: usize,
+}
+
+/// What the function did: returned (`raised == false`) or raised; the payload is the worker's pickle of it.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub raised: bool,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Worker {
+    child: Child,
+    pid: u32,
+    frames: UnixStream,
+    reader: FrameReader,
+    stdout: OutputPipe,
+    stderr: OutputPipe,
+    cgroup: Option<WorkerCgroup>,
+}
+
+impl Worker {
+    pub fn spawn(spec: WorkerSpec) -> Result<Self, CallError> {
+        let spawn_error = |what: &str, e: std::io::Error| CallError::Spawn(format!("{what}: {e}"));
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| spawn_error("socketpair", e))?;
+        let (stdout_read, stdout_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
+        let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
+
+        let bin = spec.env_root.join("bin");
+        let path = std::env::var_os("PATH").map(|p| {
+            let mut joined = bin.clone().into_os_string();
+            joined.push(":");
+            joined.push(p);
+            joined
+        });
+        let mut command = Command::new(&spec.python);
+        command
+            .args(["-I", "-u", "-c", AGENT])
+            .env("VIRTUAL_ENV", &spec.env_root)
+            .env("PATH", path.unwrap_or_else(|| bin.into_os_string()))
+            .env("CUDA_VISIBLE_DEVICES", &spec.visible_gpus)
+            .env_remove("PYTHONHOME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout_write))
+            .stderr(Stdio::from(stderr_write))
+            .kill_on_drop(true);
+        let setup = ProcessSetup::new(theirs.as_raw_fd(), spec.cgroup.as_ref());
+        // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
+        unsafe {
+            command.pre_exec(move || setup.apply());
+        }
+        let child = command.spawn().map_err(|e| spawn_error(&format!("{}", spec.python.display()), e))?;
+        drop(theirs);
+        // `command` holds the write ends of the pipes; they must close here, or we never see end of stream.
+        drop(command);
+        let pid = child.id().unwrap_or(0);
+        ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
+        Ok(Self {
+            child,
+            pid,
+            frames: UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?,
+            reader: FrameReader::new(spec.max_payload),
+            stdout: OutputPipe::new(stdout_read, LogSource::Stdout).map_err(|e| spawn_error("pipe", e))?,
+            stderr: OutputPipe::new(stderr_read, LogSource::Stderr).map_err(|e| spawn_error("pipe", e))?,
+            cgroup: spec.cgroup,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process has exited (while idle, say): such a worker is never handed a call.
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile. `None` means
+    /// the worker is gone; [`Worker::failure`] says how.
+    pub async fn call(&mut self, payload: &[u8], logs: &LogSink) -> Option<Reply> {
+        if write_frame(&mut self.frames, CALL, payload).await.is_err() {
+            return None;
+        }
+        loop {
+            // Output first: lines printed before the reply was sent belong to this call.
+            tokio::select! {
+                biased;
+                () = self.stdout.forward(logs), if self.stdout.is_open() => {}
+                () = self.stderr.forward(logs), if self.stderr.is_open() => {}
+                frame = self.reader.next(&mut self.frames) => {
+                    // The pipes may still hold bytes written before the reply; the reply is only read after them.
+                    self.stdout.drain(logs);
+                    self.stderr.drain(logs);
+                    self.stdout.flush_partial(logs);
+                    self.stderr.flush_partial(logs);
+                    return match frame {
+                        Ok(Some(frame)) if frame.kind == RETURNED || frame.kind == RAISED => {
+                            Some(Reply { raised: frame.kind == RAISED, payload: frame.payload })
+                        }
+                        _ => None,
+                    };
+                }
+            }
+        }
+    }
+
+    /// After [`Worker::call`] returned `None`: waits for the process to end and says how it went.
+    pub async fn failure(mut self, machine_type: &str, memory: &str, logs: &LogSink) -> CallError {
+        let status = match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = self.child.start_kill();
+                self.child.wait().await.ok()
+            }
+        };
+        // Its last words (a traceback, "Segmentation fault") are part of this call's logs.
+        for pipe in [&mut self.stdout, &mut self.stderr] {
+            pipe.drain(logs);
+            pipe.flush_partial(logs);
+        }
+        if self.cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed) {
+            return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
+        }
+        CallError::WorkerDied { how: status.map(describe_exit).unwrap_or_else(|| "its exit status is unknown".into()) }
+    }
+
+    /// Ends the process and waits for it, so its cgroup can be removed.
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        if let Some(cgroup) = self.cgroup.take() {
+            // Removing a cgroup may retry for a moment while the kernel finishes tearing the process down.
+            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+        }
+    }
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    if let Some(signal) = status.signal() {
+        let name = match signal {
+            libc::SIGSEGV => " (SIGSEGV, a segmentation fault)",
+            libc::SIGKILL => " (SIGKILL)",
+            libc::SIGABRT => " (SIGABRT)",
+            libc::SIGTERM => " (SIGTERM)",
+            libc::SIGBUS => " (SIGBUS)",
+            _ => "",
+        };
+        format!("killed by signal {signal}{name}")
+    } else {
+        format!("exited with code {}", status.code().unwrap_or(-1))
+    }
+}

@@ -1,0 +1,344 @@
+//! cgroup v1 and v2: finding the hierarchy, creating one cgroup per worker, reading back OOM kills.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::SandboxError;
+
+/// CFS period used for CPU quotas: 100 ms, the kernel's default.
+const CPU_PERIOD_US: u64 = 100_000;
+/// Directory, below the hierarchy (v2) or below our own cgroup (v1), that holds the workers' cgroups.
+const BASE_NAME: &str = "fal-serverless";
+
+/// The ceilings of one worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// CPU cores, as a quota of CPU time per period (0.25 = a quarter of one core).
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// The cgroup hierarchy this process may create worker cgroups in.
+#[derive(Debug)]
+pub struct CgroupManager {
+    version: CgroupVersion,
+    /// v2: one directory; v1: one per controller (memory, cpu, pids).
+    bases: Vec<(Controller, PathBuf)>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Controller {
+    Unified,
+    Memory,
+    Cpu,
+    Pids,
+}
+
+impl Controller {
+    fn v1_name(self) -> &'static str {
+        match self {
+            Controller::Unified => "",
+            Controller::Memory => "memory",
+            Controller::Cpu => "cpu",
+            Controller::Pids => "pids",
+        }
+    }
+}
+
+impl CgroupManager {
+    /// Finds a writable hierarchy: v2 where its controllers are enabled, else v1's memory, cpu and pids
+    /// controllers. Returns [`SandboxError::Unavailable`] with the reason when neither can be written.
+    pub fn detect() -> Result<Self, SandboxError> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| io("read", "/proc/self/mountinfo", e))?;
+        let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| io("read", "/proc/self/cgroup", e))?;
+        let mounts = parse_mountinfo(&mountinfo);
+
+        let mut reasons = Vec::new();
+        if let Some(root) = mounts.iter().find(|m| m.fstype == "cgroup2").map(|m| m.mount_point.clone()) {
+            match Self::setup_v2(&root) {
+                Ok(manager) => return Ok(manager),
+                Err(reason) => reasons.push(format!("cgroup v2 at {}: {reason}", root.display())),
+            }
+        }
+        match Self::setup_v1(&mounts, &own) {
+            Ok(manager) => return Ok(manager),
+            Err(reason) => reasons.push(format!("cgroup v1: {reason}")),
+        }
+        Err(SandboxError::Unavailable(reasons.join("; ")))
+    }
+
+    fn setup_v2(root: &Path) -> Result<Self, String> {
+        let controllers = fs::read_to_string(root.join("cgroup.controllers")).map_err(|e| e.to_string())?;
+        let available: Vec<&str> = controllers.split_whitespace().collect();
+        for needed in ["cpu", "memory", "pids"] {
+            if !available.contains(&needed) {
+                return Err(format!("controller {needed} is not enabled (have: {})", controllers.trim()));
+            }
+        }
+        // Worker cgroups sit below the root, which is exempt from the no-internal-processes rule, so enabling the
+        // controllers for our subtree does not require moving any process.
+        let base = root.join(BASE_NAME);
+        enable_v2_controllers(root).map_err(|e| e.to_string())?;
+        mkdir(&base).map_err(|e| e.to_string())?;
+        enable_v2_controllers(&base).map_err(|e| e.to_string())?;
+        let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)], next_id: 0.into() };
+        manager.remove_stale();
+        Ok(manager)
+    }
+
+    fn setup_v1(mounts: &[Mount], own: &str) -> Result<Self, String> {
+        let mut bases = Vec::new();
+        for controller in [Controller::Memory, Controller::Cpu, Controller::Pids] {
+            let name = controller.v1_name();
+            let mount = mounts
+                .iter()
+                .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == name))
+                .ok_or_else(|| format!("the {name} controller is not mounted"))?;
+            // Nest below our own cgroup, so whatever limits the caller lives under still bind its workers.
+            let own_path = own
+                .lines()
+                .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+                .find(|(controllers, _)| controllers.split(',').any(|c| c == name))
+                .map(|(_, path)| path.trim_start_matches('/'))
+                .unwrap_or("");
+            let base = mount.mount_point.join(own_path).join(BASE_NAME);
+            mkdir(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+            bases.push((controller, base));
+        }
+        let manager = Self { version: CgroupVersion::V1, bases, next_id: 0.into() };
+        manager.remove_stale();
+        Ok(manager)
+    }
+
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    /// Creates a cgroup for one worker with `limits` applied. The worker joins it through [`crate::ProcessSetup`].
+    pub fn create(&self, limits: &Limits) -> Result<WorkerCgroup, SandboxError> {
+        let name = format!("{}-{}", std::process::id(), self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut cgroup = WorkerCgroup { version: self.version, dirs: Vec::new(), procs: Vec::new() };
+        for (controller, base) in &self.bases {
+            let dir = base.join(&name);
+            mkdir(&dir).map_err(|e| io("create", &dir, e))?;
+            cgroup.dirs.push((*controller, dir.clone()));
+            apply_limits(*controller, &dir, limits)?;
+            let procs = dir.join("cgroup.procs");
+            let file = OpenOptions::new().write(true).open(&procs).map_err(|e| io("open", &procs, e))?;
+            cgroup.procs.push(file);
+        }
+        Ok(cgroup)
+    }
+
+    /// Removes empty worker cgroups left by client processes that no longer exist (a `kill -9`'d client).
+    fn remove_stale(&self) {
+        for (_, base) in &self.bases {
+            let Ok(entries) = fs::read_dir(base) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let owner = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<i32>().ok());
+                if let Some(pid) = owner {
+                    // SAFETY: kill with signal 0 sends nothing; it only asks whether the pid exists.
+                    let alive = unsafe { libc::kill(pid, 0) } == 0;
+                    if !alive {
+                        let _ = fs::remove_dir(entry.path());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The cgroup of one worker; removed when dropped (after its processes are gone).
+#[derive(Debug)]
+pub struct WorkerCgroup {
+    version: CgroupVersion,
+    dirs: Vec<(Controller, PathBuf)>,
+    /// `cgroup.procs` of each directory, opened before fork so the child joins without allocating.
+    procs: Vec<File>,
+}
+
+impl WorkerCgroup {
+    pub(crate) fn procs_files(&self) -> impl Iterator<Item = &File> {
+        self.procs.iter()
+    }
+
+    /// Whether the kernel's OOM killer has killed a process of this cgroup.
+    pub fn oom_killed(&self) -> bool {
+        let (file, key) = match self.version {
+            CgroupVersion::V2 => ("memory.events", "oom_kill"),
+            CgroupVersion::V1 => ("memory.oom_control", "oom_kill"),
+        };
+        self.dirs
+            .iter()
+            .filter(|(c, _)| matches!(c, Controller::Unified | Controller::Memory))
+            .filter_map(|(_, dir)| fs::read_to_string(dir.join(file)).ok())
+            .any(|text| {
+                text.lines().any(|line| {
+                    let mut parts = line.split_whitespace();
+                    parts.next() == Some(key) && parts.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0
+                })
+            })
+    }
+
+    /// The directories of this cgroup (one per v1 controller, one on v2).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.dirs.iter().map(|(_, p)| p.as_path())
+    }
+}
+
+impl Drop for WorkerCgroup {
+    fn drop(&mut self) {
+        self.procs.clear();
+        for (_, dir) in &self.dirs {
+            // The kernel refuses rmdir until the last task has been reaped; that takes a moment after SIGKILL.
+            for attempt in 0..50 {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if attempt == 49 => tracing::warn!("could not remove cgroup {}: {e}", dir.display()),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        }
+    }
+}
+
+fn apply_limits(controller: Controller, dir: &Path, limits: &Limits) -> Result<(), SandboxError> {
+    let quota = ((limits.cpus * CPU_PERIOD_US as f64).round() as u64).max(1000);
+    match controller {
+        Controller::Unified => {
+            write(dir, "memory.max", &limits.memory_bytes.to_string())?;
+            write_optional(dir, "memory.swap.max", "0");
+            write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+            write(dir, "pids.max", &limits.pids.to_string())?;
+        }
+        Controller::Memory => {
+            write(dir, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
+            // Only present where swap accounting is on; without it there is no swap to bound.
+            write_optional(dir, "memory.memsw.limit_in_bytes", &limits.memory_bytes.to_string());
+        }
+        Controller::Cpu => {
+            write(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+            write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+        }
+        Controller::Pids => write(dir, "pids.max", &limits.pids.to_string())?,
+    }
+    Ok(())
+}
+
+fn enable_v2_controllers(dir: &Path) -> std::io::Result<()> {
+    let current = fs::read_to_string(dir.join("cgroup.subtree_control"))?;
+    let missing: Vec<String> = ["cpu", "memory", "pids"]
+        .iter()
+        .filter(|c| !current.split_whitespace().any(|have| have == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    OpenOptions::new().write(true).open(dir.join("cgroup.subtree_control"))?.write_all(missing.join(" ").as_bytes())
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), SandboxError> {
+    let path = dir.join(file);
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|e| io("write", &path, e))
+}
+
+fn write_optional(dir: &Path, file: &str, value: &str) {
+    let _ = OpenOptions::new().write(true).open(dir.join(file)).and_then(|mut f| f.write_all(value.as_bytes()));
+}
+
+fn mkdir(dir: &Path) -> std::io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> SandboxError {
+    SandboxError::Io { action, path: path.into(), source }
+}
+
+#[derive(Debug, PartialEq)]
+struct Mount {
+    mount_point: PathBuf,
+    fstype: String,
+    super_options: String,
+}
+
+/// Parses `/proc/self/mountinfo`: `id parent major:minor root mount-point options [optional...] - fstype source super`.
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            let mut right = right.split_whitespace();
+            let fstype = right.next()?.to_string();
+            let super_options = right.nth(1).unwrap_or("").to_string();
+            Some(Mount { mount_point: unescape_octal(mount_point).into(), fstype, super_options })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+30 25 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+37 30 0:33 / /mnt/with\\040space rw - ext4 /dev/vda rw";
+
+    #[test]
+    fn mountinfo_yields_type_point_and_controllers() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(mounts.len(), 5);
+        assert_eq!(mounts[1].fstype, "cgroup2");
+        assert_eq!(mounts[1].mount_point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(mounts[3].super_options, "rw,cpu,cpuacct");
+        assert_eq!(mounts[4].mount_point, PathBuf::from("/mnt/with space"));
+    }
+
+    #[test]
+    fn v1_nests_below_own_cgroup_per_controller() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        // The pids controller is missing from this mount table: v1 must refuse and say which.
+        let err = CgroupManager::setup_v1(&mounts, "4:memory:/job\n1:cpu,cpuacct:/\n").unwrap_err();
+        assert!(err.contains("pids"), "{err}");
+    }
+}

@@ -1,0 +1,39 @@
+//! What a worker process is granted, and nothing else.
+//!
+//! This crate owns the two things the engine does to a worker process beyond running it:
+//!
+//! * **Limits** ([`Limits`]), applied through a cgroup of the worker's own ([`WorkerCgroup`]), on cgroup v2 or on the
+//!   v1 `cpu`, `memory` and `pids` controllers:
+//!   - CPU: a CFS quota of `cpus` cores per 100 ms period;
+//!   - memory: a hard limit of `memory_bytes`, swap included where the kernel accounts it;
+//!   - processes: at most `pids` tasks (threads count).
+//!   A worker whose cgroup records an OOM kill is reported as having exceeded its machine type.
+//! * **Process attributes** ([`ProcessSetup`]), applied between `fork` and `exec`:
+//!   - a session of its own (`setsid`), so the terminal's Ctrl-C reaches the client, never the worker;
+//!   - `PR_SET_PDEATHSIG = SIGKILL`, so a worker never outlives the process that started it;
+//!   - membership of its cgroup before the first instruction of Python runs;
+//!   - exactly one inherited descriptor besides stdio: the frame socket, as fd 3.
+//!
+//! Where cgroups cannot be written (no root, no delegated v2 hierarchy) [`CgroupManager::detect`] says why, and the
+//! caller decides to run unlimited. Namespaces, a read-only environment and a private `/tmp` are not granted or
+//! denied here yet: on the local host the worker runs as the calling user, with the user's own view of the system.
+
+mod cgroup;
+mod process;
+
+pub use crate::cgroup::{CgroupManager, CgroupVersion, Limits, WorkerCgroup};
+pub use crate::process::ProcessSetup;
+
+/// Why the sandbox could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cgroup limits are unavailable: {0}")]
+    Unavailable(String),
+    #[error("could not {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

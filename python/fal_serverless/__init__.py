@@ -1,0 +1,55 @@
+"""fal-serverless: run a Python function in an isolated environment with its own requirements and machine type.
+
+    from fal_serverless import isolated, local
+
+    @isolated(requirements=["pyjokes"], machine_type="S", host=local)
+    def get_joke():
+        import pyjokes
+        return pyjokes.get_joke()
+
+    print(get_joke())
+"""
+
+from __future__ import annotations
+
+from ._cached import cached
+from ._credentials import CloudKeyCredentials, Credentials, FalServerlessKeyCredentials
+from ._hosts import CloudHost, Host, LocalHost, cloud, local
+from ._isolated import IsolatedFunction, isolated
+from ._options import MACHINE_TYPES, MachineTypeInfo
+from .exceptions import (
+    EnvironmentBuildError,
+    FalServerlessError,
+    MachineTypeExceededError,
+    MachineTypeUnavailableError,
+    NoServerConfiguredError,
+    PayloadTooLargeError,
+    RemoteError,
+    SerializationError,
+    WorkerDiedError,
+)
+
+__all__ = [
+    "MACHINE_TYPES",
+    "CloudHost",
+    "CloudKeyCredentials",
+    "Credentials",
+    "EnvironmentBuildError",
+    "FalServerlessError",
+    "FalServerlessKeyCredentials",
+    "Host",
+    "IsolatedFunction",
+    "LocalHost",
+    "MachineTypeExceededError",
+    "MachineTypeInfo",
+    "MachineTypeUnavailableError",
+    "NoServerConfiguredError",
+    "PayloadTooLargeError",
+    "RemoteError",
+    "SerializationError",
+    "WorkerDiedError",
+    "cached",
+    "cloud",
+    "isolated",
+    "local",
+]

@@ -1,0 +1,115 @@
+"""Hosts: where an isolated function runs. `local` is this machine; `cloud` is a fal-serverless server."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+
+from . import _native, _serialization
+from .exceptions import NoServerConfiguredError
+
+if TYPE_CHECKING:
+    from ._options import Options
+
+
+class Host(ABC):
+    """Somewhere an isolated function can run."""
+
+    name: str
+
+    @abstractmethod
+    def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """Run `func(*args, **kwargs)` under `options` and return its result (or raise its exception)."""
+
+    def __repr__(self) -> str:
+        return f"<host {self.name}>"
+
+    def __reduce__(self) -> str:
+        return self.name  # a module-level singleton: pickles by reference
+
+
+class LocalHost(Host):
+    """This machine: a dedicated environment in the local cache, a worker process under the machine type's limits."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self._engine: Optional[_native.Engine] = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> _native.Engine:
+        """The engine embedded in this process, started on first use."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = _native.Engine(uv=_find_uv())
+                atexit.register(self._engine.shutdown)
+            return self._engine
+
+    def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        payload = _serialization.dump_call(func, args, kwargs)
+        raised, reply, _pid = self.engine.call(
+            python_version=options.python_version,
+            interpreter=_base_interpreter(),
+            requirements=list(options.requirements),
+            serializer=_serialization.SERIALIZER,
+            machine_type=options.machine_type,
+            keep_alive=float(options.keep_alive),
+            payload=payload,
+            on_log=show_log,
+        )
+        return _serialization.load_reply(raised, reply, func)
+
+
+class CloudHost(Host):
+    """A fal-serverless server."""
+
+    name = "cloud"
+
+    def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        where = f"FAL_HOST={os.environ['FAL_HOST']!r} is set, but" if "FAL_HOST" in os.environ else "FAL_HOST is unset and"
+        raise NoServerConfiguredError(
+            f"cannot run {getattr(func, '__qualname__', func)!r} on the cloud host: no fal-serverless server is "
+            f"configured ({where} this version of fal_serverless has no server client yet). Run it on this machine "
+            f"with `.on(local)` or `host=local`, or set FAL_SERVERLESS_HOST=local to make local the default host."
+        )
+
+
+local = LocalHost()
+cloud = CloudHost()
+
+
+def show_log(source: str, line: str) -> None:
+    """Shows a line a call logged, as it arrives: the function's output on the matching stream, the rest on stderr."""
+    if source == "stdout":
+        stream, text = sys.stdout, line
+    elif source == "stderr":
+        stream, text = sys.stderr, line
+    elif source == "build":
+        stream, text = sys.stderr, f"[fal-serverless build] {line}"
+    else:
+        stream, text = sys.stderr, f"fal-serverless: {line}"
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _find_uv() -> str:
+    configured = os.environ.get("FAL_SERVERLESS_UV")
+    if configured:
+        return configured
+    try:
+        from uv import find_uv_bin
+
+        return str(find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        return "uv"
+
+
+def _base_interpreter() -> str:
+    # Inside a virtualenv, build from the interpreter it was made from: environments must not depend on the
+    # client's virtualenv staying where it is.
+    return str(getattr(sys, "_base_executable", None) or sys.executable)

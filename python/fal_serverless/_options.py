@@ -1,0 +1,138 @@
+"""The options of an isolated function, validated when the decorator is applied, before anything is built."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+
+from . import _native
+from ._credentials import Credentials
+from ._hosts import Host, cloud, local
+
+
+class MachineTypeInfo(NamedTuple):
+    """What a machine type grants a worker."""
+
+    name: str
+    cpus: float
+    memory_bytes: int
+    gpus: int
+
+
+MACHINE_TYPES: Dict[str, MachineTypeInfo] = {
+    name: MachineTypeInfo(name, cpus, memory, gpus) for name, cpus, memory, gpus in _native.machine_types()
+}
+
+OPTION_NAMES = ("requirements", "machine_type", "keep_alive", "host", "credentials", "python_version")
+
+#: Names the host a function runs on when it names none: `local` or `cloud` (the default).
+DEFAULT_HOST_VARIABLE = "FAL_SERVERLESS_HOST"
+
+
+def running_python_version() -> str:
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+@dataclass(frozen=True)
+class Options:
+    requirements: Tuple[str, ...]
+    machine_type: str
+    keep_alive: float
+    host: Host
+    credentials: Optional[Credentials]
+    python_version: str
+
+    @classmethod
+    def defaults(cls) -> Options:
+        return cls(
+            requirements=(),
+            machine_type="XS",
+            keep_alive=10,
+            host=default_host(),
+            credentials=None,
+            python_version=running_python_version(),
+        )
+
+    def changed(self, changes: Mapping[str, Any]) -> Options:
+        """A copy with `changes` applied, each validated; raises ValueError naming what is wrong and what is valid."""
+        unknown = sorted(set(changes) - set(OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(OPTION_NAMES)}")
+        validated: Dict[str, Any] = {}
+        for name, value in changes.items():
+            if name == "requirements":
+                validated[name] = _requirements(value)
+            elif name == "machine_type":
+                validated[name] = _machine_type(value)
+            elif name == "keep_alive":
+                validated[name] = _keep_alive(value)
+            elif name == "host":
+                validated[name] = _host(value)
+            elif name == "credentials":
+                validated[name] = _credentials(value)
+            elif name == "python_version":
+                validated[name] = _python_version(value)
+        return replace(self, **validated)
+
+
+def default_host() -> Host:
+    chosen = os.environ.get(DEFAULT_HOST_VARIABLE, "cloud").strip().lower()
+    hosts = {"local": local, "cloud": cloud}
+    if chosen not in hosts:
+        raise ValueError(f"{DEFAULT_HOST_VARIABLE}={chosen!r} is not a host; use 'local' or 'cloud'")
+    return hosts[chosen]
+
+
+def _requirements(value: Any) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not all(isinstance(r, str) for r in value):
+        raise ValueError(f"requirements must be a list of strings such as ['pyjokes', 'numpy>=1.26'], got {value!r}")
+    # Malformed requirements are refused here, by the same parser the engine uses.
+    _native.normalize_requirements(list(value))
+    return tuple(value)
+
+
+def _machine_type(value: Any) -> str:
+    if value not in MACHINE_TYPES:
+        raise ValueError(f"unknown machine type {value!r}; valid machine types are: {', '.join(MACHINE_TYPES)}")
+    return str(value)
+
+
+def _keep_alive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"keep_alive must be a number of seconds, 0 or more, got {value!r}")
+    return value
+
+
+def _host(value: Any) -> Host:
+    if not isinstance(value, Host):
+        raise ValueError(f"host must be fal_serverless.local or fal_serverless.cloud, got {value!r}")
+    return value
+
+
+def _credentials(value: Any) -> Optional[Credentials]:
+    if value is not None and not isinstance(value, Credentials):
+        raise ValueError(f"credentials must be CloudKeyCredentials(key_id=..., key_secret=...), got {value!r}")
+    return value
+
+
+def _python_version(value: Any) -> str:
+    running = running_python_version()
+    if value is None:
+        return running
+    text = str(value)
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?", text)
+    if match is None:
+        raise ValueError(f"python_version must look like '3.11', got {value!r}")
+    requested = f"{match.group(1)}.{match.group(2)}"
+    if requested != running:
+        raise ValueError(
+            f"python_version {requested} differs from the Python running this script ({running}): functions travel "
+            f"as pickled code, which only loads under the same minor version. Run this script with Python "
+            f"{requested}, or leave python_version unset"
+        )
+    return requested
