@@ -1,13 +1,13 @@
 """fal-serverless: run a Python function in an isolated environment with its own requirements and machine type.
 
-    from fal_serverless import isolated, local
+from fal_serverless import isolated, local
 
-    @isolated(requirements=["pyjokes"], machine_type="S", host=local)
-    def get_joke():
-        import pyjokes
-        return pyjokes.get_joke()
+@isolated(requirements=["pyjokes"], machine_type="S", host=local)
+def get_joke():
+    import pyjokes
+    return pyjokes.get_joke()
 
-    print(get_joke())
+print(get_joke())
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def cached(func: Callable[..., R]) -> Callable[..., R]:
             store = types.ModuleType(_STORE_MODULE, "Values of @cached functions in this process.")
             store.values = {}  # type: ignore[attr-defined]
             sys.modules[_STORE_MODULE] = store
-        values: dict[Any, Any] = store.values  # type: ignore[attr-defined]
+        values: dict[Any, Any] = store.values
         arguments: Any = (args, tuple(sorted(kwargs.items())))
         try:
             hash(arguments)

@@ -71,7 +71,9 @@ class CloudHost(Host):
     name = "cloud"
 
     def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        where = f"FAL_HOST={os.environ['FAL_HOST']!r} is set, but" if "FAL_HOST" in os.environ else "FAL_HOST is unset and"
+        where = (
+            f"FAL_HOST={os.environ['FAL_HOST']!r} is set, but" if "FAL_HOST" in os.environ else "FAL_HOST is unset and"
+        )
         raise NoServerConfiguredError(
             f"cannot run {getattr(func, '__qualname__', func)!r} on the cloud host: no fal-serverless server is "
             f"configured ({where} this version of fal_serverless has no server client yet). Run it on this machine "

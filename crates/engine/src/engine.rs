@@ -118,11 +118,8 @@ impl Engine {
                 limit: inner.config.max_payload_bytes,
             });
         }
-        let key = PoolKey {
-            tenant: request.tenant.clone(),
-            env_key: request.env.key(),
-            machine_type: machine.name.clone(),
-        };
+        let key =
+            PoolKey { tenant: request.tenant.clone(), env_key: request.env.key(), machine_type: machine.name.clone() };
         let mut leased = match inner.pool.checkout(&key) {
             Some(leased) => leased,
             None => {
@@ -148,7 +145,8 @@ impl Engine {
     ) -> Result<Worker, CallError> {
         let inner = &self.0;
         let visible_gpus = self.claim_gpus(machine)?;
-        let interpreter = find_interpreter(inner.builder.uv(), request.env.python, request.interpreter.as_deref()).await?;
+        let interpreter =
+            find_interpreter(inner.builder.uv(), request.env.python, request.interpreter.as_deref()).await?;
         let env = inner.builder.ensure(&request.env, &interpreter, logs).await?;
         let spec = WorkerSpec {
             python: env.python(),

@@ -49,10 +49,14 @@ pub enum CallError {
     Environment(#[from] EnvironmentError),
     #[error("could not start a worker: {0}")]
     Spawn(String),
-    #[error("the worker exceeded the {memory} of machine type {machine_type} and was killed; use a larger machine_type")]
+    #[error(
+        "the worker exceeded the {memory} of machine type {machine_type} and was killed; use a larger machine_type"
+    )]
     OutOfMemory { machine_type: String, memory: String },
-    #[error("the worker running this call died ({how}) before returning; the next call gets a fresh worker")]
+    #[error("the worker running this call died before returning: it {how}. The next call gets a fresh worker")]
     WorkerDied { how: String },
-    #[error("the payload is {size} bytes, over the limit of {limit} bytes; pass large data by reference (a path or URL)")]
+    #[error(
+        "the payload is {size} bytes, over the limit of {limit} bytes; pass large data by reference (a path or URL)"
+    )]
     PayloadTooLarge { size: usize, limit: usize },
 }

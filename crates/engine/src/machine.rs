@@ -23,7 +23,7 @@ impl MachineType {
 
     /// The memory ceiling as people write it: "256 MB", "1 GB".
     pub fn memory_display(&self) -> String {
-        if self.memory_bytes % GIB == 0 {
+        if self.memory_bytes.is_multiple_of(GIB) {
             format!("{} GB", self.memory_bytes / GIB)
         } else {
             format!("{} MB", self.memory_bytes / MIB)
@@ -64,7 +64,7 @@ impl MachineTypes {
     /// Names in the order of the reference: smallest first, GPU types last.
     pub fn names(&self) -> Vec<String> {
         let mut types: Vec<&MachineType> = self.0.values().collect();
-        types.sort_by(|a, b| (a.gpus, a.memory_bytes).cmp(&(b.gpus, b.memory_bytes)));
+        types.sort_by_key(|t| (t.gpus, t.memory_bytes));
         types.into_iter().map(|t| t.name.clone()).collect()
     }
 
@@ -89,6 +89,9 @@ mod tests {
     #[test]
     fn unknown_machine_type_lists_the_valid_ones() {
         let err = MachineTypes::builtin().get("XXL").unwrap_err();
-        assert_eq!(err.to_string(), "unknown machine type \"XXL\"; valid machine types are: XS, S, M, L, XL, GPU-T4, GPU");
+        assert_eq!(
+            err.to_string(),
+            "unknown machine type \"XXL\"; valid machine types are: XS, S, M, L, XL, GPU-T4, GPU"
+        );
     }
 }

@@ -184,11 +184,7 @@ impl Engine {
 
     /// Live workers as `(pid, env_key, machine_type, busy, calls)`.
     fn workers(&self) -> Vec<(u32, String, String, bool, u64)> {
-        self.engine
-            .workers()
-            .into_iter()
-            .map(|w| (w.pid, w.env_key, w.machine_type, w.busy, w.calls))
-            .collect()
+        self.engine.workers().into_iter().map(|w| (w.pid, w.env_key, w.machine_type, w.busy, w.calls)).collect()
     }
 
     /// Stops every idle worker and waits until they are gone (and their cgroups removed).
@@ -227,6 +223,14 @@ fn normalize_requirements(requirements: Vec<String>) -> PyResult<Vec<String>> {
     fal_engine::normalize_requirements(&requirements).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// The content key of the environment for these requirements, as worker listings show it.
+#[pyfunction]
+fn environment_key(python_version: &str, requirements: Vec<String>, serializer: &str) -> PyResult<String> {
+    let python: PythonVersion = python_version.parse().map_err(|e| PyValueError::new_err(format!("{e}")))?;
+    let spec = EnvSpec::new(python, &requirements, serializer).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(spec.key())
+}
+
 /// The built-in machine types as `(name, cpus, memory_bytes, gpus)`, smallest first.
 #[pyfunction]
 fn machine_types() -> Vec<(String, f64, u64, u32)> {
@@ -239,6 +243,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_function(wrap_pyfunction!(normalize_requirements, m)?)?;
     m.add_function(wrap_pyfunction!(machine_types, m)?)?;
+    m.add_function(wrap_pyfunction!(environment_key, m)?)?;
     m.add("FalServerlessError", py.get_type::<FalServerlessError>())?;
     m.add("EnvironmentBuildError", py.get_type::<EnvironmentBuildError>())?;
     m.add("WorkerDiedError", py.get_type::<WorkerDiedError>())?;

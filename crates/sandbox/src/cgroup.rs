@@ -60,7 +60,8 @@ impl CgroupManager {
     /// Finds a writable hierarchy: v2 where its controllers are enabled, else v1's memory, cpu and pids
     /// controllers. Returns [`SandboxError::Unavailable`] with the reason when neither can be written.
     pub fn detect() -> Result<Self, SandboxError> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| io("read", "/proc/self/mountinfo", e))?;
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(|e| io("read", "/proc/self/mountinfo", e))?;
         let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| io("read", "/proc/self/cgroup", e))?;
         let mounts = parse_mountinfo(&mountinfo);
 
@@ -98,23 +99,9 @@ impl CgroupManager {
     }
 
     fn setup_v1(mounts: &[Mount], own: &str) -> Result<Self, String> {
-        let mut bases = Vec::new();
-        for controller in [Controller::Memory, Controller::Cpu, Controller::Pids] {
-            let name = controller.v1_name();
-            let mount = mounts
-                .iter()
-                .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == name))
-                .ok_or_else(|| format!("the {name} controller is not mounted"))?;
-            // Nest below our own cgroup, so whatever limits the caller lives under still bind its workers.
-            let own_path = own
-                .lines()
-                .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
-                .find(|(controllers, _)| controllers.split(',').any(|c| c == name))
-                .map(|(_, path)| path.trim_start_matches('/'))
-                .unwrap_or("");
-            let base = mount.mount_point.join(own_path).join(BASE_NAME);
-            mkdir(&base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
-            bases.push((controller, base));
+        let bases = v1_bases(mounts, own)?;
+        for (_, base) in &bases {
+            mkdir(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
         }
         let manager = Self { version: CgroupVersion::V1, bases, next_id: 0.into() };
         manager.remove_stale();
@@ -158,6 +145,32 @@ impl CgroupManager {
             }
         }
     }
+}
+
+/// Where worker cgroups go on v1: for each controller, below our own cgroup in that controller's hierarchy, so
+/// whatever limits the caller lives under still bind its workers.
+fn v1_bases(mounts: &[Mount], own: &str) -> Result<Vec<(Controller, PathBuf)>, String> {
+    [Controller::Memory, Controller::Cpu, Controller::Pids]
+        .into_iter()
+        .map(|controller| {
+            let name = controller.v1_name();
+            let mount = mounts
+                .iter()
+                .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == name))
+                .ok_or_else(|| format!("the {name} controller is not mounted"))?;
+            // /proc/self/cgroup lines: `hierarchy-id:controller,controller:/path`.
+            let own_path = own
+                .lines()
+                .filter_map(|line| {
+                    let mut fields = line.splitn(3, ':').skip(1);
+                    fields.next().zip(fields.next())
+                })
+                .find(|(controllers, _)| controllers.split(',').any(|c| c == name))
+                .map(|(_, path)| path.trim_start_matches('/'))
+                .unwrap_or("");
+            Ok((controller, mount.mount_point.join(own_path).join(BASE_NAME)))
+        })
+        .collect()
 }
 
 /// The cgroup of one worker; removed when dropped (after its processes are gone).
@@ -336,9 +349,22 @@ mod tests {
 
     #[test]
     fn v1_nests_below_own_cgroup_per_controller() {
-        let mounts = parse_mountinfo(MOUNTINFO);
+        let mut mounts = parse_mountinfo(MOUNTINFO);
+        let own = "4:memory:/job\n1:cpu,cpuacct:/\n2:pids:/job/step\n";
         // The pids controller is missing from this mount table: v1 must refuse and say which.
-        let err = CgroupManager::setup_v1(&mounts, "4:memory:/job\n1:cpu,cpuacct:/\n").unwrap_err();
+        let err = v1_bases(&mounts, own).unwrap_err();
         assert!(err.contains("pids"), "{err}");
+
+        mounts.extend(parse_mountinfo("38 30 0:34 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids"));
+        let bases: Vec<PathBuf> = v1_bases(&mounts, own).unwrap().into_iter().map(|(_, p)| p).collect();
+        assert_eq!(
+            bases,
+            [
+                "/sys/fs/cgroup/memory/job/fal-serverless",
+                "/sys/fs/cgroup/cpu,cpuacct/fal-serverless",
+                "/sys/fs/cgroup/pids/job/step/fal-serverless"
+            ]
+            .map(PathBuf::from)
+        );
     }
 }

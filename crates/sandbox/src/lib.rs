@@ -7,6 +7,7 @@
 //!   - CPU: a CFS quota of `cpus` cores per 100 ms period;
 //!   - memory: a hard limit of `memory_bytes`, swap included where the kernel accounts it;
 //!   - processes: at most `pids` tasks (threads count).
+//!
 //!   A worker whose cgroup records an OOM kill is reported as having exceeded its machine type.
 //! * **Process attributes** ([`ProcessSetup`]), applied between `fork` and `exec`:
 //!   - a session of its own (`setsid`), so the terminal's Ctrl-C reaches the client, never the worker;

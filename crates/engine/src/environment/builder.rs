@@ -75,11 +75,15 @@ impl EnvBuilder {
         let locks = self.envs.join(".locks");
         fs::create_dir_all(&locks).map_err(|source| EnvironmentError::Io { path: locks.clone(), source })?;
         let lock_path = locks.join(format!("{key}.lock"));
-        let lock = File::create(&lock_path).map_err(|source| EnvironmentError::Io { path: lock_path.clone(), source })?;
+        let lock =
+            File::create(&lock_path).map_err(|source| EnvironmentError::Io { path: lock_path.clone(), source })?;
         let lock = match lock.try_lock() {
             Ok(()) => lock,
             Err(_) => {
-                logs.send(LogSource::Build, format!("waiting for another process to finish building environment {key}"));
+                logs.send(
+                    LogSource::Build,
+                    format!("waiting for another process to finish building environment {key}"),
+                );
                 tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
                     .await
                     .map_err(|e| EnvironmentError::Io { path: lock_path.clone(), source: std::io::Error::other(e) })?
@@ -102,7 +106,8 @@ impl EnvBuilder {
         logs: &LogSink,
     ) -> Result<Environment, EnvironmentError> {
         let started = Instant::now();
-        let shown = if spec.requirements.is_empty() { "no requirements".to_string() } else { spec.requirements.join(", ") };
+        let shown =
+            if spec.requirements.is_empty() { "no requirements".to_string() } else { spec.requirements.join(", ") };
         logs.send(LogSource::Build, format!("building environment {key} (Python {}, {shown})", spec.python));
 
         // We hold the key's lock: any temp dir of this key is a leftover of an interrupted build.
@@ -137,7 +142,10 @@ impl EnvBuilder {
             return Err(EnvironmentError::VenvFailed { python: spec.python.to_string(), output });
         }
         let mut install = self.uv_command();
-        install.args(["pip", "install", "--python"]).arg(staging.join("bin").join("python")).args(spec.install_targets());
+        install
+            .args(["pip", "install", "--python"])
+            .arg(staging.join("bin").join("python"))
+            .args(spec.install_targets());
         let (ok, output) = run_streaming(install, &self.uv, logs).await?;
         if !ok {
             return Err(EnvironmentError::InstallFailed {
@@ -189,8 +197,11 @@ async fn run_streaming(mut command: Command, uv: &Path, logs: &LogSink) -> Resul
             };
             if let Some(line) = line {
                 logs.send(LogSource::Build, line.clone());
-                collected.push_str(&line);
-                collected.push('\n');
+                // The staging path uv names is ours, not the user's business.
+                if !line.starts_with("Using Python") {
+                    collected.push_str(&line);
+                    collected.push('\n');
+                }
             }
         }
     }

@@ -19,7 +19,11 @@ pub(crate) struct Frame {
     pub payload: Vec<u8>,
 }
 
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    kind: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("frame payload over 4 GiB"))?;
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(&len.to_be_bytes());
@@ -82,7 +86,8 @@ impl FrameReader {
             }
             if self.header_filled == HEADER_LEN {
                 self.header_filled = 0;
-                let size = u32::from_be_bytes([self.header[0], self.header[1], self.header[2], self.header[3]]) as usize;
+                let size =
+                    u32::from_be_bytes([self.header[0], self.header[1], self.header[2], self.header[3]]) as usize;
                 if size > self.max_payload {
                     return Err(FrameError::TooLarge { size, limit: self.max_payload });
                 }
@@ -135,6 +140,6 @@ mod tests {
         assert!(matches!(reader.next(&mut wire.as_slice()).await, Err(FrameError::TooLarge { size: 100, limit: 99 })));
         let mut reader = FrameReader::new(1000);
         assert!(matches!(reader.next(&mut &wire[..50]).await, Err(FrameError::Truncated)));
-        assert!(matches!(reader.next(&mut &wire[..0]).await, Ok(None)));
+        assert!(matches!(FrameReader::new(1000).next(&mut &wire[..0]).await, Ok(None)));
     }
 }
