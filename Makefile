@@ -1,0 +1,36 @@
+# The few commands a contributor needs. Each sets itself up: a virtualenv in .venv with this package built and
+# installed by `pip install .` (maturin compiles the Rust engine), uv and cloudpickle from PyPI.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOURCES := pyproject.toml Cargo.toml Cargo.lock $(shell find crates python -type f -not -path '*/__pycache__/*' 2>/dev/null)
+
+.PHONY: examples test lint clean
+
+## examples: run every example of the fal-serverless reference
+examples: $(VENV)/.installed
+	$(BIN)/python examples/run.py
+
+## test: the whole test suite (Rust unit tests, then end-to-end tests with real uv, PyPI, workers and cgroups)
+test: $(VENV)/.installed
+	cargo test --workspace
+	UV_PYTHON_DOWNLOADS=never $(BIN)/python -m pytest
+
+## lint: cargo fmt, clippy, ruff, mypy
+lint: $(VENV)/.installed
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(BIN)/pip install -q ruff mypy
+	$(BIN)/ruff check python tests examples
+	$(BIN)/ruff format --check python tests examples
+	$(BIN)/mypy
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) target
