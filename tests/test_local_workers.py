@@ -221,6 +221,32 @@ def test_a_function_the_worker_cannot_load_names_the_missing_module() -> None:
         uses_sdk()
 
 
+def test_arguments_or_results_over_the_size_limit_are_clear_errors_and_the_next_call_works() -> None:
+    proc = run_script(
+        """
+from fal_serverless import isolated, local, PayloadTooLargeError
+@isolated(host=local, keep_alive=30)
+def echo(data, size):
+    return b"x" * size if size else len(data)
+for data, size in ((b"x" * 2_000_000, 0), (b"", 2_000_000)):
+    try:
+        echo(data, size)
+    except PayloadTooLargeError as exc:
+        print("refused:", exc)
+print("then:", echo(b"x" * 1000, 0))
+""",
+        {"FAL_SERVERLESS_MAX_PAYLOAD_BYTES": "1000000"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("refused: the call's arguments are 2000") and "limit of 1000000 bytes" in lines[0]
+    assert (
+        lines[1].startswith("refused: the function's result is 2000") and "return large data by reference" in lines[1]
+    )
+    assert lines[2] == "then: 1000"
+
+
 # --- environments ---------------------------------------------------------------------------------------------
 
 

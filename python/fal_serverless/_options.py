@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 from . import _native
 from ._credentials import Credentials
@@ -25,8 +25,6 @@ class MachineTypeInfo(NamedTuple):
 MACHINE_TYPES: Dict[str, MachineTypeInfo] = {
     name: MachineTypeInfo(name, cpus, memory, gpus) for name, cpus, memory, gpus in _native.machine_types()
 }
-
-OPTION_NAMES = ("requirements", "machine_type", "keep_alive", "host", "credentials", "python_version")
 
 #: Names the host a function runs on when it names none: `local` or `cloud` (the default).
 DEFAULT_HOST_VARIABLE = "FAL_SERVERLESS_HOST"
@@ -61,20 +59,7 @@ class Options:
         unknown = sorted(set(changes) - set(OPTION_NAMES))
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(OPTION_NAMES)}")
-        validated: Dict[str, Any] = {}
-        for name, value in changes.items():
-            if name == "requirements":
-                validated[name] = _requirements(value)
-            elif name == "machine_type":
-                validated[name] = _machine_type(value)
-            elif name == "keep_alive":
-                validated[name] = _keep_alive(value)
-            elif name == "host":
-                validated[name] = _host(value)
-            elif name == "credentials":
-                validated[name] = _credentials(value)
-            elif name == "python_version":
-                validated[name] = _python_version(value)
+        validated = {name: _VALIDATORS[name](value) for name, value in changes.items()}
         return replace(self, **validated)
 
 
@@ -136,3 +121,15 @@ def _python_version(value: Any) -> str:
             f"{requested}, or leave python_version unset"
         )
     return requested
+
+
+# Each option and what checks it; `isolated` and `.on` accept exactly these.
+_VALIDATORS: Dict[str, Callable[[Any], Any]] = {
+    "requirements": _requirements,
+    "machine_type": _machine_type,
+    "keep_alive": _keep_alive,
+    "host": _host,
+    "credentials": _credentials,
+    "python_version": _python_version,
+}
+OPTION_NAMES = tuple(_VALIDATORS)

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fal_sandbox::{CgroupManager, Limits, WorkerCgroup};
@@ -11,7 +11,7 @@ use crate::environment::{find_interpreter, EnvBuilder, EnvSpec};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
-use crate::worker::{PoolKey, Worker, WorkerPool, WorkerSpec};
+use crate::worker::{NoReply, PoolKey, Worker, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
@@ -28,7 +28,8 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// `FAL_SERVERLESS_CACHE_DIR`, else `$XDG_CACHE_HOME/fal-serverless`, else `~/.cache/fal-serverless`; the uv
-    /// binary from `FAL_SERVERLESS_UV`, else `uv` on `PATH`.
+    /// binary from `FAL_SERVERLESS_UV`, else `uv` on `PATH`; the payload limit from
+    /// `FAL_SERVERLESS_MAX_PAYLOAD_BYTES`, else 1 GiB.
     pub fn from_env() -> Self {
         let cache_dir = std::env::var_os("FAL_SERVERLESS_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
@@ -38,7 +39,11 @@ impl EngineConfig {
                 .join("fal-serverless")
         });
         let uv = std::env::var_os("FAL_SERVERLESS_UV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("uv"));
-        Self { cache_dir, uv, machine_types: MachineTypes::builtin(), max_payload_bytes: DEFAULT_MAX_PAYLOAD }
+        let max_payload_bytes = std::env::var("FAL_SERVERLESS_MAX_PAYLOAD_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_PAYLOAD);
+        Self { cache_dir, uv, machine_types: MachineTypes::builtin(), max_payload_bytes }
     }
 }
 
@@ -87,19 +92,18 @@ struct Inner {
     pool: WorkerPool,
     cgroups: OnceLock<Result<CgroupManager, String>>,
     warned_unlimited: AtomicBool,
-    gpus: Mutex<Vec<bool>>,
+    gpus: u32,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
-        let gpus = Mutex::new(vec![false; count_gpus()]);
         Self(Arc::new(Inner {
             builder: EnvBuilder::new(&config.cache_dir, config.uv.clone()),
             config,
             pool: WorkerPool::default(),
             cgroups: OnceLock::new(),
             warned_unlimited: AtomicBool::new(false),
-            gpus,
+            gpus: count_gpus(),
         }))
     }
 
@@ -128,12 +132,16 @@ impl Engine {
             }
         };
         match leased.worker().call(&request.payload, logs).await {
-            Some(reply) => {
+            Ok(reply) => {
                 let worker_pid = leased.worker().pid();
                 inner.pool.release(key, leased, request.keep_alive);
                 Ok(CallReply { raised: reply.raised, payload: reply.payload, worker_pid })
             }
-            None => Err(leased.retire().failure(&machine.name, &machine.memory_display(), logs).await),
+            Err(NoReply::Gone) => Err(leased.retire().failure(&machine.name, &machine.memory_display(), logs).await),
+            Err(NoReply::TooLarge { size, limit }) => {
+                leased.retire().stop().await;
+                Err(CallError::ResultTooLarge { size, limit })
+            }
         }
     }
 
@@ -144,7 +152,7 @@ impl Engine {
         logs: &LogSink,
     ) -> Result<Worker, CallError> {
         let inner = &self.0;
-        let visible_gpus = self.claim_gpus(machine)?;
+        let visible_gpus = self.visible_gpus(machine)?;
         let interpreter =
             find_interpreter(inner.builder.uv(), request.env.python, request.interpreter.as_deref()).await?;
         let env = inner.builder.ensure(&request.env, &interpreter, logs).await?;
@@ -184,20 +192,20 @@ impl Engine {
         }
     }
 
-    /// `CUDA_VISIBLE_DEVICES` for a worker of `machine`: empty for CPU types; for GPU types the GPUs it needs.
-    fn claim_gpus(&self, machine: &MachineType) -> Result<String, CallError> {
+    /// `CUDA_VISIBLE_DEVICES` for a worker of `machine`: empty for CPU types (no GPU is visible to them); for GPU
+    /// types the first GPUs of this host. On the local host workers share the host's GPUs, as the user's own
+    /// processes do; exclusive assignment is the server's job.
+    fn visible_gpus(&self, machine: &MachineType) -> Result<String, CallError> {
         if machine.gpus == 0 {
             return Ok(String::new());
         }
-        let gpus = self.0.gpus.lock().unwrap_or_else(|e| e.into_inner());
-        if (machine.gpus as usize) > gpus.len() {
+        if machine.gpus > self.0.gpus {
             return Err(CallError::NoGpu {
                 machine_type: machine.name.clone(),
                 needed: machine.gpus,
-                available: gpus.len() as u32,
+                available: self.0.gpus,
             });
         }
-        // On the local host workers share this machine's GPUs: the first ones are assigned.
         Ok((0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(","))
     }
 
@@ -213,6 +221,6 @@ impl Engine {
 }
 
 /// NVIDIA GPUs the driver reports.
-fn count_gpus() -> usize {
-    std::fs::read_dir("/proc/driver/nvidia/gpus").map(|entries| entries.count()).unwrap_or(0)
+fn count_gpus() -> u32 {
+    std::fs::read_dir("/proc/driver/nvidia/gpus").map(|entries| entries.count() as u32).unwrap_or(0)
 }

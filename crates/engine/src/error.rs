@@ -56,7 +56,13 @@ pub enum CallError {
     #[error("the worker running this call died before returning: it {how}. The next call gets a fresh worker")]
     WorkerDied { how: String },
     #[error(
-        "the payload is {size} bytes, over the limit of {limit} bytes; pass large data by reference (a path or URL)"
+        "the call's arguments are {size} bytes when pickled, over the limit of {limit} bytes; pass large data by \
+         reference (a path or URL) instead"
     )]
     PayloadTooLarge { size: usize, limit: usize },
+    #[error(
+        "the function's result is {size} bytes when pickled, over the limit of {limit} bytes; return large data by \
+         reference (write it to a file and return its path) instead. The worker was stopped"
+    )]
+    ResultTooLarge { size: usize, limit: usize },
 }

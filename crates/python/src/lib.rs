@@ -86,7 +86,7 @@ fn to_py_err(error: CallError) -> PyErr {
         CallError::Environment(_) => EnvironmentBuildError::new_err(message),
         CallError::OutOfMemory { .. } => MachineTypeExceededError::new_err(message),
         CallError::WorkerDied { .. } => WorkerDiedError::new_err(message),
-        CallError::PayloadTooLarge { .. } => PayloadTooLargeError::new_err(message),
+        CallError::PayloadTooLarge { .. } | CallError::ResultTooLarge { .. } => PayloadTooLargeError::new_err(message),
         CallError::Spawn(_) => FalServerlessError::new_err(message),
     }
 }

@@ -204,11 +204,6 @@ impl WorkerCgroup {
                 })
             })
     }
-
-    /// The directories of this cgroup (one per v1 controller, one on v2).
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.dirs.iter().map(|(_, p)| p.as_path())
-    }
 }
 
 impl Drop for WorkerCgroup {

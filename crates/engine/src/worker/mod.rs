@@ -10,4 +10,4 @@ mod pool;
 mod process;
 
 pub(crate) use pool::{PoolKey, WorkerPool};
-pub(crate) use process::{Worker, WorkerSpec};
+pub(crate) use process::{NoReply, Worker, WorkerSpec};

@@ -10,7 +10,7 @@ use fal_sandbox::{ProcessSetup, WorkerCgroup};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use super::frame::{write_frame, FrameReader, CALL, RAISED, RETURNED};
+use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED};
 use super::output::{pipe, OutputPipe};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
@@ -28,6 +28,15 @@ pub(crate) struct WorkerSpec {
     /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none.
     pub visible_gpus: String,
     pub max_payload: usize,
+}
+
+/// Why a call got no reply.
+#[derive(Debug)]
+pub(crate) enum NoReply {
+    /// The worker is gone (or broke the protocol); [`Worker::failure`] says how.
+    Gone,
+    /// The reply is over the payload limit; the worker is in the middle of sending it and must be stopped.
+    TooLarge { size: usize, limit: usize },
 }
 
 /// What the function did: returned (`raised == false`) or raised; the payload is the worker's pickle of it.
@@ -104,11 +113,10 @@ impl Worker {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile. `None` means
-    /// the worker is gone; [`Worker::failure`] says how.
-    pub async fn call(&mut self, payload: &[u8], logs: &LogSink) -> Option<Reply> {
+    /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile.
+    pub async fn call(&mut self, payload: &[u8], logs: &LogSink) -> Result<Reply, NoReply> {
         if write_frame(&mut self.frames, CALL, payload).await.is_err() {
-            return None;
+            return Err(NoReply::Gone);
         }
         loop {
             // Output first: lines printed before the reply was sent belong to this call.
@@ -124,16 +132,17 @@ impl Worker {
                     self.stderr.flush_partial(logs);
                     return match frame {
                         Ok(Some(frame)) if frame.kind == RETURNED || frame.kind == RAISED => {
-                            Some(Reply { raised: frame.kind == RAISED, payload: frame.payload })
+                            Ok(Reply { raised: frame.kind == RAISED, payload: frame.payload })
                         }
-                        _ => None,
+                        Err(FrameError::TooLarge { size, limit }) => Err(NoReply::TooLarge { size, limit }),
+                        _ => Err(NoReply::Gone),
                     };
                 }
             }
         }
     }
 
-    /// After [`Worker::call`] returned `None`: waits for the process to end and says how it went.
+    /// After [`Worker::call`] returned [`NoReply::Gone`]: waits for the process to end and says how it went.
     pub async fn failure(mut self, machine_type: &str, memory: &str, logs: &LogSink) -> CallError {
         let status = match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
             Ok(Ok(status)) => Some(status),
