@@ -2,8 +2,8 @@
 
     python examples/run.py [--host local|cloud]
 
---host names the host that functions which name none run on (it sets FAL_SERVERLESS_HOST for them). It defaults to
-`local`: this version has no server for `cloud` yet.
+--host names the host that functions which name none run on (it sets FAL_SERVERLESS_HOST for them). The default,
+`cloud`, is the server FAL_HOST names, or else one on this machine, started for you on first use.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ EXAMPLES = Path(__file__).resolve().parent / "reference"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", choices=["local", "cloud"], default="local")
+    parser.add_argument("--host", choices=["local", "cloud"], default="cloud")
     parser.add_argument("names", nargs="*", help="run only examples whose file name contains one of these")
     args = parser.parse_args()
 

@@ -28,4 +28,4 @@ def my_function_local2():
 # --- run it ---
 print(my_function_local())
 print(my_function_local2())
-print(my_function_cloud)
+print(my_function_cloud())

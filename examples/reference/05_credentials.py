@@ -1,5 +1,5 @@
 # Reference: `credentials`.
-from fal_serverless import CloudKeyCredentials, isolated
+from fal_serverless import isolated, CloudKeyCredentials
 
 credentials = CloudKeyCredentials(key_id='your-key-id', key_secret='your-key-secret')
 
@@ -8,4 +8,9 @@ def my_function():
     return "hello world"
 
 # --- run it ---
-print(my_function())
+from fal_serverless import AuthenticationError
+
+try:
+    print(my_function())
+except AuthenticationError as error:  # on a server, the reference's placeholder key is refused, as it should be
+    print(f"refused: {error}")

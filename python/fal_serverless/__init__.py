@@ -18,6 +18,7 @@ from ._hosts import CloudHost, Host, LocalHost, cloud, local
 from ._isolated import IsolatedFunction, isolated
 from ._options import MACHINE_TYPES, MachineTypeInfo
 from .exceptions import (
+    AuthenticationError,
     EnvironmentBuildError,
     FalServerlessError,
     MachineTypeExceededError,
@@ -26,11 +27,13 @@ from .exceptions import (
     PayloadTooLargeError,
     RemoteError,
     SerializationError,
+    ServerUnavailableError,
     WorkerDiedError,
 )
 
 __all__ = [
     "MACHINE_TYPES",
+    "AuthenticationError",
     "CloudHost",
     "CloudKeyCredentials",
     "Credentials",
@@ -47,6 +50,7 @@ __all__ = [
     "PayloadTooLargeError",
     "RemoteError",
     "SerializationError",
+    "ServerUnavailableError",
     "WorkerDiedError",
     "cached",
     "cloud",

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import sys
 import threading
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
-from . import _native, _serialization
-from .exceptions import NoServerConfiguredError
+from . import _local_server, _native, _serialization
+from ._credentials import CloudKeyCredentials, Credentials
 
 if TYPE_CHECKING:
     from ._options import Options
@@ -46,13 +47,13 @@ class LocalHost(Host):
         """The engine embedded in this process, started on first use."""
         with self._lock:
             if self._engine is None:
-                self._engine = _native.Engine(uv=_find_uv())
+                self._engine = _native.Engine(uv=find_uv())
                 atexit.register(self._engine.shutdown)
             return self._engine
 
     def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         payload = _serialization.dump_call(func, args, kwargs)
-        raised, reply, _pid = self.engine.call(
+        raised, reply = self.engine.call(
             python_version=options.python_version,
             interpreter=_base_interpreter(),
             requirements=list(options.requirements),
@@ -66,19 +67,42 @@ class LocalHost(Host):
 
 
 class CloudHost(Host):
-    """A fal-serverless server."""
+    """A fal-serverless server: the one `FAL_HOST` names, else one on this machine, started on first use."""
 
     name = "cloud"
 
+    def __init__(self) -> None:
+        self._clients: Dict[Tuple[Any, ...], _native.CloudClient] = {}
+        self._lock = threading.Lock()
+
+    def client(self, credentials: Optional[Credentials]) -> _native.CloudClient:
+        """A connection to the server, with `credentials` or else the environment's key."""
+        key: Tuple[Optional[str], Optional[str]] = (None, None)
+        if isinstance(credentials, CloudKeyCredentials):
+            key = (credentials.key_id, credentials.key_secret)
+        host = os.environ.get("FAL_HOST", "").strip()
+        with self._lock:
+            local_pid = None if host else _local_server.ensure_running()
+            cache_key = (host, local_pid, key, os.environ.get("FAL_KEY_ID"), os.environ.get("FAL_KEY_SECRET"))
+            client = self._clients.get(cache_key)
+            if client is None:
+                client = self._clients[cache_key] = _native.CloudClient(*key)
+            return client
+
     def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        where = (
-            f"FAL_HOST={os.environ['FAL_HOST']!r} is set, but" if "FAL_HOST" in os.environ else "FAL_HOST is unset and"
+        client = self.client(options.credentials)
+        payload = _serialization.dump_call(func, args, kwargs)
+        raised, reply = client.run(
+            python_version=options.python_version,
+            requirements=list(options.requirements),
+            serializer=_serialization.SERIALIZER,
+            machine_type=options.machine_type,
+            keep_alive=math.ceil(options.keep_alive),
+            payload=payload,
+            function_name=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}",
+            on_log=show_log,
         )
-        raise NoServerConfiguredError(
-            f"cannot run {getattr(func, '__qualname__', func)!r} on the cloud host: no fal-serverless server is "
-            f"configured ({where} this version of fal_serverless has no server client yet). Run it on this machine "
-            f"with `.on(local)` or `host=local`, or set FAL_SERVERLESS_HOST=local to make local the default host."
-        )
+        return _serialization.load_reply(raised, reply, func)
 
 
 local = LocalHost()
@@ -99,7 +123,7 @@ def show_log(source: str, line: str) -> None:
     stream.flush()
 
 
-def _find_uv() -> str:
+def find_uv() -> str:
     configured = os.environ.get("FAL_SERVERLESS_UV")
     if configured:
         return configured

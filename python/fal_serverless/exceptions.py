@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from ._native import (
+    AuthenticationError,
     EnvironmentBuildError,
     FalServerlessError,
     MachineTypeExceededError,
     MachineTypeUnavailableError,
+    NoServerConfiguredError,
     PayloadTooLargeError,
+    ServerUnavailableError,
     WorkerDiedError,
 )
 
@@ -27,10 +30,6 @@ class RemoteError(FalServerlessError):
         self.remote_type = remote_type
 
 
-class NoServerConfiguredError(FalServerlessError):
-    """A function on the `cloud` host was called, but no fal-serverless server is configured."""
-
-
 class RemoteTraceback(Exception):
     """Carries the traceback of the remote side; set as `__cause__` of a re-raised exception so both are shown."""
 
@@ -43,6 +42,7 @@ class RemoteTraceback(Exception):
 
 
 __all__ = [
+    "AuthenticationError",
     "EnvironmentBuildError",
     "FalServerlessError",
     "MachineTypeExceededError",
@@ -52,5 +52,6 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "ServerUnavailableError",
     "WorkerDiedError",
 ]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use fal_sandbox::{CgroupManager, Limits, WorkerCgroup};
+use fal_sandbox::{CgroupManager, Jail, Limits, WorkerCgroup};
 
 use crate::environment::{find_interpreter, EnvBuilder, EnvSpec};
 use crate::error::CallError;
@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub uv: PathBuf,
     pub machine_types: MachineTypes,
     pub max_payload_bytes: usize,
+    /// Jail workers (the server does; the local host does not: there the user runs their own code).
+    pub jail: Option<Jail>,
 }
 
 impl EngineConfig {
@@ -43,14 +45,15 @@ impl EngineConfig {
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(DEFAULT_MAX_PAYLOAD);
-        Self { cache_dir, uv, machine_types: MachineTypes::builtin(), max_payload_bytes }
+        Self { cache_dir, uv, machine_types: MachineTypes::builtin(), max_payload_bytes, jail: None }
     }
 }
 
 /// One call to run.
 #[derive(Debug, Clone)]
 pub struct CallRequest {
-    /// Whose call this is: workers are never shared across tenants.
+    /// Whose call this is: workers and environments are never shared across tenants. A plain name (letters,
+    /// digits, `-`, `_`).
     pub tenant: String,
     pub env: EnvSpec,
     /// An interpreter of `env.python` to build with, if the caller knows one (the client's own, on the local host).
@@ -116,6 +119,11 @@ impl Engine {
     pub async fn call(&self, request: CallRequest, logs: &LogSink) -> Result<CallReply, CallError> {
         let inner = &self.0;
         let machine = inner.config.machine_types.get(&request.machine_type)?;
+        if request.tenant.is_empty()
+            || !request.tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(CallError::Spawn(format!("invalid tenant name {:?}", request.tenant)));
+        }
         if request.payload.len() > inner.config.max_payload_bytes {
             return Err(CallError::PayloadTooLarge {
                 size: request.payload.len(),
@@ -155,11 +163,21 @@ impl Engine {
         let visible_gpus = self.visible_gpus(machine)?;
         let interpreter =
             find_interpreter(inner.builder.uv(), request.env.python, request.interpreter.as_deref()).await?;
-        let env = inner.builder.ensure(&request.env, &interpreter, logs).await?;
+        let env = inner.builder.ensure(&request.env, &request.tenant, &interpreter, logs).await?;
+        let jail = match &inner.config.jail {
+            Some(jail) => {
+                let prefix = env.base_prefix().ok_or_else(|| {
+                    CallError::Spawn(format!("environment {} names no interpreter in its pyvenv.cfg", env.key))
+                })?;
+                Some((jail.clone(), prefix))
+            }
+            None => None,
+        };
         let spec = WorkerSpec {
             python: env.python(),
             env_root: env.root.clone(),
             cgroup: self.cgroup_for(machine, logs)?,
+            jail,
             visible_gpus,
             max_payload: inner.config.max_payload_bytes,
         };
@@ -207,6 +225,11 @@ impl Engine {
             });
         }
         Ok((0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+    }
+
+    /// NVIDIA GPUs on this host.
+    pub fn gpus(&self) -> u32 {
+        self.0.gpus
     }
 
     /// Every live worker, idle or busy.

@@ -57,6 +57,11 @@ impl MachineTypes {
         Self(types.into_iter().map(|t| (t.name.clone(), t)).collect())
     }
 
+    /// Adds `machine_type`, or replaces the one of the same name.
+    pub fn insert(&mut self, machine_type: MachineType) {
+        self.0.insert(machine_type.name.clone(), machine_type);
+    }
+
     pub fn get(&self, name: &str) -> Result<&MachineType, UnknownMachineType> {
         self.0.get(name).ok_or_else(|| UnknownMachineType { name: name.to_string(), valid: self.names() })
     }

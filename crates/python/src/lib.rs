@@ -1,15 +1,20 @@
-//! `fal_serverless._native`: the engine, embedded in the client process for the `local` host.
+//! `fal_serverless._native`: the engine, embedded in the client process for the `local` host; the client of the
+//! server for the `cloud` host; and the `fal-serverless` command line.
 //!
-//! A thin binding: it converts Python arguments into an engine [`CallRequest`], runs the call on a process-wide
-//! tokio runtime while the GIL is released, hands log lines to a Python callback as they arrive, and maps engine
-//! errors onto the exception classes below. Pickling, hosts and decorators live in the Python package.
+//! A thin binding: it converts Python arguments into an engine [`CallRequest`] or a `HostedRun`, runs the call on a
+//! process-wide tokio runtime while the GIL is released, hands log lines to a Python callback as they arrive, and
+//! maps errors onto the exception classes below. Pickling, hosts and decorators live in the Python package.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use fal_engine::{CallError, CallReply, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion};
+use fal_client::{Client, ClientError, Target};
+use fal_engine::{CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion};
+use fal_proto::controller::{HostedRun, MachineRequirements};
+use fal_proto::{EnvironmentDefinition, LogLevel, LogSource as LogSourceProto, SerializedObject};
+use prost_types::value::Kind;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -46,6 +51,24 @@ create_exception!(
     FalServerlessError,
     "A call's arguments or result are over the size limit."
 );
+create_exception!(
+    fal_serverless,
+    AuthenticationError,
+    FalServerlessError,
+    "The server refused the key: missing, unknown, wrong or revoked (the message says which)."
+);
+create_exception!(
+    fal_serverless,
+    NoServerConfiguredError,
+    FalServerlessError,
+    "No fal-serverless server is configured or running for the `cloud` host."
+);
+create_exception!(
+    fal_serverless,
+    ServerUnavailableError,
+    FalServerlessError,
+    "The fal-serverless server could not be reached."
+);
 
 /// How often a waiting call checks for Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
@@ -65,8 +88,47 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
 }
 
 enum Event {
-    Log(LogSource, String),
-    Done(Result<CallReply, CallError>),
+    Log(&'static str, String),
+    Done(Result<(bool, Vec<u8>), PyErr>),
+}
+
+/// Runs `call` on the runtime and waits for it with the GIL released, handing each log line to `on_log` as it comes
+/// and checking for Ctrl-C meanwhile. Dropping the call (Ctrl-C, a failing `on_log`) stops whatever it holds.
+fn run_call<'py, F>(
+    py: Python<'py>,
+    on_log: &Bound<'py, PyAny>,
+    call: impl FnOnce(Box<dyn Fn(&'static str, String) + Send + Sync>) -> F,
+) -> PyResult<(bool, Bound<'py, PyBytes>)>
+where
+    F: std::future::Future<Output = Result<(bool, Vec<u8>), PyErr>> + Send + 'static,
+{
+    let (events, received) = mpsc::channel::<Event>();
+    let log_events = events.clone();
+    let future = call(Box::new(move |source, line| drop(log_events.send(Event::Log(source, line)))));
+    let task = runtime()?.spawn(async move {
+        let _ = events.send(Event::Done(future.await));
+    });
+    let abort = scopeguard(move || task.abort());
+    let mut receiver = received;
+    loop {
+        // The receiver travels into the GIL-free closure and back: `&Receiver` may not cross threads.
+        let (event, back) = py.detach(move || (receiver.recv_timeout(SIGNAL_CHECK), receiver));
+        receiver = back;
+        match event {
+            Ok(Event::Log(source, line)) => {
+                on_log.call1((source, line))?;
+            }
+            Ok(Event::Done(outcome)) => {
+                abort.defuse();
+                let (raised, payload) = outcome?;
+                return Ok((raised, PyBytes::new(py, &payload)));
+            }
+            Err(RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(FalServerlessError::new_err("the engine stopped before the call finished"));
+            }
+        }
+    }
 }
 
 fn source_name(source: LogSource) -> &'static str {
@@ -119,7 +181,7 @@ impl Engine {
         self.cache_dir.clone()
     }
 
-    /// Runs one call; returns `(raised, payload, worker_pid)`. `on_log(source, line)` is called for every line
+    /// Runs one call; returns `(raised, payload)`. `on_log(source, line)` is called for every line
     /// the call logs, with source one of "stdout", "stderr", "build", "engine".
     #[pyo3(signature = (*, python_version, interpreter, requirements, serializer, machine_type, keep_alive, payload, on_log, tenant = "local".to_string()))]
     #[allow(clippy::too_many_arguments)]
@@ -135,7 +197,7 @@ impl Engine {
         payload: &[u8],
         on_log: Bound<'py, PyAny>,
         tenant: String,
-    ) -> PyResult<(bool, Bound<'py, PyBytes>, u32)> {
+    ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let python: PythonVersion = python_version.parse().map_err(|e| PyValueError::new_err(format!("{e}")))?;
         let env = EnvSpec::new(python, &requirements, serializer).map_err(|e| PyValueError::new_err(e.to_string()))?;
         if !(keep_alive.is_finite() && keep_alive >= 0.0) {
@@ -150,36 +212,13 @@ impl Engine {
             payload: payload.to_vec(),
         };
 
-        let (events, received) = mpsc::channel::<Event>();
-        let log_events = events.clone();
-        let logs = LogSink::new(move |line| drop(log_events.send(Event::Log(line.source, line.line))));
         let engine = self.engine.clone();
-        let task = runtime()?.spawn(async move {
-            let outcome = engine.call(request, &logs).await;
-            let _ = events.send(Event::Done(outcome));
-        });
-        // Aborting drops the call, which stops the worker it holds: a call the caller gave up on never lingers.
-        let abort = scopeguard(move || task.abort());
-        let mut receiver = received;
-        loop {
-            // The receiver travels into the GIL-free closure and back: `&Receiver` may not cross threads.
-            let (event, back) = py.detach(move || (receiver.recv_timeout(SIGNAL_CHECK), receiver));
-            receiver = back;
-            match event {
-                Ok(Event::Log(source, line)) => {
-                    on_log.call1((source_name(source), line))?;
-                }
-                Ok(Event::Done(outcome)) => {
-                    abort.defuse();
-                    let reply = outcome.map_err(to_py_err)?;
-                    return Ok((reply.raised, PyBytes::new(py, &reply.payload), reply.worker_pid));
-                }
-                Err(RecvTimeoutError::Timeout) => py.check_signals()?,
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(FalServerlessError::new_err("the engine stopped before the call finished"));
-                }
-            }
-        }
+        let (raised, payload) = run_call(py, &on_log, move |log| async move {
+            let logs = LogSink::new(move |line| log(source_name(line.source), line.line));
+            let reply = engine.call(request, &logs).await.map_err(to_py_err)?;
+            Ok((reply.raised, reply.payload))
+        })?;
+        Ok((raised, payload))
     }
 
     /// Live workers as `(pid, env_key, machine_type, busy, calls)`.
@@ -193,6 +232,154 @@ impl Engine {
         let engine = self.engine.clone();
         py.detach(|| runtime.block_on(engine.shutdown()));
         Ok(())
+    }
+}
+
+fn client_error(error: ClientError) -> PyErr {
+    let message = error.to_string();
+    match error {
+        ClientError::NoServer | ClientError::Insecure { .. } => NoServerConfiguredError::new_err(message),
+        ClientError::NoKey { .. } => AuthenticationError::new_err(message),
+        ClientError::Connect { .. } | ClientError::NoResult => ServerUnavailableError::new_err(message),
+        ClientError::Server { code, kind, .. } => match (kind.as_deref(), code) {
+            (Some("invalid"), _) => PyValueError::new_err(message),
+            (Some("environment"), _) => EnvironmentBuildError::new_err(message),
+            (Some("worker-died"), _) => WorkerDiedError::new_err(message),
+            (Some("machine-type-exceeded"), _) => MachineTypeExceededError::new_err(message),
+            (Some("machine-type-unavailable"), _) => MachineTypeUnavailableError::new_err(message),
+            (Some("payload-too-large"), _) => PayloadTooLargeError::new_err(message),
+            (_, tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => AuthenticationError::new_err(message),
+            (_, tonic::Code::Unavailable) => ServerUnavailableError::new_err(message),
+            (_, tonic::Code::ResourceExhausted) => PayloadTooLargeError::new_err(message),
+            _ => FalServerlessError::new_err(message),
+        },
+    }
+}
+
+/// A worker as the server lists it: `(pid, user, env_key, machine_type, busy, calls)`.
+type ServerWorker = (String, String, String, String, bool, u64);
+
+/// A connection to a fal-serverless server (the `cloud` host), with the key its calls carry.
+#[pyclass(frozen, module = "fal_serverless._native")]
+struct CloudClient {
+    client: Client,
+    uri: String,
+}
+
+fn string_value(s: impl Into<String>) -> prost_types::Value {
+    prost_types::Value { kind: Some(Kind::StringValue(s.into())) }
+}
+
+#[pymethods]
+impl CloudClient {
+    /// Connects to the server of `FAL_HOST` (or the local one) with the given key, else `FAL_KEY_ID` /
+    /// `FAL_KEY_SECRET`, else the local server's key.
+    #[new]
+    #[pyo3(signature = (key_id=None, key_secret=None))]
+    fn new(py: Python<'_>, key_id: Option<String>, key_secret: Option<String>) -> PyResult<Self> {
+        let target = Target::resolve(key_id.zip(key_secret)).map_err(client_error)?;
+        let runtime = runtime()?;
+        let client = py.detach(|| runtime.block_on(Client::connect(&target))).map_err(client_error)?;
+        Ok(Self { client, uri: target.uri })
+    }
+
+    #[getter]
+    fn uri(&self) -> String {
+        self.uri.clone()
+    }
+
+    /// Runs one call on the server; returns `(raised, payload)`, like `Engine.call`.
+    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, on_log))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        python_version: String,
+        requirements: Vec<String>,
+        serializer: String,
+        machine_type: String,
+        keep_alive: i32,
+        payload: Vec<u8>,
+        function_name: String,
+        on_log: Bound<'py, PyAny>,
+    ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
+        let configuration = prost_types::Struct {
+            fields: [
+                ("python_version".to_string(), string_value(python_version)),
+                ("serializer".to_string(), string_value(serializer)),
+                (
+                    "requirements".to_string(),
+                    prost_types::Value {
+                        kind: Some(Kind::ListValue(prost_types::ListValue {
+                            values: requirements.into_iter().map(string_value).collect(),
+                        })),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let run = HostedRun {
+            environments: vec![EnvironmentDefinition {
+                kind: "virtualenv".into(),
+                configuration: Some(configuration),
+                force: false,
+            }],
+            machine_requirements: Some(MachineRequirements {
+                machine_type,
+                keep_alive: Some(keep_alive),
+                ..Default::default()
+            }),
+            function: Some(SerializedObject {
+                method: "cloudpickle".into(),
+                definition: payload,
+                was_it_raised: false,
+                stringized_traceback: None,
+            }),
+            setup_func: None,
+            function_name: Some(function_name),
+        };
+        let client = self.client.clone();
+        run_call(py, &on_log, move |log| async move {
+            let value = client
+                .run(run, move |entry| {
+                    let source = match (entry.source(), entry.level()) {
+                        (LogSourceProto::User, LogLevel::Stderr) => "stderr",
+                        (LogSourceProto::User, _) => "stdout",
+                        (LogSourceProto::Builder, _) => "build",
+                        (LogSourceProto::Bridge, _) => "engine",
+                    };
+                    log(source, entry.message)
+                })
+                .await
+                .map_err(client_error)?;
+            Ok((value.was_it_raised, value.definition))
+        })
+    }
+
+    /// Live workers of this key's user (all, for an admin) as `(pid, user, env_key, machine_type, busy, calls)`.
+    fn workers(&self, py: Python<'_>) -> PyResult<Vec<ServerWorker>> {
+        let runtime = runtime()?;
+        let client = self.client.clone();
+        let workers = py.detach(|| runtime.block_on(client.workers())).map_err(client_error)?;
+        Ok(workers.into_iter().map(|w| (w.worker_id, w.user_id, w.env_key, w.machine_type, w.busy, w.calls)).collect())
+    }
+}
+
+/// Where the zero-config local server writes its address and key.
+#[pyfunction]
+fn local_server_credentials_path() -> PathBuf {
+    fal_client::LocalServer::credentials_path()
+}
+
+/// Runs the `fal-serverless` command line (`argv[0]` is the program name); returns its exit code.
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    let code = py.detach(|| fal_cli::main(argv.into_iter().map(Into::into)));
+    if code == std::process::ExitCode::SUCCESS {
+        0
+    } else {
+        1
     }
 }
 
@@ -241,6 +428,9 @@ fn machine_types() -> Vec<(String, f64, u64, u32)> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Engine>()?;
+    m.add_class::<CloudClient>()?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(local_server_credentials_path, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_requirements, m)?)?;
     m.add_function(wrap_pyfunction!(machine_types, m)?)?;
     m.add_function(wrap_pyfunction!(environment_key, m)?)?;
@@ -250,5 +440,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MachineTypeExceededError", py.get_type::<MachineTypeExceededError>())?;
     m.add("MachineTypeUnavailableError", py.get_type::<MachineTypeUnavailableError>())?;
     m.add("PayloadTooLargeError", py.get_type::<PayloadTooLargeError>())?;
+    m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
+    m.add("NoServerConfiguredError", py.get_type::<NoServerConfiguredError>())?;
+    m.add("ServerUnavailableError", py.get_type::<ServerUnavailableError>())?;
     Ok(())
 }

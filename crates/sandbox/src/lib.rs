@@ -15,14 +15,19 @@
 //!   - membership of its cgroup before the first instruction of Python runs;
 //!   - exactly one inherited descriptor besides stdio: the frame socket, as fd 3.
 //!
+//! * **A view of the system** ([`Jail`]), for workers of other users (the server): bubblewrap namespaces, a
+//!   read-only environment, a private `/tmp`, an unprivileged uid; its module doc lists every grant and denial.
+//!
 //! Where cgroups cannot be written (no root, no delegated v2 hierarchy) [`CgroupManager::detect`] says why, and the
-//! caller decides to run unlimited. Namespaces, a read-only environment and a private `/tmp` are not granted or
-//! denied here yet: on the local host the worker runs as the calling user, with the user's own view of the system.
+//! caller decides to run unlimited. On the local host no jail is used: the worker runs as the calling user, with
+//! the user's own view of the system.
 
 mod cgroup;
+mod jail;
 mod process;
 
 pub use crate::cgroup::{CgroupManager, CgroupVersion, Limits, WorkerCgroup};
+pub use crate::jail::Jail;
 pub use crate::process::ProcessSetup;
 
 /// Why the sandbox could not be set up.

@@ -1,8 +1,10 @@
 //! Building environments: once per key, atomically, with progress streamed to whoever waits.
 //!
-//! A build happens in `envs/.tmp-<key>-<pid>` and is renamed to `envs/<key>` only when complete, so a half-built
-//! environment is never used: whatever is at `envs/<key>` is whole. Builders of the same key in this process wait on
-//! one in-process lock; builders in other processes wait on a file lock (`envs/.locks/<key>.lock`).
+//! Each tenant has environments of its own (`envs/<tenant>/`): one tenant's environment is never used for another's
+//! calls. A build happens in `envs/<tenant>/.tmp-<key>-<pid>` and is renamed to `envs/<tenant>/<key>` only when
+//! complete, so a half-built environment is never used: whatever is at `<key>` is whole. Builders of the same
+//! environment in this process wait on one in-process lock; builders in other processes on a file lock
+//! (`envs/<tenant>/.locks/<key>.lock`).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -29,6 +31,14 @@ impl Environment {
     pub fn python(&self) -> PathBuf {
         self.root.join("bin").join("python")
     }
+
+    /// The installation of the interpreter the environment was made from (`home` in `pyvenv.cfg` is its `bin`).
+    pub fn base_prefix(&self) -> Option<PathBuf> {
+        let cfg = fs::read_to_string(self.root.join("pyvenv.cfg")).ok()?;
+        let home =
+            cfg.lines().find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "home").map(|(_, v)| v.trim()))?;
+        Path::new(home).parent().map(Path::to_path_buf)
+    }
 }
 
 #[derive(Debug)]
@@ -47,32 +57,35 @@ impl EnvBuilder {
         &self.uv
     }
 
-    fn ready(&self, key: &str) -> Option<Environment> {
-        let root = self.envs.join(key);
+    fn ready(envs: &Path, key: &str) -> Option<Environment> {
+        let root = envs.join(key);
         root.join("pyvenv.cfg").is_file().then(|| Environment { key: key.to_string(), root })
     }
 
     /// Returns the environment of `spec`, building it with `interpreter` first if no process has yet.
+    /// `tenant` must be a plain name (letters, digits, `-`, `_`): it is a directory name.
     pub async fn ensure(
         &self,
         spec: &EnvSpec,
+        tenant: &str,
         interpreter: &Path,
         logs: &LogSink,
     ) -> Result<Environment, EnvironmentError> {
+        let envs = self.envs.join(tenant);
         let key = spec.key();
-        if let Some(env) = self.ready(&key) {
+        if let Some(env) = Self::ready(&envs, &key) {
             return Ok(env);
         }
         let in_process = {
             let mut building = self.building.lock().unwrap_or_else(|e| e.into_inner());
-            building.entry(key.clone()).or_default().clone()
+            building.entry(format!("{tenant}/{key}")).or_default().clone()
         };
         let _in_process = in_process.lock().await;
-        if let Some(env) = self.ready(&key) {
+        if let Some(env) = Self::ready(&envs, &key) {
             return Ok(env);
         }
 
-        let locks = self.envs.join(".locks");
+        let locks = envs.join(".locks");
         fs::create_dir_all(&locks).map_err(|source| EnvironmentError::Io { path: locks.clone(), source })?;
         let lock_path = locks.join(format!("{key}.lock"));
         let lock =
@@ -90,9 +103,9 @@ impl EnvBuilder {
                     .map_err(|source| EnvironmentError::Io { path: lock_path.clone(), source })?
             }
         };
-        let result = match self.ready(&key) {
+        let result = match Self::ready(&envs, &key) {
             Some(env) => Ok(env),
-            None => self.build(spec, &key, interpreter, logs).await,
+            None => self.build(spec, &envs, &key, interpreter, logs).await,
         };
         drop(lock);
         result
@@ -101,6 +114,7 @@ impl EnvBuilder {
     async fn build(
         &self,
         spec: &EnvSpec,
+        envs: &Path,
         key: &str,
         interpreter: &Path,
         logs: &LogSink,
@@ -111,11 +125,11 @@ impl EnvBuilder {
         logs.send(LogSource::Build, format!("building environment {key} (Python {}, {shown})", spec.python));
 
         // We hold the key's lock: any temp dir of this key is a leftover of an interrupted build.
-        self.remove_leftovers(key);
-        let staging = self.envs.join(format!(".tmp-{key}-{}", std::process::id()));
+        remove_leftovers(envs, key);
+        let staging = envs.join(format!(".tmp-{key}-{}", std::process::id()));
         let result = self.build_into(spec, &staging, interpreter, logs).await;
         let finish = result.and_then(|()| {
-            let root = self.envs.join(key);
+            let root = envs.join(key);
             fs::rename(&staging, &root).map_err(|source| EnvironmentError::Io { path: root.clone(), source })?;
             Ok(Environment { key: key.to_string(), root })
         });
@@ -170,14 +184,14 @@ impl EnvBuilder {
             .kill_on_drop(true);
         command
     }
+}
 
-    fn remove_leftovers(&self, key: &str) {
-        let prefix = format!(".tmp-{key}-");
-        let Ok(entries) = fs::read_dir(&self.envs) else { return };
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = fs::remove_dir_all(entry.path());
-            }
+fn remove_leftovers(envs: &Path, key: &str) {
+    let prefix = format!(".tmp-{key}-");
+    let Ok(entries) = fs::read_dir(envs) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
 }

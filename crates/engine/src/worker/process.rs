@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use fal_sandbox::{ProcessSetup, WorkerCgroup};
+use fal_sandbox::{Jail, ProcessSetup, WorkerCgroup};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
@@ -25,6 +25,8 @@ pub(crate) struct WorkerSpec {
     pub python: PathBuf,
     pub env_root: PathBuf,
     pub cgroup: Option<WorkerCgroup>,
+    /// The jail to run in, with the interpreter's installation to expose; `None` runs as the caller, unjailed.
+    pub jail: Option<(Jail, PathBuf)>,
     /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none.
     pub visible_gpus: String,
     pub max_payload: usize,
@@ -55,6 +57,8 @@ pub(crate) struct Worker {
     stdout: OutputPipe,
     stderr: OutputPipe,
     cgroup: Option<WorkerCgroup>,
+    /// Jailed workers run under bubblewrap, which reports a signal as exit code 128 + signal.
+    jailed: bool,
 }
 
 impl Worker {
@@ -71,11 +75,27 @@ impl Worker {
             joined.push(p);
             joined
         });
-        let mut command = Command::new(&spec.python);
+        let agent_args = ["-I", "-u", "-c", AGENT];
+        let mut command = match &spec.jail {
+            Some((jail, base_prefix)) => {
+                let (program, argv) = jail.wrap(&[base_prefix, &spec.env_root], &spec.python, &agent_args);
+                let mut command = Command::new(program);
+                // A jailed worker inherits nothing of the server's environment (its secrets included).
+                command.args(argv).env_clear().env("LANG", "C.UTF-8").env("PATH", {
+                    let mut p = bin.clone().into_os_string();
+                    p.push(":/usr/local/bin:/usr/bin:/bin");
+                    p
+                });
+                command
+            }
+            None => {
+                let mut command = Command::new(&spec.python);
+                command.args(agent_args).env("PATH", path.unwrap_or_else(|| bin.into_os_string()));
+                command
+            }
+        };
         command
-            .args(["-I", "-u", "-c", AGENT])
             .env("VIRTUAL_ENV", &spec.env_root)
-            .env("PATH", path.unwrap_or_else(|| bin.into_os_string()))
             .env("CUDA_VISIBLE_DEVICES", &spec.visible_gpus)
             .env_remove("PYTHONHOME")
             .stdin(Stdio::null())
@@ -101,6 +121,7 @@ impl Worker {
             stdout: OutputPipe::new(stdout_read, LogSource::Stdout).map_err(|e| spawn_error("pipe", e))?,
             stderr: OutputPipe::new(stderr_read, LogSource::Stderr).map_err(|e| spawn_error("pipe", e))?,
             cgroup: spec.cgroup,
+            jailed: spec.jail.is_some(),
         })
     }
 
@@ -159,7 +180,8 @@ impl Worker {
         if self.cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed) {
             return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
         }
-        CallError::WorkerDied { how: status.map(describe_exit).unwrap_or_else(|| "its exit status is unknown".into()) }
+        let how = status.map(|s| describe_exit(s, self.jailed)).unwrap_or_else(|| "its exit status is unknown".into());
+        CallError::WorkerDied { how }
     }
 
     /// Ends the process and waits for it, so its cgroup can be removed.
@@ -173,8 +195,9 @@ impl Worker {
     }
 }
 
-fn describe_exit(status: ExitStatus) -> String {
-    if let Some(signal) = status.signal() {
+fn describe_exit(status: ExitStatus, jailed: bool) -> String {
+    let signal = status.signal().or_else(|| status.code().filter(|c| jailed && *c > 128).map(|c| c - 128));
+    if let Some(signal) = signal {
         let name = match signal {
             libc::SIGSEGV => " (SIGSEGV, a segmentation fault)",
             libc::SIGKILL => " (SIGKILL)",

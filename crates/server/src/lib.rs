@@ -1,0 +1,159 @@
+//! The fal-serverless server: `IsolateController` over gRPC (wire-compatible with isolate-proto 0.0.37) in front of
+//! the engine, with keys, per-user workers and environments, jailed workers and a capacity that calls queue for.
+//!
+//! Owns: authentication (keys in SQLite, in the data dir), the mapping from RPCs to engine calls, capacity, and the
+//! server's lifetime (graceful stop, idle stop in zero-config mode). It does not build environments or run workers
+//! itself: that is `fal-engine`, with `fal-sandbox`'s jail.
+//!
+//! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments), `config.toml`.
+
+mod activity;
+mod capacity;
+mod config;
+mod service;
+mod store;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fal_engine::{Engine, EngineConfig};
+use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use crate::capacity::Resources;
+pub use crate::config::{ConfigError, ServerConfig, DEFAULT_LISTEN};
+pub use crate::store::{KeyInfo, Scope, Store, StoreError};
+
+/// Largest gRPC message: the engine's payload limit plus room for the envelope.
+const MAX_MESSAGE: usize = (1 << 30) + (1 << 20);
+const STATE_FILE: &str = "state.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot use the data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}; is another server running there? Pick another with --listen")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// What a starting server tells whoever started it.
+#[derive(Debug)]
+pub struct Started {
+    pub address: SocketAddr,
+    /// The first admin key, when this start created it (shown once).
+    pub admin_key: Option<(KeyInfo, String)>,
+    /// Why workers are not jailed, when they are not.
+    pub unjailed: Option<String>,
+}
+
+/// Opens the data dir (creating it, mode 0700) and its key store; creates the first admin key if there is none.
+pub fn init(data_dir: &Path) -> Result<(Store, Option<(KeyInfo, String)>), ServerError> {
+    let io = |source| ServerError::DataDir { path: data_dir.to_path_buf(), source };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    let state = data_dir.join(STATE_FILE);
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&state).map_err(io)?;
+    let store = Store::open(&state)?;
+    let admin_key =
+        if store.is_empty()? { Some(store.create_key("admin", Scope::Admin, "first admin key")?) } else { None };
+    Ok((store, admin_key))
+}
+
+/// Runs the server until `shutdown` resolves (or, with `idle_shutdown`, until it has been idle that long).
+pub async fn serve(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    started: impl FnOnce(&Started),
+) -> Result<(), ServerError> {
+    let (store, admin_key) = init(&config.data_dir)?;
+    let jail = fal_sandbox::Jail::from_path();
+    let root = geteuid() == 0;
+    let unjailed = match (&jail, root) {
+        (Some(_), true) => None,
+        (None, _) => Some("bubblewrap (bwrap) or setpriv is not installed: install the bubblewrap package".to_string()),
+        (Some(_), false) => Some("the server does not run as root, so it cannot drop workers to another user".into()),
+    };
+    let engine = Engine::new(EngineConfig {
+        cache_dir: config.data_dir.clone(),
+        uv: config.uv.clone(),
+        machine_types: config.machine_types.clone(),
+        max_payload_bytes: EngineConfig::from_env().max_payload_bytes,
+        jail: if unjailed.is_none() { jail } else { None },
+    });
+    let host = Resources::of_host(engine.gpus());
+    let capacity = Resources {
+        cpus: config.cpus.unwrap_or(host.cpus),
+        memory_bytes: config.memory_bytes.unwrap_or(host.memory_bytes),
+        gpus: config.gpus.unwrap_or(host.gpus),
+    };
+    let activity = Arc::new(activity::Activity::default());
+    let controller = service::Controller {
+        engine: engine.clone(),
+        store: Arc::new(store),
+        capacity: Arc::new(capacity::Capacity::new(capacity)),
+        activity: activity.clone(),
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let info = Started { address, admin_key, unjailed };
+    tracing::info!(%address, data_dir = %config.data_dir.display(), cpus = capacity.cpus,
+        memory_bytes = capacity.memory_bytes, gpus = capacity.gpus, jailed = info.unjailed.is_none(), "serving");
+    if let Some(reason) = &info.unjailed {
+        tracing::warn!("workers are NOT jailed ({reason}): every user's code runs as this server's user");
+    }
+    started(&info);
+
+    let idle = async {
+        match config.idle_shutdown {
+            Some(limit) => loop {
+                tokio::time::sleep(Duration::from_secs(5).min(limit)).await;
+                if activity.idle_for() >= limit && engine.workers().is_empty() {
+                    tracing::info!("idle for {}s: stopping", limit.as_secs());
+                    break;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let service = IsolateControllerServer::new(controller)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {},
+            () = idle => {},
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await;
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(result?)
+}
+
+fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}

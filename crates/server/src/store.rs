@@ -1,0 +1,241 @@
+//! Keys, in SQLite in the server's data dir. Secrets are stored only as SHA-256 hashes (they are 256 random bits,
+//! so a fast hash is enough) and compared in constant time.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    Api,
+}
+
+impl Scope {
+    fn to_db(self) -> i64 {
+        match self {
+            Scope::Admin => 0,
+            Scope::Api => 1,
+        }
+    }
+
+    fn from_db(value: i64) -> Self {
+        if value == 0 {
+            Scope::Admin
+        } else {
+            Scope::Api
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub user_id: String,
+    pub scope: Scope,
+    pub alias: String,
+    pub created_at: i64,
+}
+
+/// Who is calling: established from a valid key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: String,
+    pub key_id: String,
+    pub scope: Scope,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("key id {0:?} is not known to this server; create a key with `fal-serverless keys create`")]
+    UnknownKey(String),
+    #[error("the secret given for key {0:?} is wrong; check FAL_KEY_SECRET or the key_secret of your credentials")]
+    WrongSecret(String),
+    #[error("key {0:?} has been revoked; create a new key with `fal-serverless keys create`")]
+    Revoked(String),
+    #[error("key {0:?} is not yours to revoke")]
+    NotYours(String),
+    #[error("invalid user name {0:?}: use letters, digits, '-' and '_' (at most 64)")]
+    InvalidUser(String),
+    #[error("the key store failed: {0}")]
+    Database(#[from] rusqlite::Error),
+}
+
+#[derive(Debug)]
+pub struct Store(Mutex<Connection>);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    key_id        TEXT PRIMARY KEY,
+    user_id       TEXT NOT NULL,
+    secret_sha256 BLOB NOT NULL,
+    scope         INTEGER NOT NULL,
+    alias         TEXT NOT NULL DEFAULT '',
+    created_at    INTEGER NOT NULL,
+    revoked_at    INTEGER
+);
+";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let connection = Connection::open(path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.execute_batch(SCHEMA)?;
+        Ok(Self(Mutex::new(connection)))
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.db().query_row("SELECT COUNT(*) FROM keys", [], |row| row.get::<_, i64>(0))? == 0)
+    }
+
+    /// Creates a key for `user_id` and returns it with its secret, which is never stored and never shown again.
+    pub fn create_key(&self, user_id: &str, scope: Scope, alias: &str) -> Result<(KeyInfo, String), StoreError> {
+        if user_id.is_empty()
+            || user_id.len() > 64
+            || !user_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(StoreError::InvalidUser(user_id.to_string()));
+        }
+        let key_id = random_hex(8);
+        let secret = random_hex(32);
+        let created_at = now();
+        self.db().execute(
+            "INSERT INTO keys (key_id, user_id, secret_sha256, scope, alias, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![key_id, user_id, hash(&secret).to_vec(), scope.to_db(), alias, created_at],
+        )?;
+        Ok((KeyInfo { key_id, user_id: user_id.to_string(), scope, alias: alias.to_string(), created_at }, secret))
+    }
+
+    /// Keys that are not revoked: of `user_id`, or all of them.
+    pub fn list_keys(&self, user_id: Option<&str>) -> Result<Vec<KeyInfo>, StoreError> {
+        let db = self.db();
+        let mut statement = db.prepare(
+            "SELECT key_id, user_id, scope, alias, created_at FROM keys
+             WHERE revoked_at IS NULL AND (?1 IS NULL OR user_id = ?1) ORDER BY created_at, key_id",
+        )?;
+        let rows = statement.query_map(params![user_id], |row| {
+            Ok(KeyInfo {
+                key_id: row.get(0)?,
+                user_id: row.get(1)?,
+                scope: Scope::from_db(row.get(2)?),
+                alias: row.get(3)?,
+                created_at: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes `key_id`, if `caller` may: its own user's keys, or any key for an admin.
+    pub fn revoke(&self, caller: &Caller, key_id: &str) -> Result<(), StoreError> {
+        let db = self.db();
+        let owner: Option<String> = db
+            .query_row("SELECT user_id FROM keys WHERE key_id = ?1 AND revoked_at IS NULL", [key_id], |row| row.get(0))
+            .optional()?;
+        match owner {
+            None => Err(StoreError::UnknownKey(key_id.to_string())),
+            Some(owner) if owner != caller.user_id && caller.scope != Scope::Admin => {
+                Err(StoreError::NotYours(key_id.to_string()))
+            }
+            Some(_) => {
+                db.execute("UPDATE keys SET revoked_at = ?1 WHERE key_id = ?2", params![now(), key_id])?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The caller a key id and secret stand for, or why they stand for no one.
+    pub fn verify(&self, key_id: &str, secret: &str) -> Result<Caller, StoreError> {
+        let row: Option<(String, Vec<u8>, i64, Option<i64>)> = self
+            .db()
+            .query_row(
+                "SELECT user_id, secret_sha256, scope, revoked_at FROM keys WHERE key_id = ?1",
+                [key_id],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .optional()?;
+        let Some((user_id, stored, scope, revoked_at)) = row else {
+            return Err(StoreError::UnknownKey(key_id.to_string()));
+        };
+        if !bool::from(hash(secret).as_slice().ct_eq(&stored)) {
+            return Err(StoreError::WrongSecret(key_id.to_string()));
+        }
+        if revoked_at.is_some() {
+            return Err(StoreError::Revoked(key_id.to_string()));
+        }
+        Ok(Caller { user_id, key_id: key_id.to_string(), scope: Scope::from_db(scope) })
+    }
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.sqlite3")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn keys_verify_and_fail_for_the_right_reasons() {
+        let (_dir, store) = store();
+        assert!(store.is_empty().unwrap());
+        let (key, secret) = store.create_key("alice", Scope::Api, "laptop").unwrap();
+        let caller = store.verify(&key.key_id, &secret).unwrap();
+        assert_eq!((caller.user_id.as_str(), caller.scope), ("alice", Scope::Api));
+        assert!(matches!(store.verify(&key.key_id, "nope"), Err(StoreError::WrongSecret(_))));
+        assert!(matches!(store.verify("missing", &secret), Err(StoreError::UnknownKey(_))));
+        store.revoke(&caller, &key.key_id).unwrap();
+        assert!(matches!(store.verify(&key.key_id, &secret), Err(StoreError::Revoked(_))));
+        assert!(store.list_keys(Some("alice")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn secrets_are_stored_only_hashed() {
+        let (dir, store) = store();
+        let (_, secret) = store.create_key("bob", Scope::Admin, "").unwrap();
+        drop(store);
+        let raw = std::fs::read(dir.path().join("state.sqlite3")).unwrap();
+        let wal = std::fs::read(dir.path().join("state.sqlite3-wal")).unwrap_or_default();
+        for bytes in [raw, wal] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn only_owners_and_admins_revoke() {
+        let (_dir, store) = store();
+        let (alice_key, alice_secret) = store.create_key("alice", Scope::Api, "").unwrap();
+        let (bob_key, bob_secret) = store.create_key("bob", Scope::Api, "").unwrap();
+        let bob = store.verify(&bob_key.key_id, &bob_secret).unwrap();
+        assert!(matches!(store.revoke(&bob, &alice_key.key_id), Err(StoreError::NotYours(_))));
+        let (admin_key, admin_secret) = store.create_key("admin", Scope::Admin, "").unwrap();
+        let admin = store.verify(&admin_key.key_id, &admin_secret).unwrap();
+        store.revoke(&admin, &alice_key.key_id).unwrap();
+        assert!(store.verify(&alice_key.key_id, &alice_secret).is_err());
+        assert!(matches!(store.create_key("no/slash", Scope::Api, ""), Err(StoreError::InvalidUser(_))));
+    }
+}

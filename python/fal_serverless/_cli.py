@@ -1,0 +1,16 @@
+"""The `fal-serverless` command: the Rust command line (crates/cli), run from this package."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import _native
+
+
+def main() -> None:
+    from ._hosts import find_uv
+
+    # The server builds environments with the uv that came with this package.
+    os.environ.setdefault("FAL_SERVERLESS_UV", find_uv())
+    sys.exit(_native.cli_main(["fal-serverless", *sys.argv[1:]]))
