@@ -87,11 +87,14 @@ class Server:
 FAL_SERVERLESS = str(Path(sys.executable).with_name("fal-serverless"))
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+def start_server(*extra: str, config: Optional[str] = None) -> Server:
+    """Starts `fal-serverless server` on a free loopback port with a fresh data dir (and `config`, if given)."""
     data_dir = Path(tempfile.mkdtemp(prefix="fal-serverless-test-server-"))
+    if config is not None:
+        data_dir.chmod(0o700)
+        (data_dir / "config.toml").write_text(config)
     process = subprocess.Popen(
-        [FAL_SERVERLESS, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
+        [FAL_SERVERLESS, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
         env=script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -105,9 +108,15 @@ def server() -> Iterator[Server]:
             break
     values = dict(line.split("=", 1) for line in lines if line.startswith("FAL_KEY_"))
     host = lines[-1].rsplit(" ", 1)[-1]
-    yield Server(process, host, data_dir, values["FAL_KEY_ID"], values["FAL_KEY_SECRET"])
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    return Server(process, host, data_dir, values["FAL_KEY_ID"], values["FAL_KEY_SECRET"])
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    started = start_server()
+    yield started
+    started.process.send_signal(signal.SIGTERM)
+    started.process.wait(timeout=30)
 
 
 def script_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, ROOT, Server, pid_alive, run_script, script_env
+from conftest import EXAMPLES, ROOT, Server, pid_alive, run_script, script_env, start_server
 
 
 def run_example(server: Server, name: str, key: tuple[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -285,6 +286,65 @@ def test_an_unreachable_or_insecure_fal_host_is_a_clear_error() -> None:
     assert "cannot reach the fal-serverless server at http://127.0.0.1:9" in unreachable.stderr
     insecure = run_script(CALL, {"FAL_HOST": "api.example.com:443", "FAL_KEY_ID": "x", "FAL_KEY_SECRET": "y"})
     assert "NoServerConfiguredError" in insecure.stderr and "only speaks plaintext gRPC" in insecure.stderr
+
+
+# --- capacity and lifetime -----------------------------------------------------------------------------------
+
+
+def test_calls_beyond_capacity_wait_for_it() -> None:
+    """Capacity for exactly one XS call: a second call waits, saying so, until the first has finished. The calls
+    check in over a loopback socket (the jail hides the host's files, not its network) and wait for our word."""
+    small = start_server(config="[capacity]\ncpus = 0.25\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        hold = f"""
+import socket, sys
+from fal_serverless import isolated, cloud
+@isolated(host=cloud, machine_type="XS", keep_alive=0)
+def hold(name):
+    with socket.create_connection(("127.0.0.1", {port})) as conn:
+        conn.sendall(name.encode())
+        conn.recv(1)
+    return name
+print(hold(sys.argv[1]))
+"""
+        env = script_env(small.env())
+
+        def client(name: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                [sys.executable, "-c", hold, name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+
+        first = client("first")
+        listener.settimeout(120)
+        held, _ = listener.accept()
+        assert held.recv(16) == b"first"
+        second = client("second")
+        assert second.stderr is not None
+        waiting = second.stderr.readline()
+        assert "waiting for capacity to run machine type XS" in waiting, waiting
+        listener.settimeout(1)
+        with pytest.raises(socket.timeout):
+            listener.accept()  # the second call must not run beside the first
+        held.sendall(b"x")
+        listener.settimeout(120)
+        then, _ = listener.accept()
+        assert then.recv(16) == b"second"
+        then.sendall(b"x")
+        assert first.communicate(timeout=60)[0] == "first\n"
+        assert second.communicate(timeout=60)[0] == "second\n"
+        held.close()
+        then.close()
+    finally:
+        listener.close()
+        small.process.terminate()
+        small.process.wait(timeout=30)
+
+
+def test_an_idle_server_stops_by_itself() -> None:
+    idle = start_server("--idle-shutdown", "1")
+    assert idle.process.wait(timeout=30) == 0
 
 
 # --- zero-config ----------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class CloudHost(Host):
 
     def __init__(self) -> None:
         self._clients: Dict[Tuple[Any, ...], _native.CloudClient] = {}
+        self._local_pid: Optional[int] = None
         self._lock = threading.Lock()
 
     def client(self, credentials: Optional[Credentials]) -> _native.CloudClient:
@@ -82,8 +83,15 @@ class CloudHost(Host):
             key = (credentials.key_id, credentials.key_secret)
         host = os.environ.get("FAL_HOST", "").strip()
         with self._lock:
-            local_pid = None if host else _local_server.ensure_running()
-            cache_key = (host, local_pid, key, os.environ.get("FAL_KEY_ID"), os.environ.get("FAL_KEY_SECRET"))
+            if not host:
+                self._local_pid = _local_server.ensure_running(self._local_pid)
+            cache_key = (
+                host,
+                None if host else self._local_pid,
+                key,
+                os.environ.get("FAL_KEY_ID"),
+                os.environ.get("FAL_KEY_SECRET"),
+            )
             client = self._clients.get(cache_key)
             if client is None:
                 client = self._clients[cache_key] = _native.CloudClient(*key)

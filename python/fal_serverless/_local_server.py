@@ -38,8 +38,15 @@ def _alive(info: Dict[str, Any]) -> bool:
         return False
 
 
-def ensure_running() -> int:
-    """Returns the pid of the local server, starting one first if none is running."""
+def ensure_running(known_pid: Optional[int] = None) -> int:
+    """Returns the pid of the local server, starting one first if none is running. `known_pid`, a server this
+    process already reached, only needs to still exist (a cheap check on every call)."""
+    if known_pid is not None:
+        try:
+            os.kill(known_pid, 0)
+            return known_pid
+        except OSError:
+            pass
     path = Path(_native.local_server_credentials_path())
     info = _read(path)
     if info is not None and _alive(info):
