@@ -203,23 +203,20 @@ impl IsolateController for Controller {
                 logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name))
             });
             let outcome = tokio::select! {
-                outcome = async { let _held = reservation.await; this.engine.call(call, &logs).await } => outcome,
+                outcome = async { let _held = reservation.await; this.engine.call(call, &logs).await } => Some(outcome),
                 // The client went away: dropping the call stops its worker rather than leaving it busy.
-                () = sender.closed() => {
-                    tracing::info!(user = %caller.user_id, function = %function_name, env = %env_key,
-                        machine_type = %machine.name, duration_ms = started.elapsed().as_millis() as u64,
-                        outcome = "cancelled: the client went away", "call");
-                    return;
-                }
+                () = sender.closed() => None,
             };
             let summary = match &outcome {
-                Ok(reply) if reply.raised => "raised".to_string(),
-                Ok(_) => "returned".to_string(),
-                Err(error) => format!("failed: {error}"),
+                None => "cancelled: the client went away".to_string(),
+                Some(Ok(reply)) if reply.raised => "raised".to_string(),
+                Some(Ok(_)) => "returned".to_string(),
+                Some(Err(error)) => format!("failed: {error}"),
             };
             tracing::info!(user = %caller.user_id, function = %function_name, env = %env_key,
                 machine_type = %machine.name, duration_ms = started.elapsed().as_millis() as u64,
                 outcome = %summary, "call");
+            let Some(outcome) = outcome else { return };
             let message = match outcome {
                 Ok(reply) => Ok(HostedRunResult {
                     return_value: Some(SerializedObject {

@@ -69,12 +69,6 @@ impl Worker {
         let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
 
         let bin = spec.env_root.join("bin");
-        let path = std::env::var_os("PATH").map(|p| {
-            let mut joined = bin.clone().into_os_string();
-            joined.push(":");
-            joined.push(p);
-            joined
-        });
         let agent_args = ["-I", "-u", "-c", AGENT];
         let mut command = match &spec.jail {
             Some((jail, base_prefix)) => {
@@ -89,8 +83,13 @@ impl Worker {
                 command
             }
             None => {
+                let mut path = bin.into_os_string();
+                if let Some(inherited) = std::env::var_os("PATH") {
+                    path.push(":");
+                    path.push(inherited);
+                }
                 let mut command = Command::new(&spec.python);
-                command.args(agent_args).env("PATH", path.unwrap_or_else(|| bin.into_os_string()));
+                command.args(agent_args).env("PATH", path);
                 command
             }
         };
@@ -107,7 +106,8 @@ impl Worker {
         unsafe {
             command.pre_exec(move || setup.apply());
         }
-        let child = command.spawn().map_err(|e| spawn_error(&format!("{}", spec.python.display()), e))?;
+        let program = command.as_std().get_program().to_string_lossy().into_owned();
+        let child = command.spawn().map_err(|e| spawn_error(&program, e))?;
         drop(theirs);
         // `command` holds the write ends of the pipes; they must close here, or we never see end of stream.
         drop(command);
