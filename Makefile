@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(shell find crates python -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: examples test lint clean
+.PHONY: examples test lint bench clean
 
 ## examples: run every example of the fal-serverless reference
 examples: $(VENV)/.installed
@@ -17,13 +17,17 @@ test: $(VENV)/.installed
 	cargo test --workspace
 	UV_PYTHON_DOWNLOADS=never $(BIN)/python -m pytest
 
+## bench: this project side by side with isolate 0.12.2 (installed into bench/.anchor-venv); writes bench/RESULTS.md
+bench: $(VENV)/.installed
+	UV_PYTHON_DOWNLOADS=never $(BIN)/python bench/run.py --write
+
 ## lint: cargo fmt, clippy, ruff, mypy
 lint: $(VENV)/.installed
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(BIN)/pip install -q ruff mypy
-	$(BIN)/ruff check python tests examples
-	$(BIN)/ruff format --check python tests examples
+	$(BIN)/ruff check python tests examples bench
+	$(BIN)/ruff format --check python tests examples bench
 	$(BIN)/mypy
 
 $(VENV)/.installed: $(SOURCES)
@@ -33,4 +37,4 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target bench/.anchor-venv

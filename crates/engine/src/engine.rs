@@ -1,13 +1,14 @@
 //! The engine: one call from spec to reply.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use fal_sandbox::{CgroupManager, Jail, Limits, WorkerCgroup};
 
-use crate::environment::{find_interpreter, EnvBuilder, EnvSpec};
+use crate::environment::{find_interpreter, EnvBuilder, EnvSpec, PythonVersion};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
@@ -96,6 +97,7 @@ struct Inner {
     cgroups: OnceLock<Result<CgroupManager, String>>,
     warned_unlimited: AtomicBool,
     gpus: u32,
+    interpreters: Mutex<HashMap<PythonVersion, PathBuf>>,
 }
 
 impl Engine {
@@ -107,6 +109,7 @@ impl Engine {
             cgroups: OnceLock::new(),
             warned_unlimited: AtomicBool::new(false),
             gpus: count_gpus(),
+            interpreters: Mutex::default(),
         }))
     }
 
@@ -161,9 +164,14 @@ impl Engine {
     ) -> Result<Worker, CallError> {
         let inner = &self.0;
         let visible_gpus = self.visible_gpus(machine)?;
-        let interpreter =
-            find_interpreter(inner.builder.uv(), request.env.python, request.interpreter.as_deref()).await?;
-        let env = inner.builder.ensure(&request.env, &request.tenant, &interpreter, logs).await?;
+        // A built environment names its interpreter; finding one (which asks uv) is only needed to build.
+        let env = match inner.builder.built(&request.env, &request.tenant) {
+            Some(env) => env,
+            None => {
+                let interpreter = self.interpreter(request).await?;
+                inner.builder.ensure(&request.env, &request.tenant, &interpreter, logs).await?
+            }
+        };
         let jail = match &inner.config.jail {
             Some(jail) => {
                 let prefix = env.base_prefix().ok_or_else(|| {
@@ -183,6 +191,21 @@ impl Engine {
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
         Worker::spawn(spec)
+    }
+
+    /// An interpreter for the request's Python version: the caller's hint, else one found once per version.
+    async fn interpreter(&self, request: &CallRequest) -> Result<PathBuf, CallError> {
+        let inner = &self.0;
+        if let Some(hint) = request.interpreter.as_deref().filter(|h| h.exists()) {
+            return Ok(hint.to_path_buf());
+        }
+        let known = inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).get(&request.env.python).cloned();
+        if let Some(path) = known {
+            return Ok(path);
+        }
+        let path = find_interpreter(inner.builder.uv(), request.env.python).await?;
+        inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).insert(request.env.python, path.clone());
+        Ok(path)
     }
 
     /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.

@@ -57,6 +57,11 @@ impl EnvBuilder {
         &self.uv
     }
 
+    /// The environment of `spec` for `tenant`, if it is built.
+    pub fn built(&self, spec: &EnvSpec, tenant: &str) -> Option<Environment> {
+        Self::ready(&self.envs.join(tenant), &spec.key())
+    }
+
     fn ready(envs: &Path, key: &str) -> Option<Environment> {
         let root = envs.join(key);
         root.join("pyvenv.cfg").is_file().then(|| Environment { key: key.to_string(), root })

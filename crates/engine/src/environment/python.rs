@@ -7,18 +7,8 @@ use tokio::process::Command;
 use super::PythonVersion;
 use crate::error::EnvironmentError;
 
-/// Returns an interpreter of `version`: `hint` if it is one (the client's own interpreter, on the local host), else
-/// the first that `uv python list` finds. Never downloads one.
-pub(crate) async fn find_interpreter(
-    uv: &Path,
-    version: PythonVersion,
-    hint: Option<&Path>,
-) -> Result<PathBuf, EnvironmentError> {
-    if let Some(hint) = hint {
-        if hint.exists() {
-            return Ok(hint.to_path_buf());
-        }
-    }
+/// Returns the first interpreter of `version` that `uv python list` finds on this machine. Never downloads one.
+pub(crate) async fn find_interpreter(uv: &Path, version: PythonVersion) -> Result<PathBuf, EnvironmentError> {
     let installations = list_installations(uv).await?;
     installations.iter().find(|(v, _)| *v == version).map(|(_, path)| path.clone()).ok_or_else(|| {
         let mut available: Vec<String> = installations.iter().map(|(v, _)| v.to_string()).collect();
