@@ -5,16 +5,23 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import cloudpickle
+import grpc
+import numpy
 from isolate import prepare_environment
 from isolate.backends.settings import IsolateSettings
 from isolate.connections import LocalPythonGRPC
 from isolate.connections.common import serialize_object
 from isolate.connections.grpc import definitions
 
-warm_runs, cold_runs, build_runs = (int(a) for a in sys.argv[1:4])
+warm_runs, cold_runs, build_runs, throughput_calls = (int(a) for a in sys.argv[1:5])
+CALLERS = (1, 4, 16)
+PAYLOADS = {"1 KB": 1 << 10, "1 MB": 1 << 20, "100 MB": 100 << 20}
 
 
 def trivial():
@@ -39,10 +46,13 @@ call = definitions.FunctionCall(
 )
 
 
-def run_on(bridge):
-    for result in bridge.Run(call):
+def run_on(bridge, function_call=None):
+    # Drain the whole stream: the agent serves one RPC at a time, and a call is over only when its stream is.
+    complete = None
+    for result in bridge.Run(function_call or call):
         if result.is_complete:
-            return result
+            complete = result
+    return complete
 
 
 context = settings()
@@ -70,6 +80,54 @@ for _ in range(build_runs):  # a new environment with pyjokes, uv's and pip's ca
     with build_conn._establish_bridge() as bridge:
         run_on(bridge)
     results["build"].append(time.perf_counter() - t)
+
+# Throughput: each caller thread has an agent of its own (an agent serves one call at a time, like our workers).
+results["throughput"] = {}
+for callers in CALLERS:
+    with ExitStack() as stack:
+        bridges = [stack.enter_context(conn._establish_bridge()) for _ in range(callers)]
+        per_caller = max(1, throughput_calls // callers)
+        done = []
+
+        def caller(bridge, per_caller=per_caller, done=done):
+            for _ in range(per_caller):
+                done.append(cloudpickle.loads(run_on(bridge).result.definition) == 1)
+
+        threads = [threading.Thread(target=caller, args=(b,)) for b in bridges]
+        t = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - t
+    results["throughput"][str(callers)] = {"per_second": len(done) / elapsed, "ok": all(done), "calls": len(done)}
+
+# Payloads: the data goes out as the function's closure and comes back as its result, through a reused agent.
+
+results["payload"] = {}
+np_context = settings()
+np_conn, _ = connection(["cloudpickle", "numpy"], np_context)
+with np_conn._establish_bridge() as bridge:
+    for name, size in PAYLOADS.items():
+        for kind, data in (("bytes", b"x" * size), ("numpy", numpy.ones(size // 8))):
+            times = []
+            try:
+                for _ in range(3 if size >= 100 << 20 else 10):
+                    t = time.perf_counter()
+                    payload_call = definitions.FunctionCall(
+                        function=definitions.SerializedObject(
+                            method="cloudpickle",
+                            definition=cloudpickle.dumps(lambda data=data: data),
+                            was_it_raised=False,
+                        )
+                    )
+                    back = cloudpickle.loads(run_on(bridge, payload_call).result.definition)
+                    times.append(time.perf_counter() - t)
+                    assert len(back) == len(data)
+            except grpc.RpcError as error:  # isolate's agent caps messages at 4 MB
+                results.setdefault("payload_errors", {})[f"{kind} {name}"] = error.details()
+                continue
+            results["payload"][f"{kind} {name}"] = times
 
 python = str(env_path / "bin" / "python")
 for _ in range(cold_runs):

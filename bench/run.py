@@ -47,12 +47,19 @@ def uv() -> str:
     return str(find_uv_bin())
 
 
+ANCHOR_PACKAGES = [ANCHOR, "cloudpickle", "numpy"]
+
+
 def anchor_python() -> Path:
+    """The anchor's own virtualenv, (re)made whenever the packages it should hold change."""
     python = ANCHOR_VENV / "bin" / "python"
-    if not python.exists():
+    marker = ANCHOR_VENV / "installed.json"
+    if not marker.exists() or json.loads(marker.read_text()) != ANCHOR_PACKAGES:
         print(f"installing the anchor ({ANCHOR}) into {ANCHOR_VENV}", file=sys.stderr)
+        shutil.rmtree(ANCHOR_VENV, ignore_errors=True)
         subprocess.run([uv(), "venv", "--quiet", "--python", sys.executable, str(ANCHOR_VENV)], check=True)
-        subprocess.run([uv(), "pip", "install", "--quiet", "--python", str(python), ANCHOR, "cloudpickle"], check=True)
+        subprocess.run([uv(), "pip", "install", "--quiet", "--python", str(python), *ANCHOR_PACKAGES], check=True)
+        marker.write_text(json.dumps(ANCHOR_PACKAGES))
     return python
 
 
@@ -85,14 +92,47 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], Dict[str, str]]
     return server, {"FAL_HOST": lines[-1].rsplit(" ", 1)[-1], **keys}
 
 
-def ours(warm_runs: int, cold_runs: int, build_runs: int) -> Dict[str, List[float]]:
+CALLERS = (1, 4, 16, 64)
+PAYLOADS = {"1 KB": 1 << 10, "1 MB": 1 << 20, "100 MB": 100 << 20}
+SCALES = (1, 10, 100)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def throughput(fn: Callable[[int], int], callers: int, calls: int) -> Dict[str, float]:
+    """Calls per second with `callers` threads; every result checked, none lost."""
+    import threading
+
+    per_caller = max(1, calls // callers)
+    results: List[bool] = []
+
+    def caller(offset: int) -> None:
+        for i in range(per_caller):
+            results.append(fn(offset + i) == 2 * (offset + i))
+
+    threads = [threading.Thread(target=caller, args=(c * per_caller,)) for c in range(callers)]
+    t = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - t
+    return {"per_second": len(results) / elapsed, "ok": float(all(results) and len(results) == callers * per_caller)}
+
+
+def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, scale: bool) -> Dict[str, object]:
     os.environ["FAL_SERVERLESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="fal-bench-cache-")
     from fal_serverless import LocalHost, cloud, isolated, local
 
     def trivial() -> int:
         return 1
 
-    results: Dict[str, List[float]] = {}
+    results: Dict[str, object] = {}
     warm_local = isolated(host=local, keep_alive=600)(trivial)
     results["warm_local"] = time_calls(warm_local, warm_runs)
     cold_local = warm_local.on(keep_alive=0)
@@ -104,6 +144,50 @@ def ours(warm_runs: int, cold_runs: int, build_runs: int) -> Dict[str, List[floa
         warm_cloud = warm_local.on(cloud)
         results["warm_cloud"] = time_calls(warm_cloud, warm_runs)
         results["cold_cloud"] = time_calls(warm_cloud.on(keep_alive=0), cold_runs, warmup=2)
+
+        def double(x: int) -> int:
+            return 2 * x
+
+        doubler = isolated(host=cloud, keep_alive=600)(double)
+        results["throughput"] = {str(c): throughput(doubler, c, calls) for c in CALLERS}
+
+        import numpy
+
+        def echo(data: object) -> object:
+            return data
+
+        echo_bytes = isolated(host=cloud, keep_alive=600, machine_type="M")(echo)
+        echo_numpy = echo_bytes.on(requirements=["numpy"])
+        payloads: Dict[str, List[float]] = {}
+        for name, size in PAYLOADS.items():
+            for kind, fn, data in (("bytes", echo_bytes, b"x" * size), ("numpy", echo_numpy, numpy.ones(size // 8))):
+                fn(data[:1])
+                times = []
+                for _ in range(3 if size >= 100 << 20 else 10):
+                    t = time.perf_counter()
+                    back = fn(data)
+                    times.append(time.perf_counter() - t)
+                    assert len(back) == len(data)  # type: ignore[arg-type]
+                payloads[f"{kind} {name}"] = times
+        results["payload"] = payloads
+
+        if scale:
+            # Distinct environments (each requirement set hashes to its own key), each with a warm worker.
+            envs = [doubler.on(requirements=[f"pyjokes!=0.0.{i}"]) for i in range(max(SCALES))]
+            results["rss_idle"] = rss_bytes(server.pid)
+            latency: Dict[str, List[float]] = {}
+            for count in SCALES:
+                for fn in envs[:count]:
+                    fn(1)
+                picks = [envs[i % count] for i in range(warm_runs)]
+                times = []
+                for i, fn in enumerate(picks):
+                    t = time.perf_counter()
+                    fn(i)
+                    times.append(time.perf_counter() - t)
+                latency[str(count)] = times
+            results["scale"] = latency
+            results["rss_100_workers"] = rss_bytes(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -159,26 +243,27 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test of the benchmark itself)")
     parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     args = parser.parse_args()
-    warm_runs, cold_runs, build_runs = (200, 5, 2) if args.quick else (3000, 30, 5)
+    warm_runs, cold_runs, build_runs, calls = (200, 5, 2, 400) if args.quick else (3000, 30, 5, 4000)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
 
     anchor_run = subprocess.run(
-        [str(anchor_python()), str(HERE / "anchor.py"), str(warm_runs // 3), str(cold_runs), str(build_runs)],
-        capture_output=True,
+        [str(anchor_python()), str(HERE / "anchor.py"), *map(str, (warm_runs // 3, cold_runs, build_runs, calls // 4))],
+        stdout=subprocess.PIPE,
         text=True,
         check=True,
     )
     anchor = json.loads(anchor_run.stdout.strip().splitlines()[-1])
-    mine = ours(warm_runs, cold_runs, build_runs)
+    mine = ours(warm_runs, cold_runs, build_runs, calls, scale=not args.quick)
 
-    warm_local, warm_cloud = median(mine["warm_local"]), median(mine["warm_cloud"])
+    times: Dict[str, List[float]] = {k: v for k, v in mine.items() if isinstance(v, list)}
+    warm_local, warm_cloud = median(times["warm_local"]), median(times["warm_cloud"])
     floor_import = anchor["floor_import"]
     lines = [
         "| metric | this project | anchor (isolate 0.12.2) | floor | ratio | goal |",
         "|---|---|---|---|---|---|",
         row(
             "warm call, local",
-            mine["warm_local"],
+            times["warm_local"],
             anchor["warm"],
             None,
             "p50 < 0.3 ms and >= 10x anchor",
@@ -186,7 +271,7 @@ def main() -> int:
         ),
         row(
             "warm call, cloud (loopback)",
-            mine["warm_cloud"],
+            times["warm_cloud"],
             anchor["warm"],
             None,
             "p50 < 1 ms and >= 10x anchor",
@@ -194,29 +279,73 @@ def main() -> int:
         ),
         row(
             "cold call, local (env built)",
-            mine["cold_local"],
+            times["cold_local"],
             anchor["cold"],
             floor_import,
             "< 1.5x floor",
-            median(mine["cold_local"]) < 1.5 * median(floor_import),
+            median(times["cold_local"]) < 1.5 * median(floor_import),
         ),
         row(
             "cold call, cloud, jailed (env built)",
-            mine["cold_cloud"],
+            times["cold_cloud"],
             anchor["cold"],
             floor_import,
             "< 1.5x floor",
-            median(mine["cold_cloud"]) < 1.5 * median(floor_import),
+            median(times["cold_cloud"]) < 1.5 * median(floor_import),
         ),
         row(
             "first call, new requirements (pyjokes)",
-            mine["build_local"],
+            times["build_local"],
             anchor["build"],
-            mine["floor_build"],
+            times["floor_build"],
             "< 1.2x floor",
-            median(mine["build_local"]) < 1.2 * median(mine["floor_build"]),
+            median(times["build_local"]) < 1.2 * median(times["floor_build"]),
         ),
     ]
+    ours_throughput: Dict[str, Dict[str, float]] = mine["throughput"]  # type: ignore[assignment]
+    for callers, measured in ours_throughput.items():
+        theirs = anchor["throughput"].get(callers)
+        versus = f"{measured['per_second'] / theirs['per_second']:.1f}x the anchor" if theirs else "-"
+        anchor_text = f"{theirs['per_second']:.0f} calls/s" if theirs else "- (an agent per caller: not run at 64)"
+        goal = ">= 2000 calls/s, none lost" if callers == "16" else "none lost or wrong"
+        met = bool(measured["ok"]) and (measured["per_second"] >= 2000 if callers == "16" else True)
+        lines.append(
+            f"| throughput, cloud, {callers} callers | {measured['per_second']:.0f} calls/s | {anchor_text} | - "
+            f"| {versus} | {goal}: {'met' if met else 'NOT met'} |"
+        )
+    ours_payload: Dict[str, List[float]] = mine["payload"]  # type: ignore[assignment]
+    for name, measured in ours_payload.items():
+        big = name.endswith("100 MB")
+        failed = anchor.get("payload_errors", {}).get(name)
+        lines.append(
+            row(
+                f"round trip, cloud, {name}" + (f" (anchor refuses it: {failed})" if failed else ""),
+                measured,
+                anchor["payload"].get(name),
+                None,
+                "< 0.5 s" if big else "-",
+                median(measured) < 0.5 if big else True,
+            )
+        )
+    if "scale" in mine:
+        scale: Dict[str, List[float]] = mine["scale"]  # type: ignore[assignment]
+        base = median(scale["1"])
+        for count, measured in scale.items():
+            lines.append(
+                row(
+                    f"warm call, cloud, {count} warm environments",
+                    measured,
+                    None,
+                    None,
+                    "flat (p50 within 1.5x of 1 env)",
+                    median(measured) <= 1.5 * base,
+                )
+            )
+        idle, full = int(mine["rss_idle"]), int(mine["rss_100_workers"])  # type: ignore[call-overload]
+        lines.append(
+            f"| server RSS, idle / 100 warm workers | {idle / 2**20:.1f} MB / {full / 2**20:.1f} MB | - | - | - "
+            f"| < 50 MB with 100 workers: {'met' if full < 50 * 2**20 else 'NOT met'} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.write:
@@ -225,9 +354,10 @@ def main() -> int:
         (HERE / "RESULTS.md").write_text(
             f"# Benchmark results\n\nCommand: `make bench` (`python bench/run.py --write`)  \nDate: {date.today()}  \n"
             f"Machine: {machine}  \nRuns: {warm_runs} warm calls (anchor: {warm_runs // 3}), {cold_runs} cold calls, "
-            f'{build_runs} builds.\n\n{table}\n\nFloors: cold call, `python -c "import cloudpickle"` in the built '
-            f"environment; first call, `uv venv` + `uv pip install pyjokes` timed here. Not measured yet: throughput, "
-            f"payloads, scale (issue 4).\n"
+            f"{build_runs} builds, {calls} calls per throughput level (anchor: {calls // 4}).\n\n{table}\n\n"
+            f'Floors: cold call, `python -c "import cloudpickle"` in the built environment; first call, `uv venv` + '
+            f"`uv pip install pyjokes` timed here. Ratios against the anchor: anchor time / our time (throughput: ours "
+            f"/ the anchor's).\n"
         )
     return 0
 
