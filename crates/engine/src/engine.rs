@@ -103,7 +103,8 @@ struct Inner {
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         Self(Arc::new(Inner {
-            builder: EnvBuilder::new(&config.cache_dir, config.uv.clone()),
+            // Jailed workers see their environment read-only, so its bytecode is compiled once, at build time.
+            builder: EnvBuilder::new(&config.cache_dir, config.uv.clone(), config.jail.is_some()),
             config,
             pool: WorkerPool::default(),
             cgroups: OnceLock::new(),

@@ -45,12 +45,14 @@ impl Environment {
 pub(crate) struct EnvBuilder {
     envs: PathBuf,
     uv: PathBuf,
+    /// Compile bytecode at build time: for environments workers only read (jailed), where Python cannot cache it.
+    compile_bytecode: bool,
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl EnvBuilder {
-    pub fn new(cache_dir: &Path, uv: PathBuf) -> Self {
-        Self { envs: cache_dir.join("envs"), uv, building: Mutex::default() }
+    pub fn new(cache_dir: &Path, uv: PathBuf, compile_bytecode: bool) -> Self {
+        Self { envs: cache_dir.join("envs"), uv, compile_bytecode, building: Mutex::default() }
     }
 
     pub fn uv(&self) -> &Path {
@@ -165,6 +167,9 @@ impl EnvBuilder {
             .args(["pip", "install", "--python"])
             .arg(staging.join("bin").join("python"))
             .args(spec.install_targets());
+        if self.compile_bytecode {
+            install.arg("--compile-bytecode");
+        }
         let (ok, output) = run_streaming(install, &self.uv, logs).await?;
         if !ok {
             return Err(EnvironmentError::InstallFailed {
