@@ -3,7 +3,8 @@
 //!
 //! It owns three things and nothing else:
 //! * [environments](EnvSpec): a spec (Python major.minor, normalized requirements, serializer) hashes to a content
-//!   key; the environment is built once per key with `uv venv` + `uv pip install`, atomically, into a cache dir;
+//!   key; the environment is built once per (tenant, key) with `uv venv` + `uv pip install`, atomically, into a
+//!   cache dir;
 //! * [workers](Engine::call): a warm Python process per (tenant, environment, machine type), reused within
 //!   `keep_alive`, talking length-prefixed frames on a socket of its own while its stdout and stderr stream back as
 //!   [`LogLine`]s;

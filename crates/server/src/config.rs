@@ -39,7 +39,6 @@ pub struct ServerConfig {
     pub idle_shutdown: Option<Duration>,
     /// Zero-config mode: where to write this server's address and the local admin key (mode 0600).
     pub credentials_file: Option<PathBuf>,
-    pub uv: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +115,6 @@ impl ServerConfig {
             }
             machine_types.insert(machine);
         }
-        let uv = std::env::var_os("FAL_SERVERLESS_UV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("uv"));
         Ok(Self {
             listen,
             data_dir: data_dir.to_path_buf(),
@@ -126,7 +124,6 @@ impl ServerConfig {
             machine_types,
             idle_shutdown: file.idle_shutdown_seconds.map(Duration::from_secs),
             credentials_file: None,
-            uv,
         })
     }
 }

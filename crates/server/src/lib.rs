@@ -90,12 +90,12 @@ pub async fn serve(
         (None, _) => Some("bubblewrap (bwrap) or setpriv is not installed: install the bubblewrap package".to_string()),
         (Some(_), false) => Some("the server does not run as root, so it cannot drop workers to another user".into()),
     };
+    // The engine's own settings (uv, payload limit) come from the environment, as everywhere it runs.
     let engine = Engine::new(EngineConfig {
         cache_dir: config.data_dir.clone(),
-        uv: config.uv.clone(),
         machine_types: config.machine_types.clone(),
-        max_payload_bytes: EngineConfig::from_env().max_payload_bytes,
         jail: if unjailed.is_none() { jail } else { None },
+        ..EngineConfig::from_env()
     });
     let host = Resources::of_host(engine.gpus());
     let capacity = Resources {
