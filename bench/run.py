@@ -92,6 +92,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], Dict[str, str]]
     return server, {"FAL_HOST": lines[-1].rsplit(" ", 1)[-1], **keys}
 
 
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by --write -->"
 CALLERS = (1, 4, 16, 64)
 PAYLOADS = {"1 KB": 1 << 10, "1 MB": 1 << 20, "100 MB": 100 << 20}
 SCALES = (1, 10, 100)
@@ -143,6 +144,8 @@ def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, scale: boo
         os.environ.update(env)
         warm_cloud = warm_local.on(cloud)
         results["warm_cloud"] = time_calls(warm_cloud, warm_runs)
+        # The network part alone: the smallest authenticated RPC to the same server (it lists the caller's workers).
+        results["floor_rpc"] = time_calls(cloud.client(None).workers, warm_runs)
         results["cold_cloud"] = time_calls(warm_cloud.on(keep_alive=0), cold_runs, warmup=2)
 
         def double(x: int) -> int:
@@ -223,6 +226,52 @@ def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, scale: boo
     return results
 
 
+def cgroup_join_floor(runs: int) -> List[float]:
+    """Seconds a new process takes to join a fresh cgroup (the first controller's `cgroup.procs` write), as every
+    new worker does before it starts; empty where this process may not make cgroups (not root, or no cgroup v1)."""
+    own = {
+        parts[1]: parts[2] for parts in (line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().split())
+    }
+    if os.geteuid() != 0 or "memory" not in own:
+        return []
+    times = []
+    for i in range(runs):
+        group = Path(f"/sys/fs/cgroup/memory{own['memory'].rstrip('/')}/fal-bench-join-{os.getpid()}-{i}")
+        group.mkdir()
+        procs = os.open(group / "cgroup.procs", os.O_WRONLY)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            t = time.perf_counter()
+            os.write(procs, str(os.getpid()).encode())
+            os.write(write_end, repr(time.perf_counter() - t).encode())
+            os._exit(0)
+        os.waitpid(child, 0)
+        times.append(float(os.read(read_end, 64)))
+        for fd in (procs, read_end, write_end):
+            os.close(fd)
+        for _ in range(200):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.005)
+        time.sleep(0.05)  # as between cold calls: not a burst, which the kernel would make cheaper
+    return times
+
+
+def fresh_copy_floor(size: int, runs: int) -> List[float]:
+    """Seconds to copy `size` bytes into newly allocated memory: each copy of a payload the round trip makes."""
+    source = bytearray(size)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        copy = bytes(source)
+        times.append(time.perf_counter() - t)
+        del copy
+    return times
+
+
 def row(
     metric: str, mine: List[float], anchor: Optional[List[float]], floor: Optional[List[float]], goal: str, met: bool
 ) -> str:
@@ -270,10 +319,10 @@ def main() -> int:
             warm_local < 0.3e-3 and median(anchor["warm"]) / warm_local >= 10,
         ),
         row(
-            "warm call, cloud (loopback)",
+            "warm call, cloud (loopback); floor: the smallest authenticated RPC",
             times["warm_cloud"],
             anchor["warm"],
-            None,
+            times["floor_rpc"],
             "p50 < 1 ms and >= 10x anchor",
             warm_cloud < 1e-3 and median(anchor["warm"]) / warm_cloud >= 10,
         ),
@@ -302,6 +351,9 @@ def main() -> int:
             median(times["build_local"]) < 1.2 * median(times["floor_build"]),
         ),
     ]
+    join = cgroup_join_floor(cold_runs)
+    if join:
+        lines.append(row("kernel: a new process joining a new cgroup (v1 memory)", join, None, None, "-", True))
     ours_throughput: Dict[str, Dict[str, float]] = mine["throughput"]  # type: ignore[assignment]
     for callers, measured in ours_throughput.items():
         theirs = anchor["throughput"].get(callers)
@@ -327,6 +379,8 @@ def main() -> int:
                 median(measured) < 0.5 if big else True,
             )
         )
+    copy_100mb = fresh_copy_floor(100 << 20, 5)
+    lines.append(row("floor: one copy of 100 MB into new memory", copy_100mb, None, None, "-", True))
     if "scale" in mine:
         scale: Dict[str, List[float]] = mine["scale"]  # type: ignore[assignment]
         base = median(scale["1"])
@@ -349,6 +403,9 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
+        # What follows the marker is written by hand (what the figures mean) and kept across runs.
+        previous = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
+        analysis = previous.split(ANALYSIS_MARKER, 1)[1] if ANALYSIS_MARKER in previous else "\n"
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         machine = f"{os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}"
         (HERE / "RESULTS.md").write_text(
@@ -357,7 +414,7 @@ def main() -> int:
             f"{build_runs} builds, {calls} calls per throughput level (anchor: {calls // 4}).\n\n{table}\n\n"
             f'Floors: cold call, `python -c "import cloudpickle"` in the built environment; first call, `uv venv` + '
             f"`uv pip install pyjokes` timed here. Ratios against the anchor: anchor time / our time (throughput: ours "
-            f"/ the anchor's).\n"
+            f"/ the anchor's).\n\n{ANALYSIS_MARKER}{analysis}"
         )
     return 0
 

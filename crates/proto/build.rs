@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Payloads (up to 1 GiB) are decoded as slices of the received buffer, not copied out of it.
+    tonic_prost_build::configure().bytes(".SerializedObject.definition").compile_fds(descriptors)?;
     Ok(())
 }

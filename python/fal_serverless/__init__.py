@@ -19,6 +19,7 @@ from ._isolated import IsolatedFunction, isolated
 from ._options import MACHINE_TYPES, MachineTypeInfo
 from .exceptions import (
     AuthenticationError,
+    CallTimeoutError,
     EnvironmentBuildError,
     FalServerlessError,
     MachineTypeExceededError,
@@ -34,6 +35,7 @@ from .exceptions import (
 __all__ = [
     "MACHINE_TYPES",
     "AuthenticationError",
+    "CallTimeoutError",
     "CloudHost",
     "CloudKeyCredentials",
     "Credentials",

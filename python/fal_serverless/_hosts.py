@@ -62,6 +62,7 @@ class LocalHost(Host):
             keep_alive=float(options.keep_alive),
             payload=payload,
             on_log=show_log,
+            timeout=options.timeout,
         )
         return _serialization.load_reply(raised, reply, func)
 
@@ -109,6 +110,7 @@ class CloudHost(Host):
             payload=payload,
             function_name=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}",
             on_log=show_log,
+            timeout=options.timeout,
         )
         return _serialization.load_reply(raised, reply, func)
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Generic, List, Optional, TypeVar, Union, overl
 
 from ._credentials import Credentials
 from ._hosts import Host
-from ._options import Options
+from ._options import DEFAULT_TIMEOUT, Options
 
 R = TypeVar("R")
 
@@ -27,7 +27,8 @@ class IsolatedFunction(Generic[R]):
     def on(self, host: Optional[Host] = None, **options: Any) -> IsolatedFunction[R]:
         """A new isolated function with the same code, on `host` and/or with `options` changed; the rest is kept.
 
-        `options` are those of `isolated`: requirements, machine_type, keep_alive, credentials, python_version.
+        `options` are those of `isolated`: requirements, machine_type, keep_alive, credentials, python_version,
+        timeout.
         """
         if host is not None:
             options["host"] = host
@@ -54,6 +55,7 @@ def isolated(
     host: Optional[Host] = None,
     credentials: Optional[Credentials] = None,
     python_version: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
     **unknown: Any,
 ) -> Callable[[Callable[..., R]], IsolatedFunction[R]]: ...
 
@@ -68,6 +70,7 @@ def isolated(
     host: Optional[Host] = None,
     credentials: Optional[Credentials] = None,
     python_version: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
     **unknown: Any,
 ) -> Union[IsolatedFunction[R], Callable[[Callable[..., R]], IsolatedFunction[R]]]:
     """Make a function run in an isolated environment each time it is called.
@@ -78,6 +81,8 @@ def isolated(
     host: `cloud` (default; FAL_SERVERLESS_HOST=local changes it) or `local`.
     credentials: CloudKeyCredentials for the cloud host.
     python_version: defaults to (and must equal) the major.minor of the Python running the caller.
+    timeout: seconds a call may take, waiting for capacity included (default 3600); past it the call raises
+        CallTimeoutError and its worker is stopped. An environment build does not count.
 
     Options are validated here: a wrong one raises ValueError before anything is built.
     """
@@ -87,6 +92,7 @@ def isolated(
         keep_alive=keep_alive,
         credentials=credentials,
         python_version=python_version,
+        timeout=timeout,
         **unknown,
     )
     if host is not None:

@@ -26,6 +26,10 @@ MACHINE_TYPES: Dict[str, MachineTypeInfo] = {
     name: MachineTypeInfo(name, cpus, memory, gpus) for name, cpus, memory, gpus in _native.machine_types()
 }
 
+#: Seconds a call may take, from its arrival to its result, when it names no timeout: long jobs are the norm here,
+#: a call stuck forever is not.
+DEFAULT_TIMEOUT = 3600.0
+
 #: Names the host a function runs on when it names none: `local` or `cloud` (the default).
 DEFAULT_HOST_VARIABLE = "FAL_SERVERLESS_HOST"
 
@@ -42,6 +46,7 @@ class Options:
     host: Host
     credentials: Optional[Credentials]
     python_version: str
+    timeout: float
 
     @classmethod
     def defaults(cls) -> Options:
@@ -52,6 +57,7 @@ class Options:
             host=default_host(),
             credentials=None,
             python_version=running_python_version(),
+            timeout=DEFAULT_TIMEOUT,
         )
 
     def changed(self, changes: Mapping[str, Any]) -> Options:
@@ -93,6 +99,12 @@ def _keep_alive(value: Any) -> float:
     return value
 
 
+def _timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def _host(value: Any) -> Host:
     if not isinstance(value, Host):
         raise ValueError(f"host must be fal_serverless.local or fal_serverless.cloud, got {value!r}")
@@ -131,5 +143,6 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "host": _host,
     "credentials": _credentials,
     "python_version": _python_version,
+    "timeout": _timeout,
 }
 OPTION_NAMES = tuple(_VALIDATORS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._native import (
     AuthenticationError,
+    CallTimeoutError,
     EnvironmentBuildError,
     FalServerlessError,
     MachineTypeExceededError,
@@ -43,6 +44,7 @@ class RemoteTraceback(Exception):
 
 __all__ = [
     "AuthenticationError",
+    "CallTimeoutError",
     "EnvironmentBuildError",
     "FalServerlessError",
     "MachineTypeExceededError",

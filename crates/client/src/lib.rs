@@ -12,14 +12,11 @@ use fal_proto::controller::{
     hosted_run_status, CreateUserKeyRequest, HostedRun, ListUserKeysRequest, RevokeUserKeyRequest, UserKeyInfo,
     WorkerStatus, WorkerStatusListRequest,
 };
-use fal_proto::{Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET};
+use fal_proto::{Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET, CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
-
-/// Largest message accepted from the server (a result up to the server's payload limit).
-const MAX_MESSAGE: usize = (1 << 30) + (1 << 20);
 
 /// What the zero-config local server writes for its clients (mode 0600).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -135,7 +132,13 @@ impl Client {
     pub async fn connect(target: &Target) -> Result<Self, ClientError> {
         let connect_error = |message: String| ClientError::Connect { uri: target.uri.clone(), message };
         let endpoint = Endpoint::from_shared(target.uri.clone()).map_err(|e| connect_error(e.to_string()))?;
-        let channel = endpoint.tcp_nodelay(true).connect().await.map_err(|e| connect_error(source_chain(&e)))?;
+        let channel = endpoint
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .connect()
+            .await
+            .map_err(|e| connect_error(source_chain(&e)))?;
         let key = |value: &str, what: &str| {
             value.parse::<AsciiMetadataValue>().map_err(|_| ClientError::Server {
                 code: tonic::Code::Unauthenticated,

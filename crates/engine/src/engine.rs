@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use fal_sandbox::{CgroupManager, Jail, Limits, WorkerCgroup};
 
 use crate::environment::{find_interpreter, EnvBuilder, EnvSpec, PythonVersion};
@@ -62,14 +63,16 @@ pub struct CallRequest {
     pub machine_type: String,
     pub keep_alive: Duration,
     /// cloudpickle of `(function, args, kwargs)`.
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
+    /// The most the function may run on its worker; past it the worker is stopped. `None`: no limit.
+    pub timeout: Option<Duration>,
 }
 
 /// The function's outcome, still pickled: its return value, or (`raised`) a description of its exception.
 #[derive(Debug)]
 pub struct CallReply {
     pub raised: bool,
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// The worker process that ran the call.
     pub worker_pid: u32,
 }
@@ -102,7 +105,7 @@ struct Inner {
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
-        Self(Arc::new(Inner {
+        let engine = Self(Arc::new(Inner {
             // Jailed workers see their environment read-only, so its bytecode is compiled once, at build time.
             builder: EnvBuilder::new(&config.cache_dir, config.uv.clone(), config.jail.is_some()),
             config,
@@ -111,7 +114,15 @@ impl Engine {
             warned_unlimited: AtomicBool::new(false),
             gpus: count_gpus(),
             interpreters: Mutex::default(),
-        }))
+        }));
+        // Finding the cgroup hierarchy also removes cgroups that workers of a previous run (of a server killed with
+        // SIGKILL, say) left behind; do it now rather than at the first call.
+        engine.cgroup_manager();
+        engine
+    }
+
+    fn cgroup_manager(&self) -> &Result<CgroupManager, String> {
+        self.0.cgroups.get_or_init(|| CgroupManager::detect().map_err(|e| e.to_string()))
     }
 
     pub fn machine_types(&self) -> &MachineTypes {
@@ -143,11 +154,21 @@ impl Engine {
                 inner.pool.lease_new(&key, worker)
             }
         };
-        match leased.worker().call(&request.payload, logs).await {
+        let outcome = match request.timeout {
+            None => leased.worker().call(&request.payload, logs).await,
+            Some(limit) => match tokio::time::timeout(limit, leased.worker().call(&request.payload, logs)).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    leased.retire().stop().await;
+                    return Err(CallError::Timeout { seconds: limit.as_secs_f64() });
+                }
+            },
+        };
+        match outcome {
             Ok(reply) => {
                 let worker_pid = leased.worker().pid();
                 inner.pool.release(key, leased, request.keep_alive);
-                Ok(CallReply { raised: reply.raised, payload: reply.payload, worker_pid })
+                Ok(CallReply { raised: reply.raised, payload: reply.payload.into(), worker_pid })
             }
             Err(NoReply::Gone) => Err(leased.retire().failure(&machine.name, &machine.memory_display(), logs).await),
             Err(NoReply::TooLarge { size, limit }) => {
@@ -191,7 +212,11 @@ impl Engine {
             max_payload: inner.config.max_payload_bytes,
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
-        Worker::spawn(spec)
+        // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as long
+        // as the runtime, never from a caller's thread (which polls its call itself, and may end first).
+        tokio::spawn(async move { Worker::spawn(spec) })
+            .await
+            .map_err(|e| CallError::Spawn(format!("the task starting the worker failed: {e}")))?
     }
 
     /// An interpreter for the request's Python version: the caller's hint, else one found once per version.
@@ -212,8 +237,7 @@ impl Engine {
     /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.
     fn cgroup_for(&self, machine: &MachineType, logs: &LogSink) -> Result<Option<WorkerCgroup>, CallError> {
         let inner = &self.0;
-        let manager = inner.cgroups.get_or_init(|| CgroupManager::detect().map_err(|e| e.to_string()));
-        match manager {
+        match self.cgroup_manager() {
             Ok(manager) => {
                 let limits = Limits { cpus: machine.cpus, memory_bytes: machine.memory_bytes, pids: machine.pids };
                 manager.create(&limits).map(Some).map_err(|e| CallError::Spawn(e.to_string()))

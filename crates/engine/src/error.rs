@@ -65,4 +65,9 @@ pub enum CallError {
          reference (write it to a file and return its path) instead. The worker was stopped"
     )]
     ResultTooLarge { size: usize, limit: usize },
+    #[error(
+        "the call reached its timeout of {seconds} s and was stopped (its worker too, if it had started); if it \
+         needs longer, pass a larger timeout: @isolated(timeout=...)"
+    )]
+    Timeout { seconds: f64 },
 }

@@ -15,3 +15,11 @@ pub mod controller {
 pub const AUTH_KEY_ID: &str = "auth-key-id";
 /// Metadata key carrying a key's secret on every call.
 pub const AUTH_KEY_SECRET: &str = "auth-key";
+
+/// Largest message either side accepts: a payload up to the server's 1 GiB limit, and the message around it.
+pub const MAX_MESSAGE: usize = (1 << 30) + (1 << 20);
+
+/// HTTP/2 flow-control windows both sides advertise. With the protocol's default of 64 KiB, a 100 MB payload waits
+/// for about 1,600 window updates; these let a large payload flow while the peer reads it.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+pub const CONNECTION_WINDOW: u32 = 32 << 20;

@@ -6,7 +6,8 @@
 //! maps errors onto the exception classes below. Pickling, hosts and decorators live in the Python package.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError};
+
+use bytes::Bytes;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use prost_types::value::Kind;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 create_exception!(fal_serverless, FalServerlessError, PyException, "Base class of every fal-serverless error.");
@@ -50,6 +52,12 @@ create_exception!(
     PayloadTooLargeError,
     FalServerlessError,
     "A call's arguments or result are over the size limit."
+);
+create_exception!(
+    fal_serverless,
+    CallTimeoutError,
+    FalServerlessError,
+    "The call took longer than its timeout (waiting for capacity included); its worker was stopped."
 );
 create_exception!(
     fal_serverless,
@@ -87,46 +95,50 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     Ok(RUNTIME.get_or_init(|| runtime))
 }
 
-enum Event {
-    Log(&'static str, String),
-    Done(Result<(bool, Vec<u8>), PyErr>),
-}
-
-/// Runs `call` on the runtime and waits for it with the GIL released, handing each log line to `on_log` as it comes
-/// and checking for Ctrl-C meanwhile. Dropping the call (Ctrl-C, a failing `on_log`) stops whatever it holds.
+/// Runs `call` on the calling thread with the GIL released, handing each log line to `on_log` as it comes and
+/// checking for Ctrl-C meanwhile. The caller's thread polls the call itself (the runtime's threads drive the
+/// sockets), so a warm call costs no hand-off between threads. Dropping the call (Ctrl-C, a failing `on_log`)
+/// stops whatever it holds.
 fn run_call<'py, F>(
     py: Python<'py>,
+    runtime: &tokio::runtime::Runtime,
     on_log: &Bound<'py, PyAny>,
     call: impl FnOnce(Box<dyn Fn(&'static str, String) + Send + Sync>) -> F,
 ) -> PyResult<(bool, Bound<'py, PyBytes>)>
 where
-    F: std::future::Future<Output = Result<(bool, Vec<u8>), PyErr>> + Send + 'static,
+    F: std::future::Future<Output = Result<(bool, Bytes), PyErr>> + Send,
 {
-    let (events, received) = mpsc::channel::<Event>();
-    let log_events = events.clone();
-    let future = call(Box::new(move |source, line| drop(log_events.send(Event::Log(source, line)))));
-    let task = runtime()?.spawn(async move {
-        let _ = events.send(Event::Done(future.await));
-    });
-    let abort = scopeguard(move || task.abort());
-    let mut receiver = received;
+    enum Step {
+        Log(&'static str, String),
+        Done(Result<(bool, Bytes), PyErr>),
+        CheckSignals,
+    }
+    let (log_sender, mut log_receiver) = tokio::sync::mpsc::unbounded_channel();
+    let mut future = std::pin::pin!(call(Box::new(move |source, line| drop(log_sender.send((source, line))))));
     loop {
-        // The receiver travels into the GIL-free closure and back: `&Receiver` may not cross threads.
-        let (event, back) = py.detach(move || (receiver.recv_timeout(SIGNAL_CHECK), receiver));
-        receiver = back;
-        match event {
-            Ok(Event::Log(source, line)) => {
+        let step = py.detach(|| {
+            runtime.block_on(async {
+                tokio::select! {
+                    biased;
+                    Some((source, line)) = log_receiver.recv() => Step::Log(source, line),
+                    outcome = &mut future => Step::Done(outcome),
+                    () = tokio::time::sleep(SIGNAL_CHECK) => Step::CheckSignals,
+                }
+            })
+        });
+        match step {
+            Step::Log(source, line) => {
                 on_log.call1((source, line))?;
             }
-            Ok(Event::Done(outcome)) => {
-                abort.defuse();
+            Step::Done(outcome) => {
+                // Lines logged in the call's last poll are still queued; they come before its outcome.
+                while let Ok((source, line)) = log_receiver.try_recv() {
+                    on_log.call1((source, line))?;
+                }
                 let (raised, payload) = outcome?;
                 return Ok((raised, PyBytes::new(py, &payload)));
             }
-            Err(RecvTimeoutError::Timeout) => py.check_signals()?,
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(FalServerlessError::new_err("the engine stopped before the call finished"));
-            }
+            Step::CheckSignals => py.check_signals()?,
         }
     }
 }
@@ -149,6 +161,7 @@ fn to_py_err(error: CallError) -> PyErr {
         CallError::OutOfMemory { .. } => MachineTypeExceededError::new_err(message),
         CallError::WorkerDied { .. } => WorkerDiedError::new_err(message),
         CallError::PayloadTooLarge { .. } | CallError::ResultTooLarge { .. } => PayloadTooLargeError::new_err(message),
+        CallError::Timeout { .. } => CallTimeoutError::new_err(message),
         CallError::Spawn(_) => FalServerlessError::new_err(message),
     }
 }
@@ -171,7 +184,7 @@ impl Engine {
             config.cache_dir = cache_dir;
         }
         let cache_dir = config.cache_dir.clone();
-        // The engine spawns its workers from the runtime's threads, which live as long as the process.
+        // The engine forks its workers from the runtime's threads, which live as long as the process.
         let _guard = runtime()?.enter();
         Ok(Self { engine: fal_engine::Engine::new(config), cache_dir })
     }
@@ -183,7 +196,7 @@ impl Engine {
 
     /// Runs one call; returns `(raised, payload)`. `on_log(source, line)` is called for every line
     /// the call logs, with source one of "stdout", "stderr", "build", "engine".
-    #[pyo3(signature = (*, python_version, interpreter, requirements, serializer, machine_type, keep_alive, payload, on_log, tenant = "local".to_string()))]
+    #[pyo3(signature = (*, python_version, interpreter, requirements, serializer, machine_type, keep_alive, payload, on_log, timeout = None, tenant = "local".to_string()))]
     #[allow(clippy::too_many_arguments)]
     fn call<'py>(
         &self,
@@ -194,8 +207,9 @@ impl Engine {
         serializer: &str,
         machine_type: String,
         keep_alive: f64,
-        payload: &[u8],
+        payload: PyBackedBytes,
         on_log: Bound<'py, PyAny>,
+        timeout: Option<f64>,
         tenant: String,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let python: PythonVersion = python_version.parse().map_err(|e| PyValueError::new_err(format!("{e}")))?;
@@ -209,11 +223,12 @@ impl Engine {
             interpreter,
             machine_type,
             keep_alive: Duration::from_secs_f64(keep_alive),
-            payload: payload.to_vec(),
+            payload: Bytes::from_owner(payload),
+            timeout: timeout.map(timeout_duration).transpose()?,
         };
 
         let engine = self.engine.clone();
-        let (raised, payload) = run_call(py, &on_log, move |log| async move {
+        let (raised, payload) = run_call(py, runtime()?, &on_log, move |log| async move {
             let logs = LogSink::new(move |line| log(source_name(line.source), line.line));
             let reply = engine.call(request, &logs).await.map_err(to_py_err)?;
             Ok((reply.raised, reply.payload))
@@ -248,6 +263,7 @@ fn client_error(error: ClientError) -> PyErr {
             (Some("machine-type-exceeded"), _) => MachineTypeExceededError::new_err(message),
             (Some("machine-type-unavailable"), _) => MachineTypeUnavailableError::new_err(message),
             (Some("payload-too-large"), _) => PayloadTooLargeError::new_err(message),
+            (Some("timeout"), _) => CallTimeoutError::new_err(message),
             (_, tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => AuthenticationError::new_err(message),
             (_, tonic::Code::Unavailable) => ServerUnavailableError::new_err(message),
             (_, tonic::Code::ResourceExhausted) => PayloadTooLargeError::new_err(message),
@@ -289,7 +305,7 @@ impl CloudClient {
     }
 
     /// Runs one call on the server; returns `(raised, payload)`, like `Engine.call`.
-    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, on_log))]
+    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, on_log, timeout = None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
@@ -299,10 +315,12 @@ impl CloudClient {
         serializer: String,
         machine_type: String,
         keep_alive: i32,
-        payload: Vec<u8>,
+        payload: PyBackedBytes,
         function_name: String,
         on_log: Bound<'py, PyAny>,
+        timeout: Option<f64>,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
+        let timeout_seconds = timeout.map(|t| timeout_duration(t).map(|d| d.as_secs_f64())).transpose()?;
         let configuration = prost_types::Struct {
             fields: [
                 ("python_version".to_string(), string_value(python_version)),
@@ -332,15 +350,16 @@ impl CloudClient {
             }),
             function: Some(SerializedObject {
                 method: "cloudpickle".into(),
-                definition: payload,
+                definition: Bytes::from_owner(payload),
                 was_it_raised: false,
                 stringized_traceback: None,
             }),
             setup_func: None,
             function_name: Some(function_name),
+            timeout_seconds,
         };
         let client = self.client.clone();
-        run_call(py, &on_log, move |log| async move {
+        run_call(py, runtime()?, &on_log, move |log| async move {
             let value = client
                 .run(run, move |entry| {
                     let source = match (entry.source(), entry.level()) {
@@ -383,25 +402,11 @@ fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
     }
 }
 
-/// Runs a closure on drop unless defused.
-struct ScopeGuard<F: FnOnce()>(Option<F>);
-
-fn scopeguard<F: FnOnce()>(f: F) -> ScopeGuard<F> {
-    ScopeGuard(Some(f))
-}
-
-impl<F: FnOnce()> ScopeGuard<F> {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl<F: FnOnce()> Drop for ScopeGuard<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
+fn timeout_duration(seconds: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| PyValueError::new_err(format!("timeout must be a positive number of seconds, got {seconds}")))
 }
 
 /// Parses and normalizes PEP 508 requirements; raises ValueError naming a malformed one.
@@ -440,6 +445,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MachineTypeExceededError", py.get_type::<MachineTypeExceededError>())?;
     m.add("MachineTypeUnavailableError", py.get_type::<MachineTypeUnavailableError>())?;
     m.add("PayloadTooLargeError", py.get_type::<PayloadTooLargeError>())?;
+    m.add("CallTimeoutError", py.get_type::<CallTimeoutError>())?;
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     m.add("NoServerConfiguredError", py.get_type::<NoServerConfiguredError>())?;
     m.add("ServerUnavailableError", py.get_type::<ServerUnavailableError>())?;

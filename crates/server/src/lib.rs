@@ -21,15 +21,17 @@ use std::time::Duration;
 
 use fal_engine::{Engine, EngineConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
+use fal_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 use tonic::transport::server::TcpIncoming;
 
 pub use crate::capacity::Resources;
 pub use crate::config::{ConfigError, ServerConfig, DEFAULT_LISTEN};
 pub use crate::store::{KeyInfo, Scope, Store, StoreError};
 
-/// Largest gRPC message: the engine's payload limit plus room for the envelope.
-const MAX_MESSAGE: usize = (1 << 30) + (1 << 20);
 const STATE_FILE: &str = "state.sqlite3";
+/// How long calls still running when the server is told to stop may take to finish; then they are ended (their
+/// clients get an error saying the server went away) and their workers stopped.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -138,17 +140,33 @@ pub async fn serve(
     let service = IsolateControllerServer::new(controller)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let stop = async {
         tokio::select! {
             () = shutdown => {},
             () = idle => {},
         }
+        let _ = stopping.send(());
     };
-    let result = tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(service)
         // Without TCP_NODELAY a small reply waits for the client's delayed ACK: 40 ms per warm call.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
-        .await;
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+    let grace_over = async {
+        let _ = stopped.await;
+        tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    let result = tokio::select! {
+        result = serving => result,
+        // Dropping the server drops the calls still running, which stops their workers.
+        () = grace_over => {
+            tracing::warn!("calls still running after {}s: ending them", STOP_GRACE.as_secs());
+            Ok(())
+        }
+    };
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(result?)

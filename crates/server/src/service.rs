@@ -1,23 +1,27 @@
 //! `IsolateController`: each RPC authenticates, validates, acts, and maps failures to a `Status` a user can act on.
 //!
 //! Errors that end a `Run` carry the metadata key `fal-error-kind` (`invalid`, `environment`, `worker-died`,
-//! `machine-type-exceeded`, `machine-type-unavailable`, `payload-too-large`, `internal`), so clients can raise the
-//! matching exception.
+//! `machine-type-exceeded`, `machine-type-unavailable`, `payload-too-large`, `timeout`, `internal`), so clients can
+//! raise the matching exception.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use fal_engine::{CallError, CallRequest, Engine, EnvSpec, LogLine, LogSink, LogSource, PythonVersion};
+use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
-    create_user_key_request, hosted_run_status, CreateUserKeyRequest, CreateUserKeyResponse, HostedRun,
-    HostedRunResult, HostedRunStatus, ListUserKeysRequest, ListUserKeysResponse, RevokeUserKeyRequest,
-    RevokeUserKeyResponse, UserKeyInfo, WorkerStatus, WorkerStatusListRequest, WorkerStatusListResponse,
+    create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, HostedRun, HostedRunResult, HostedRunStatus,
+    ListUserKeysRequest, ListUserKeysResponse, RevokeUserKeyRequest, RevokeUserKeyResponse, UserKeyInfo, WorkerStatus,
+    WorkerStatusListRequest, WorkerStatusListResponse,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET};
 use prost_types::value::Kind;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
@@ -26,6 +30,8 @@ use crate::capacity::Capacity;
 use crate::store::{Caller, Scope, Store, StoreError};
 
 const DEFAULT_KEEP_ALIVE: i32 = 10;
+/// A call's timeout when its client names none (an original isolate client never does).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 const NO_KEY: &str = "no key was sent: set FAL_KEY_ID and FAL_KEY_SECRET, or pass \
                       credentials=CloudKeyCredentials(key_id=..., key_secret=...); an admin makes keys with \
                       `fal-serverless keys create`";
@@ -60,6 +66,7 @@ fn call_error_status(error: &CallError) -> Status {
         CallError::PayloadTooLarge { .. } | CallError::ResultTooLarge { .. } => {
             (Code::ResourceExhausted, "payload-too-large")
         }
+        CallError::Timeout { .. } => (Code::DeadlineExceeded, "timeout"),
     };
     error_status(code, kind, error.to_string())
 }
@@ -102,6 +109,13 @@ fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallRequest, Sta
     if keep_alive < 0 {
         return Err(invalid(format!("keep_alive must be 0 or more seconds, got {keep_alive}")));
     }
+    let timeout = match run.timeout_seconds {
+        None => DEFAULT_TIMEOUT,
+        Some(seconds) => Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid(format!("timeout must be a positive number of seconds, got {seconds}")))?,
+    };
     Ok(CallRequest {
         tenant: caller.user_id.clone(),
         env,
@@ -109,6 +123,7 @@ fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallRequest, Sta
         machine_type: if machine.machine_type.is_empty() { "XS".into() } else { machine.machine_type },
         keep_alive: Duration::from_secs(keep_alive as u64),
         payload: function.definition,
+        timeout: Some(timeout),
     })
 }
 
@@ -161,7 +176,7 @@ fn log_message(line: LogLine) -> Log {
     }
 }
 
-fn run_message(run_id: &str, logs: Vec<Log>, state: hosted_run_status::State) -> HostedRunResult {
+fn run_message(run_id: &str, logs: Vec<Log>, state: State) -> HostedRunResult {
     HostedRunResult {
         run_id: run_id.to_string(),
         status: Some(HostedRunStatus { state: state as i32 }),
@@ -170,11 +185,58 @@ fn run_message(run_id: &str, logs: Vec<Log>, state: hosted_run_status::State) ->
     }
 }
 
-type Stream<T> = UnboundedReceiverStream<Result<T, Status>>;
+/// Logs its notice when dropped, unless defused first: how a call that was dropped half way gets its log line.
+struct NoticeOnDrop(Option<String>);
+
+impl NoticeOnDrop {
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NoticeOnDrop {
+    fn drop(&mut self) {
+        if let Some(notice) = self.0.take() {
+            tracing::info!("{notice}");
+        }
+    }
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<HostedRunResult, Status>> + Send>>;
+
+/// The messages of one run: its logs as they come, then its outcome (after every log sent before it).
+struct RunStream {
+    logs: mpsc::UnboundedReceiver<HostedRunResult>,
+    call: Option<CallFuture>,
+    outcome: Option<Result<HostedRunResult, Status>>,
+}
+
+impl Stream for RunStream {
+    type Item = Result<HostedRunResult, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(call) = this.call.as_mut() else {
+            // Logs sent before the call ended go first; the sender is gone with the call, so this ends.
+            return Poll::Ready(this.logs.try_recv().ok().map(Ok).or_else(|| this.outcome.take()));
+        };
+        if let Poll::Ready(Some(log)) = this.logs.poll_recv(cx) {
+            return Poll::Ready(Some(Ok(log)));
+        }
+        match call.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(outcome) => {
+                this.call = None;
+                this.outcome = Some(outcome);
+                Pin::new(this).poll_next(cx)
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl IsolateController for Controller {
-    type RunStream = Stream<HostedRunResult>;
+    type RunStream = Pin<Box<dyn Stream<Item = Result<HostedRunResult, Status>> + Send>>;
 
     async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
         let caller = self.authenticate(&request)?;
@@ -186,52 +248,64 @@ impl IsolateController for Controller {
             return Err(error_status(tonic::Code::FailedPrecondition, "machine-type-unavailable", reason));
         }
 
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (log_sender, log_receiver) = mpsc::unbounded_channel();
         let this = self.clone();
         let run_id = format!("{:016x}", rand::random::<u64>());
-        tokio::spawn(async move {
+        let call = async move {
             let _busy = this.activity.busy();
             let started = Instant::now();
+            let mut call = call;
             let env_key = call.env.key();
-            let log_sender = sender.clone();
             let log_run_id = run_id.clone();
             let logs = LogSink::new(move |line| {
-                let message = run_message(&log_run_id, vec![log_message(line)], hosted_run_status::State::InProgress);
-                let _ = log_sender.send(Ok(message));
+                let _ = log_sender.send(run_message(&log_run_id, vec![log_message(line)], State::InProgress));
             });
             let reservation = this.capacity.reserve(&machine, || {
                 logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name))
             });
-            let outcome = tokio::select! {
-                outcome = async { let _held = reservation.await; this.engine.call(call, &logs).await } => Some(outcome),
-                // The client went away: dropping the call stops its worker rather than leaving it busy.
-                () = sender.closed() => None,
+            let cancelled = NoticeOnDrop(Some(format!(
+                "call by {} of {function_name} cancelled: the client went away",
+                caller.user_id
+            )));
+            // The timeout counts from arrival: time spent waiting for capacity is taken from the function's.
+            let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let outcome = match tokio::time::timeout(timeout, reservation).await {
+                Ok(_held) => {
+                    call.timeout = Some(timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
+                    this.engine.call(call, &logs).await
+                }
+                Err(_) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
             };
+            cancelled.defuse();
             let summary = match &outcome {
-                None => "cancelled: the client went away".to_string(),
-                Some(Ok(reply)) if reply.raised => "raised".to_string(),
-                Some(Ok(_)) => "returned".to_string(),
-                Some(Err(error)) => format!("failed: {error}"),
+                Ok(reply) if reply.raised => "raised".to_string(),
+                Ok(_) => "returned".to_string(),
+                Err(error) => format!("failed: {error}"),
             };
             tracing::info!(user = %caller.user_id, function = %function_name, env = %env_key,
                 machine_type = %machine.name, duration_ms = started.elapsed().as_millis() as u64,
                 outcome = %summary, "call");
-            let Some(outcome) = outcome else { return };
-            let message = match outcome {
-                Ok(reply) => Ok(HostedRunResult {
-                    return_value: Some(SerializedObject {
-                        method: "cloudpickle".into(),
-                        definition: reply.payload,
-                        was_it_raised: reply.raised,
-                        stringized_traceback: None,
-                    }),
-                    ..run_message(&run_id, Vec::new(), hosted_run_status::State::Success)
+            let reply = outcome.map_err(|error| call_error_status(&error))?;
+            Ok(HostedRunResult {
+                return_value: Some(SerializedObject {
+                    method: "cloudpickle".into(),
+                    definition: reply.payload,
+                    was_it_raised: reply.raised,
+                    stringized_traceback: None,
                 }),
-                Err(error) => Err(call_error_status(&error)),
-            };
-            let _ = sender.send(message);
-        });
-        Ok(Response::new(UnboundedReceiverStream::new(receiver)))
+                ..run_message(&run_id, Vec::new(), State::Success)
+            })
+        };
+        // The call runs as the response stream is polled, in the task that serves this request: when the client
+        // goes away, the stream is dropped and so is the call, which stops its worker rather than leaving it busy.
+        let mut stream = RunStream { logs: log_receiver, call: Some(Box::pin(call)), outcome: None };
+        // Answer only once there is something to say: a warm call's headers, result and trailers then leave
+        // together, and a call that fails before any log is a plain error status.
+        match stream.next().await {
+            Some(Ok(first)) => Ok(Response::new(Box::pin(tokio_stream::once(Ok(first)).chain(stream)))),
+            Some(Err(status)) => Err(status),
+            None => Err(Status::internal("the run ended without a result")),
+        }
     }
 
     async fn create_user_key(

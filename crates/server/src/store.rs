@@ -156,11 +156,9 @@ impl Store {
     pub fn verify(&self, key_id: &str, secret: &str) -> Result<Caller, StoreError> {
         let row: Option<(String, Vec<u8>, i64, Option<i64>)> = self
             .db()
-            .query_row(
-                "SELECT user_id, secret_sha256, scope, revoked_at FROM keys WHERE key_id = ?1",
-                [key_id],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-            )
+            // Every call verifies its key: the statement is prepared once per connection.
+            .prepare_cached("SELECT user_id, secret_sha256, scope, revoked_at FROM keys WHERE key_id = ?1")?
+            .query_row([key_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
             .optional()?;
         let Some((user_id, stored, scope, revoked_at)) = row else {
             return Err(StoreError::UnknownKey(key_id.to_string()));
