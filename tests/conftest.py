@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -83,19 +84,51 @@ class Server:
         values = dict(line.split("=", 1) for line in proc.stdout.splitlines())
         return values["FAL_KEY_ID"], values["FAL_KEY_SECRET"]
 
+    def workers(self) -> List[Dict[str, str]]:
+        """The server's live workers, as `fal-serverless workers` lists them to its admin."""
+        proc = self.cli("workers")
+        assert proc.returncode == 0, proc.stderr
+        header, *rows = proc.stdout.splitlines()
+        names = [name.lower() for name in header.split()]
+        return [dict(zip(names, row.split())) for row in rows]
+
+    def wait_for_worker(self, user: str, busy: bool = True, timeout: float = 60) -> Dict[str, str]:
+        """The first worker of `user` (busy, or idle), once the server lists one."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for worker in self.workers():
+                if worker["user"] == user and worker["busy"] == str(busy).lower():
+                    return worker
+            time.sleep(0.1)
+        raise AssertionError(f"no {'busy' if busy else 'idle'} worker of {user} within {timeout}s: {self.workers()}")
+
+    def cgroups(self) -> List[Path]:
+        """The worker cgroups this server process made (named `<server pid>-<n>`), in any hierarchy."""
+        return worker_cgroups(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
 
 FAL_SERVERLESS = str(Path(sys.executable).with_name("fal-serverless"))
 
 
-def start_server(*extra: str, config: Optional[str] = None) -> Server:
-    """Starts `fal-serverless server` on a free loopback port with a fresh data dir (and `config`, if given)."""
-    data_dir = Path(tempfile.mkdtemp(prefix="fal-serverless-test-server-"))
+def start_server(
+    *extra: str,
+    config: Optional[str] = None,
+    data_dir: Optional[Path] = None,
+    env: Optional[Dict[str, str]] = None,
+) -> Server:
+    """Starts `fal-serverless server` on a free loopback port with a fresh data dir (or `data_dir`, to restart one),
+    `config` as its config.toml and `env` added to its environment."""
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fal-serverless-test-server-"))
     if config is not None:
         data_dir.chmod(0o700)
         (data_dir / "config.toml").write_text(config)
     process = subprocess.Popen(
         [FAL_SERVERLESS, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
-        env=script_env(),
+        env=script_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -108,7 +141,8 @@ def start_server(*extra: str, config: Optional[str] = None) -> Server:
             break
     values = dict(line.split("=", 1) for line in lines if line.startswith("FAL_KEY_"))
     host = lines[-1].rsplit(" ", 1)[-1]
-    return Server(process, host, data_dir, values["FAL_KEY_ID"], values["FAL_KEY_SECRET"])
+    # A restarted server prints no key (its data dir has one): the admin key is then the caller's to reuse.
+    return Server(process, host, data_dir, values.get("FAL_KEY_ID", ""), values.get("FAL_KEY_SECRET", ""))
 
 
 @pytest.fixture(scope="session")
@@ -117,6 +151,31 @@ def server() -> Iterator[Server]:
     yield started
     started.process.send_signal(signal.SIGTERM)
     started.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def original_stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Python of a virtualenv with the original isolate-proto 0.0.37 stubs (and grpcio) from PyPI."""
+    from fal_serverless._hosts import find_uv
+
+    venv = tmp_path_factory.mktemp("isolate-proto") / "venv"
+    uv = find_uv()
+    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=script_env())
+    subprocess.run(
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(venv / "bin" / "python"),
+            "isolate-proto==0.0.37",
+            "cloudpickle",
+        ],
+        check=True,
+        env=script_env(),
+    )
+    return venv / "bin" / "python"
 
 
 def script_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -151,6 +210,51 @@ def workers_of(fn: IsolatedFunction[Any]) -> List[Tuple[int, str, str, bool, int
     return [w for w in local.engine.workers() if w[1] == key and w[2] == fn.options.machine_type]
 
 
+def cloud_call(server: Server, body: str, key: Tuple[str, str], **options: object) -> subprocess.CompletedProcess[str]:
+    """Runs a user's script that calls `def f(): <body>` on `server` with `options`, printing repr(f())."""
+    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    source = f"from fal_serverless import isolated, cloud\n@isolated(host=cloud, {args})\ndef f():\n"
+    source += "".join(f"    {line}\n" for line in body.strip().splitlines())
+    source += "print(repr(f()))\n"
+    return run_script(source, server.env(*key))
+
+
+def worker_cgroups(owner: int) -> List[Path]:
+    """Cgroups named `<owner>-<n>` below fal-serverless's base in every hierarchy `owner` lives in (v1 or v2)."""
+    found: List[Path] = []
+    try:
+        lines = Path(f"/proc/{owner}/cgroup").read_text().splitlines()
+    except OSError:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        mount = Path("/sys/fs/cgroup") / (controllers.split(",")[0] if controllers else "")
+        for base in {mount / path.lstrip("/") / "fal-serverless", mount / "fal-serverless"}:
+            if base.is_dir():
+                found += [d for d in base.iterdir() if d.is_dir() and d.name.startswith(f"{owner}-")]
+    return sorted(set(found))
+
+
+def descendants(pid: int) -> List[int]:
+    """Every live process below `pid`."""
+    children: Dict[int, List[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -162,3 +266,42 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- the reliability group (`pytest -m reliability`): each test names its area; the summary counts them ---------
+
+_AREA_LINES = {
+    "faults": "faults survived {passed}/{total}",
+    "load": "calls held {calls} with {lost} lost ({passed}/{total} load checks passed)",
+    "bad_input": "bad inputs tried {total} with {passed} clear errors",
+    "isolation": "isolation checks {passed}/{total}",
+}
+_area_outcomes: Dict[str, List[int]] = {}
+#: What the load tests made and lost; they add to it.
+HELD_CALLS = {"calls": 0, "lost": 0}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"reliability(area): a reliability check, one of {', '.join(_AREA_LINES)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    marker = item.get_closest_marker("reliability")
+    # One count per test: its call, or its setup where that failed (the test then never ran).
+    if marker is not None and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        counts = _area_outcomes.setdefault(marker.args[0], [0, 0])
+        counts[0] += int(report.passed)
+        counts[1] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _area_outcomes:
+        return
+    terminalreporter.section("reliability")
+    for area, line in _AREA_LINES.items():
+        if area in _area_outcomes:
+            passed, total = _area_outcomes[area]
+            terminalreporter.write_line(line.format(passed=passed, total=total, **HELD_CALLS))

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from conftest import Server, script_env
-from fal_serverless._hosts import find_uv
+from conftest import Server
 
 ORIGINAL_CLIENT = """
 import sys, cloudpickle, grpc
@@ -49,28 +47,6 @@ try:
 except grpc.RpcError as error:
     print("refused", error.code().name)
 """
-
-
-@pytest.fixture(scope="session")
-def original_stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    venv = tmp_path_factory.mktemp("isolate-proto") / "venv"
-    uv = find_uv()
-    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=script_env())
-    subprocess.run(
-        [
-            uv,
-            "pip",
-            "install",
-            "--quiet",
-            "--python",
-            str(venv / "bin" / "python"),
-            "isolate-proto==0.0.37",
-            "cloudpickle",
-        ],
-        check=True,
-        env=script_env(),
-    )
-    return venv / "bin" / "python"
 
 
 def test_the_original_isolate_proto_stubs_speak_to_our_server(server: Server, original_stubs: Path) -> None:

@@ -71,10 +71,21 @@ pub enum ClientError {
     Server { code: tonic::Code, kind: Option<String>, message: String },
     #[error("the server ended the run without a result")]
     NoResult,
+    #[error(
+        "the connection to the server was lost during the call ({detail}): the server stopped, restarted or crashed. \
+         The call may or may not have run; call it again once the server is back"
+    )]
+    ConnectionLost { detail: String },
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
+        // A status the server sent carries its headers or trailers; one made here, from a broken connection,
+        // carries none.
+        let local = status.metadata().is_empty();
+        if local && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal) {
+            return ClientError::ConnectionLost { detail: status.message().to_string() };
+        }
         let kind = status.metadata().get("fal-error-kind").and_then(|v| v.to_str().ok()).map(String::from);
         let message = match status.code() {
             tonic::Code::Unavailable => format!("the server is unavailable: {}", status.message()),

@@ -24,3 +24,46 @@ pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion};
 pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
+
+/// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the engine's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use crate::worker::frame::FrameReader;
+
+    /// Reads `bytes` as the engine reads a worker's socket: frames until the end or the first error. Returns how
+    /// many whole frames were read.
+    pub fn read_worker_frames(bytes: &[u8], max_payload: usize) -> usize {
+        let mut reader = FrameReader::new(max_payload);
+        let mut input = bytes;
+        let mut frames = 0;
+        loop {
+            let next = std::pin::pin!(reader.next(&mut input));
+            // A byte slice is always ready: the read completes in one poll.
+            match next.poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(Some(_))) => frames += 1,
+                Poll::Ready(_) | Poll::Pending => return frames,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// Every input kept in fuzz/regressions/worker_frames (crashes the fuzzer found, edge cases) still reads
+        /// without a panic.
+        #[test]
+        fn kept_fuzz_inputs_read_without_panicking() {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/regressions/worker_frames");
+            let inputs: Vec<_> =
+                std::fs::read_dir(dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+            assert!(!inputs.is_empty());
+            for input in inputs {
+                super::read_worker_frames(&input, 1 << 20);
+            }
+            let two = [&[0, 0, 0, 1, 2, 7][..], &[0, 0, 0, 0, 3]].concat();
+            assert_eq!(super::read_worker_frames(&two, 10), 2);
+        }
+    }
+}

@@ -255,7 +255,9 @@ fn client_error(error: ClientError) -> PyErr {
     match error {
         ClientError::NoServer | ClientError::Insecure { .. } => NoServerConfiguredError::new_err(message),
         ClientError::NoKey { .. } => AuthenticationError::new_err(message),
-        ClientError::Connect { .. } | ClientError::NoResult => ServerUnavailableError::new_err(message),
+        ClientError::Connect { .. } | ClientError::NoResult | ClientError::ConnectionLost { .. } => {
+            ServerUnavailableError::new_err(message)
+        }
         ClientError::Server { code, kind, .. } => match (kind.as_deref(), code) {
             (Some("invalid"), _) => PyValueError::new_err(message),
             (Some("environment"), _) => EnvironmentBuildError::new_err(message),

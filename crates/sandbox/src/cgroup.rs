@@ -4,7 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::SandboxError;
 
@@ -173,7 +173,12 @@ fn v1_bases(mounts: &[Mount], own: &str) -> Result<Vec<(Controller, PathBuf)>, S
         .collect()
 }
 
-/// The cgroup of one worker; removed when dropped (after its processes are gone).
+/// How long removing a worker's cgroup may wait for its processes to be gone (a fork bomb's thousand children take a
+/// moment to be reaped).
+const REMOVE_WITHIN: Duration = Duration::from_secs(10);
+
+/// The cgroup of one worker; removed when dropped, after every process still in it has been killed. Dropping it may
+/// block for a moment: drop it on a blocking thread.
 #[derive(Debug)]
 pub struct WorkerCgroup {
     version: CgroupVersion,
@@ -206,17 +211,46 @@ impl WorkerCgroup {
     }
 }
 
+impl WorkerCgroup {
+    /// Kills every process in the cgroup: the worker's children too, wherever they went (a daemon that double
+    /// forked, a fork bomb's sleepers), since none can leave the cgroup.
+    fn kill_all(&self) {
+        if self.version == CgroupVersion::V2 {
+            // cgroup.kill (Linux 5.14+) kills the whole subtree at once; older kernels fall through to the loop.
+            if let Some((_, dir)) = self.dirs.first() {
+                if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                    return;
+                }
+            }
+        }
+        for (_, dir) in &self.dirs {
+            let Ok(pids) = fs::read_to_string(dir.join("cgroup.procs")) else { continue };
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                // SAFETY: kill sends a signal and touches no memory; the pid is in a cgroup only our workers join.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 impl Drop for WorkerCgroup {
     fn drop(&mut self) {
         self.procs.clear();
+        let deadline = Instant::now() + REMOVE_WITHIN;
         for (_, dir) in &self.dirs {
-            // The kernel refuses rmdir until the last task has been reaped; that takes a moment after SIGKILL.
-            for attempt in 0..50 {
+            // The kernel refuses rmdir while a task remains; killed tasks take a moment to be reaped.
+            loop {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if attempt == 49 => tracing::warn!("could not remove cgroup {}: {e}", dir.display()),
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    Err(e) if Instant::now() > deadline => {
+                        tracing::warn!("could not remove cgroup {}: {e}", dir.display());
+                        break;
+                    }
+                    Err(_) => {
+                        self.kill_all();
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
             }
         }

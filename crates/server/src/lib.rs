@@ -25,6 +25,54 @@ use fal_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 use tonic::transport::server::TcpIncoming;
 
 pub use crate::capacity::Resources;
+
+/// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the server's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use prost::Message;
+
+    use crate::store::{Caller, Scope};
+
+    /// Decodes `bytes` as a `HostedRun` and validates it as the server does before running it. Returns whether it
+    /// would be run.
+    pub fn validate_run(bytes: &[u8]) -> bool {
+        let Ok(mut run) = fal_proto::controller::HostedRun::decode(bytes) else { return false };
+        let caller = Caller { user_id: "fuzz".into(), key_id: "fuzz".into(), scope: Scope::Api };
+        crate::service::call_request(&caller, &mut run).is_ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// Every input kept in fuzz/regressions/run_request (crashes the fuzzer found, edge cases) is still
+        /// refused without a panic, and a well-formed request still passes.
+        #[test]
+        fn kept_fuzz_inputs_validate_without_panicking() {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/regressions/run_request");
+            let inputs: Vec<_> =
+                std::fs::read_dir(dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+            assert!(!inputs.is_empty());
+            for input in inputs {
+                assert!(!super::validate_run(&input));
+            }
+            use fal_proto::controller::HostedRun;
+            use fal_proto::{EnvironmentDefinition, SerializedObject};
+            use prost::Message;
+            let value = |s: &str| prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(s.into())) };
+            let run = HostedRun {
+                environments: vec![EnvironmentDefinition {
+                    kind: "virtualenv".into(),
+                    configuration: Some(prost_types::Struct {
+                        fields: [("python_version".to_string(), value("3.11"))].into_iter().collect(),
+                    }),
+                    force: false,
+                }],
+                function: Some(SerializedObject { method: "cloudpickle".into(), ..Default::default() }),
+                ..Default::default()
+            };
+            assert!(super::validate_run(&run.encode_to_vec()));
+        }
+    }
+}
 pub use crate::config::{ConfigError, ServerConfig, DEFAULT_LISTEN};
 pub use crate::store::{KeyInfo, Scope, Store, StoreError};
 

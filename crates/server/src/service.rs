@@ -94,7 +94,7 @@ impl Controller {
 }
 
 /// The engine's call for a `HostedRun`, or what is wrong with it.
-fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallRequest, Status> {
+pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallRequest, Status> {
     let function = run.function.take().ok_or_else(|| invalid("HostedRun.function is missing"))?;
     if function.method != "cloudpickle" {
         return Err(invalid(format!(
@@ -272,7 +272,11 @@ impl IsolateController for Controller {
             let outcome = match tokio::time::timeout(timeout, reservation).await {
                 Ok(_held) => {
                     call.timeout = Some(timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
-                    this.engine.call(call, &logs).await
+                    match this.engine.call(call, &logs).await {
+                        // The engine saw what was left of it; the caller knows the timeout it asked for.
+                        Err(CallError::Timeout { .. }) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
+                        outcome => outcome,
+                    }
                 }
                 Err(_) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
             };

@@ -4,7 +4,7 @@
 //! and stderr are pipes read line by line into the call's logs. `agent.py` is the worker's side: stdlib and
 //! cloudpickle only, so an environment never needs this project installed.
 
-mod frame;
+pub(crate) mod frame;
 mod output;
 mod pool;
 mod process;

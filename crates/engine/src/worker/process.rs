@@ -177,7 +177,13 @@ impl Worker {
             pipe.drain(logs);
             pipe.flush_partial(logs);
         }
-        if self.cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed) {
+        let cgroup = self.cgroup.take();
+        let oom_killed = cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed);
+        if let Some(cgroup) = cgroup {
+            // Whatever the worker left running goes with its cgroup.
+            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+        }
+        if oom_killed {
             return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
         }
         let how = status.map(|s| describe_exit(s, self.jailed)).unwrap_or_else(|| "its exit status is unknown".into());
