@@ -6,8 +6,10 @@ Installs the anchor into a virtualenv of its own (bench/.anchor-venv, with uv), 
 loopback for the cloud figures, measures, and prints a markdown table: metric, this project, anchor, floor, ratio
 (anchor / this project, or this project / floor), goal met or not. --write also records it in bench/RESULTS.md.
 
-Measured so far (issue 4 lists more): warm call (local, cloud), cold call with the environment built, first call
-with new requirements.
+Measures: warm calls (local, cloud), cold calls (environment built), the first call with new requirements,
+throughput at 1/4/16/64 callers, payload round trips (1 KB, 1 MB, 100 MB; bytes and numpy), warm latency across
+1/10/100 environments and the server's memory; and the floors that explain them (the smallest RPC, joining a cgroup,
+one 100 MB copy). What the figures mean is written by hand in bench/RESULTS.md, below a marker --write keeps.
 """
 
 from __future__ import annotations
