@@ -82,7 +82,9 @@ def test_a_worker_killed_with_sigkill_mid_call(faulty: Server) -> None:
     client = start_client(faulty, key, "import time\ntime.sleep(120)", keep_alive=30)
     worker = int(faulty.wait_for_worker("fault-kill")["pid"])
     SEEN_WORKERS.append(worker)
-    agent = max(descendants(worker) or [worker])  # the Python process at the bottom of the jail
+    # The Python process at the bottom of the jail (bwrap, its pid-namespace init, then the agent): the one leaf.
+    tree = [worker, *descendants(worker)]
+    agent = next(pid for pid in reversed(tree) if not descendants(pid))
     os.kill(agent, signal.SIGKILL)
     _, stderr = client.communicate(timeout=60)
     assert "WorkerDiedError" in stderr and "SIGKILL" in stderr, stderr
