@@ -235,8 +235,9 @@ def worker_cgroups(owner: int) -> List[Path]:
     return sorted(set(found))
 
 
-def descendants(pid: int) -> List[int]:
-    """Every live process below `pid`."""
+def live_children() -> Dict[int, List[int]]:
+    """Each process's live (not zombie) children, read from /proc at once. Unlike a thread's own children list, this
+    shows workers started from the engine's threads."""
     children: Dict[int, List[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -247,6 +248,12 @@ def descendants(pid: int) -> List[int]:
             fields = stat.rsplit(")", 1)[1].split()
             if fields[0] != "Z":
                 children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> List[int]:
+    """Every live process below `pid`."""
+    children = live_children()
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, pid_alive, run_script, script_env, workers_of
+from conftest import ROOT, live_children, pid_alive, run_script, script_env, workers_of
 from fal_serverless import (
     EnvironmentBuildError,
     MachineTypeExceededError,
@@ -36,24 +36,6 @@ def wait_for(path: Path, seconds: float = 30) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def children_of(parent: int) -> list[int]:
-    """Processes whose parent is `parent` (workers are started from the engine's threads, so the main thread's
-    children list would not show them)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(") ", 1)[1].split()[1]) == parent:
-                found.append(int(entry.name))
-    return found
-
-
-# --- output ---------------------------------------------------------------------------------------------------
 
 
 def test_output_reaches_the_callers_terminal_as_it_is_printed(tmp_path: Path) -> None:
@@ -383,7 +365,7 @@ time.sleep(300)
     deadline = time.monotonic() + 30
     busy: list[int] = []
     while not busy and time.monotonic() < deadline:
-        busy = [p for p in children_of(proc.pid) if p != idle]
+        busy = [p for p in live_children().get(proc.pid, []) if p != idle]
         time.sleep(0.05)
     assert busy and pid_alive(idle)
     proc.kill()
