@@ -156,26 +156,19 @@ def server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def original_stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Python of a virtualenv with the original isolate-proto 0.0.37 stubs (and grpcio) from PyPI."""
+    return venv_with(tmp_path_factory, "isolate-proto", "isolate-proto==0.0.37", "cloudpickle")
+
+
+def venv_with(tmp_path_factory: pytest.TempPathFactory, name: str, *packages: str) -> Path:
+    """The Python of a new virtualenv of this Python's version with `packages` installed from PyPI by uv."""
     from fal_serverless._hosts import find_uv
 
-    venv = tmp_path_factory.mktemp("isolate-proto") / "venv"
+    venv = tmp_path_factory.mktemp(name) / "venv"
     uv = find_uv()
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=script_env())
-    subprocess.run(
-        [
-            uv,
-            "pip",
-            "install",
-            "--quiet",
-            "--python",
-            str(venv / "bin" / "python"),
-            "isolate-proto==0.0.37",
-            "cloudpickle",
-        ],
-        check=True,
-        env=script_env(),
-    )
-    return venv / "bin" / "python"
+    python = venv / "bin" / "python"
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), *packages], check=True, env=script_env())
+    return python
 
 
 def script_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:

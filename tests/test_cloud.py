@@ -210,6 +210,9 @@ try:
     seen["env writable"] = True
 except OSError:
     seen["env writable"] = False
+import tempfile
+with tempfile.NamedTemporaryFile() as scratch:  # the jail's private /tmp is the function's to write
+    seen["tmp"] = os.path.dirname(scratch.name)
 return seen
 """
     proc = cloud_call(server, body, key)
@@ -219,6 +222,7 @@ return seen
     assert seen[data + "/envs/admin"] == "FileNotFoundError"
     assert seen["envs"] == ["kate"], "other users' environments are visible"
     assert seen["uid"] != 0 and seen["env writable"] is False
+    assert seen["tmp"] == "/tmp"
     assert seen["/home"] == "FileNotFoundError"
 
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fal_sandbox::{CgroupManager, Jail, Limits, WorkerCgroup};
 
-use crate::environment::{find_interpreter, EnvBuilder, EnvSpec, PythonVersion};
+use crate::environment::{find_interpreter, EnvBuilder, EnvSpec, PythonVersion, Serializer};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
@@ -20,7 +20,8 @@ const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Where environments live (`<cache_dir>/envs/<key>`).
+    /// Where environments live (`<cache_dir>/envs/<tenant>/<key>`), and the layers they share
+    /// (`<cache_dir>/layers/`).
     pub cache_dir: PathBuf,
     /// The `uv` binary.
     pub uv: PathBuf,
@@ -62,7 +63,7 @@ pub struct CallRequest {
     pub interpreter: Option<PathBuf>,
     pub machine_type: String,
     pub keep_alive: Duration,
-    /// cloudpickle of `(function, args, kwargs)`.
+    /// The call, pickled as `env.serializer` says.
     pub payload: Bytes,
     /// The most the function may run on its worker; past it the worker is stopped. `None`: no limit.
     pub timeout: Option<Duration>,
@@ -96,6 +97,8 @@ pub struct Engine(Arc<Inner>);
 struct Inner {
     config: EngineConfig,
     builder: EnvBuilder,
+    /// Environments shared by other environments' workers, built from constants only (the dill layer).
+    layers: EnvBuilder,
     pool: WorkerPool,
     cgroups: OnceLock<Result<CgroupManager, String>>,
     warned_unlimited: AtomicBool,
@@ -107,7 +110,8 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         let engine = Self(Arc::new(Inner {
             // Jailed workers see their environment read-only, so its bytecode is compiled once, at build time.
-            builder: EnvBuilder::new(&config.cache_dir, config.uv.clone(), config.jail.is_some()),
+            builder: EnvBuilder::new(config.cache_dir.join("envs"), config.uv.clone(), config.jail.is_some()),
+            layers: EnvBuilder::new(config.cache_dir.join("layers"), config.uv.clone(), config.jail.is_some()),
             config,
             pool: WorkerPool::default(),
             cgroups: OnceLock::new(),
@@ -194,6 +198,24 @@ impl Engine {
                 inner.builder.ensure(&request.env, &request.tenant, &interpreter, logs).await?
             }
         };
+        let layer = match request.env.serializer {
+            Serializer::Cloudpickle(_) => None,
+            Serializer::Dill => {
+                let layer = EnvSpec::dill_layer(request.env.python);
+                let built = match inner.layers.built(&layer, "dill") {
+                    Some(built) => built,
+                    None => {
+                        logs.send(
+                            LogSource::Build,
+                            format!("building the layer dill calls need ({})", layer.requirements.join(", ")),
+                        );
+                        let interpreter = self.interpreter(request).await?;
+                        inner.layers.ensure(&layer, "dill", &interpreter, logs).await?
+                    }
+                };
+                Some(built.site_packages(request.env.python))
+            }
+        };
         let jail = match &inner.config.jail {
             Some(jail) => {
                 let prefix = env.base_prefix().ok_or_else(|| {
@@ -206,6 +228,7 @@ impl Engine {
         let spec = WorkerSpec {
             python: env.python(),
             env_root: env.root.clone(),
+            dill_layer: layer,
             cgroup: self.cgroup_for(machine, logs)?,
             jail,
             visible_gpus,

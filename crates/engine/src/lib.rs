@@ -20,7 +20,7 @@ mod machine;
 mod worker;
 
 pub use crate::engine::{CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
-pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion};
+pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion, Serializer, DILL_LAYER};
 pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};

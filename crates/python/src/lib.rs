@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use fal_client::{Client, ClientError, Target};
-use fal_engine::{CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion};
+use fal_engine::{CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion, Serializer};
 use fal_proto::controller::{HostedRun, MachineRequirements};
 use fal_proto::{EnvironmentDefinition, LogLevel, LogSource as LogSourceProto, SerializedObject};
 use prost_types::value::Kind;
@@ -212,8 +212,7 @@ impl Engine {
         timeout: Option<f64>,
         tenant: String,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
-        let python: PythonVersion = python_version.parse().map_err(|e| PyValueError::new_err(format!("{e}")))?;
-        let env = EnvSpec::new(python, &requirements, serializer).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let env = env_spec(python_version, &requirements, serializer)?;
         if !(keep_alive.is_finite() && keep_alive >= 0.0) {
             return Err(PyValueError::new_err(format!("keep_alive must be 0 or more seconds, got {keep_alive}")));
         }
@@ -420,9 +419,14 @@ fn normalize_requirements(requirements: Vec<String>) -> PyResult<Vec<String>> {
 /// The content key of the environment for these requirements, as worker listings show it.
 #[pyfunction]
 fn environment_key(python_version: &str, requirements: Vec<String>, serializer: &str) -> PyResult<String> {
-    let python: PythonVersion = python_version.parse().map_err(|e| PyValueError::new_err(format!("{e}")))?;
-    let spec = EnvSpec::new(python, &requirements, serializer).map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok(spec.key())
+    Ok(env_spec(python_version, &requirements, serializer)?.key())
+}
+
+/// The spec of our SDK's environments: cloudpickle calls, with cloudpickle pinned by `serializer`.
+fn env_spec(python_version: &str, requirements: &[String], serializer: &str) -> PyResult<EnvSpec> {
+    let invalid = |e: fal_engine::EnvironmentError| PyValueError::new_err(e.to_string());
+    let python: PythonVersion = python_version.parse().map_err(invalid)?;
+    EnvSpec::new(python, requirements, Serializer::cloudpickle(serializer).map_err(invalid)?).map_err(invalid)
 }
 
 /// The built-in machine types as `(name, cpus, memory_bytes, gpus)`, smallest first.

@@ -1,8 +1,9 @@
 //! The jail: a worker's view of the system, built with bubblewrap.
 //!
 //! Granted, read-only: the system's programs and libraries (`/usr`, and `/bin`, `/lib`, `/lib64`, `/sbin` as the
-//! usual links into it), `/etc`, the interpreter's installation, and the worker's own environment, each at its real
-//! path. Granted, writable: a private, empty `/tmp` (also `HOME`), which vanishes with the worker. Granted: a fresh
+//! usual links into it), `/etc`, and the paths the caller names, each at its real path: the engine names the
+//! interpreter's installation, the worker's own environment and, for dill workers, the dill layer's packages.
+//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777), which vanishes with the worker. Granted: a fresh
 //! `/proc` of its own PID namespace, a minimal `/dev`, and the host's network.
 //!
 //! Denied: every other path (the server's data dir, other environments, users' homes), the host's processes (a PID
@@ -43,6 +44,9 @@ impl Jail {
             "--ro-bind",
             "/etc",
             "/etc",
+            // Writable by the unprivileged user as on any host (tempfile, which dill imports, needs it).
+            "--perms",
+            "01777",
             "--tmpfs",
             "/tmp",
             "--proc",
@@ -120,6 +124,8 @@ mod tests {
             "--reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
                                 --no-new-privs /var/lib/fal/envs/u1/abc/bin/python -I"
         ));
+        // The private /tmp is writable by the unprivileged user.
+        assert!(text.contains("--perms 01777 --tmpfs /tmp"));
         // Nothing of the data dir beyond the environment itself is bound.
         assert!(!text.contains("--bind /var/lib/fal "));
         // Below the private /tmp, parents are created walkable too (a data dir may live there).

@@ -5,11 +5,15 @@
 //! server's lifetime (graceful stop, idle stop in zero-config mode). It does not build environments or run workers
 //! itself: that is `fal-engine`, with `fal-sandbox`'s jail.
 //!
-//! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments), `config.toml`.
+//! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
+//!
+//! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments),
+//! `layers/dill/<key>` (the dill layer, per Python version), `config.toml`.
 
 mod activity;
 mod capacity;
 mod config;
+mod dill;
 mod service;
 mod store;
 

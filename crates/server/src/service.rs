@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use fal_engine::{CallError, CallRequest, Engine, EnvSpec, LogLine, LogSink, LogSource, PythonVersion};
+use fal_engine::{CallError, CallRequest, Engine, EnvSpec, LogLine, LogSink, LogSource, PythonVersion, Serializer};
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::activity::Activity;
 use crate::capacity::Capacity;
+use crate::dill;
 use crate::store::{Caller, Scope, Store, StoreError};
 
 const DEFAULT_KEEP_ALIVE: i32 = 10;
@@ -96,14 +97,24 @@ impl Controller {
 /// The engine's call for a `HostedRun`, or what is wrong with it.
 pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallRequest, Status> {
     let function = run.function.take().ok_or_else(|| invalid("HostedRun.function is missing"))?;
-    if function.method != "cloudpickle" {
-        return Err(invalid(format!(
-            "serialization method {:?} is not supported; this server runs \"cloudpickle\" calls",
-            function.method
-        )));
+    if run.setup_func.is_some() {
+        return Err(invalid(
+            "setup_function is not supported by this server; call the setup from the function itself, and mark it \
+             @cached to run it once per warm worker",
+        ));
     }
-    let (requirements, python, serializer) = environment(&run.environments)?;
-    let env = EnvSpec::new(python, &requirements, &serializer).map_err(|e| invalid(e.to_string()))?;
+    let (requirements, python, cloudpickle) = environment(&run.environments)?;
+    let serializer = match function.method.as_str() {
+        "cloudpickle" => Serializer::cloudpickle(&cloudpickle).map_err(|e| invalid(e.to_string()))?,
+        dill::METHOD => Serializer::Dill,
+        other => {
+            return Err(invalid(format!(
+                "serialization method {other:?} is not supported; this server runs \"cloudpickle\" calls (this \
+                 project's SDK) and \"dill\" calls (the original fal-serverless client)"
+            )))
+        }
+    };
+    let env = EnvSpec::new(python, &requirements, serializer).map_err(|e| invalid(e.to_string()))?;
     let machine = run.machine_requirements.clone().unwrap_or_default();
     let keep_alive = machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE);
     if keep_alive < 0 {
@@ -127,7 +138,8 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
     })
 }
 
-/// Requirements, Python version and serializer from the (at most one) `virtualenv` environment definition.
+/// Requirements, Python version and, for cloudpickle calls, cloudpickle's pinned requirement from the (at most one)
+/// `virtualenv` environment definition.
 fn environment(definitions: &[EnvironmentDefinition]) -> Result<(Vec<String>, PythonVersion, String), Status> {
     let definition = match definitions {
         [] => None,
@@ -243,6 +255,7 @@ impl IsolateController for Controller {
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         let call = call_request(&caller, &mut run)?;
+        let serializer = call.env.serializer.clone();
         let machine = self.engine.machine_types().get(&call.machine_type).map_err(|e| invalid(e.to_string()))?.clone();
         if let Some(reason) = self.capacity.never_fits(&machine) {
             return Err(error_status(tonic::Code::FailedPrecondition, "machine-type-unavailable", reason));
@@ -290,15 +303,16 @@ impl IsolateController for Controller {
                 machine_type = %machine.name, duration_ms = started.elapsed().as_millis() as u64,
                 outcome = %summary, "call");
             let reply = outcome.map_err(|error| call_error_status(&error))?;
-            Ok(HostedRunResult {
-                return_value: Some(SerializedObject {
+            let return_value = match serializer {
+                Serializer::Cloudpickle(_) => SerializedObject {
                     method: "cloudpickle".into(),
                     definition: reply.payload,
                     was_it_raised: reply.raised,
                     stringized_traceback: None,
-                }),
-                ..run_message(&run_id, Vec::new(), State::Success)
-            })
+                },
+                Serializer::Dill => dill::return_value(reply.raised, reply.payload)?,
+            };
+            Ok(HostedRunResult { return_value: Some(return_value), ..run_message(&run_id, Vec::new(), State::Success) })
         };
         // The call runs as the response stream is polled, in the task that serves this request: when the client
         // goes away, the stream is dropped and so is the call, which stops its worker rather than leaving it busy.

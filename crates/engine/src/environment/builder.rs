@@ -32,6 +32,11 @@ impl Environment {
         self.root.join("bin").join("python")
     }
 
+    /// Where its packages are, for a worker of another environment to add to its path.
+    pub fn site_packages(&self, python: super::PythonVersion) -> PathBuf {
+        self.root.join("lib").join(format!("python{python}")).join("site-packages")
+    }
+
     /// The installation of the interpreter the environment was made from (`home` in `pyvenv.cfg` is its `bin`).
     pub fn base_prefix(&self) -> Option<PathBuf> {
         let cfg = fs::read_to_string(self.root.join("pyvenv.cfg")).ok()?;
@@ -51,8 +56,9 @@ pub(crate) struct EnvBuilder {
 }
 
 impl EnvBuilder {
-    pub fn new(cache_dir: &Path, uv: PathBuf, compile_bytecode: bool) -> Self {
-        Self { envs: cache_dir.join("envs"), uv, compile_bytecode, building: Mutex::default() }
+    /// A builder of environments under `envs` (`envs/<tenant>/<key>`).
+    pub fn new(envs: PathBuf, uv: PathBuf, compile_bytecode: bool) -> Self {
+        Self { envs, uv, compile_bytecode, building: Mutex::default() }
     }
 
     pub fn uv(&self) -> &Path {
@@ -161,6 +167,9 @@ impl EnvBuilder {
         let (ok, output) = run_streaming(venv, &self.uv, logs).await?;
         if !ok {
             return Err(EnvironmentError::VenvFailed { python: spec.python.to_string(), output });
+        }
+        if spec.install_targets().next().is_none() {
+            return Ok(());
         }
         let mut install = self.uv_command();
         install

@@ -6,4 +6,4 @@ mod spec;
 
 pub(crate) use builder::EnvBuilder;
 pub(crate) use python::find_interpreter;
-pub use spec::{normalize_requirements, EnvSpec, PythonVersion};
+pub use spec::{normalize_requirements, EnvSpec, PythonVersion, Serializer, DILL_LAYER};

@@ -40,23 +40,64 @@ impl fmt::Display for PythonVersion {
     }
 }
 
+/// How a worker unpickles its calls and pickles their outcomes, and so what it needs besides the requirements.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Serializer {
+    /// Our SDK's calls: cloudpickle of `(function, args, kwargs)`. cloudpickle is installed into the environment,
+    /// as a requirement pinned to the client's version (`cloudpickle==3.1.1`).
+    Cloudpickle(String),
+    /// The original fal-serverless client's calls: dill of a callable that takes no arguments. dill, and the
+    /// packages that client's code expects on the remote side, come from the [dill layer](DILL_LAYER), which is
+    /// built once per Python version and shared by every such environment; the environment holds only the
+    /// requirements.
+    Dill,
+}
+
+/// What the dill layer installs, with why: the original client (fal-serverless 0.6.41) pins `dill==0.3.7`, whose
+/// pickles of functions name dill's own loaders; its `@cached` keeps its cache on the `isolate` module, which the
+/// original service's workers always had (within the client's own range).
+pub const DILL_LAYER: [&str; 2] = ["dill==0.3.7", "isolate>=0.12.2,<1.0"];
+
+impl Serializer {
+    /// cloudpickle at `requirement` (`cloudpickle==3.1.1`); a malformed requirement is refused.
+    pub fn cloudpickle(requirement: &str) -> Result<Self, EnvironmentError> {
+        Ok(Self::Cloudpickle(normalize_requirements(&[requirement.to_string()])?.remove(0)))
+    }
+}
+
+impl fmt::Display for Serializer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cloudpickle(requirement) => f.write_str(requirement),
+            Self::Dill => write!(f, "dill layer {}", DILL_LAYER.join(", ")),
+        }
+    }
+}
+
 /// What an environment contains. Two specs with the same [`EnvSpec::key`] are the same environment.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EnvSpec {
     pub python: PythonVersion,
     /// Normalized PEP 508 requirements, sorted, without duplicates.
     pub requirements: Vec<String>,
-    /// The serializer the worker needs, as a requirement pinned to the client's version (`cloudpickle==3.1.1`).
-    pub serializer: String,
+    pub serializer: Serializer,
 }
 
 impl EnvSpec {
-    /// Parses and normalizes `requirements` and `serializer`; a malformed requirement is refused here, before
-    /// anything is built.
-    pub fn new(python: PythonVersion, requirements: &[String], serializer: &str) -> Result<Self, EnvironmentError> {
-        let requirements = normalize_requirements(requirements)?;
-        let serializer = normalize_requirements(&[serializer.to_string()])?.remove(0);
-        Ok(Self { python, requirements, serializer })
+    /// Parses and normalizes `requirements`; a malformed requirement is refused here, before anything is built.
+    pub fn new(
+        python: PythonVersion,
+        requirements: &[String],
+        serializer: Serializer,
+    ) -> Result<Self, EnvironmentError> {
+        Ok(Self { python, requirements: normalize_requirements(requirements)?, serializer })
+    }
+
+    /// The dill layer for `python`: an environment of its own, whose packages dill workers see after their own.
+    pub fn dill_layer(python: PythonVersion) -> Self {
+        let requirements = DILL_LAYER.map(String::from).to_vec();
+        // The layer's requirements are constants, parsed by a test; they cannot be malformed.
+        Self { python, requirements, serializer: Serializer::Dill }
     }
 
     /// The content key: a hash of everything that makes the environment what it is.
@@ -69,9 +110,13 @@ impl EnvSpec {
         hex::encode(&hasher.finalize()[..12])
     }
 
-    /// Everything `uv pip install` is asked to install.
+    /// Everything `uv pip install` is asked to install (nothing, for a dill environment without requirements).
     pub fn install_targets(&self) -> impl Iterator<Item = &str> {
-        self.requirements.iter().chain(std::iter::once(&self.serializer)).map(String::as_str)
+        let serializer = match &self.serializer {
+            Serializer::Cloudpickle(requirement) => Some(requirement),
+            Serializer::Dill => None,
+        };
+        self.requirements.iter().chain(serializer).map(String::as_str)
     }
 }
 
@@ -107,10 +152,14 @@ mod tests {
         "3.11".parse().unwrap()
     }
 
+    fn cloudpickle(version: &str) -> Serializer {
+        Serializer::cloudpickle(&format!("cloudpickle=={version}")).unwrap()
+    }
+
     #[test]
     fn equivalent_requirements_share_a_key() {
-        let a = EnvSpec::new(py311(), &["PyJokes".into(), "numpy >= 1.0".into()], "cloudpickle==3.1.1").unwrap();
-        let b = EnvSpec::new(py311(), &["numpy>=1.0".into(), "pyjokes".into(), "pyjokes".into()], "cloudpickle==3.1.1")
+        let a = EnvSpec::new(py311(), &["PyJokes".into(), "numpy >= 1.0".into()], cloudpickle("3.1.1")).unwrap();
+        let b = EnvSpec::new(py311(), &["numpy>=1.0".into(), "pyjokes".into(), "pyjokes".into()], cloudpickle("3.1.1"))
             .unwrap();
         assert_eq!(a.key(), b.key());
         assert_eq!(a.requirements, ["numpy>=1.0", "pyjokes"]);
@@ -118,11 +167,28 @@ mod tests {
 
     #[test]
     fn python_version_and_serializer_are_part_of_the_key() {
-        let base = EnvSpec::new(py311(), &[], "cloudpickle==3.1.1").unwrap();
-        let other_python = EnvSpec::new("3.12".parse().unwrap(), &[], "cloudpickle==3.1.1").unwrap();
-        let other_serializer = EnvSpec::new(py311(), &[], "cloudpickle==3.0.0").unwrap();
+        let base = EnvSpec::new(py311(), &[], cloudpickle("3.1.1")).unwrap();
+        let other_python = EnvSpec::new("3.12".parse().unwrap(), &[], cloudpickle("3.1.1")).unwrap();
+        let other_serializer = EnvSpec::new(py311(), &[], cloudpickle("3.0.0")).unwrap();
+        let dill = EnvSpec::new(py311(), &[], Serializer::Dill).unwrap();
         assert_ne!(base.key(), other_python.key());
         assert_ne!(base.key(), other_serializer.key());
+        assert_ne!(base.key(), dill.key());
+    }
+
+    #[test]
+    fn dill_environments_install_only_their_requirements() {
+        let dill = EnvSpec::new(py311(), &["pyjokes".into()], Serializer::Dill).unwrap();
+        assert_eq!(dill.install_targets().collect::<Vec<_>>(), ["pyjokes"]);
+        let ours = EnvSpec::new(py311(), &["pyjokes".into()], cloudpickle("3.1.1")).unwrap();
+        assert_eq!(ours.install_targets().collect::<Vec<_>>(), ["pyjokes", "cloudpickle==3.1.1"]);
+    }
+
+    #[test]
+    fn the_dill_layer_is_well_formed() {
+        let layer = EnvSpec::dill_layer(py311());
+        let normalized = normalize_requirements(&layer.requirements).unwrap();
+        assert_eq!(normalized.len(), DILL_LAYER.len());
     }
 
     #[test]

@@ -1,12 +1,74 @@
 # The fal-serverless worker agent: runs inside an environment, one call at a time.
 #
-# Started by the engine as `python -I -u -c <this file>` with a socket on fd 3. It needs only the standard library
-# and cloudpickle (installed in every environment at the client's version), never the fal_serverless package.
+# Started by the engine as `python -I -u -c <this file> [dill <layer>]` with a socket on fd 3. It needs only the
+# standard library and its serializer, never the fal_serverless package:
+#   cloudpickle (no arguments): our SDK's calls. cloudpickle is installed in the environment at the client's version.
+#   dill (`dill <layer>`): the original fal-serverless client's calls. dill comes from the layer's site-packages,
+#     added after the environment's own.
 # Frames: a header of (payload length: u32 big-endian, kind: u8), then the payload.
-#   CALL (1)      engine -> agent  cloudpickle of (function, args, kwargs)
-#   RETURNED (2)  agent -> engine  cloudpickle of the return value
-#   RAISED (3)    agent -> engine  cloudpickle of a dict describing an exception (see describe_exception)
+#   CALL (1)      engine -> agent  cloudpickle of (function, args, kwargs); dill of a function of no arguments
+#   RETURNED (2)  agent -> engine  the return value, pickled the same way
+#   RAISED (3)    agent -> engine  cloudpickle: a dict describing the exception (see describe_exception)
+#                                  dill: a JSON line {stage, type, message, traceback}, then dill of the exception
+#                                  to raise in the client (see describe_for_dill)
 # The function's stdout and stderr are the process's own, which the engine reads as the call's logs.
+
+
+def describe_for_cloudpickle(cloudpickle, exc, stage, tb):
+    """Our SDK's description of an exception: a dict it re-raises from (see fal_serverless._serialization)."""
+    import traceback
+
+    try:
+        exception = cloudpickle.dumps(exc, protocol=5)
+    except BaseException:
+        exception = None
+    cls = type(exc)
+    return cloudpickle.dumps(
+        {
+            "stage": stage,
+            "type": cls.__module__ + "." + cls.__qualname__,
+            "message": safe_str(exc),
+            "traceback": "".join(traceback.format_exception(cls, exc, tb)),
+            "exception": exception,
+        },
+        protocol=5,
+    )
+
+
+def describe_for_dill(dill, exc, stage, tb):
+    """The original client's: it raises the unpickled exception with the traceback attached. What cannot be
+    pickled (the exception itself, or a result) is replaced by a built-in exception that says so."""
+    import json
+    import traceback
+
+    cls = type(exc)
+    name = cls.__module__ + "." + cls.__qualname__
+    message = safe_str(exc)
+    tb_text = "".join(traceback.format_exception(cls, exc, tb))
+    if stage == "return":
+        exc = TypeError(
+            "the function's result could not be pickled with dill (%s: %s); return plain data (numbers, strings, "
+            "lists, dicts) instead" % (name, message)
+        )
+    if stage == "load":
+        pickled = b""  # the engine turns it into an error status the client understands
+    else:
+        try:
+            pickled = dill.dumps(exc)
+        except BaseException as why:
+            fallback = RuntimeError(
+                "%s: %s (the exception itself could not be pickled: %s)" % (name, message, safe_str(why))
+            )
+            pickled = dill.dumps(fallback)
+    head = json.dumps({"stage": stage, "type": name, "message": message, "traceback": tb_text})
+    return head.encode() + b"\n" + pickled
+
+
+def safe_str(exc):
+    try:
+        return str(exc)
+    except BaseException:
+        return "<the exception's __str__ failed>"
 
 
 def serve():
@@ -14,9 +76,30 @@ def serve():
     import socket
     import struct
     import sys
-    import traceback
 
-    import cloudpickle
+    if sys.argv[1:2] == ["dill"]:
+        import site
+
+        site.addsitedir(sys.argv[2])
+        import dill as serializer
+
+        def load_call(payload):
+            return serializer.loads(payload), (), {}
+
+        def dump(value):
+            return serializer.dumps(value)
+
+        describe = describe_for_dill
+    else:
+        import cloudpickle as serializer
+
+        def load_call(payload):
+            return serializer.loads(payload)
+
+        def dump(value):
+            return serializer.dumps(value, protocol=5)
+
+        describe = describe_for_cloudpickle
 
     header = struct.Struct(">IB")
     CALL, RETURNED, RAISED = 1, 2, 3
@@ -43,27 +126,6 @@ def serve():
             sock.sendall(head)
             sock.sendall(payload)
 
-    def describe_exception(exc, stage, tb):
-        try:
-            exception = cloudpickle.dumps(exc, protocol=5)
-        except BaseException:
-            exception = None
-        try:
-            message = str(exc)
-        except BaseException:
-            message = "<the exception's __str__ failed>"
-        cls = type(exc)
-        return cloudpickle.dumps(
-            {
-                "stage": stage,
-                "type": cls.__module__ + "." + cls.__qualname__,
-                "message": message,
-                "traceback": "".join(traceback.format_exception(cls, exc, tb)),
-                "exception": exception,
-            },
-            protocol=5,
-        )
-
     while True:
         head = recv_exactly(header.size)
         if head is None:
@@ -73,21 +135,21 @@ def serve():
         if payload is None or kind != CALL:
             return
         try:
-            function, args, kwargs = cloudpickle.loads(payload)
+            function, args, kwargs = load_call(payload)
         except BaseException as exc:
-            reply = RAISED, describe_exception(exc, "load", exc.__traceback__)
+            reply = RAISED, describe(serializer, exc, "load", exc.__traceback__)
         else:
             del payload
             try:
                 value = function(*args, **kwargs)
             except BaseException as exc:
                 # Skip our own frame: the traceback starts in the user's function.
-                reply = RAISED, describe_exception(exc, "call", exc.__traceback__.tb_next)
+                reply = RAISED, describe(serializer, exc, "call", exc.__traceback__.tb_next)
             else:
                 try:
-                    reply = RETURNED, cloudpickle.dumps(value, protocol=5)
+                    reply = RETURNED, dump(value)
                 except BaseException as exc:
-                    reply = RAISED, describe_exception(exc, "return", exc.__traceback__)
+                    reply = RAISED, describe(serializer, exc, "return", exc.__traceback__)
                 del value
             del function, args, kwargs
         # Whatever the call printed must reach its pipes before its reply reaches the engine.

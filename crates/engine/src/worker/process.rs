@@ -24,6 +24,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 pub(crate) struct WorkerSpec {
     pub python: PathBuf,
     pub env_root: PathBuf,
+    /// For workers of dill calls: the dill layer's `site-packages`, which the agent adds after the environment's own.
+    pub dill_layer: Option<PathBuf>,
     pub cgroup: Option<WorkerCgroup>,
     /// The jail to run in, with the interpreter's installation to expose; `None` runs as the caller, unjailed.
     pub jail: Option<(Jail, PathBuf)>,
@@ -69,10 +71,22 @@ impl Worker {
         let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
 
         let bin = spec.env_root.join("bin");
-        let agent_args = ["-I", "-u", "-c", AGENT];
+        // The agent's arguments (after `-c`) name the serializer: none for cloudpickle, `dill <layer>` for dill.
+        let mut agent_args = vec!["-I", "-u", "-c", AGENT];
+        let layer = match &spec.dill_layer {
+            None => None,
+            Some(path) => Some(path.to_str().ok_or_else(|| {
+                CallError::Spawn(format!("the dill layer's path {} is not UTF-8; use a plain data dir", path.display()))
+            })?),
+        };
+        if let Some(layer) = layer {
+            agent_args.extend(["dill", layer]);
+        }
         let mut command = match &spec.jail {
             Some((jail, base_prefix)) => {
-                let (program, argv) = jail.wrap(&[base_prefix, &spec.env_root], &spec.python, &agent_args);
+                let mut read_only = vec![base_prefix.as_path(), spec.env_root.as_path()];
+                read_only.extend(layer.map(std::path::Path::new));
+                let (program, argv) = jail.wrap(&read_only, &spec.python, &agent_args);
                 let mut command = Command::new(program);
                 // A jailed worker inherits nothing of the server's environment (its secrets included).
                 command.args(argv).env_clear().env("LANG", "C.UTF-8").env("PATH", {
