@@ -191,6 +191,29 @@ def run_script(
     )
 
 
+def run_example(server: Server, name: str, key: Optional[Tuple[str, str]] = None) -> subprocess.CompletedProcess[str]:
+    """Runs the reference's example `name` (examples/reference/) against `server`."""
+    env = script_env({**server.env(*(key or (None, None))), "FAL_SERVERLESS_HOST": "cloud"})
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
+
+
+def is_joke(line: str) -> bool:
+    return len(line) > 10
+
+
+#: The reference's examples that run on a server, and what each must print.
+REFERENCE_CHECKS = [
+    ("01_isolated.py", lambda lines: lines == ["Hello World"]),
+    ("02_requirements.py", lambda lines: len(lines) == 1 and is_joke(lines[0])),
+    ("03_machine_type.py", lambda lines: len(lines) == 2 and all(map(is_joke, lines))),
+    ("04_local.py", lambda lines: len(lines) == 3 and all(map(is_joke, lines))),
+    ("06_keep_alive.py", lambda lines: len(lines) == 2 and all(map(is_joke, lines))),
+    ("07_cached.py", lambda lines: lines == ["The result is: Hello, World!"] * 2),
+]
+
+
 def env_key(fn: IsolatedFunction[Any]) -> str:
     """The content key of the environment `fn` runs in."""
     o = fn.options

@@ -11,34 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, ROOT, Server, cloud_call, pid_alive, run_script, script_env, start_server
-
-
-def run_example(server: Server, name: str, key: tuple[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = script_env({**server.env(*(key or (None, None))), "FAL_SERVERLESS_HOST": "cloud"})
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], env=env, capture_output=True, text=True, timeout=180, cwd=ROOT
-    )
-
-
-def is_joke(line: str) -> bool:
-    return len(line) > 10
-
+from conftest import (
+    EXAMPLES,
+    REFERENCE_CHECKS,
+    Server,
+    cloud_call,
+    pid_alive,
+    run_example,
+    run_script,
+    script_env,
+    start_server,
+)
 
 # --- the reference, against the server ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "check"),
-    [
-        ("01_isolated.py", lambda lines: lines == ["Hello World"]),
-        ("02_requirements.py", lambda lines: len(lines) == 1 and is_joke(lines[0])),
-        ("03_machine_type.py", lambda lines: len(lines) == 2 and all(map(is_joke, lines))),
-        ("04_local.py", lambda lines: len(lines) == 3 and all(map(is_joke, lines))),
-        ("06_keep_alive.py", lambda lines: len(lines) == 2 and all(map(is_joke, lines))),
-        ("07_cached.py", lambda lines: lines == ["The result is: Hello, World!"] * 2),
-    ],
-)
+@pytest.mark.parametrize(("name", "check"), REFERENCE_CHECKS)
 def test_reference_examples_run_against_the_server(server: Server, name: str, check: object) -> None:
     proc = run_example(server, name)
     assert proc.returncode == 0, proc.stderr

@@ -2,17 +2,19 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fal_sandbox::{CgroupManager, Jail, Limits, WorkerCgroup};
+use fal_sandbox::Jail;
 
 use crate::environment::{find_interpreter, EnvBuilder, EnvSpec, PythonVersion, Serializer};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
+use crate::provider::local::LocalProvider;
+use crate::provider::slurm::SlurmProvider;
+use crate::provider::{Provider, ProviderConfig};
 use crate::worker::{NoReply, PoolKey, Worker, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
@@ -29,6 +31,8 @@ pub struct EngineConfig {
     pub max_payload_bytes: usize,
     /// Jail workers (the server does; the local host does not: there the user runs their own code).
     pub jail: Option<Jail>,
+    /// Where workers run.
+    pub provider: ProviderConfig,
 }
 
 impl EngineConfig {
@@ -48,7 +52,14 @@ impl EngineConfig {
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(DEFAULT_MAX_PAYLOAD);
-        Self { cache_dir, uv, machine_types: MachineTypes::builtin(), max_payload_bytes, jail: None }
+        Self {
+            cache_dir,
+            uv,
+            machine_types: MachineTypes::builtin(),
+            max_payload_bytes,
+            jail: None,
+            provider: ProviderConfig::Local,
+        }
     }
 }
 
@@ -100,33 +111,25 @@ struct Inner {
     /// Environments shared by other environments' workers, built from constants only (the dill layer).
     layers: EnvBuilder,
     pool: WorkerPool,
-    cgroups: OnceLock<Result<CgroupManager, String>>,
-    warned_unlimited: AtomicBool,
-    gpus: u32,
+    provider: Box<dyn Provider>,
     interpreters: Mutex<HashMap<PythonVersion, PathBuf>>,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
-        let engine = Self(Arc::new(Inner {
+        let provider: Box<dyn Provider> = match &config.provider {
+            ProviderConfig::Local => Box::new(LocalProvider::new()),
+            ProviderConfig::Slurm(slurm) => Box::new(SlurmProvider::new(slurm.clone())),
+        };
+        Self(Arc::new(Inner {
             // Jailed workers see their environment read-only, so its bytecode is compiled once, at build time.
             builder: EnvBuilder::new(config.cache_dir.join("envs"), config.uv.clone(), config.jail.is_some()),
             layers: EnvBuilder::new(config.cache_dir.join("layers"), config.uv.clone(), config.jail.is_some()),
             config,
             pool: WorkerPool::default(),
-            cgroups: OnceLock::new(),
-            warned_unlimited: AtomicBool::new(false),
-            gpus: count_gpus(),
+            provider,
             interpreters: Mutex::default(),
-        }));
-        // Finding the cgroup hierarchy also removes cgroups that workers of a previous run (of a server killed with
-        // SIGKILL, say) left behind; do it now rather than at the first call.
-        engine.cgroup_manager();
-        engine
-    }
-
-    fn cgroup_manager(&self) -> &Result<CgroupManager, String> {
-        self.0.cgroups.get_or_init(|| CgroupManager::detect().map_err(|e| e.to_string()))
+        }))
     }
 
     pub fn machine_types(&self) -> &MachineTypes {
@@ -189,7 +192,10 @@ impl Engine {
         logs: &LogSink,
     ) -> Result<Worker, CallError> {
         let inner = &self.0;
-        let visible_gpus = self.visible_gpus(machine)?;
+        // A GPU type this provider cannot have fails before anything is built.
+        if let Some(available) = inner.provider.gpus().filter(|&available| machine.gpus > available) {
+            return Err(CallError::NoGpu { machine_type: machine.name.clone(), needed: machine.gpus, available });
+        }
         // A built environment names its interpreter; finding one (which asks uv) is only needed to build.
         let env = match inner.builder.built(&request.env, &request.tenant) {
             Some(env) => env,
@@ -229,17 +235,13 @@ impl Engine {
             python: env.python(),
             env_root: env.root.clone(),
             dill_layer: layer,
-            cgroup: self.cgroup_for(machine, logs)?,
+            cgroup: None,
             jail,
-            visible_gpus,
+            visible_gpus: None,
             max_payload: inner.config.max_payload_bytes,
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
-        // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as long
-        // as the runtime, never from a caller's thread (which polls its call itself, and may end first).
-        tokio::spawn(async move { Worker::spawn(spec) })
-            .await
-            .map_err(|e| CallError::Spawn(format!("the task starting the worker failed: {e}")))?
+        inner.provider.start(spec, machine, request.timeout, logs).await
     }
 
     /// An interpreter for the request's Python version: the caller's hint, else one found once per version.
@@ -257,50 +259,9 @@ impl Engine {
         Ok(path)
     }
 
-    /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.
-    fn cgroup_for(&self, machine: &MachineType, logs: &LogSink) -> Result<Option<WorkerCgroup>, CallError> {
-        let inner = &self.0;
-        match self.cgroup_manager() {
-            Ok(manager) => {
-                let limits = Limits { cpus: machine.cpus, memory_bytes: machine.memory_bytes, pids: machine.pids };
-                manager.create(&limits).map(Some).map_err(|e| CallError::Spawn(e.to_string()))
-            }
-            Err(reason) => {
-                if !inner.warned_unlimited.swap(true, Ordering::Relaxed) {
-                    logs.send(
-                        LogSource::Engine,
-                        format!(
-                            "machine type limits cannot be applied on this machine, so workers run without CPU and \
-                             memory limits ({reason}). Run as root, or on a host with a delegated cgroup v2 \
-                             hierarchy, to enforce them."
-                        ),
-                    );
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    /// `CUDA_VISIBLE_DEVICES` for a worker of `machine`: empty for CPU types (no GPU is visible to them); for GPU
-    /// types the first GPUs of this host. On the local host workers share the host's GPUs, as the user's own
-    /// processes do; exclusive assignment is the server's job.
-    fn visible_gpus(&self, machine: &MachineType) -> Result<String, CallError> {
-        if machine.gpus == 0 {
-            return Ok(String::new());
-        }
-        if machine.gpus > self.0.gpus {
-            return Err(CallError::NoGpu {
-                machine_type: machine.name.clone(),
-                needed: machine.gpus,
-                available: self.0.gpus,
-            });
-        }
-        Ok((0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(","))
-    }
-
-    /// NVIDIA GPUs on this host.
+    /// NVIDIA GPUs workers can be given: this host's, for the local provider.
     pub fn gpus(&self) -> u32 {
-        self.0.gpus
+        self.0.provider.gpus().unwrap_or(0)
     }
 
     /// Every live worker, idle or busy.
@@ -312,9 +273,4 @@ impl Engine {
     pub async fn shutdown(&self) {
         self.0.pool.shutdown().await;
     }
-}
-
-/// NVIDIA GPUs the driver reports.
-fn count_gpus() -> u32 {
-    std::fs::read_dir("/proc/driver/nvidia/gpus").map(|entries| entries.count() as u32).unwrap_or(0)
 }

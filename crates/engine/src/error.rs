@@ -50,6 +50,11 @@ pub enum CallError {
     #[error("could not start a worker: {0}")]
     Spawn(String),
     #[error(
+        "the cluster refused an allocation for machine type {machine_type} ({options}): {reason}. Use another \
+         machine type, or ask the server's admin to change its mapping ([slurm.machine_types.{machine_type}])"
+    )]
+    Allocation { machine_type: String, options: String, reason: String },
+    #[error(
         "the worker exceeded the {memory} of machine type {machine_type} and was killed; use a larger machine_type"
     )]
     OutOfMemory { machine_type: String, memory: String },

@@ -8,7 +8,8 @@
 //! * [workers](Engine::call): a warm Python process per (tenant, environment, machine type), reused within
 //!   `keep_alive`, talking length-prefixed frames on a socket of its own while its stdout and stderr stream back as
 //!   [`LogLine`]s;
-//! * [machine types](MachineTypes): the CPU, memory and GPU ceilings a worker runs under, applied by `fal-sandbox`.
+//! * [machine types](MachineTypes): the CPU, memory and GPU ceilings a worker runs under, applied by `fal-sandbox`
+//!   on this host, or by Slurm when workers run on a cluster ([`ProviderConfig`]).
 //!
 //! It knows nothing of gRPC, PyO3 or authentication: payloads are opaque bytes, tenants are opaque strings.
 
@@ -17,6 +18,7 @@ mod environment;
 mod error;
 mod logs;
 mod machine;
+mod provider;
 mod worker;
 
 pub use crate::engine::{CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
@@ -24,6 +26,7 @@ pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion, Ser
 pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
+pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
 
 /// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the engine's API.
 #[doc(hidden)]

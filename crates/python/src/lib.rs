@@ -156,7 +156,7 @@ fn to_py_err(error: CallError) -> PyErr {
     let message = error.to_string();
     match error {
         CallError::UnknownMachineType(_) => PyValueError::new_err(message),
-        CallError::NoGpu { .. } => MachineTypeUnavailableError::new_err(message),
+        CallError::NoGpu { .. } | CallError::Allocation { .. } => MachineTypeUnavailableError::new_err(message),
         CallError::Environment(_) => EnvironmentBuildError::new_err(message),
         CallError::OutOfMemory { .. } => MachineTypeExceededError::new_err(message),
         CallError::WorkerDied { .. } => WorkerDiedError::new_err(message),

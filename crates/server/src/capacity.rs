@@ -19,6 +19,11 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// More than any call asks for: a cluster's scheduler does the queueing.
+    pub fn unbounded() -> Self {
+        Self { cpus: 1e9, memory_bytes: 1 << 60, gpus: 1 << 20 }
+    }
+
     /// This host: its cores, its memory, its NVIDIA GPUs.
     pub fn of_host(gpus: u32) -> Self {
         let cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);

@@ -20,8 +20,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fal_engine::{MachineType, MachineTypes};
+use fal_engine::{MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// Where the server listens unless told otherwise: loopback only.
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub idle_shutdown: Option<Duration>,
     /// Zero-config mode: where to write this server's address and the local admin key (mode 0600).
     pub credentials_file: Option<PathBuf>,
+    /// Where workers run: this host, or a Slurm cluster (`provider = "slurm"` and a `[slurm]` table).
+    pub provider: ProviderConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,33 @@ struct FileConfig {
     capacity: CapacityConfig,
     #[serde(default)]
     machine_types: BTreeMap<String, MachineTypeConfig>,
+    provider: Option<String>,
+    slurm: Option<SlurmFileConfig>,
+}
+
+/// `[slurm]`: how machine types become Slurm allocations.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlurmFileConfig {
+    partition: Option<String>,
+    account: Option<String>,
+    qos: Option<String>,
+    /// `host:port` of this server that the nodes reach; worker jobs connect back to it (port 0: any).
+    callback: Option<String>,
+    /// `"shared"`: the data dir (environments included) is on a file system every node mounts at the same path.
+    env_cache: Option<String>,
+    /// Where the Slurm commands are, if not on `PATH`.
+    bin_dir: Option<PathBuf>,
+    #[serde(default)]
+    machine_types: BTreeMap<String, SlurmMachineTypeConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlurmMachineTypeConfig {
+    cpus_per_task: u32,
+    memory_mb: u64,
+    gres: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,8 +145,21 @@ impl ServerConfig {
             }
             machine_types.insert(machine);
         }
+        let provider = match (file.provider.as_deref(), file.slurm) {
+            (None | Some("local"), None) => ProviderConfig::Local,
+            (None | Some("local"), Some(_)) => {
+                return Err(invalid(
+                    "a [slurm] table is set but provider is not \"slurm\"; add provider = \"slurm\"".into(),
+                ))
+            }
+            (Some("slurm"), slurm) => ProviderConfig::Slurm(
+                slurm_config(data_dir, slurm.unwrap_or_default(), &machine_types).map_err(invalid)?,
+            ),
+            (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
+        };
         Ok(Self {
             listen,
+            provider,
             data_dir: data_dir.to_path_buf(),
             cpus: file.capacity.cpus,
             memory_bytes: file.capacity.memory_gb.map(|gb| (gb * GIB) as u64),
@@ -126,6 +169,43 @@ impl ServerConfig {
             credentials_file: None,
         })
     }
+}
+
+fn slurm_config(data_dir: &Path, file: SlurmFileConfig, machine_types: &MachineTypes) -> Result<SlurmConfig, String> {
+    match file.env_cache.as_deref() {
+        None | Some("shared") => {}
+        Some("per-node") => {
+            return Err("[slurm] env_cache = \"per-node\" is not supported yet; put the data dir on a file system \
+                        every node mounts at the same path and set env_cache = \"shared\""
+                .into())
+        }
+        Some(other) => return Err(format!("[slurm] env_cache = {other:?}: expected \"shared\"")),
+    }
+    let callback = match &file.callback {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|e| format!("[slurm] callback = {text:?}: {e}; expected host:port"))?),
+    };
+    let mut allocations = BTreeMap::new();
+    for (name, t) in file.machine_types {
+        machine_types.get(&name).map_err(|e| format!("[slurm.machine_types.{name}]: {e}"))?;
+        if t.cpus_per_task == 0 || t.memory_mb == 0 {
+            return Err(format!("[slurm.machine_types.{name}]: cpus_per_task and memory_mb must be positive"));
+        }
+        allocations
+            .insert(name, SlurmAllocation { cpus_per_task: t.cpus_per_task, memory_mb: t.memory_mb, gres: t.gres });
+    }
+    // The same server (the same data dir) tags its jobs the same way across restarts, and no other server does.
+    let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    Ok(SlurmConfig {
+        partition: file.partition,
+        account: file.account,
+        qos: file.qos,
+        callback,
+        allocations,
+        tag: format!("fal-serverless-{}", hex::encode(&digest[..8])),
+        bin_dir: file.bin_dir,
+    })
 }
 
 #[cfg(test)]
@@ -145,6 +225,29 @@ mod tests {
         assert_eq!(config.gpus, Some(2));
         assert_eq!(config.machine_types.get("XXL").unwrap().memory_bytes, 64 << 30);
         assert!(config.machine_types.get("XS").is_ok());
+    }
+
+    #[test]
+    fn slurm_maps_machine_types_and_refuses_what_it_cannot_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        write(
+            "provider = \"slurm\"\n[slurm]\npartition = \"debug\"\ncallback = \"10.0.0.5:0\"\n\
+             [slurm.machine_types.L]\ncpus_per_task = 2\nmemory_mb = 4096\ngres = \"gpu:a100:1\"\n",
+        );
+        let ProviderConfig::Slurm(slurm) = ServerConfig::load(dir.path(), None, None).unwrap().provider else {
+            panic!("not slurm");
+        };
+        assert_eq!(slurm.partition.as_deref(), Some("debug"));
+        assert_eq!(slurm.allocations["L"].gres.as_deref(), Some("gpu:a100:1"));
+        assert!(slurm.tag.starts_with("fal-serverless-"));
+        write("provider = \"slurm\"\n[slurm.machine_types.XXXL]\ncpus_per_task = 2\nmemory_mb = 1\n");
+        let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+        assert!(err.contains("unknown machine type \"XXXL\""), "{err}");
+        write("provider = \"slurm\"\n[slurm]\nenv_cache = \"per-node\"\n");
+        assert!(ServerConfig::load(dir.path(), None, None).unwrap_err().to_string().contains("not supported yet"));
+        write("[slurm]\npartition = \"x\"\n");
+        assert!(ServerConfig::load(dir.path(), None, None).unwrap_err().to_string().contains("provider = \"slurm\""));
     }
 
     #[test]

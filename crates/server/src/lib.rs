@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fal_engine::{Engine, EngineConfig};
+use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
 use fal_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 use tonic::transport::server::TcpIncoming;
@@ -149,9 +149,14 @@ pub async fn serve(
         cache_dir: config.data_dir.clone(),
         machine_types: config.machine_types.clone(),
         jail: if unjailed.is_none() { jail } else { None },
+        provider: config.provider.clone(),
         ..EngineConfig::from_env()
     });
-    let host = Resources::of_host(engine.gpus());
+    // On a cluster, its scheduler queues what does not fit; this server's own size does not bound it.
+    let host = match config.provider {
+        ProviderConfig::Local => Resources::of_host(engine.gpus()),
+        ProviderConfig::Slurm(_) => Resources::unbounded(),
+    };
     let capacity = Resources {
         cpus: config.cpus.unwrap_or(host.cpus),
         memory_bytes: config.memory_bytes.unwrap_or(host.memory_bytes),

@@ -59,7 +59,9 @@ fn call_error_status(error: &CallError) -> Status {
     use tonic::Code;
     let (code, kind) = match error {
         CallError::UnknownMachineType(_) => (Code::InvalidArgument, "invalid"),
-        CallError::NoGpu { .. } => (Code::FailedPrecondition, "machine-type-unavailable"),
+        CallError::NoGpu { .. } | CallError::Allocation { .. } => {
+            (Code::FailedPrecondition, "machine-type-unavailable")
+        }
         CallError::Environment(_) => (Code::FailedPrecondition, "environment"),
         CallError::Spawn(_) => (Code::Internal, "internal"),
         CallError::OutOfMemory { .. } => (Code::ResourceExhausted, "machine-type-exceeded"),

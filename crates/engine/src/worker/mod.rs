@@ -1,7 +1,8 @@
 //! Workers: Python processes inside an environment that run one call at a time.
 //!
 //! The engine and a worker speak [frames](frame) on a socket of their own (fd 3 in the worker); the worker's stdout
-//! and stderr are pipes read line by line into the call's logs. `agent.py` is the worker's side: stdlib and
+//! and stderr are read line by line into the call's logs. On this host those are a socket pair and two pipes; for a
+//! Slurm job, three TCP streams. Where the worker runs (and how it ended) is its [`Placement`]'s business. `agent.py` is the worker's side: stdlib and
 //! cloudpickle only, so an environment never needs this project installed.
 
 pub(crate) mod frame;
@@ -10,4 +11,4 @@ mod pool;
 mod process;
 
 pub(crate) use pool::{PoolKey, WorkerPool};
-pub(crate) use process::{NoReply, Worker, WorkerSpec};
+pub(crate) use process::{BoxFuture, NoReply, Placement, Worker, WorkerSpec};

@@ -1,12 +1,15 @@
 //! One worker process: spawning it inside its environment and limits, calling it, and reading how it died.
 
-use std::os::fd::AsRawFd;
+use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use fal_sandbox::{Jail, ProcessSetup, WorkerCgroup};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
@@ -29,9 +32,51 @@ pub(crate) struct WorkerSpec {
     pub cgroup: Option<WorkerCgroup>,
     /// The jail to run in, with the interpreter's installation to expose; `None` runs as the caller, unjailed.
     pub jail: Option<(Jail, PathBuf)>,
-    /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none.
-    pub visible_gpus: String,
+    /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none. `None` leaves it as it is (a cluster's
+    /// scheduler sets it).
+    pub visible_gpus: Option<String>,
     pub max_payload: usize,
+}
+
+/// The command line that runs the agent for a [`WorkerSpec`], and the variables it needs (beyond `PATH` and `LANG`).
+pub(crate) struct AgentCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl WorkerSpec {
+    /// `PATH` for a worker that inherits nothing: the environment's scripts, then the system's.
+    pub fn clean_path(&self) -> String {
+        format!("{}:/usr/local/bin:/usr/bin:/bin", self.env_root.join("bin").display())
+    }
+
+    pub fn agent_command(&self) -> Result<AgentCommand, CallError> {
+        // The agent's arguments (after `-c`) name the serializer: none for cloudpickle, `dill <layer>` for dill.
+        let mut agent_args = vec!["-I", "-u", "-c", AGENT];
+        let layer = match &self.dill_layer {
+            None => None,
+            Some(path) => Some(path.to_str().ok_or_else(|| {
+                CallError::Spawn(format!("the dill layer's path {} is not UTF-8; use a plain data dir", path.display()))
+            })?),
+        };
+        if let Some(layer) = layer {
+            agent_args.extend(["dill", layer]);
+        }
+        let (program, args) = match &self.jail {
+            Some((jail, base_prefix)) => {
+                let mut read_only = vec![base_prefix.as_path(), self.env_root.as_path()];
+                read_only.extend(layer.map(std::path::Path::new));
+                jail.wrap(&read_only, &self.python, &agent_args)
+            }
+            None => (self.python.clone(), agent_args.iter().map(|a| a.to_string()).collect()),
+        };
+        let mut env = vec![("VIRTUAL_ENV".to_string(), self.env_root.display().to_string())];
+        if let Some(gpus) = &self.visible_gpus {
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), gpus.clone()));
+        }
+        Ok(AgentCommand { program, args, env })
+    }
 }
 
 /// Why a call got no reply.
@@ -50,66 +95,85 @@ pub(crate) struct Reply {
     pub payload: Vec<u8>,
 }
 
+/// A byte stream to a worker's agent: a socket pair on this host, a TCP connection from a cluster's node.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin + std::fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + std::fmt::Debug> Duplex for T {}
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a worker runs, as its provider holds it: a process of this host with its cgroup, or a cluster's job.
+pub(crate) trait Placement: Send + std::fmt::Debug {
+    /// What worker listings show: a pid, a job id.
+    fn id(&self) -> u32;
+    /// Whether it has ended (while idle, say): such a worker is never handed a call.
+    fn has_ended(&mut self) -> bool;
+    /// After the worker's socket closed: waits (briefly) for it to end, and says why it did.
+    fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError>;
+    /// Ends it and waits until it has.
+    fn stop(&mut self) -> BoxFuture<'_, ()>;
+}
+
 #[derive(Debug)]
 pub(crate) struct Worker {
-    child: Child,
-    pid: u32,
-    frames: UnixStream,
+    placement: Box<dyn Placement>,
+    frames: Box<dyn Duplex>,
     reader: FrameReader,
     stdout: OutputPipe,
     stderr: OutputPipe,
+}
+
+/// A worker process of this host.
+#[derive(Debug)]
+struct LocalProcess {
+    child: Child,
+    pid: u32,
     cgroup: Option<WorkerCgroup>,
     /// Jailed workers run under bubblewrap, which reports a signal as exit code 128 + signal.
     jailed: bool,
 }
 
 impl Worker {
+    /// A worker whose agent is connected: frames on `frames`, its stdout and stderr readable on the two descriptors.
+    pub fn connected(
+        placement: Box<dyn Placement>,
+        frames: Box<dyn Duplex>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        max_payload: usize,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            placement,
+            frames,
+            reader: FrameReader::new(max_payload),
+            stdout: OutputPipe::new(stdout, LogSource::Stdout)?,
+            stderr: OutputPipe::new(stderr, LogSource::Stderr)?,
+        })
+    }
+
+    /// Starts a worker process on this host.
     pub fn spawn(spec: WorkerSpec) -> Result<Self, CallError> {
         let spawn_error = |what: &str, e: std::io::Error| CallError::Spawn(format!("{what}: {e}"));
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| spawn_error("socketpair", e))?;
         let (stdout_read, stdout_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
         let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
 
-        let bin = spec.env_root.join("bin");
-        // The agent's arguments (after `-c`) name the serializer: none for cloudpickle, `dill <layer>` for dill.
-        let mut agent_args = vec!["-I", "-u", "-c", AGENT];
-        let layer = match &spec.dill_layer {
-            None => None,
-            Some(path) => Some(path.to_str().ok_or_else(|| {
-                CallError::Spawn(format!("the dill layer's path {} is not UTF-8; use a plain data dir", path.display()))
-            })?),
-        };
-        if let Some(layer) = layer {
-            agent_args.extend(["dill", layer]);
+        let agent = spec.agent_command()?;
+        let mut command = Command::new(&agent.program);
+        command.args(&agent.args);
+        if spec.jail.is_some() {
+            // A jailed worker inherits nothing of the server's environment (its secrets included).
+            command.env_clear().env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
+        } else {
+            // Unjailed (the local host), the user's own tools stay reachable after the environment's.
+            let mut path = spec.env_root.join("bin").into_os_string();
+            if let Some(inherited) = std::env::var_os("PATH") {
+                path.push(":");
+                path.push(inherited);
+            }
+            command.env("PATH", path);
         }
-        let mut command = match &spec.jail {
-            Some((jail, base_prefix)) => {
-                let mut read_only = vec![base_prefix.as_path(), spec.env_root.as_path()];
-                read_only.extend(layer.map(std::path::Path::new));
-                let (program, argv) = jail.wrap(&read_only, &spec.python, &agent_args);
-                let mut command = Command::new(program);
-                // A jailed worker inherits nothing of the server's environment (its secrets included).
-                command.args(argv).env_clear().env("LANG", "C.UTF-8").env("PATH", {
-                    let mut p = bin.clone().into_os_string();
-                    p.push(":/usr/local/bin:/usr/bin:/bin");
-                    p
-                });
-                command
-            }
-            None => {
-                let mut path = bin.into_os_string();
-                if let Some(inherited) = std::env::var_os("PATH") {
-                    path.push(":");
-                    path.push(inherited);
-                }
-                let mut command = Command::new(&spec.python);
-                command.args(agent_args).env("PATH", path);
-                command
-            }
-        };
         command
-            .env("VIRTUAL_ENV", &spec.env_root)
-            .env("CUDA_VISIBLE_DEVICES", &spec.visible_gpus)
+            .envs(agent.env)
             .env_remove("PYTHONHOME")
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout_write))
@@ -127,25 +191,19 @@ impl Worker {
         drop(command);
         let pid = child.id().unwrap_or(0);
         ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
-        Ok(Self {
-            child,
-            pid,
-            frames: UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?,
-            reader: FrameReader::new(spec.max_payload),
-            stdout: OutputPipe::new(stdout_read, LogSource::Stdout).map_err(|e| spawn_error("pipe", e))?,
-            stderr: OutputPipe::new(stderr_read, LogSource::Stderr).map_err(|e| spawn_error("pipe", e))?,
-            cgroup: spec.cgroup,
-            jailed: spec.jail.is_some(),
-        })
+        let frames = UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?;
+        let process = LocalProcess { child, pid, cgroup: spec.cgroup, jailed: spec.jail.is_some() };
+        Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
+            .map_err(|e| spawn_error("pipe", e))
     }
 
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.placement.id()
     }
 
-    /// Whether the process has exited (while idle, say): such a worker is never handed a call.
+    /// Whether the worker has ended (while idle, say): such a worker is never handed a call.
     pub fn has_exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+        self.placement.has_ended()
     }
 
     /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile.
@@ -177,41 +235,65 @@ impl Worker {
         }
     }
 
-    /// After [`Worker::call`] returned [`NoReply::Gone`]: waits for the process to end and says how it went.
+    /// After [`Worker::call`] returned [`NoReply::Gone`]: waits for the worker to end and says how it went.
     pub async fn failure(mut self, machine_type: &str, memory: &str, logs: &LogSink) -> CallError {
-        let status = match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
-            Ok(Ok(status)) => Some(status),
-            _ => {
-                let _ = self.child.start_kill();
-                self.child.wait().await.ok()
-            }
-        };
+        let error = self.placement.ended(machine_type, memory).await;
         // Its last words (a traceback, "Segmentation fault") are part of this call's logs.
         for pipe in [&mut self.stdout, &mut self.stderr] {
             pipe.drain(logs);
             pipe.flush_partial(logs);
         }
-        let cgroup = self.cgroup.take();
-        let oom_killed = cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed);
-        if let Some(cgroup) = cgroup {
-            // Whatever the worker left running goes with its cgroup.
-            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
-        }
-        if oom_killed {
-            return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
-        }
-        let how = status.map(|s| describe_exit(s, self.jailed)).unwrap_or_else(|| "its exit status is unknown".into());
-        CallError::WorkerDied { how }
+        error
     }
 
-    /// Ends the process and waits for it, so its cgroup can be removed.
+    /// Ends the worker and waits for it.
     pub async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-        if let Some(cgroup) = self.cgroup.take() {
-            // Removing a cgroup may retry for a moment while the kernel finishes tearing the process down.
-            let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
-        }
+        self.placement.stop().await;
+    }
+}
+
+impl Placement for LocalProcess {
+    fn id(&self) -> u32 {
+        self.pid
+    }
+
+    fn has_ended(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError> {
+        Box::pin(async move {
+            let status = match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
+                Ok(Ok(status)) => Some(status),
+                _ => {
+                    let _ = self.child.start_kill();
+                    self.child.wait().await.ok()
+                }
+            };
+            let cgroup = self.cgroup.take();
+            let oom_killed = cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed);
+            if let Some(cgroup) = cgroup {
+                // Whatever the worker left running goes with its cgroup.
+                let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+            }
+            if oom_killed {
+                return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
+            }
+            let how =
+                status.map(|s| describe_exit(s, self.jailed)).unwrap_or_else(|| "its exit status is unknown".into());
+            CallError::WorkerDied { how }
+        })
+    }
+
+    fn stop(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+            if let Some(cgroup) = self.cgroup.take() {
+                // Removing a cgroup may retry for a moment while the kernel finishes tearing the process down.
+                let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+            }
+        })
     }
 }
 

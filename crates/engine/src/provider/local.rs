@@ -1,0 +1,102 @@
+//! The local provider: workers are processes of this host, each in a cgroup with its machine type's limits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use fal_sandbox::{CgroupManager, Limits, WorkerCgroup};
+
+use super::Provider;
+use crate::error::CallError;
+use crate::logs::{LogSink, LogSource};
+use crate::machine::MachineType;
+use crate::worker::{BoxFuture, Worker, WorkerSpec};
+
+#[derive(Debug, Default)]
+pub(crate) struct LocalProvider {
+    cgroups: OnceLock<Result<CgroupManager, String>>,
+    warned_unlimited: AtomicBool,
+    gpus: u32,
+}
+
+impl LocalProvider {
+    pub fn new() -> Self {
+        let provider = Self { gpus: count_gpus(), ..Self::default() };
+        // Finding the cgroup hierarchy also removes cgroups that workers of a previous run (of a server killed with
+        // SIGKILL, say) left behind; do it now rather than at the first call.
+        provider.cgroup_manager();
+        provider
+    }
+
+    fn cgroup_manager(&self) -> &Result<CgroupManager, String> {
+        self.cgroups.get_or_init(|| CgroupManager::detect().map_err(|e| e.to_string()))
+    }
+
+    /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.
+    fn cgroup_for(&self, machine: &MachineType, logs: &LogSink) -> Result<Option<WorkerCgroup>, CallError> {
+        match self.cgroup_manager() {
+            Ok(manager) => {
+                let limits = Limits { cpus: machine.cpus, memory_bytes: machine.memory_bytes, pids: machine.pids };
+                manager.create(&limits).map(Some).map_err(|e| CallError::Spawn(e.to_string()))
+            }
+            Err(reason) => {
+                if !self.warned_unlimited.swap(true, Ordering::Relaxed) {
+                    logs.send(
+                        LogSource::Engine,
+                        format!(
+                            "machine type limits cannot be applied on this machine, so workers run without CPU and \
+                             memory limits ({reason}). Run as root, or on a host with a delegated cgroup v2 \
+                             hierarchy, to enforce them."
+                        ),
+                    );
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// `CUDA_VISIBLE_DEVICES` for a worker of `machine`: empty for CPU types (no GPU is visible to them); for GPU
+    /// types the first GPUs of this host. On the local host workers share the host's GPUs, as the user's own
+    /// processes do; exclusive assignment is the server's job.
+    fn visible_gpus(&self, machine: &MachineType) -> Result<String, CallError> {
+        if machine.gpus == 0 {
+            return Ok(String::new());
+        }
+        if machine.gpus > self.gpus {
+            return Err(CallError::NoGpu {
+                machine_type: machine.name.clone(),
+                needed: machine.gpus,
+                available: self.gpus,
+            });
+        }
+        Ok((0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+    }
+}
+
+impl Provider for LocalProvider {
+    fn start<'a>(
+        &'a self,
+        mut spec: WorkerSpec,
+        machine: &'a MachineType,
+        _wait: Option<std::time::Duration>,
+        logs: &'a LogSink,
+    ) -> BoxFuture<'a, Result<Worker, CallError>> {
+        Box::pin(async move {
+            spec.visible_gpus = Some(self.visible_gpus(machine)?);
+            spec.cgroup = self.cgroup_for(machine, logs)?;
+            // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as
+            // long as the runtime, never from a caller's thread (which polls its call itself, and may end first).
+            tokio::spawn(async move { Worker::spawn(spec) })
+                .await
+                .map_err(|e| CallError::Spawn(format!("the task starting the worker failed: {e}")))?
+        })
+    }
+
+    fn gpus(&self) -> Option<u32> {
+        Some(self.gpus)
+    }
+}
+
+/// NVIDIA GPUs the driver reports.
+fn count_gpus() -> u32 {
+    std::fs::read_dir("/proc/driver/nvidia/gpus").map(|entries| entries.count() as u32).unwrap_or(0)
+}

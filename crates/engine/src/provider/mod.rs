@@ -1,0 +1,44 @@
+//! Providers: where workers run. The engine builds a worker's environment and decides when it needs a new worker; a
+//! provider starts that worker on its machines, under the machine type's limits, and hands it back connected.
+//!
+//! * [`local`]: a process of this host, in a cgroup the engine makes (and the server's jail).
+//! * [`slurm`]: a Slurm job on a cluster's node, sized by the machine type, whose agent connects back over TCP;
+//!   Slurm enforces the limits.
+//!
+//! Another cluster engine (Kubernetes, say) is another implementation of [`Provider`] and of the
+//! [`Placement`](crate::worker::Placement) its workers report their end through.
+
+pub(crate) mod local;
+pub(crate) mod slurm;
+
+use crate::error::CallError;
+use crate::logs::LogSink;
+use crate::machine::MachineType;
+use crate::worker::{BoxFuture, Worker, WorkerSpec};
+
+pub use slurm::{SlurmAllocation, SlurmConfig};
+
+/// Which provider an engine runs its workers with.
+#[derive(Debug, Clone, Default)]
+pub enum ProviderConfig {
+    /// Processes of this host.
+    #[default]
+    Local,
+    /// Jobs of a Slurm cluster.
+    Slurm(SlurmConfig),
+}
+
+pub(crate) trait Provider: Send + Sync + std::fmt::Debug {
+    /// Starts a worker of `spec` sized for `machine`, and returns it once its agent is connected. `wait` bounds how
+    /// long that may take (a cluster's queue).
+    fn start<'a>(
+        &'a self,
+        spec: WorkerSpec,
+        machine: &'a MachineType,
+        wait: Option<std::time::Duration>,
+        logs: &'a LogSink,
+    ) -> BoxFuture<'a, Result<Worker, CallError>>;
+
+    /// GPUs a machine type may be given (for capacity and early refusals); `None`: the provider does not know.
+    fn gpus(&self) -> Option<u32>;
+}

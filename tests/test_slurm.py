@@ -1,0 +1,221 @@
+"""The Slurm provider against real Slurm daemons (munged, slurmctld, slurmd from Debian's slurm-wlm and munge) that
+the tests start: machine types become allocations of their size, keep_alive keeps and then releases the job, Slurm's
+limits kill a memory hog, and a job cancelled or a node lost mid-call fails only that call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Dict, Iterator
+
+import pytest
+from conftest import REFERENCE_CHECKS, Server, cloud_call, run_example, run_script, start_server
+from slurm_cluster import SlurmCluster, missing_tools, start_cluster
+
+MEMORY_MB = 6000
+
+
+def slurm_config(cluster: SlurmCluster) -> str:
+    """The server's config: M and L are cut down to what the test machine has."""
+    cpus = cluster.cpus
+    return f"""provider = "slurm"
+[slurm]
+partition = "debug"
+callback = "{cluster.host_address}:0"
+[slurm.machine_types.M]
+cpus_per_task = {min(2, cpus)}
+memory_mb = 2048
+[slurm.machine_types.L]
+cpus_per_task = {cpus}
+memory_mb = 3072
+"""
+
+
+def require_slurm() -> None:
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SlurmCluster]:
+    require_slurm()
+    started = start_cluster(1, MEMORY_MB)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_server(cluster: SlurmCluster) -> Iterator[Server]:
+    server = start_server(config=slurm_config(cluster), env=cluster.env)
+    yield server
+    server.stop()
+
+
+def job_of(server: Server, key: tuple[str, str], **options: object) -> Dict[str, str]:
+    """Calls a function that returns its Slurm job id, with `options`; returns that id and the printed output."""
+    proc = cloud_call(server, 'import os\nreturn os.environ["SLURM_JOB_ID"]', key, **options)
+    assert proc.returncode == 0, proc.stderr
+    return {"id": eval(proc.stdout), "stderr": proc.stderr}
+
+
+@pytest.mark.parametrize(("name", "check"), REFERENCE_CHECKS)
+def test_reference_examples_run_through_slurm(slurm_server: Server, name: str, check: object) -> None:
+    proc = run_example(slurm_server, name)
+    assert proc.returncode == 0, proc.stderr
+    assert callable(check) and check(proc.stdout.splitlines()), proc.stdout
+
+
+def test_machine_types_become_allocations_of_their_size(slurm_server: Server, cluster: SlurmCluster) -> None:
+    key = slurm_server.create_key("sizes")
+    xs = cluster.job(job_of(slurm_server, key, machine_type="XS", keep_alive=0)["id"])
+    assert "cpu=1,mem=256M" in xs["TRES"], xs["TRES"]
+    m = cluster.job(job_of(slurm_server, key, machine_type="M", keep_alive=0)["id"])
+    assert f"cpu={min(2, cluster.cpus)},mem=2G" in m["TRES"], m["TRES"]
+
+
+def test_keep_alive_reuses_the_job_then_releases_it(slurm_server: Server, cluster: SlurmCluster) -> None:
+    key = slurm_server.create_key("keepalive")
+    source = (
+        "from fal_serverless import isolated\n"
+        "import os\n"
+        "@isolated(keep_alive=2)\n"
+        "def f():\n"
+        "    return os.environ['SLURM_JOB_ID']\n"
+        "print(f(), f())\n"
+    )
+    proc = run_script(source, slurm_server.env(*key))
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split()
+    assert first == second, "the second call within keep_alive got another job"
+    assert first in cluster.worker_jobs()
+    deadline = time.time() + 15
+    while first in cluster.worker_jobs() and time.time() < deadline:
+        time.sleep(0.2)
+    assert first not in cluster.worker_jobs(), "the job outlived its keep_alive"
+
+
+def test_a_memory_hog_is_killed_by_slurms_limit_and_reported(slurm_server: Server, cluster: SlurmCluster) -> None:
+    key = slurm_server.create_key("hog")
+    body = "x = bytearray(600 * 1024 * 1024)\nfor i in range(0, len(x), 4096):\n    x[i] = 1\nreturn len(x)"
+    proc = cloud_call(slurm_server, body, key, machine_type="XS", keep_alive=0)
+    assert proc.returncode != 0
+    assert "MachineTypeExceededError" in proc.stderr
+    assert "exceeded the 256 MB of machine type XS" in proc.stderr, proc.stderr
+    assert job_of(slurm_server, key, machine_type="XS", keep_alive=0)["id"]
+
+
+def test_a_queued_job_shows_as_queued_in_the_callers_logs(slurm_server: Server, cluster: SlurmCluster) -> None:
+    key = slurm_server.create_key("queued")
+    blocker = cluster.command(
+        "sbatch", "--parsable", f"--cpus-per-task={cluster.cpus}", "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 6"
+    ).strip()
+    try:
+        called = job_of(slurm_server, key, machine_type="XS", keep_alive=0)
+    finally:
+        subprocess.run(["scancel", blocker], env=dict(os.environ, **cluster.env), check=False)
+    assert "waiting for a Slurm allocation: PENDING (Resources)" in called["stderr"], called["stderr"]
+
+
+def test_a_job_cancelled_by_an_admin_fails_its_call_clearly(slurm_server: Server, cluster: SlurmCluster) -> None:
+    key = slurm_server.create_key("cancelled")
+    result: Dict[str, subprocess.CompletedProcess[str]] = {}
+    call = threading.Thread(
+        target=lambda: result.setdefault("proc", cloud_call(slurm_server, "import time\ntime.sleep(60)", key))
+    )
+    call.start()
+    deadline = time.time() + 60
+    while not cluster.worker_jobs() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # the call is running on its worker by now
+    (job,) = cluster.worker_jobs()
+    cluster.command("scancel", job)
+    call.join(timeout=60)
+    proc = result["proc"]
+    assert proc.returncode != 0
+    assert "WorkerDiedError" in proc.stderr and "was cancelled in Slurm" in proc.stderr, proc.stderr
+    assert job_of(slurm_server, key, keep_alive=0)["id"] != job
+
+
+def test_a_restarted_server_cancels_the_jobs_it_left(cluster: SlurmCluster) -> None:
+    server = start_server(config=slurm_config(cluster), env=cluster.env)
+    key = server.create_key("restart")
+    # A job queued behind a blocker when the server dies: nothing would ever connect to it.
+    blocker = cluster.command(
+        "sbatch", "--parsable", f"--cpus-per-task={cluster.cpus}", "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 30"
+    ).strip()
+    try:
+        call = threading.Thread(target=lambda: cloud_call(server, "return 1", key, machine_type="XS"))
+        call.start()
+        deadline = time.time() + 30
+        while not cluster.worker_jobs() and time.time() < deadline:
+            time.sleep(0.2)
+        (left,) = cluster.worker_jobs()
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=30)
+        call.join(timeout=60)
+        assert left in cluster.worker_jobs(), "the queued job should outlive the killed server until it restarts"
+        restarted = start_server(config=slurm_config(cluster), data_dir=server.data_dir, env=cluster.env)
+        try:
+            deadline = time.time() + 10
+            while left in cluster.worker_jobs() and time.time() < deadline:
+                time.sleep(0.2)
+            assert left not in cluster.worker_jobs(), "the restarted server did not cancel its old job"
+        finally:
+            restarted.stop()
+    finally:
+        subprocess.run(["scancel", blocker], env=dict(os.environ, **cluster.env), check=False)
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[SlurmCluster]:
+    require_slurm()
+    started = start_cluster(2, MEMORY_MB)
+    yield started
+    started.stop()
+
+
+def test_a_node_lost_mid_call_fails_that_call_and_the_next_lands_on_the_other(two_nodes: SlurmCluster) -> None:
+    cluster = two_nodes
+    first, second = cluster.nodes
+    server = start_server(config=slurm_config(cluster), env=cluster.env)
+    try:
+        key = server.create_key("nodes")
+        # The call must land on the node that can be lost alone (the one in a namespace of its own).
+        cluster.command("scontrol", "update", f"NodeName={first.name}", "State=DRAIN", "Reason=test")
+        result: Dict[str, subprocess.CompletedProcess[str]] = {}
+        call = threading.Thread(
+            target=lambda: result.setdefault("proc", cloud_call(server, "import time\ntime.sleep(120)", key))
+        )
+        call.start()
+        deadline = time.time() + 60
+        while not cluster.worker_jobs() and time.time() < deadline:
+            time.sleep(0.2)
+        (job,) = cluster.worker_jobs()
+        time.sleep(3)  # running on its worker by now
+        assert cluster.job(job)["NodeList"] == second.name
+        cluster.command("scontrol", "update", f"NodeName={first.name}", "State=RESUME")
+
+        cluster.kill_node(second)
+        call.join(timeout=90)
+        proc = result["proc"]
+        assert proc.returncode != 0
+        assert "WorkerDiedError" in proc.stderr and second.name in proc.stderr, proc.stderr
+
+        after = job_of(server, key, keep_alive=0)["id"]
+        assert cluster.job(after)["NodeList"] == first.name
+    finally:
+        server.stop()
+
+
+def test_an_allocation_slurm_refuses_is_a_clear_error(slurm_server: Server) -> None:
+    # The test cluster has no GPUs (no gres), so Slurm refuses the GPU type at submission.
+    key = slurm_server.create_key("refused")
+    proc = cloud_call(slurm_server, "return 1", key, machine_type="GPU-T4")
+    assert proc.returncode != 0
+    assert "MachineTypeUnavailableError" in proc.stderr
+    assert "the cluster refused an allocation for machine type GPU-T4 (--cpus-per-task=4" in proc.stderr, proc.stderr
+    assert job_of(slurm_server, key, keep_alive=0)["id"]
