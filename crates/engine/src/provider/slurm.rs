@@ -106,18 +106,10 @@ impl SlurmProvider {
         provider
     }
 
-    fn command(&self, name: &str) -> Command {
-        let program = self.config.bin_dir.as_ref().map(|dir| dir.join(name)).unwrap_or_else(|| name.into());
-        let mut command = Command::new(program);
-        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        command
-    }
-
     /// Warm jobs a previous run of this server started (it was killed, say) are cancelled: nothing would ever call
     /// them again, and they hold allocations.
     fn cancel_jobs_of_a_previous_run(&self) {
-        let program = self.config.bin_dir.as_ref().map(|dir| dir.join("squeue")).unwrap_or_else(|| "squeue".into());
-        let listed = std::process::Command::new(program)
+        let listed = std::process::Command::new(program(self.config.bin_dir.as_ref(), "squeue"))
             .args(["--noheader", "--name", JOB_NAME, "--format", "%i|%k"])
             .stdin(Stdio::null())
             .output();
@@ -142,8 +134,8 @@ impl SlurmProvider {
             return;
         }
         tracing::info!(jobs = %ours.join(","), "cancelling worker jobs of this server's previous run");
-        let program = self.config.bin_dir.as_ref().map(|dir| dir.join("scancel")).unwrap_or_else(|| "scancel".into());
-        let _ = std::process::Command::new(program).args(&ours).stdin(Stdio::null()).output();
+        let scancel = program(self.config.bin_dir.as_ref(), "scancel");
+        let _ = std::process::Command::new(scancel).args(&ours).stdin(Stdio::null()).output();
     }
 
     async fn callback(&self) -> Result<Arc<Callback>, CallError> {
@@ -228,7 +220,7 @@ impl SlurmProvider {
     }
 
     async fn submit(&self, script: &str) -> Result<String, String> {
-        let mut sbatch = self.command("sbatch");
+        let mut sbatch = command(self.config.bin_dir.as_ref(), "sbatch");
         sbatch.arg("--parsable").stdin(Stdio::piped());
         let mut child = sbatch.spawn().map_err(|e| format!("cannot run sbatch: {e}"))?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -343,10 +335,7 @@ impl SlurmJob {
     }
 
     fn command(&self, name: &str) -> Command {
-        let program = self.bin_dir.as_ref().map(|dir| dir.join(name)).unwrap_or_else(|| name.into());
-        let mut command = Command::new(program);
-        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        command
+        command(self.bin_dir.as_ref(), name)
     }
 
     /// State, reason and node as `squeue` shows them; an empty state once the job has left the queue.
@@ -377,9 +366,8 @@ impl SlurmJob {
         if self.id.is_empty() {
             return;
         }
-        let program = self.bin_dir.as_ref().map(|dir| dir.join("scancel")).unwrap_or_else(|| "scancel".into());
         // Not awaited: this runs from Drop, and scancel only asks slurmctld.
-        let _ = std::process::Command::new(program)
+        let _ = std::process::Command::new(program(self.bin_dir.as_ref(), "scancel"))
             .arg(&self.id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -458,6 +446,17 @@ impl Placement for SlurmJob {
             let _ = self.command("scancel").arg(&self.id).output().await;
         })
     }
+}
+
+/// A Slurm command: from `bin_dir`, or `PATH`.
+fn program(bin_dir: Option<&PathBuf>, name: &str) -> PathBuf {
+    bin_dir.map(|dir| dir.join(name)).unwrap_or_else(|| name.into())
+}
+
+fn command(bin_dir: Option<&PathBuf>, name: &str) -> Command {
+    let mut command = Command::new(program(bin_dir, name));
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
 }
 
 fn is_terminal(state: &str) -> bool {
@@ -553,6 +552,40 @@ mod tests {
         assert_eq!(SlurmAllocation::of(&xs).options(), ["--cpus-per-task=1", "--mem=256M"]);
         let gpu = MachineType::new("GPU", 8.0, 64 * 1024 * 1024 * 1024, 1);
         assert_eq!(SlurmAllocation::of(&gpu).options()[2], "--gres=gpu:1");
+    }
+
+    #[test]
+    fn the_job_script_asks_for_the_allocation_then_becomes_the_agent() {
+        let config =
+            SlurmConfig { partition: Some("debug".into()), tag: "fal-serverless-t".into(), ..Default::default() };
+        let provider = SlurmProvider { config, callback: OnceCell::new() };
+        let spec = WorkerSpec {
+            python: "/data/envs/u/k/bin/python".into(),
+            env_root: "/data/envs/u/k".into(),
+            dill_layer: None,
+            cgroup: None,
+            jail: None,
+            visible_gpus: None,
+            max_payload: 1024,
+        };
+        let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
+        let script = provider.script(&spec, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc").unwrap();
+        for line in [
+            "#SBATCH --comment=fal-serverless-t",
+            "#SBATCH --no-requeue",
+            "#SBATCH --cpus-per-task=2",
+            "#SBATCH --mem=2048M",
+            "#SBATCH --partition=debug",
+            "exec 3<>/dev/tcp/10.0.0.5/7000 4<>/dev/tcp/10.0.0.5/7000 5<>/dev/tcp/10.0.0.5/7000 || exit 1",
+            "printf 'abc frames\\n' >&3; printf 'abc stdout\\n' >&4; printf 'abc stderr\\n' >&5",
+            "export VIRTUAL_ENV='/data/envs/u/k'",
+        ] {
+            assert!(script.lines().any(|l| l == line), "{line:?} missing from:\n{script}");
+        }
+        // The agent's source travels quoted, whole, as the last argument.
+        let exec = script.split_once("\nexec '").map(|(_, exec)| exec).unwrap();
+        assert!(exec.starts_with("/data/envs/u/k/bin/python' '-I' '-u' '-c' '"), "{exec}");
+        assert!(exec.contains("def serve():") && exec.ends_with("serve()\n'\n"));
     }
 
     #[test]
