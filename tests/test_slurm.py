@@ -150,6 +150,21 @@ def test_a_job_cancelled_by_an_admin_fails_its_call_clearly(slurm_server: Server
     assert job_of(slurm_server, key, keep_alive=0)["id"] != job
 
 
+def test_a_warm_job_cancelled_while_idle_is_replaced_on_the_next_call(
+    slurm_server: Server, cluster: SlurmCluster
+) -> None:
+    key = slurm_server.create_key("idle-cancelled")
+    warm = job_of(slurm_server, key, keep_alive=120)["id"]
+    assert job_of(slurm_server, key, keep_alive=120)["id"] == warm, "the second call did not reuse the warm job"
+    cluster.command("scancel", warm)
+    deadline = time.time() + 30
+    while warm in cluster.worker_jobs() and time.time() < deadline:
+        time.sleep(0.2)
+    assert warm not in cluster.worker_jobs()
+    replaced = job_of(slurm_server, key, keep_alive=0)
+    assert replaced["id"] != warm
+
+
 def test_a_restarted_server_cancels_the_jobs_it_left(cluster: SlurmCluster) -> None:
     server = start_server(config=slurm_config(cluster), env=cluster.env)
     key = server.create_key("restart")

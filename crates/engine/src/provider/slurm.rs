@@ -390,7 +390,8 @@ impl Placement for SlurmJob {
     }
 
     fn has_ended(&mut self) -> bool {
-        // Known only by asking Slurm; a worker whose job ended while idle fails its next call, which says why.
+        // Known only by asking Slurm, too slow for every call; a job that ended while idle closed its connection,
+        // which the worker itself sees.
         false
     }
 

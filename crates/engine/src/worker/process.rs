@@ -95,9 +95,9 @@ pub(crate) struct Reply {
     pub payload: Vec<u8>,
 }
 
-/// A byte stream to a worker's agent: a socket pair on this host, a TCP connection from a cluster's node.
-pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin + std::fmt::Debug {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + std::fmt::Debug> Duplex for T {}
+/// A socket to a worker's agent: a socket pair on this host, a TCP connection from a cluster's node.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + AsRawFd + Send + Unpin + std::fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + AsRawFd + Send + Unpin + std::fmt::Debug> Duplex for T {}
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -203,7 +203,21 @@ impl Worker {
 
     /// Whether the worker has ended (while idle, say): such a worker is never handed a call.
     pub fn has_exited(&mut self) -> bool {
-        self.placement.has_ended()
+        self.placement.has_ended() || self.connection_closed()
+    }
+
+    /// Whether the agent's end of the frame stream is gone, asked of the kernel without waiting. The placement may
+    /// not know yet (a cluster's job is known only by asking the cluster), but a closed connection means the agent
+    /// is gone. An idle agent sends nothing, so anything readable (end of stream, an error, a stray byte) rules the
+    /// worker out; peeking consumes nothing.
+    fn connection_closed(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: `recv` writes at most one byte into `byte`, which outlives the call; the descriptor is ours and open.
+        let read = unsafe {
+            libc::recv(self.frames.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        let would_block = read < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock;
+        !would_block
     }
 
     /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile.
@@ -311,5 +325,52 @@ fn describe_exit(status: ExitStatus, jailed: bool) -> String {
         format!("killed by signal {signal}{name}")
     } else {
         format!("exited with code {}", status.code().unwrap_or(-1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A placement that never learns of its own end, as a cluster's job between polls.
+    #[derive(Debug)]
+    struct Unknowing;
+
+    impl Placement for Unknowing {
+        fn id(&self) -> u32 {
+            0
+        }
+        fn has_ended(&mut self) -> bool {
+            false
+        }
+        fn ended<'a>(&'a mut self, _: &'a str, _: &'a str) -> BoxFuture<'a, CallError> {
+            Box::pin(async { CallError::WorkerDied { how: "ended".into() } })
+        }
+        fn stop(&mut self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn worker() -> (Worker, UnixStream) {
+        let (ours, agent) = UnixStream::pair().expect("socket pair");
+        let (stdout, _) = pipe().expect("pipe");
+        let (stderr, _) = pipe().expect("pipe");
+        let worker = Worker::connected(Box::new(Unknowing), Box::new(ours), stdout, stderr, 1024).expect("worker");
+        (worker, agent)
+    }
+
+    #[tokio::test]
+    async fn an_idle_worker_whose_agent_closed_its_connection_has_exited() {
+        let (mut worker, agent) = worker();
+        assert!(!worker.has_exited());
+        drop(agent);
+        assert!(worker.has_exited());
+    }
+
+    #[tokio::test]
+    async fn an_idle_worker_whose_agent_sends_unasked_has_exited() {
+        let (mut worker, agent) = worker();
+        agent.try_write(b"x").expect("write");
+        assert!(worker.has_exited());
     }
 }
