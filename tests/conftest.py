@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from fal_serverless import IsolatedFunction, _native, local
@@ -203,8 +203,11 @@ def is_joke(line: str) -> bool:
     return len(line) > 10
 
 
+#: What an example must print: a test of its stdout's lines.
+OutputCheck = Callable[[List[str]], bool]
+
 #: The reference's examples that run on a server, and what each must print.
-REFERENCE_CHECKS = [
+REFERENCE_CHECKS: List[Tuple[str, OutputCheck]] = [
     ("01_isolated.py", lambda lines: lines == ["Hello World"]),
     ("02_requirements.py", lambda lines: len(lines) == 1 and is_joke(lines[0])),
     ("03_machine_type.py", lambda lines: len(lines) == 2 and all(map(is_joke, lines))),
@@ -212,6 +215,13 @@ REFERENCE_CHECKS = [
     ("06_keep_alive.py", lambda lines: len(lines) == 2 and all(map(is_joke, lines))),
     ("07_cached.py", lambda lines: lines == ["The result is: Hello, World!"] * 2),
 ]
+
+
+def check_reference_example(server: Server, name: str, check: OutputCheck) -> None:
+    """Runs the reference's example `name` against `server` and asserts it succeeded and printed what `check` wants."""
+    proc = run_example(server, name)
+    assert proc.returncode == 0, proc.stderr
+    assert check(proc.stdout.splitlines()), proc.stdout
 
 
 def env_key(fn: IsolatedFunction[Any]) -> str:

@@ -14,7 +14,9 @@ import pytest
 from conftest import (
     EXAMPLES,
     REFERENCE_CHECKS,
+    OutputCheck,
     Server,
+    check_reference_example,
     cloud_call,
     pid_alive,
     run_example,
@@ -27,10 +29,8 @@ from conftest import (
 
 
 @pytest.mark.parametrize(("name", "check"), REFERENCE_CHECKS)
-def test_reference_examples_run_against_the_server(server: Server, name: str, check: object) -> None:
-    proc = run_example(server, name)
-    assert proc.returncode == 0, proc.stderr
-    assert callable(check) and check(proc.stdout.splitlines()), proc.stdout
+def test_reference_examples_run_against_the_server(server: Server, name: str, check: OutputCheck) -> None:
+    check_reference_example(server, name, check)
 
 
 def test_credentials_example_with_a_key_made_by_the_cli(server: Server, tmp_path: Path) -> None:

@@ -12,7 +12,15 @@ import time
 from typing import Dict, Iterator, Set
 
 import pytest
-from conftest import REFERENCE_CHECKS, Server, cloud_call, run_example, run_script, start_server
+from conftest import (
+    REFERENCE_CHECKS,
+    OutputCheck,
+    Server,
+    check_reference_example,
+    cloud_call,
+    run_script,
+    start_server,
+)
 from slurm_cluster import SlurmCluster, missing_tools, start_cluster
 
 MEMORY_MB = 6000
@@ -40,19 +48,27 @@ def require_slurm() -> None:
         pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[SlurmCluster]:
+def running_cluster(nodes: int) -> Iterator[SlurmCluster]:
     require_slurm()
-    started = start_cluster(1, MEMORY_MB)
+    started = start_cluster(nodes, MEMORY_MB)
     yield started
     started.stop()
 
 
-@pytest.fixture(scope="module")
-def slurm_server(cluster: SlurmCluster) -> Iterator[Server]:
+def server_on(cluster: SlurmCluster) -> Iterator[Server]:
     server = start_server(config=slurm_config(cluster), env=cluster.env)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SlurmCluster]:
+    yield from running_cluster(1)
+
+
+@pytest.fixture(scope="module")
+def slurm_server(cluster: SlurmCluster) -> Iterator[Server]:
+    yield from server_on(cluster)
 
 
 def new_worker_job(cluster: SlurmCluster, before: Set[str], timeout: float = 60) -> str:
@@ -74,10 +90,8 @@ def job_of(server: Server, key: tuple[str, str], **options: object) -> Dict[str,
 
 
 @pytest.mark.parametrize(("name", "check"), REFERENCE_CHECKS)
-def test_reference_examples_run_through_slurm(slurm_server: Server, name: str, check: object) -> None:
-    proc = run_example(slurm_server, name)
-    assert proc.returncode == 0, proc.stderr
-    assert callable(check) and check(proc.stdout.splitlines()), proc.stdout
+def test_reference_examples_run_through_slurm(slurm_server: Server, name: str, check: OutputCheck) -> None:
+    check_reference_example(slurm_server, name, check)
 
 
 def test_machine_types_become_allocations_of_their_size(slurm_server: Server, cluster: SlurmCluster) -> None:
@@ -205,24 +219,17 @@ def test_an_allocation_slurm_refuses_is_a_clear_error(slurm_server: Server) -> N
 
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[SlurmCluster]:
-    require_slurm()
-    started = start_cluster(2, MEMORY_MB)
-    yield started
-    started.stop()
+    yield from running_cluster(2)
 
 
 @pytest.fixture(scope="module")
 def two_node_server(two_nodes: SlurmCluster) -> Iterator[Server]:
-    server = start_server(config=slurm_config(two_nodes), env=two_nodes.env)
-    yield server
-    server.stop()
+    yield from server_on(two_nodes)
 
 
 @pytest.mark.parametrize(("name", "check"), REFERENCE_CHECKS)
-def test_reference_examples_run_on_two_nodes(two_node_server: Server, name: str, check: object) -> None:
-    proc = run_example(two_node_server, name)
-    assert proc.returncode == 0, proc.stderr
-    assert callable(check) and check(proc.stdout.splitlines()), proc.stdout
+def test_reference_examples_run_on_two_nodes(two_node_server: Server, name: str, check: OutputCheck) -> None:
+    check_reference_example(two_node_server, name, check)
 
 
 def test_a_node_lost_mid_call_fails_that_call_and_the_next_lands_on_the_other(

@@ -3,8 +3,8 @@
 //! Granted, read-only: the system's programs and libraries (`/usr`, and `/bin`, `/lib`, `/lib64`, `/sbin` as the
 //! usual links into it), `/etc`, and the paths the caller names, each at its real path: the engine names the
 //! interpreter's installation, the worker's own environment and, for dill workers, the dill layer's packages.
-//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777), which vanishes with the worker. Granted: a fresh
-//! `/proc` of its own PID namespace, a minimal `/dev`, and the host's network.
+//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777), which vanishes with the worker. Granted: a
+//! fresh `/proc` of its own PID namespace, a minimal `/dev`, and the host's network.
 //!
 //! Denied: every other path (the server's data dir, other environments, users' homes), the host's processes (a PID
 //! namespace of its own: nothing outside can be seen or signalled), IPC and hostname namespaces of the host, every

@@ -55,20 +55,11 @@ impl LocalProvider {
     }
 
     /// `CUDA_VISIBLE_DEVICES` for a worker of `machine`: empty for CPU types (no GPU is visible to them); for GPU
-    /// types the first GPUs of this host. On the local host workers share the host's GPUs, as the user's own
-    /// processes do; exclusive assignment is the server's job.
-    fn visible_gpus(&self, machine: &MachineType) -> Result<String, CallError> {
-        if machine.gpus == 0 {
-            return Ok(String::new());
-        }
-        if machine.gpus > self.gpus {
-            return Err(CallError::NoGpu {
-                machine_type: machine.name.clone(),
-                needed: machine.gpus,
-                available: self.gpus,
-            });
-        }
-        Ok((0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(","))
+    /// types the first GPUs of this host (the engine refused types needing more than [`Provider::gpus`] says). On the
+    /// local host workers share the host's GPUs, as the user's own processes do; exclusive assignment is the server's
+    /// job.
+    fn visible_gpus(machine: &MachineType) -> String {
+        (0..machine.gpus).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -81,7 +72,7 @@ impl Provider for LocalProvider {
         logs: &'a LogSink,
     ) -> BoxFuture<'a, Result<Worker, CallError>> {
         Box::pin(async move {
-            spec.visible_gpus = Some(self.visible_gpus(machine)?);
+            spec.visible_gpus = Some(Self::visible_gpus(machine));
             spec.cgroup = self.cgroup_for(machine, logs)?;
             // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as
             // long as the runtime, never from a caller's thread (which polls its call itself, and may end first).

@@ -18,6 +18,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
@@ -249,7 +250,7 @@ impl Provider for SlurmProvider {
     ) -> BoxFuture<'a, Result<Worker, CallError>> {
         Box::pin(async move {
             let callback = self.callback().await?;
-            let token = token()?;
+            let token = token();
             let (sender, mut connections) = mpsc::unbounded_channel();
             let _registered = Registration::new(&callback, &token, sender);
             let allocation = self.allocation(machine);
@@ -284,10 +285,7 @@ impl Provider for SlurmProvider {
                             });
                         }
                         job.node = node.or(job.node.take());
-                        let now = match reason.as_str() {
-                            "" | "None" => state.clone(),
-                            reason => format!("{state} ({reason})"),
-                        };
+                        let now = with_reason(&state, &reason);
                         if state == "PENDING" && now != shown {
                             logs.send(LogSource::Engine, format!("waiting for a Slurm allocation: {now}"));
                             shown = now;
@@ -355,11 +353,7 @@ impl SlurmJob {
         let output = self.command("scontrol").args(["--oneliner", "show", "job", &self.id]).output().await.ok()?;
         let text = String::from_utf8_lossy(&output.stdout).to_string();
         let field = |name: &str| text.split_whitespace().find_map(|kv| kv.strip_prefix(name)).map(str::to_string);
-        let state = field("JobState=")?;
-        Some(match field("Reason=").filter(|r| r != "None") {
-            Some(reason) => format!("{state} ({reason})"),
-            None => state,
-        })
+        Some(with_reason(&field("JobState=")?, &field("Reason=").unwrap_or_default()))
     }
 
     fn cancel_now(&self) {
@@ -449,6 +443,14 @@ impl Placement for SlurmJob {
     }
 }
 
+/// A job's state as Slurm words it, with the reason Slurm gives where it gives one: `PENDING (Resources)`.
+fn with_reason(state: &str, reason: &str) -> String {
+    match reason {
+        "" | "None" => state.to_string(),
+        reason => format!("{state} ({reason})"),
+    }
+}
+
 /// A Slurm command: from `bin_dir`, or `PATH`.
 fn program(bin_dir: Option<&PathBuf>, name: &str) -> PathBuf {
     bin_dir.map(|dir| dir.join(name)).unwrap_or_else(|| name.into())
@@ -528,12 +530,10 @@ async fn greeting(stream: &mut TcpStream) -> std::io::Result<Option<(String, Str
 }
 
 /// A one-time secret a worker job proves itself with.
-fn token() -> Result<String, CallError> {
+fn token() -> String {
     let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .map_err(|e| CallError::Spawn(format!("cannot read /dev/urandom: {e}")))?;
-    Ok(hex::encode(bytes))
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
 }
 
 /// `value` quoted for bash.

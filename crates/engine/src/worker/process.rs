@@ -54,12 +54,18 @@ impl WorkerSpec {
     pub fn agent_command(&self) -> Result<AgentCommand, CallError> {
         // The agent's arguments (after `-c`) name the serializer: none for cloudpickle, `dill <layer>` for dill.
         let mut agent_args = vec!["-I", "-u", "-c", AGENT];
-        let layer = match &self.dill_layer {
-            None => None,
-            Some(path) => Some(path.to_str().ok_or_else(|| {
-                CallError::Spawn(format!("the dill layer's path {} is not UTF-8; use a plain data dir", path.display()))
-            })?),
-        };
+        let layer = self
+            .dill_layer
+            .as_deref()
+            .map(|path| {
+                path.to_str().ok_or_else(|| {
+                    CallError::Spawn(format!(
+                        "the dill layer's path {} is not UTF-8; use a plain data dir",
+                        path.display()
+                    ))
+                })
+            })
+            .transpose()?;
         if let Some(layer) = layer {
             agent_args.extend(["dill", layer]);
         }
