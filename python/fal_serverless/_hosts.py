@@ -52,7 +52,7 @@ class LocalHost(Host):
             return self._engine
 
     def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        payload = _serialization.dump_call(func, args, kwargs)
+        call = _serialization.dump_call(func, args, kwargs)
         raised, reply = self.engine.call(
             python_version=options.python_version,
             interpreter=_base_interpreter(),
@@ -60,11 +60,11 @@ class LocalHost(Host):
             serializer=_serialization.SERIALIZER,
             machine_type=options.machine_type,
             keep_alive=float(options.keep_alive),
-            payload=payload,
+            payload=call.payload,
             on_log=show_log,
             timeout=options.timeout,
         )
-        return _serialization.load_reply(raised, reply, func)
+        return _serialization.load_reply(raised, reply, func, call)
 
 
 class CloudHost(Host):
@@ -100,19 +100,19 @@ class CloudHost(Host):
 
     def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         client = self.client(options.credentials)
-        payload = _serialization.dump_call(func, args, kwargs)
+        call = _serialization.dump_call(func, args, kwargs)
         raised, reply = client.run(
             python_version=options.python_version,
             requirements=list(options.requirements),
             serializer=_serialization.SERIALIZER,
             machine_type=options.machine_type,
             keep_alive=math.ceil(options.keep_alive),
-            payload=payload,
+            payload=call.payload,
             function_name=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}",
             on_log=show_log,
             timeout=options.timeout,
         )
-        return _serialization.load_reply(raised, reply, func)
+        return _serialization.load_reply(raised, reply, func, call)
 
 
 local = LocalHost()

@@ -3,10 +3,12 @@ of the exception back. Exceptions are re-raised here as their own type, with the
 
 from __future__ import annotations
 
+import io
+import linecache
 import sys
 import sysconfig
-from types import ModuleType
-from typing import Any, Callable, Dict, NoReturn, Set, Tuple
+from types import CodeType, ModuleType
+from typing import Any, Callable, Dict, List, NoReturn, Set, Tuple
 
 import cloudpickle
 
@@ -26,10 +28,38 @@ _INSTALLED_PATHS = tuple(
 _by_value: Set[str] = set()
 
 
-def dump_call(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+class Call:
+    """A pickled call, with the code objects it carries: a remote traceback names its frames by the code they ran,
+    and the client puts its own file names and source lines back on them (cloudpickle 3.1.3 and later ship code
+    with the file name "<dynamic-code>"; the worker never has the caller's source files)."""
+
+    __slots__ = ("codes", "payload")
+
+    def __init__(self, payload: bytes, codes: Dict[Tuple[str, int], CodeType]) -> None:
+        self.payload = payload
+        self.codes = codes
+
+
+class _RecordingPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, noting every code object it pickles by (name, first line)."""
+
+    def __init__(self, file: io.BytesIO, codes: Dict[Tuple[str, int], CodeType]) -> None:
+        super().__init__(file, protocol=PROTOCOL)
+        self._codes = codes
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is CodeType:
+            self._codes.setdefault((obj.co_name, obj.co_firstlineno), obj)
+        return super().reducer_override(obj)
+
+
+def dump_call(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Call:
     _pickle_project_module_by_value(func)
+    codes: Dict[Tuple[str, int], CodeType] = {}
     try:
-        return cloudpickle.dumps((func, args, kwargs), protocol=PROTOCOL)  # type: ignore[no-any-return]
+        buffer = io.BytesIO()
+        _RecordingPickler(buffer, codes).dump((func, args, kwargs))
+        return Call(buffer.getvalue(), codes)
     except Exception as exc:
         raise SerializationError(
             f"could not pickle the call to {_name(func)}: {type(exc).__name__}: {exc}. The function, its arguments "
@@ -38,7 +68,7 @@ def dump_call(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
         ) from exc
 
 
-def load_reply(raised: bool, reply: bytes, func: Callable[..., Any]) -> Any:
+def load_reply(raised: bool, reply: bytes, func: Callable[..., Any], call: Call) -> Any:
     if not raised:
         try:
             return cloudpickle.loads(reply)
@@ -48,12 +78,15 @@ def load_reply(raised: bool, reply: bytes, func: Callable[..., Any]) -> Any:
                 f"a type from a package installed only in the function's environment; install that package here "
                 f"too, or return plain Python objects."
             ) from exc
-    raise_remote(cloudpickle.loads(reply), func)
+    raise_remote(cloudpickle.loads(reply), func, call.codes)
 
 
-def raise_remote(info: Dict[str, Any], func: Callable[..., Any]) -> NoReturn:
-    """Re-raises what the worker described: the original exception where it can be recreated here."""
-    remote = RemoteTraceback(info["traceback"])
+def raise_remote(info: Dict[str, Any], func: Callable[..., Any], codes: Dict[Tuple[str, int], CodeType]) -> NoReturn:
+    """Re-raises what the worker described: the original exception where it can be recreated here. A worker of an
+    older server sends only the traceback's text; that is shown as it came."""
+    chain = info.get("chain")
+    text = info["traceback"] if chain is None else format_remote_traceback(chain, codes)
+    remote = RemoteTraceback(text)
     where = f"{info['type']}: {info['message']}"
     if info["stage"] == "load":
         raise SerializationError(
@@ -74,6 +107,27 @@ def raise_remote(info: Dict[str, Any], func: Callable[..., Any]) -> NoReturn:
     if not isinstance(exception, BaseException):
         exception = RemoteError(info["type"], info["message"])
     raise exception from remote
+
+
+def format_remote_traceback(chain: List[Dict[str, Any]], codes: Dict[Tuple[str, int], CodeType]) -> str:
+    """The remote exception chain as Python prints it, with the caller's file names and source lines on frames of
+    code the call carried; other frames (installed packages) keep what the worker saw."""
+    parts: List[str] = []
+    for entry in chain:
+        if entry["frames"]:
+            parts.append("Traceback (most recent call last):\n")
+        for filename, lineno, name, firstlineno, line in entry["frames"]:
+            code = codes.get((name, firstlineno))
+            if code is not None:
+                filename = code.co_filename
+                line = linecache.getline(filename, lineno).strip() or line
+            parts.append(f'  File "{filename}", line {lineno}, in {name}\n')
+            if line:
+                parts.append(f"    {line}\n")
+        parts.extend(entry["exception"])
+        if entry["link"]:
+            parts.append(entry["link"])
+    return "".join(parts)
 
 
 def _name(func: Callable[..., Any]) -> str:

@@ -29,10 +29,49 @@ def describe_for_cloudpickle(cloudpickle, exc, stage, tb):
             "type": cls.__module__ + "." + cls.__qualname__,
             "message": safe_str(exc),
             "traceback": "".join(traceback.format_exception(cls, exc, tb)),
+            "chain": describe_chain(exc, tb),
             "exception": exception,
         },
         protocol=5,
     )
+
+
+def describe_chain(exc, tb):
+    """The exception and those it was raised from, oldest first, each with its frames as data: the client prints
+    them, putting its own file names and source lines on the frames of its code (cloudpickle 3.1.3 and later ship
+    code with the file name "<dynamic-code>", and the caller's source files are not here anyway).
+
+    Each entry: {"frames": [[filename, lineno, name, firstlineno, line]], "exception": [lines], "link": the text
+    printed between it and the next entry, None for the last}."""
+    import linecache
+    import traceback
+
+    entries = []
+    seen = set()
+    link = None
+    while exc is not None and id(exc) not in seen and len(entries) < 64:
+        seen.add(id(exc))
+        frames = []
+        for frame, lineno in traceback.walk_tb(tb):
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
+            frames.append([code.co_filename, lineno, code.co_name, code.co_firstlineno, line])
+        entries.append(
+            {"frames": frames, "exception": traceback.format_exception_only(type(exc), exc), "link": link}
+        )
+        if exc.__cause__ is not None:
+            link = "\nThe above exception was the direct cause of the following exception:\n\n"
+            exc = exc.__cause__
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            link = "\nDuring handling of the above exception, another exception occurred:\n\n"
+            exc = exc.__context__
+        else:
+            break
+        tb = exc.__traceback__
+    # Oldest first, as Python prints them; each entry's link was recorded on the way to it, from the exception
+    # that follows it in print order.
+    entries.reverse()
+    return entries
 
 
 def describe_for_dill(dill, exc, stage, tb):
