@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -338,3 +339,90 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         if area in _area_outcomes:
             passed, total = _area_outcomes[area]
             terminalreporter.write_line(line.format(passed=passed, total=total, **HELD_CALLS))
+
+
+# --- test hosts: listeners in a network namespace of the test's own, on addresses of the ranges under test --------
+
+#: The test hosts' addresses (in their namespace) and the host's end of the link to them.
+TEST_HOSTS = {"public": "198.51.100.1", "link_local": "169.254.77.1", "private": "10.77.0.1"}
+_HOST_ENDS = ["198.51.100.2/24", "169.254.77.2/24", "10.77.0.2/24"]
+#: The port every test host serves HTTP on: GET / answers "test host <address>"; GET /files/NAME serves a file.
+TEST_HOST_PORT = 8000
+
+
+@dataclass
+class NetworkHosts:
+    """A network namespace with an HTTP server on each of TEST_HOSTS' addresses, reached from the host over a veth;
+    `files` is the directory its /files/ serves (a package index, for the build tests)."""
+
+    namespace: str
+    files: Path
+
+    def url(self, kind: str, path: str = "") -> str:
+        return f"http://{TEST_HOSTS[kind]}:{TEST_HOST_PORT}/{path}"
+
+
+_TEST_HOST_SERVER = """
+import http.server, os, sys
+files = sys.argv[1]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.do_GET(head=True)
+    def do_GET(self, head=False):
+        if self.path.startswith("/files/"):
+            path = os.path.join(files, os.path.basename(self.path))
+            if not os.path.isfile(path):
+                self.send_error(404)
+                return
+            body = open(path, "rb").read()
+        else:
+            body = ("test host " + self.connection.getsockname()[0]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Handler).serve_forever()
+"""
+
+
+@pytest.fixture(scope="session")
+def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHosts]:
+    """Test hosts for the network checks: all traffic to them stays in namespaces this fixture makes."""
+    if os.geteuid() != 0:
+        pytest.fail("the network isolation tests need root (network namespaces, veth pairs)")
+    namespace, link = f"faltest-{os.getpid()}", f"faltest{os.getpid() % 100000}"
+    files = tmp_path_factory.mktemp("test-host-files")
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", namespace)
+    try:
+        ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+        for host_end, address in zip(_HOST_ENDS, TEST_HOSTS.values()):
+            ip("addr", "add", host_end, "dev", link)
+            ip("-n", namespace, "addr", "add", address + "/24", "dev", "eth0")
+        ip("link", "set", link, "up")
+        ip("-n", namespace, "link", "set", "eth0", "up")
+        ip("-n", namespace, "link", "set", "lo", "up")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", _TEST_HOST_SERVER, str(files), str(TEST_HOST_PORT)]
+        )
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection((TEST_HOSTS["public"], TEST_HOST_PORT), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield NetworkHosts(namespace, files)
+        server.kill()
+        server.wait()
+    finally:
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)

@@ -6,19 +6,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fal_sandbox::Jail;
+use fal_sandbox::{CgroupManager, Jail, JailNetwork, Limits, NetworkManager};
 
-use crate::environment::{find_interpreter, EnvBuilder, EnvSpec, PythonVersion, Serializer};
+use crate::environment::{
+    find_interpreter, installation_of, BuildSandbox, Builder, EnvBuilder, EnvSpec, Interpreter, PythonVersion,
+    Serializer,
+};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
 use crate::provider::local::LocalProvider;
 use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
-use crate::worker::{NoReply, PoolKey, Worker, WorkerPool, WorkerSpec};
+use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
+/// The uid that builds layers shared by every tenant (the dill layer), and runs jailed processes of callers that
+/// name no uid: `nobody`, which no tenant's own processes use.
+const SHARED_UID: u32 = 65534;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -29,10 +35,29 @@ pub struct EngineConfig {
     pub uv: PathBuf,
     pub machine_types: MachineTypes,
     pub max_payload_bytes: usize,
-    /// Jail workers (the server does; the local host does not: there the user runs their own code).
+    /// Jail workers and environment builds (the server does; the local host does not: there the user runs their
+    /// own code).
     pub jail: Option<Jail>,
+    /// Network namespaces for jailed workers and builds; `None`: loopback only.
+    pub network: Option<Arc<NetworkManager>>,
+    /// What a jailed environment build may use.
+    pub build: BuildLimits,
     /// Where workers run.
     pub provider: ProviderConfig,
+}
+
+/// The limits of one jailed environment build (`[build]` in the server's config).
+#[derive(Debug, Clone, Copy)]
+pub struct BuildLimits {
+    pub limits: Limits,
+    pub timeout: Duration,
+}
+
+impl Default for BuildLimits {
+    /// 2 CPUs, 4 GiB, 1024 tasks, 15 minutes.
+    fn default() -> Self {
+        Self { limits: Limits { cpus: 2.0, memory_bytes: 4 << 30, pids: 1024 }, timeout: Duration::from_secs(900) }
+    }
 }
 
 impl EngineConfig {
@@ -58,6 +83,8 @@ impl EngineConfig {
             machine_types: MachineTypes::builtin(),
             max_payload_bytes,
             jail: None,
+            network: None,
+            build: BuildLimits::default(),
             provider: ProviderConfig::Local,
         }
     }
@@ -69,6 +96,8 @@ pub struct CallRequest {
     /// Whose call this is: workers and environments are never shared across tenants. A plain name (letters,
     /// digits, `-`, `_`).
     pub tenant: String,
+    /// The uid (and gid) the tenant's jailed workers and builds run as; `None`: `nobody`.
+    pub uid: Option<u32>,
     pub env: EnvSpec,
     /// An interpreter of `env.python` to build with, if the caller knows one (the client's own, on the local host).
     pub interpreter: Option<PathBuf>,
@@ -112,19 +141,31 @@ struct Inner {
     layers: EnvBuilder,
     pool: WorkerPool,
     provider: Box<dyn Provider>,
-    interpreters: Mutex<HashMap<PythonVersion, PathBuf>>,
+    interpreters: Mutex<HashMap<PythonVersion, Interpreter>>,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
+        // One hierarchy for workers and builds. Finding it also removes cgroups that a previous run (of a server
+        // killed with SIGKILL, say) left behind.
+        let cgroups = Arc::new(CgroupManager::detect().map_err(|e| e.to_string()));
         let provider: Box<dyn Provider> = match &config.provider {
-            ProviderConfig::Local => Box::new(LocalProvider::new()),
+            ProviderConfig::Local => Box::new(LocalProvider::new(cgroups.clone(), config.network.clone())),
             ProviderConfig::Slurm(slurm) => Box::new(SlurmProvider::new(slurm.clone())),
         };
+        let sandbox = config.jail.clone().map(|jail| BuildSandbox {
+            jail,
+            network: config.network.clone(),
+            limits: config.build.limits,
+            timeout: config.build.timeout,
+            caches: config.cache_dir.join("build-cache"),
+        });
+        let builder = |dir: &str| {
+            EnvBuilder::new(config.cache_dir.join(dir), config.uv.clone(), sandbox.clone(), cgroups.clone())
+        };
         Self(Arc::new(Inner {
-            // Jailed workers see their environment read-only, so its bytecode is compiled once, at build time.
-            builder: EnvBuilder::new(config.cache_dir.join("envs"), config.uv.clone(), config.jail.is_some()),
-            layers: EnvBuilder::new(config.cache_dir.join("layers"), config.uv.clone(), config.jail.is_some()),
+            builder: builder("envs"),
+            layers: builder("layers"),
             config,
             pool: WorkerPool::default(),
             provider,
@@ -201,7 +242,8 @@ impl Engine {
             Some(env) => env,
             None => {
                 let interpreter = self.interpreter(request).await?;
-                inner.builder.ensure(&request.env, &request.tenant, &interpreter, logs).await?
+                let builder = Builder { tenant: &request.tenant, uid: request.uid.unwrap_or(SHARED_UID) };
+                inner.builder.ensure(&request.env, builder, &interpreter, logs).await?
             }
         };
         let layer = match request.env.serializer {
@@ -216,21 +258,23 @@ impl Engine {
                             format!("building the layer dill calls need ({})", layer.requirements.join(", ")),
                         );
                         let interpreter = self.interpreter(request).await?;
-                        inner.layers.ensure(&layer, "dill", &interpreter, logs).await?
+                        let builder = Builder { tenant: "dill", uid: SHARED_UID };
+                        inner.layers.ensure(&layer, builder, &interpreter, logs).await?
                     }
                 };
                 Some(built.site_packages(request.env.python))
             }
         };
-        let jail = match &inner.config.jail {
-            Some(jail) => {
-                let prefix = env.base_prefix().ok_or_else(|| {
-                    CallError::Spawn(format!("environment {} names no interpreter in its pyvenv.cfg", env.key))
-                })?;
-                Some((jail.clone(), prefix))
-            }
-            None => None,
-        };
+        // The provider gives it its network (a namespace of its own on this host).
+        let jail = inner.config.jail.as_ref().map(|jail| WorkerJail {
+            jail: jail.clone(),
+            base_prefix: env.base_prefix.clone(),
+            uid: request.uid.unwrap_or(SHARED_UID),
+            hostname: format!("worker-{:08x}", rand::random::<u32>()),
+            network: JailNetwork::Loopback,
+            namespace: None,
+            resolv_conf: None,
+        });
         let spec = WorkerSpec {
             python: env.python(),
             env_root: env.root.clone(),
@@ -245,18 +289,19 @@ impl Engine {
     }
 
     /// An interpreter for the request's Python version: the caller's hint, else one found once per version.
-    async fn interpreter(&self, request: &CallRequest) -> Result<PathBuf, CallError> {
+    async fn interpreter(&self, request: &CallRequest) -> Result<Interpreter, CallError> {
         let inner = &self.0;
         if let Some(hint) = request.interpreter.as_deref().filter(|h| h.exists()) {
-            return Ok(hint.to_path_buf());
+            return Ok(installation_of(hint).await?);
         }
         let known = inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).get(&request.env.python).cloned();
-        if let Some(path) = known {
-            return Ok(path);
+        if let Some(interpreter) = known {
+            return Ok(interpreter);
         }
         let path = find_interpreter(inner.builder.uv(), request.env.python).await?;
-        inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).insert(request.env.python, path.clone());
-        Ok(path)
+        let interpreter = installation_of(&path).await?;
+        inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).insert(request.env.python, interpreter.clone());
+        Ok(interpreter)
     }
 
     /// NVIDIA GPUs workers can be given: this host's, for the local provider.

@@ -27,6 +27,18 @@ pub enum EnvironmentError {
     InstallFailed { requirements: String, python: String, output: String },
     #[error("could not create the virtual environment for Python {python}:\n{output}")]
     VenvFailed { python: String, output: String },
+    #[error(
+        "the environment build took longer than the server's build timeout of {seconds} s and was stopped; ask the \
+         server's admin to raise [build] timeout_seconds, or use requirements that install faster (wheels)"
+    )]
+    BuildTimeout { seconds: u64 },
+    #[error(
+        "the environment build exceeded the server's build memory limit of {memory_mb} MB and was killed; ask the \
+         server's admin to raise [build] memory_gb"
+    )]
+    BuildOutOfMemory { memory_mb: u64 },
+    #[error("could not set up the build's sandbox: {0}")]
+    Sandbox(String),
     #[error("environment cache {path}: {source}")]
     Io {
         path: PathBuf,

@@ -21,7 +21,7 @@ mod machine;
 mod provider;
 mod worker;
 
-pub use crate::engine::{CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
+pub use crate::engine::{BuildLimits, CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
 pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion, Serializer, DILL_LAYER};
 pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogLine, LogSink, LogSource};

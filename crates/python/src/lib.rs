@@ -218,6 +218,7 @@ impl Engine {
         }
         let request = CallRequest {
             tenant,
+            uid: None,
             env,
             interpreter,
             machine_type,

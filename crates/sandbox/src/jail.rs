@@ -1,37 +1,62 @@
-//! The jail: a worker's view of the system, built with bubblewrap.
+//! The jail: a process's view of the system, built with bubblewrap.
 //!
 //! Granted, read-only: the system's programs and libraries (`/usr`, and `/bin`, `/lib`, `/lib64`, `/sbin` as the
 //! usual links into it), `/etc`, and the paths the caller names, each at its real path: the engine names the
 //! interpreter's installation, the worker's own environment and, for dill workers, the dill layer's packages.
-//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777), which vanishes with the worker. Granted: a
-//! fresh `/proc` of its own PID namespace, a minimal `/dev`, and the host's network.
+//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777), which vanishes with the process, and the
+//! paths the caller names as writable (an environment build's staging dir and its user's build cache). Granted: a
+//! fresh `/proc` of its own PID namespace, a minimal `/dev`, a hostname of its own, and a network namespace of its
+//! own: loopback only, or the one the caller made for it (see `network.rs`), with that namespace's `resolv.conf`.
 //!
 //! Denied: every other path (the server's data dir, other environments, users' homes), the host's processes (a PID
-//! namespace of its own: nothing outside can be seen or signalled), IPC and hostname namespaces of the host, every
-//! capability, and the server's identity: bubblewrap sets up the view as root, then `setpriv` switches to an
-//! unprivileged user (`nobody` by default), clears the capability bounding set and inheritable capabilities, and
-//! sets no-new-privileges before the interpreter starts.
+//! namespace of its own: nothing outside can be seen or signalled), the host's network, IPC and hostname namespaces,
+//! every capability, and the server's identity: bubblewrap sets up the view as root, then `setpriv` switches to the
+//! process's unprivileged user (a uid per user, never the server's), clears the capability bounding set and
+//! inheritable capabilities, and sets no-new-privileges before the program starts.
 
 use std::path::{Path, PathBuf};
 
-/// How to jail a worker: bubblewrap, the user to run as, and what is granted beyond the fixed set above.
+/// Where the jail's tools are.
 #[derive(Debug, Clone)]
 pub struct Jail {
     pub bwrap: PathBuf,
     pub setpriv: PathBuf,
+}
+
+/// What one jailed process is granted beyond the fixed set above.
+#[derive(Debug, Clone, Copy)]
+pub struct Grants<'a> {
+    /// Visible read-only at their real paths.
+    pub read_only: &'a [&'a Path],
+    /// Visible writable at their real paths (they must exist).
+    pub writable: &'a [&'a Path],
     pub uid: u32,
     pub gid: u32,
+    pub hostname: &'a str,
+    pub network: JailNetwork,
+    /// A file to show as `/etc/resolv.conf`.
+    pub resolv_conf: Option<&'a Path>,
+}
+
+/// The network a jailed process has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JailNetwork {
+    /// A namespace of its own with loopback only, made by the jail.
+    Loopback,
+    /// A namespace of its own that the caller made and put the process in before the jail starts.
+    Joined,
+    /// The host's (a Slurm node's: the cluster's network policy applies there).
+    Host,
 }
 
 impl Jail {
-    /// bubblewrap and setpriv from `PATH`, running workers as `nobody` (65534).
+    /// bubblewrap and setpriv from `PATH`.
     pub fn from_path() -> Option<Self> {
-        Some(Self { bwrap: which("bwrap")?, setpriv: which("setpriv")?, uid: 65534, gid: 65534 })
+        Some(Self { bwrap: which("bwrap")?, setpriv: which("setpriv")? })
     }
 
-    /// The program and arguments that run `program args...` inside the jail, with `read_only` (the interpreter's
-    /// installation and the environment) visible at their real paths.
-    pub fn wrap(&self, read_only: &[&Path], program: &Path, args: &[&str]) -> (PathBuf, Vec<String>) {
+    /// The program and arguments that run `program args...` inside the jail with `grants`.
+    pub fn wrap(&self, grants: &Grants<'_>, program: &Path, args: &[&str]) -> (PathBuf, Vec<String>) {
         let mut argv: Vec<String> = [
             "--die-with-parent",
             "--unshare-pid",
@@ -61,6 +86,13 @@ impl Jail {
         ]
         .map(String::from)
         .to_vec();
+        argv.extend(["--hostname".into(), grants.hostname.to_string()]);
+        if grants.network == JailNetwork::Loopback {
+            argv.push("--unshare-net".into());
+        }
+        if let Some(resolv_conf) = grants.resolv_conf {
+            argv.extend(["--ro-bind".into(), resolv_conf.display().to_string(), "/etc/resolv.conf".into()]);
+        }
         for link in ["bin", "lib", "lib64", "sbin"] {
             let path = Path::new("/").join(link);
             if let Ok(target) = std::fs::read_link(&path) {
@@ -73,9 +105,11 @@ impl Jail {
         // bound below them.
         let mut bound: Vec<PathBuf> = ["/usr", "/etc"].map(PathBuf::from).to_vec();
         let mut created: Vec<PathBuf> = Vec::new();
-        for path in read_only {
-            // bubblewrap would create missing parents as root-only directories; the unprivileged worker must be able
-            // to walk through them, and see nothing else there.
+        let paths =
+            grants.read_only.iter().map(|p| (*p, "--ro-bind")).chain(grants.writable.iter().map(|p| (*p, "--bind")));
+        for (path, how) in paths {
+            // bubblewrap would create missing parents as root-only directories; the unprivileged process must be
+            // able to walk through them, and see nothing else there.
             for ancestor in path.ancestors().skip(1).collect::<Vec<_>>().into_iter().rev().skip(1) {
                 if created.iter().any(|c| c == ancestor) || bound.iter().any(|b| ancestor.starts_with(b)) {
                     continue;
@@ -83,14 +117,14 @@ impl Jail {
                 argv.extend(["--perms".into(), "0755".into(), "--dir".into(), ancestor.display().to_string()]);
                 created.push(ancestor.to_path_buf());
             }
-            argv.extend(["--ro-bind".into(), path.display().to_string(), path.display().to_string()]);
+            argv.extend([how.into(), path.display().to_string(), path.display().to_string()]);
             bound.push(path.to_path_buf());
         }
         argv.extend([
             "--".into(),
             self.setpriv.display().to_string(),
-            format!("--reuid={}", self.uid),
-            format!("--regid={}", self.gid),
+            format!("--reuid={}", grants.uid),
+            format!("--regid={}", grants.gid),
             "--clear-groups".into(),
             "--inh-caps=-all".into(),
             "--bounding-set=-all".into(),
@@ -112,16 +146,27 @@ mod tests {
 
     #[test]
     fn grants_parents_walkable_and_each_path_read_only_once() {
-        let jail = Jail { bwrap: "bwrap".into(), setpriv: "setpriv".into(), uid: 65534, gid: 65534 };
+        let jail = Jail { bwrap: "bwrap".into(), setpriv: "setpriv".into() };
         let python = Path::new("/opt/py/3.11");
         let env = Path::new("/var/lib/fal/envs/u1/abc");
-        let (_, argv) = jail.wrap(&[python, env], Path::new("/var/lib/fal/envs/u1/abc/bin/python"), &["-I"]);
+        fn grants<'a>(read_only: &'a [&'a Path]) -> Grants<'a> {
+            Grants {
+                read_only,
+                writable: &[],
+                uid: 200_001,
+                gid: 200_001,
+                hostname: "worker-1a2b",
+                network: JailNetwork::Loopback,
+                resolv_conf: None,
+            }
+        }
+        let (_, argv) = jail.wrap(&grants(&[python, env]), Path::new("/var/lib/fal/envs/u1/abc/bin/python"), &["-I"]);
         let text = argv.join(" ");
         assert!(text.contains("--perms 0755 --dir /opt --perms 0755 --dir /opt/py --ro-bind /opt/py/3.11 /opt/py/3.11"));
         assert!(text.contains("--dir /var/lib/fal/envs/u1 --ro-bind /var/lib/fal/envs/u1/abc /var/lib/fal/envs/u1/abc"));
         assert_eq!(text.matches("--dir /var ").count(), 1);
         assert!(text.ends_with(
-            "--reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
+            "--reuid=200001 --regid=200001 --clear-groups --inh-caps=-all --bounding-set=-all \
                                 --no-new-privs /var/lib/fal/envs/u1/abc/bin/python -I"
         ));
         // The private /tmp is writable by the unprivileged user.
@@ -129,7 +174,17 @@ mod tests {
         // Nothing of the data dir beyond the environment itself is bound.
         assert!(!text.contains("--bind /var/lib/fal "));
         // Below the private /tmp, parents are created walkable too (a data dir may live there).
-        let (_, argv) = jail.wrap(&[Path::new("/tmp/data/envs/u1/abc")], Path::new("/x"), &[]);
+        let (_, argv) = jail.wrap(&grants(&[Path::new("/tmp/data/envs/u1/abc")]), Path::new("/x"), &[]);
         assert!(argv.join(" ").contains("--dir /tmp/data --perms 0755 --dir /tmp/data/envs"));
+        // Its own hostname, and a network namespace with loopback only unless it joined one.
+        assert!(text.contains("--hostname worker-1a2b --unshare-net"));
+        let joined =
+            Grants { network: JailNetwork::Joined, resolv_conf: Some(Path::new("/run/r.conf")), ..grants(&[]) };
+        let text = jail.wrap(&joined, Path::new("/x"), &[]).1.join(" ");
+        assert!(!text.contains("--unshare-net") && text.contains("--ro-bind /run/r.conf /etc/resolv.conf"));
+        // Writable grants are bound read-write.
+        let staging = [Path::new("/data/envs/u1/.tmp-abc")];
+        let text = jail.wrap(&Grants { writable: &staging, ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
+        assert!(text.contains("--bind /data/envs/u1/.tmp-abc /data/envs/u1/.tmp-abc"));
     }
 }

@@ -15,8 +15,12 @@
 //!   - membership of its cgroup before the first instruction of Python runs;
 //!   - exactly one inherited descriptor besides stdio: the frame socket, as fd 3.
 //!
-//! * **A view of the system** ([`Jail`]), for workers of other users (the server): bubblewrap namespaces, a
-//!   read-only environment, a private `/tmp`, an unprivileged uid; its module doc lists every grant and denial.
+//! * **A view of the system** ([`Jail`]), for workers and environment builds of other users (the server):
+//!   bubblewrap namespaces, a read-only environment, a private `/tmp`, a hostname of its own, the user's own
+//!   unprivileged uid; its module doc lists every grant and denial.
+//! * **A network of its own** ([`NetworkManager`]): a network namespace per jailed process, with loopback only or
+//!   egress to public addresses through a veth and the server's nftables table; its module doc lists what is
+//!   reachable.
 //!
 //! Where cgroups cannot be written (no root, no delegated v2 hierarchy) [`CgroupManager::detect`] says why, and the
 //! caller decides to run unlimited. On the local host no jail is used: the worker runs as the calling user, with
@@ -24,10 +28,12 @@
 
 mod cgroup;
 mod jail;
+mod network;
 mod process;
 
 pub use crate::cgroup::{CgroupManager, CgroupVersion, Limits, WorkerCgroup};
-pub use crate::jail::Jail;
+pub use crate::jail::{Grants, Jail, JailNetwork};
+pub use crate::network::{host_resolver, Egress, Ipv4Net, Namespace, NetworkManager, NetworkPolicy};
 pub use crate::process::ProcessSetup;
 
 /// Why the sandbox could not be set up.

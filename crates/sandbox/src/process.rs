@@ -12,20 +12,28 @@ pub const FRAME_FD: RawFd = 3;
 #[derive(Debug)]
 pub struct ProcessSetup {
     parent: libc::pid_t,
-    frame_fd: RawFd,
+    frame_fd: Option<RawFd>,
     cgroup_procs: Vec<RawFd>,
+    netns: Option<RawFd>,
 }
 
 impl ProcessSetup {
-    /// `frame_fd` is the child's end of the frame socket; `cgroup` the cgroup to join, if limits apply. Both must
-    /// stay open until the child has been spawned.
-    pub fn new(frame_fd: RawFd, cgroup: Option<&WorkerCgroup>) -> Self {
+    /// `frame_fd` is the child's end of the frame socket (none for a process that speaks no frames, a build);
+    /// `cgroup` the cgroup to join, if limits apply. Both must stay open until the child has been spawned.
+    pub fn new(frame_fd: Option<RawFd>, cgroup: Option<&WorkerCgroup>) -> Self {
         Self {
             // SAFETY: getpid cannot fail.
             parent: unsafe { libc::getpid() },
             frame_fd,
             cgroup_procs: cgroup.map(|c| c.procs_files().map(|f| f.as_raw_fd()).collect()).unwrap_or_default(),
+            netns: None,
         }
+    }
+
+    /// Also enter the network namespace open on `netns` (it must stay open until the child has been spawned).
+    pub fn in_network(mut self, netns: Option<RawFd>) -> Self {
+        self.netns = netns;
+        self
     }
 
     /// Runs in the child after `fork`. Async-signal-safe: system calls and stack buffers only.
@@ -49,13 +57,21 @@ impl ProcessSetup {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if self.frame_fd == FRAME_FD {
-                let flags = libc::fcntl(FRAME_FD, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(FRAME_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            if let Some(netns) = self.netns {
+                if libc::setns(netns, libc::CLONE_NEWNET) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(self.frame_fd, FRAME_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            }
+            match self.frame_fd {
+                None => {}
+                Some(FRAME_FD) => {
+                    let flags = libc::fcntl(FRAME_FD, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(FRAME_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Some(fd) if libc::dup2(fd, FRAME_FD) < 0 => return Err(std::io::Error::last_os_error()),
+                Some(_) => {}
             }
         }
         Ok(())

@@ -13,6 +13,23 @@
 //! cpus = 16
 //! memory_gb = 128
 //! gpus = 0
+//!
+//! [jail]                             # uids of users' workers and builds: first_uid + n for the n-th user
+//! first_uid = 200000
+//! uid_count = 100000
+//!
+//! [build]                            # what one environment build may use (jailed, as its user)
+//! cpus = 2
+//! memory_gb = 4
+//! pids = 1024
+//! timeout_seconds = 900
+//!
+//! [network]                          # what jailed workers and builds reach
+//! egress = "internet"                # workers reach public addresses; or "none": loopback only
+//! build_egress = "internet"          # the same for environment builds (which download packages)
+//! allow = ["10.1.0.0/16"]            # private ranges reachable all the same
+//! subnet = "10.250.0.0/16"           # where the namespaces' veth addresses come from
+//! resolver = "10.0.0.2:53"           # DNS; default: the first nameserver of /etc/resolv.conf
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,7 +37,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fal_engine::{MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig};
+use fal_engine::{BuildLimits, MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig};
+use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -42,7 +60,19 @@ pub struct ServerConfig {
     pub credentials_file: Option<PathBuf>,
     /// Where workers run: this host, or a Slurm cluster (`provider = "slurm"` and a `[slurm]` table).
     pub provider: ProviderConfig,
+    /// The uids users' jailed processes run as: `uid_count` from `first_uid`.
+    pub first_uid: u32,
+    pub uid_count: u32,
+    pub build: BuildLimits,
+    pub network: NetworkPolicy,
+    /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
+    /// dir across restarts, different for another.
+    pub tag: String,
 }
+
+/// uids from 200000 on: above the ranges distributions give people and services, below 2^31.
+const DEFAULT_FIRST_UID: u32 = 200_000;
+const DEFAULT_UID_COUNT: u32 = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +97,39 @@ struct FileConfig {
     machine_types: BTreeMap<String, MachineTypeConfig>,
     provider: Option<String>,
     slurm: Option<SlurmFileConfig>,
+    #[serde(default)]
+    jail: JailConfig,
+    #[serde(default)]
+    build: BuildConfig,
+    #[serde(default)]
+    network: NetworkConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JailConfig {
+    first_uid: Option<u32>,
+    uid_count: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildConfig {
+    cpus: Option<f64>,
+    memory_gb: Option<f64>,
+    pids: Option<u64>,
+    timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkConfig {
+    egress: Option<String>,
+    build_egress: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    subnet: Option<String>,
+    resolver: Option<String>,
 }
 
 /// `[slurm]`: how machine types become Slurm allocations.
@@ -145,6 +208,19 @@ impl ServerConfig {
             }
             machine_types.insert(machine);
         }
+        // The same server (the same data dir) names its things the same way across restarts, and no other server does.
+        let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+        let tag = hex::encode(&Sha256::digest(canonical.as_os_str().as_encoded_bytes())[..8]);
+        let first_uid = file.jail.first_uid.unwrap_or(DEFAULT_FIRST_UID);
+        let uid_count = file.jail.uid_count.unwrap_or(DEFAULT_UID_COUNT);
+        if first_uid < 1000 || uid_count == 0 || first_uid as u64 + uid_count as u64 > 1 << 31 {
+            return Err(invalid(format!(
+                "[jail] first_uid = {first_uid}, uid_count = {uid_count}: the uids must be at least 1000 (not a \
+                 system account), at least one, and below 2147483648"
+            )));
+        }
+        let build = build_limits(&file.build).map_err(invalid)?;
+        let network = network_policy(&file.network).map_err(invalid)?;
         let provider = match (file.provider.as_deref(), file.slurm) {
             (None | Some("local"), None) => ProviderConfig::Local,
             (None | Some("local"), Some(_)) => {
@@ -152,9 +228,9 @@ impl ServerConfig {
                     "a [slurm] table is set but provider is not \"slurm\"; add provider = \"slurm\"".into(),
                 ))
             }
-            (Some("slurm"), slurm) => ProviderConfig::Slurm(
-                slurm_config(data_dir, slurm.unwrap_or_default(), &machine_types).map_err(invalid)?,
-            ),
+            (Some("slurm"), slurm) => {
+                ProviderConfig::Slurm(slurm_config(&tag, slurm.unwrap_or_default(), &machine_types).map_err(invalid)?)
+            }
             (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
         };
         Ok(Self {
@@ -167,11 +243,58 @@ impl ServerConfig {
             machine_types,
             idle_shutdown: file.idle_shutdown_seconds.map(Duration::from_secs),
             credentials_file: None,
+            first_uid,
+            uid_count,
+            build,
+            network,
+            tag,
         })
     }
 }
 
-fn slurm_config(data_dir: &Path, file: SlurmFileConfig, machine_types: &MachineTypes) -> Result<SlurmConfig, String> {
+fn build_limits(file: &BuildConfig) -> Result<BuildLimits, String> {
+    let default = BuildLimits::default();
+    let cpus = file.cpus.unwrap_or(default.limits.cpus);
+    let memory_gb = file.memory_gb.unwrap_or(default.limits.memory_bytes as f64 / GIB);
+    let pids = file.pids.unwrap_or(default.limits.pids);
+    let timeout = file.timeout_seconds.unwrap_or(default.timeout.as_secs());
+    if !(cpus > 0.0 && memory_gb > 0.0 && pids > 0 && timeout > 0) {
+        return Err("[build] cpus, memory_gb, pids and timeout_seconds must be positive".into());
+    }
+    Ok(BuildLimits {
+        limits: Limits { cpus, memory_bytes: (memory_gb * GIB) as u64, pids },
+        timeout: Duration::from_secs(timeout),
+    })
+}
+
+fn network_policy(file: &NetworkConfig) -> Result<NetworkPolicy, String> {
+    let mut policy = NetworkPolicy::internet();
+    let egress = |name: &str, value: Option<&str>| match value {
+        None | Some("internet") => Ok(Egress::Internet),
+        Some("none") => Ok(Egress::None),
+        Some(other) => Err(format!("[network] {name} = {other:?}: expected \"internet\" or \"none\"")),
+    };
+    policy.egress = egress("egress", file.egress.as_deref())?;
+    policy.build_egress = egress("build_egress", file.build_egress.as_deref())?;
+    policy.allow = file
+        .allow
+        .iter()
+        .map(|net| net.parse().map_err(|e| format!("[network] allow: {e}")))
+        .collect::<Result<_, _>>()?;
+    if let Some(subnet) = &file.subnet {
+        policy.subnet = subnet.parse().map_err(|e| format!("[network] subnet: {e}"))?;
+    }
+    if let Some(resolver) = &file.resolver {
+        let parsed =
+            resolver.parse().or_else(|_| resolver.parse().map(|ip| std::net::SocketAddrV4::new(ip, 53))).map_err(
+                |_| format!("[network] resolver = {resolver:?}: expected an IPv4 address, optionally with :port"),
+            )?;
+        policy.resolver = Some(parsed);
+    }
+    Ok(policy)
+}
+
+fn slurm_config(tag: &str, file: SlurmFileConfig, machine_types: &MachineTypes) -> Result<SlurmConfig, String> {
     match file.env_cache.as_deref() {
         None | Some("shared") => {}
         Some("per-node") => {
@@ -194,16 +317,13 @@ fn slurm_config(data_dir: &Path, file: SlurmFileConfig, machine_types: &MachineT
         allocations
             .insert(name, SlurmAllocation { cpus_per_task: t.cpus_per_task, memory_mb: t.memory_mb, gres: t.gres });
     }
-    // The same server (the same data dir) tags its jobs the same way across restarts, and no other server does.
-    let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
-    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
     Ok(SlurmConfig {
         partition: file.partition,
         account: file.account,
         qos: file.qos,
         callback,
         allocations,
-        tag: format!("fal-serverless-{}", hex::encode(&digest[..8])),
+        tag: format!("fal-serverless-{tag}"),
         bin_dir: file.bin_dir,
     })
 }
@@ -248,6 +368,34 @@ mod tests {
         assert!(ServerConfig::load(dir.path(), None, None).unwrap_err().to_string().contains("not supported yet"));
         write("[slurm]\npartition = \"x\"\n");
         assert!(ServerConfig::load(dir.path(), None, None).unwrap_err().to_string().contains("provider = \"slurm\""));
+    }
+
+    #[test]
+    fn jail_build_and_network_sections_parse_and_refuse_nonsense() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        let defaults = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!((defaults.first_uid, defaults.network.egress), (200_000, Egress::Internet));
+        write(
+            "[jail]\nfirst_uid = 300000\nuid_count = 10\n[build]\ntimeout_seconds = 30\n\
+             [network]\negress = \"none\"\nallow = [\"10.1.0.0/16\"]\nresolver = \"127.0.0.1:5353\"\n",
+        );
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!((config.first_uid, config.uid_count), (300_000, 10));
+        assert_eq!(config.build.timeout, Duration::from_secs(30));
+        assert_eq!((config.network.egress, config.network.build_egress), (Egress::None, Egress::Internet));
+        assert_eq!(config.network.allow[0].to_string(), "10.1.0.0/16");
+        assert_eq!(config.network.resolver.unwrap().port(), 5353);
+        for (bad, says) in [
+            ("[network]\negress = \"lan\"\n", "expected \"internet\""),
+            ("[network]\nallow = [\"10.1.0.1/16\"]\n", "host bits"),
+            ("[jail]\nfirst_uid = 0\n", "at least 1000"),
+            ("[build]\nmemory_gb = 0\n", "must be positive"),
+        ] {
+            write(bad);
+            let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

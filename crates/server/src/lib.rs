@@ -103,6 +103,11 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot set up the workers' network namespaces: {0}. Install iproute2 and nftables, or set [network] \
+         egress = \"none\" in the config to give workers loopback only"
+    )]
+    Network(String),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -144,11 +149,29 @@ pub async fn serve(
         (None, _) => Some("bubblewrap (bwrap) or setpriv is not installed: install the bubblewrap package".to_string()),
         (Some(_), false) => Some("the server does not run as root, so it cannot drop workers to another user".into()),
     };
+    let jail = if unjailed.is_none() { jail } else { None };
+    // Jailed workers and builds get network namespaces of their own (on this host; a cluster's nodes keep theirs).
+    let network = match &jail {
+        Some(_) => {
+            let run_dir = config.data_dir.join("run");
+            let policy = config.network.clone();
+            let tag = config.tag.clone();
+            let manager =
+                tokio::task::spawn_blocking(move || fal_sandbox::NetworkManager::setup(policy, &tag, &run_dir))
+                    .await
+                    .map_err(|e| ServerError::Network(e.to_string()))?
+                    .map_err(|e| ServerError::Network(e.to_string()))?;
+            Some(Arc::new(manager))
+        }
+        None => None,
+    };
     // The engine's own settings (uv, payload limit) come from the environment, as everywhere it runs.
     let engine = Engine::new(EngineConfig {
         cache_dir: config.data_dir.clone(),
         machine_types: config.machine_types.clone(),
-        jail: if unjailed.is_none() { jail } else { None },
+        jail,
+        network: network.clone(),
+        build: config.build,
         provider: config.provider.clone(),
         ..EngineConfig::from_env()
     });
@@ -164,6 +187,7 @@ pub async fn serve(
     };
     let activity = Arc::new(activity::Activity::default());
     let controller = service::Controller {
+        uids: (config.first_uid, config.uid_count),
         engine: engine.clone(),
         store: Arc::new(store),
         capacity: Arc::new(capacity::Capacity::new(capacity)),
@@ -225,6 +249,9 @@ pub async fn serve(
         }
     };
     engine.shutdown().await;
+    if let Some(network) = network {
+        let _ = tokio::task::spawn_blocking(move || network.close()).await;
+    }
     tracing::info!("stopped");
     Ok(result?)
 }

@@ -39,6 +39,8 @@ const NO_KEY: &str = "no key was sent: set FAL_KEY_ID and FAL_KEY_SECRET, or pas
 
 #[derive(Debug, Clone)]
 pub struct Controller {
+    /// The uids users' jailed processes run as: `.1` of them from `.0`.
+    pub uids: (u32, u32),
     pub engine: Engine,
     pub store: Arc<Store>,
     pub capacity: Arc<Capacity>,
@@ -79,6 +81,7 @@ fn store_status(error: StoreError) -> Status {
         StoreError::Database(_) => Status::internal(error.to_string()),
         StoreError::NotYours(_) => Status::permission_denied(error.to_string()),
         StoreError::InvalidUser(_) => Status::invalid_argument(error.to_string()),
+        StoreError::NoUidLeft { .. } => Status::resource_exhausted(error.to_string()),
         _ => Status::unauthenticated(error.to_string()),
     }
 }
@@ -117,6 +120,19 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         }
     };
     let env = EnvSpec::new(python, &requirements, serializer).map_err(|e| invalid(e.to_string()))?;
+    let local = env.local_references();
+    if !local.is_empty() {
+        return Err(error_status(
+            tonic::Code::InvalidArgument,
+            "environment",
+            format!(
+                "requirements [{}] name files of the server's machine (file:// or a local path); a server builds \
+                 only from package indexes and remote URLs. Publish the package (or serve it from an index or \
+                 https URL), or run the function on the local host: .on(local)",
+                local.join(", ")
+            ),
+        ));
+    }
     let machine = run.machine_requirements.clone().unwrap_or_default();
     let keep_alive = machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE);
     if keep_alive < 0 {
@@ -131,6 +147,8 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
     };
     Ok(CallRequest {
         tenant: caller.user_id.clone(),
+        // The server fills it in from its records (`Controller::run`).
+        uid: None,
         env,
         interpreter: None,
         machine_type: if machine.machine_type.is_empty() { "XS".into() } else { machine.machine_type },
@@ -256,7 +274,8 @@ impl IsolateController for Controller {
         let caller = self.authenticate(&request)?;
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
-        let call = call_request(&caller, &mut run)?;
+        let mut call = call_request(&caller, &mut run)?;
+        call.uid = Some(self.store.uid(&caller.user_id, self.uids.0, self.uids.1).map_err(store_status)?);
         let serializer = call.env.serializer.clone();
         let machine = self.engine.machine_types().get(&call.machine_type).map_err(|e| invalid(e.to_string()))?.clone();
         if let Some(reason) = self.capacity.never_fits(&machine) {

@@ -1,4 +1,4 @@
-//! Keys, in SQLite in the server's data dir. Secrets are stored only as SHA-256 hashes (they are 256 random bits,
+//! Keys and users' uids, in SQLite in the server's data dir. Secrets are stored only as SHA-256 hashes (they are 256 random bits,
 //! so a fast hash is enough) and compared in constant time.
 
 use std::path::Path;
@@ -62,6 +62,11 @@ pub enum StoreError {
     NotYours(String),
     #[error("invalid user name {0:?}: use letters, digits, '-' and '_' (at most 64)")]
     InvalidUser(String),
+    #[error(
+        "no uid is left for user {user:?}: all {count} uids from {first} are assigned; give [jail] uid_count a \
+         larger value in the server's config.toml"
+    )]
+    NoUidLeft { user: String, first: u32, count: u32 },
     #[error("the key store failed: {0}")]
     Database(#[from] rusqlite::Error),
 }
@@ -79,6 +84,11 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at    INTEGER NOT NULL,
     revoked_at    INTEGER
 );
+-- The uid (and gid) each user's jailed workers and builds run as; assigned on first use, never reused.
+CREATE TABLE IF NOT EXISTS uids (
+    user_id TEXT PRIMARY KEY,
+    uid     INTEGER NOT NULL UNIQUE
+);
 ";
 
 impl Store {
@@ -91,6 +101,31 @@ impl Store {
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The uid of `user_id`'s jailed processes: the one assigned before, else the next free one of the `count`
+    /// uids from `first`.
+    pub fn uid(&self, user_id: &str, first: u32, count: u32) -> Result<u32, StoreError> {
+        let mut db = self.db();
+        let known = |db: &Connection| {
+            db.query_row("SELECT uid FROM uids WHERE user_id = ?1", [user_id], |row| row.get::<_, u32>(0)).optional()
+        };
+        if let Some(uid) = known(&db)? {
+            return Ok(uid);
+        }
+        let tx = db.transaction()?;
+        let last = first as i64 + count as i64 - 1;
+        let next: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(uid) + 1, ?1) FROM uids WHERE uid BETWEEN ?1 AND ?2",
+            params![first, last],
+            |row| row.get(0),
+        )?;
+        if next > last {
+            return Err(StoreError::NoUidLeft { user: user_id.to_string(), first, count });
+        }
+        tx.execute("INSERT INTO uids (user_id, uid) VALUES (?1, ?2)", params![user_id, next])?;
+        tx.commit()?;
+        Ok(next as u32)
     }
 
     pub fn is_empty(&self) -> Result<bool, StoreError> {
@@ -189,6 +224,21 @@ fn now() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_user_gets_a_uid_of_their_own_that_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite3");
+        let store = super::Store::open(&path).unwrap();
+        let alice = store.uid("alice", 200_000, 2).unwrap();
+        let bob = store.uid("bob", 200_000, 2).unwrap();
+        assert_eq!((alice, bob), (200_000, 200_001));
+        assert_eq!(store.uid("alice", 200_000, 2).unwrap(), alice);
+        let full = store.uid("carol", 200_000, 2).unwrap_err().to_string();
+        assert!(full.contains("uid_count"), "{full}");
+        drop(store);
+        assert_eq!(super::Store::open(&path).unwrap().uid("bob", 200_000, 2).unwrap(), bob);
+    }
+
     use super::*;
 
     fn store() -> (tempfile::TempDir, Store) {

@@ -5,14 +5,28 @@
 //! complete, so a half-built environment is never used: whatever is at `<key>` is whole. Builders of the same
 //! environment in this process wait on one in-process lock; builders in other processes on a file lock
 //! (`envs/<tenant>/.locks/<key>.lock`).
+//!
+//! On the server ([`BuildSandbox`]) every step of a build (`uv venv`, `uv pip install`, the bytecode compilation
+//! that runs the new environment's Python, any `setup.py` a requirement brings) runs jailed as the tenant's own uid,
+//! in a network namespace under the server's egress policy, in a cgroup with the build limits, within the build
+//! timeout. The jail grants write access to the staging dir and to the tenant's own uv cache
+//! (`build-cache/<uid>`) only, so no build can change another tenant's environments or what their builds read. What
+//! a worker's jail mounts comes from the server's record of the build (`envs/<tenant>/.records/<key>`: the
+//! interpreter the server chose), written outside the staging dir after the build; never from files in the
+//! environment, which are the tenant's to overwrite (`pyvenv.cfg` included).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use fal_sandbox::{
+    CgroupManager, Grants, Jail, JailNetwork, Limits, Namespace, NetworkManager, ProcessSetup, WorkerCgroup,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -25,6 +39,31 @@ use crate::logs::{LogSink, LogSource};
 pub(crate) struct Environment {
     pub key: String,
     pub root: PathBuf,
+    /// The installation of the interpreter the environment was built with, as the builder recorded it.
+    pub base_prefix: PathBuf,
+}
+
+/// How the server jails environment builds.
+#[derive(Debug, Clone)]
+pub struct BuildSandbox {
+    pub jail: Jail,
+    /// Network namespaces under the server's egress policy; `None`: loopback only.
+    pub network: Option<Arc<NetworkManager>>,
+    pub limits: Limits,
+    pub timeout: Duration,
+    /// uv caches, one per uid: `<caches>/<uid>`, written only by that uid's builds.
+    pub caches: PathBuf,
+}
+
+/// What one jailed build runs in: its jail's grants, its cgroup, its network namespace.
+struct BuildJail<'a> {
+    sandbox: &'a BuildSandbox,
+    uid: u32,
+    read_only: Vec<PathBuf>,
+    writable: Vec<PathBuf>,
+    cgroup: Option<WorkerCgroup>,
+    namespace: Namespace,
+    netns: Option<File>,
 }
 
 impl Environment {
@@ -36,29 +75,42 @@ impl Environment {
     pub fn site_packages(&self, python: super::PythonVersion) -> PathBuf {
         self.root.join("lib").join(format!("python{python}")).join("site-packages")
     }
+}
 
-    /// The installation of the interpreter the environment was made from (`home` in `pyvenv.cfg` is its `bin`).
-    pub fn base_prefix(&self) -> Option<PathBuf> {
-        let cfg = fs::read_to_string(self.root.join("pyvenv.cfg")).ok()?;
-        let home =
-            cfg.lines().find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "home").map(|(_, v)| v.trim()))?;
-        Path::new(home).parent().map(Path::to_path_buf)
-    }
+/// Who builds: the tenant's directory name and, on the server, the uid its builds run as.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Builder<'a> {
+    pub tenant: &'a str,
+    pub uid: u32,
 }
 
 #[derive(Debug)]
 pub(crate) struct EnvBuilder {
     envs: PathBuf,
     uv: PathBuf,
-    /// Compile bytecode at build time: for environments workers only read (jailed), where Python cannot cache it.
-    compile_bytecode: bool,
+    /// Jailed builds (the server's); `None` builds as the calling user (the local host).
+    sandbox: Option<BuildSandbox>,
+    cgroups: Arc<Result<CgroupManager, String>>,
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl EnvBuilder {
-    /// A builder of environments under `envs` (`envs/<tenant>/<key>`).
-    pub fn new(envs: PathBuf, uv: PathBuf, compile_bytecode: bool) -> Self {
-        Self { envs, uv, compile_bytecode, building: Mutex::default() }
+    /// A builder of environments under `envs` (`envs/<tenant>/<key>`). Jailed environments have their bytecode
+    /// compiled at build time: their workers only read them, so Python cannot cache it there.
+    pub fn new(
+        envs: PathBuf,
+        uv: PathBuf,
+        sandbox: Option<BuildSandbox>,
+        cgroups: Arc<Result<CgroupManager, String>>,
+    ) -> Self {
+        // A jail binds the binary at its real path: a bare name is found on PATH now.
+        let uv = match (uv.components().count(), std::env::var_os("PATH")) {
+            (1, Some(path)) => {
+                std::env::split_paths(&path).map(|dir| dir.join(&uv)).find(|p| p.is_file()).unwrap_or(uv)
+            }
+            _ => uv,
+        };
+        Self { envs, uv, sandbox, cgroups, building: Mutex::default() }
     }
 
     pub fn uv(&self) -> &Path {
@@ -72,7 +124,8 @@ impl EnvBuilder {
 
     fn ready(envs: &Path, key: &str) -> Option<Environment> {
         let root = envs.join(key);
-        root.join("pyvenv.cfg").is_file().then(|| Environment { key: key.to_string(), root })
+        let base_prefix = PathBuf::from(fs::read_to_string(record_path(envs, key)).ok()?.trim_end());
+        root.is_dir().then(|| Environment { key: key.to_string(), root, base_prefix })
     }
 
     /// Returns the environment of `spec`, building it with `interpreter` first if no process has yet.
@@ -80,10 +133,11 @@ impl EnvBuilder {
     pub async fn ensure(
         &self,
         spec: &EnvSpec,
-        tenant: &str,
-        interpreter: &Path,
+        builder: Builder<'_>,
+        interpreter: &Interpreter,
         logs: &LogSink,
     ) -> Result<Environment, EnvironmentError> {
+        let tenant = builder.tenant;
         let envs = self.envs.join(tenant);
         let key = spec.key();
         if let Some(env) = Self::ready(&envs, &key) {
@@ -118,7 +172,7 @@ impl EnvBuilder {
         };
         let result = match Self::ready(&envs, &key) {
             Some(env) => Ok(env),
-            None => self.build(spec, &envs, &key, interpreter, logs).await,
+            None => self.build(spec, &envs, &key, builder.uid, interpreter, logs).await,
         };
         drop(lock);
         result
@@ -129,7 +183,8 @@ impl EnvBuilder {
         spec: &EnvSpec,
         envs: &Path,
         key: &str,
-        interpreter: &Path,
+        uid: u32,
+        interpreter: &Interpreter,
         logs: &LogSink,
     ) -> Result<Environment, EnvironmentError> {
         let started = Instant::now();
@@ -140,11 +195,32 @@ impl EnvBuilder {
         // We hold the key's lock: any temp dir of this key is a leftover of an interrupted build.
         remove_leftovers(envs, key);
         let staging = envs.join(format!(".tmp-{key}-{}", std::process::id()));
-        let result = self.build_into(spec, &staging, interpreter, logs).await;
+        let result = match &self.sandbox {
+            None => self.build_into(spec, &staging, interpreter, None, logs).await,
+            Some(sandbox) => {
+                let jailed = async {
+                    let mut jail = self.build_jail(sandbox, uid, &staging, interpreter).await?;
+                    self.build_into(spec, &staging, interpreter, Some(&mut jail), logs).await?;
+                    let BuildJail { cgroup, namespace, .. } = jail;
+                    let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
+                    Ok(())
+                };
+                match tokio::time::timeout(sandbox.timeout, jailed).await {
+                    Ok(result) => result,
+                    Err(_) => Err(EnvironmentError::BuildTimeout { seconds: sandbox.timeout.as_secs() }),
+                }
+            }
+        };
         let finish = result.and_then(|()| {
             let root = envs.join(key);
+            // The record is the server's, written outside the staging dir the build could write.
+            let records = envs.join(".records");
+            fs::create_dir_all(&records).map_err(|source| EnvironmentError::Io { path: records.clone(), source })?;
+            let record = record_path(envs, key);
+            fs::write(&record, interpreter.base_prefix.as_os_str().as_encoded_bytes())
+                .map_err(|source| EnvironmentError::Io { path: record.clone(), source })?;
             fs::rename(&staging, &root).map_err(|source| EnvironmentError::Io { path: root.clone(), source })?;
-            Ok(Environment { key: key.to_string(), root })
+            Ok(Environment { key: key.to_string(), root, base_prefix: interpreter.base_prefix.clone() })
         });
         if finish.is_err() {
             let _ = fs::remove_dir_all(&staging);
@@ -158,29 +234,34 @@ impl EnvBuilder {
         &self,
         spec: &EnvSpec,
         staging: &Path,
-        interpreter: &Path,
+        interpreter: &Interpreter,
+        mut jail: Option<&mut BuildJail<'_>>,
         logs: &LogSink,
     ) -> Result<(), EnvironmentError> {
-        let mut venv = self.uv_command();
+        let mut venv: Vec<&std::ffi::OsStr> = Vec::new();
         // Relocatable: the environment is built in a temp dir and renamed; its scripts must not name the temp path.
-        venv.args(["venv", "--quiet", "--relocatable", "--no-project", "--python"]).arg(interpreter).arg(staging);
-        let (ok, output) = run_streaming(venv, &self.uv, logs).await?;
+        venv.extend(["venv", "--quiet", "--relocatable", "--no-project", "--python"].map(std::ffi::OsStr::new));
+        venv.extend([interpreter.path.as_os_str(), staging.as_os_str()]);
+        let (ok, output) = self.run_uv(&venv, jail.as_deref_mut(), logs).await?;
         if !ok {
             return Err(EnvironmentError::VenvFailed { python: spec.python.to_string(), output });
         }
         if spec.install_targets().next().is_none() {
             return Ok(());
         }
-        let mut install = self.uv_command();
-        install
-            .args(["pip", "install", "--python"])
-            .arg(staging.join("bin").join("python"))
-            .args(spec.install_targets());
-        if self.compile_bytecode {
-            install.arg("--compile-bytecode");
+        let python = staging.join("bin").join("python");
+        let mut install: Vec<&std::ffi::OsStr> = ["pip", "install", "--python"].map(std::ffi::OsStr::new).to_vec();
+        install.push(python.as_os_str());
+        install.extend(spec.install_targets().map(std::ffi::OsStr::new));
+        if jail.is_some() {
+            install.push(std::ffi::OsStr::new("--compile-bytecode"));
         }
-        let (ok, output) = run_streaming(install, &self.uv, logs).await?;
+        let (ok, output) = self.run_uv(&install, jail.as_deref_mut(), logs).await?;
         if !ok {
+            let oom = jail.as_ref().and_then(|j| j.cgroup.as_ref()).is_some_and(WorkerCgroup::oom_killed);
+            if let (true, Some(jail)) = (oom, jail) {
+                return Err(EnvironmentError::BuildOutOfMemory { memory_mb: jail.sandbox.limits.memory_bytes >> 20 });
+            }
             return Err(EnvironmentError::InstallFailed {
                 requirements: spec.requirements.join(", "),
                 python: spec.python.to_string(),
@@ -190,19 +271,141 @@ impl EnvBuilder {
         Ok(())
     }
 
-    fn uv_command(&self) -> Command {
-        let mut command = Command::new(&self.uv);
+    /// The jail of one build by `uid`: its staging dir (created, owned by `uid`) and uv cache writable.
+    async fn build_jail<'a>(
+        &self,
+        sandbox: &'a BuildSandbox,
+        uid: u32,
+        staging: &Path,
+        interpreter: &Interpreter,
+    ) -> Result<BuildJail<'a>, EnvironmentError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EnvironmentError::Io { path, source }
+        };
+        let cache = sandbox.caches.join(uid.to_string());
+        for dir in [staging, cache.as_path()] {
+            fs::create_dir_all(dir).map_err(io(dir))?;
+            std::os::unix::fs::chown(dir, Some(uid), Some(uid)).map_err(io(dir))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        }
+        let limits = sandbox.limits;
+        let cgroup = match self.cgroups.as_ref() {
+            Ok(manager) => Some(manager.create(&limits).map_err(|e| EnvironmentError::Sandbox(e.to_string()))?),
+            Err(_) => None,
+        };
+        let namespace = match &sandbox.network {
+            Some(network) => {
+                let network = network.clone();
+                let egress = network.policy().build_egress;
+                tokio::task::spawn_blocking(move || network.take(egress))
+                    .await
+                    .map_err(|e| EnvironmentError::Sandbox(e.to_string()))?
+                    .map_err(|e| EnvironmentError::Sandbox(e.to_string()))?
+            }
+            None => Namespace::loopback_only(),
+        };
+        let netns = match namespace.path() {
+            Some(path) => Some(File::open(path).map_err(io(path))?),
+            None => None,
+        };
+        Ok(BuildJail {
+            sandbox,
+            uid,
+            read_only: vec![interpreter.base_prefix.clone(), self.uv.clone()],
+            writable: vec![staging.to_path_buf(), cache],
+            cgroup,
+            namespace,
+            netns,
+        })
+    }
+
+    /// Runs uv with `args`, jailed when `jail` is given, streaming its output to `logs`.
+    async fn run_uv(
+        &self,
+        args: &[&std::ffi::OsStr],
+        jail: Option<&mut BuildJail<'_>>,
+        logs: &LogSink,
+    ) -> Result<(bool, String), EnvironmentError> {
+        let mut command = match jail {
+            None => {
+                let mut command = Command::new(&self.uv);
+                command.args(args).env_remove("VIRTUAL_ENV").env_remove("CONDA_PREFIX");
+                command
+            }
+            Some(jail) => {
+                let read_only: Vec<&Path> = jail.read_only.iter().map(PathBuf::as_path).collect();
+                let writable: Vec<&Path> = jail.writable.iter().map(PathBuf::as_path).collect();
+                let hostname = format!("build-{:08x}", rand::random::<u32>());
+                let joined = jail.namespace.path().is_some();
+                let grants = Grants {
+                    read_only: &read_only,
+                    writable: &writable,
+                    uid: jail.uid,
+                    gid: jail.uid,
+                    hostname: &hostname,
+                    network: if joined { JailNetwork::Joined } else { JailNetwork::Loopback },
+                    resolv_conf: jail.sandbox.network.as_ref().filter(|_| joined).map(|n| n.resolv_conf()),
+                };
+                let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (program, argv) = jail.sandbox.jail.wrap(&grants, &self.uv, &args);
+                let mut command = Command::new(program);
+                // A build inherits nothing of the server's environment; its cache is its uid's own.
+                command
+                    .args(argv)
+                    .env_clear()
+                    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                    .env("LANG", "C.UTF-8")
+                    .env("HOME", "/tmp")
+                    .env("UV_CACHE_DIR", &jail.writable[1])
+                    // The cache and the staging dir are separate mounts: hardlinks between them cannot work.
+                    .env("UV_LINK_MODE", "copy");
+                for (name, value) in std::env::vars_os() {
+                    // The admin's uv settings (its index, TLS roots, proxy) apply to builds too; where uv caches and
+                    // which Python it may use are the jail's.
+                    if name.to_str().is_some_and(passes_into_builds) {
+                        command.env(name, value);
+                    }
+                }
+                let setup = ProcessSetup::new(None, jail.cgroup.as_ref())
+                    .in_network(jail.netns.as_ref().map(|f| f.as_raw_fd()));
+                // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
+                unsafe {
+                    command.pre_exec(move || setup.apply());
+                }
+                command
+            }
+        };
         command
             .env("UV_PYTHON_DOWNLOADS", "never")
             .env("UV_NO_PROGRESS", "1")
-            .env_remove("VIRTUAL_ENV")
-            .env_remove("CONDA_PREFIX")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        command
+        run_streaming(command, &self.uv, logs).await
     }
+}
+
+/// The interpreter a build uses, and its installation (what a worker's jail mounts).
+#[derive(Debug, Clone)]
+pub(crate) struct Interpreter {
+    pub path: PathBuf,
+    pub base_prefix: PathBuf,
+}
+
+/// Whether the server's variable `name` reaches its jailed builds.
+fn passes_into_builds(name: &str) -> bool {
+    let proxy = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"].iter().any(|p| name.eq_ignore_ascii_case(p));
+    let uv = name.starts_with("UV_")
+        && !matches!(name, "UV_CACHE_DIR" | "UV_LINK_MODE" | "UV_PYTHON_DOWNLOADS")
+        && !name.starts_with("UV_PYTHON_INSTALL");
+    proxy || uv || matches!(name, "SSL_CERT_FILE" | "SSL_CERT_DIR")
+}
+
+fn record_path(envs: &Path, key: &str) -> PathBuf {
+    envs.join(".records").join(key)
 }
 
 fn remove_leftovers(envs: &Path, key: &str) {

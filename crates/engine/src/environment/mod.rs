@@ -4,6 +4,7 @@ mod builder;
 mod python;
 mod spec;
 
-pub(crate) use builder::EnvBuilder;
-pub(crate) use python::find_interpreter;
+pub use builder::BuildSandbox;
+pub(crate) use builder::{Builder, EnvBuilder, Interpreter};
+pub(crate) use python::{find_interpreter, installation_of};
 pub use spec::{normalize_requirements, EnvSpec, PythonVersion, Serializer, DILL_LAYER};

@@ -3,13 +3,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-use pep508_rs::{Requirement, VerbatimUrl};
+use pep508_rs::{Requirement, VerbatimUrl, VersionOrUrl};
 use sha2::{Digest, Sha256};
 
 use crate::error::EnvironmentError;
 
 /// Bumped whenever the layout of a built environment changes, so old cache entries are never reused.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// A Python `major.minor`: pickled code only loads under the minor version that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,6 +110,12 @@ impl EnvSpec {
         hex::encode(&hasher.finalize()[..12])
     }
 
+    /// The requirements that name files of the machine that builds (`file://` URLs, local paths): the user's own
+    /// files on the local host, but the server's own on a server, which refuses them.
+    pub fn local_references(&self) -> Vec<&str> {
+        self.requirements.iter().filter(|r| names_local_files(r)).map(String::as_str).collect()
+    }
+
     /// Everything `uv pip install` is asked to install (nothing, for a dill environment without requirements).
     pub fn install_targets(&self) -> impl Iterator<Item = &str> {
         let serializer = match &self.serializer {
@@ -117,6 +123,21 @@ impl EnvSpec {
             Serializer::Dill => None,
         };
         self.requirements.iter().chain(serializer).map(String::as_str)
+    }
+}
+
+fn names_local_files(requirement: &str) -> bool {
+    match Requirement::<VerbatimUrl>::from_str(requirement) {
+        // Normalized requirements always parse; a URL is local unless it names a remote scheme.
+        Ok(parsed) => match parsed.version_or_url {
+            Some(VersionOrUrl::Url(url)) => {
+                let scheme = url.scheme();
+                let transport = scheme.rsplit('+').next().unwrap_or(scheme);
+                !matches!(transport, "http" | "https" | "ssh") || url.host_str().is_none_or(str::is_empty)
+            }
+            _ => false,
+        },
+        Err(_) => true,
     }
 }
 
@@ -197,6 +218,23 @@ mod tests {
             let err = normalize_requirements(&[bad.to_string()]).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
+    }
+
+    #[test]
+    fn local_files_are_told_apart_from_remote_urls() {
+        let spec = EnvSpec::new(
+            py311(),
+            &[
+                "evil @ file:///some/dir".into(),
+                "victim @ file:///tmp/x".into(),
+                "pyjokes==0.6".into(),
+                "remote @ https://example.com/remote-1.0-py3-none-any.whl".into(),
+                "vcs @ git+https://example.com/vcs.git".into(),
+            ],
+            cloudpickle("3.1.1"),
+        )
+        .unwrap();
+        assert_eq!(spec.local_references(), ["evil @ file:///some/dir", "victim @ file:///tmp/x"]);
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! The local provider: workers are processes of this host, each in a cgroup with its machine type's limits.
+//! The local provider: workers are processes of this host, each in a cgroup with its machine type's limits and, when
+//! jailed, in a network namespace of its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use fal_sandbox::{CgroupManager, Limits, WorkerCgroup};
+use fal_sandbox::{CgroupManager, JailNetwork, Limits, NetworkManager, WorkerCgroup};
 
 use super::Provider;
 use crate::error::CallError;
@@ -11,24 +12,26 @@ use crate::logs::{LogSink, LogSource};
 use crate::machine::MachineType;
 use crate::worker::{BoxFuture, Worker, WorkerSpec};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct LocalProvider {
-    cgroups: OnceLock<Result<CgroupManager, String>>,
+    cgroups: Arc<Result<CgroupManager, String>>,
+    /// Network namespaces for jailed workers; `None`: the jail gives them loopback only.
+    network: Option<Arc<NetworkManager>>,
     warned_unlimited: AtomicBool,
     gpus: u32,
 }
 
 impl LocalProvider {
-    pub fn new() -> Self {
-        let provider = Self { gpus: count_gpus(), ..Self::default() };
-        // Finding the cgroup hierarchy also removes cgroups that workers of a previous run (of a server killed with
-        // SIGKILL, say) left behind; do it now rather than at the first call.
-        provider.cgroup_manager();
+    pub fn new(cgroups: Arc<Result<CgroupManager, String>>, network: Option<Arc<NetworkManager>>) -> Self {
+        let provider = Self { cgroups, network, warned_unlimited: AtomicBool::new(false), gpus: count_gpus() };
+        if let Some(network) = provider.network.clone() {
+            std::thread::spawn(move || network.refill());
+        }
         provider
     }
 
     fn cgroup_manager(&self) -> &Result<CgroupManager, String> {
-        self.cgroups.get_or_init(|| CgroupManager::detect().map_err(|e| e.to_string()))
+        &self.cgroups
     }
 
     /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.
@@ -74,6 +77,22 @@ impl Provider for LocalProvider {
         Box::pin(async move {
             spec.visible_gpus = Some(Self::visible_gpus(machine));
             spec.cgroup = self.cgroup_for(machine, logs)?;
+            if let (Some(jail), Some(network)) = (spec.jail.as_mut(), &self.network) {
+                let taken = network.clone();
+                let egress = network.policy().egress;
+                let namespace = tokio::task::spawn_blocking(move || taken.take(egress))
+                    .await
+                    .map_err(|e| CallError::Spawn(format!("the task preparing the network failed: {e}")))?
+                    .map_err(|e| CallError::Spawn(e.to_string()))?;
+                // The next cold start finds one ready.
+                let refill = network.clone();
+                tokio::task::spawn_blocking(move || refill.refill());
+                if namespace.path().is_some() {
+                    jail.network = JailNetwork::Joined;
+                    jail.resolv_conf = Some(network.resolv_conf().to_path_buf());
+                }
+                jail.namespace = Some(namespace);
+            }
             // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as
             // long as the runtime, never from a caller's thread (which polls its call itself, and may end first).
             tokio::spawn(async move { Worker::spawn(spec) })

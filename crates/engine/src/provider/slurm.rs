@@ -254,6 +254,11 @@ impl Provider for SlurmProvider {
             let (sender, mut connections) = mpsc::unbounded_channel();
             let _registered = Registration::new(&callback, &token, sender);
             let allocation = self.allocation(machine);
+            let mut spec = spec;
+            if let Some(jail) = spec.jail.as_mut() {
+                // The job's agent needs the node's network to connect back; the cluster's network policy applies.
+                jail.network = fal_sandbox::JailNetwork::Host;
+            }
             let script = self.script(&spec, &allocation, callback.address, &token)?;
             let id = self.submit(&script).await.map_err(|reason| CallError::Allocation {
                 machine_type: machine.name.clone(),

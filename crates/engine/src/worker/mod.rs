@@ -12,4 +12,4 @@ mod pool;
 mod process;
 
 pub(crate) use pool::{PoolKey, WorkerPool};
-pub(crate) use process::{BoxFuture, NoReply, Placement, Worker, WorkerSpec};
+pub(crate) use process::{BoxFuture, NoReply, Placement, Worker, WorkerJail, WorkerSpec};

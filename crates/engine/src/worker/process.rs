@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use fal_sandbox::{Jail, ProcessSetup, WorkerCgroup};
+use fal_sandbox::{Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -30,12 +30,28 @@ pub(crate) struct WorkerSpec {
     /// For workers of dill calls: the dill layer's `site-packages`, which the agent adds after the environment's own.
     pub dill_layer: Option<PathBuf>,
     pub cgroup: Option<WorkerCgroup>,
-    /// The jail to run in, with the interpreter's installation to expose; `None` runs as the caller, unjailed.
-    pub jail: Option<(Jail, PathBuf)>,
+    /// The jail to run in; `None` runs as the caller, unjailed.
+    pub jail: Option<WorkerJail>,
     /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none. `None` leaves it as it is (a cluster's
     /// scheduler sets it).
     pub visible_gpus: Option<String>,
     pub max_payload: usize,
+}
+
+/// What a jailed worker runs as and sees, beyond its environment.
+#[derive(Debug)]
+pub(crate) struct WorkerJail {
+    pub jail: Jail,
+    /// The installation of the interpreter the environment was built with, from the server's record of the build.
+    pub base_prefix: PathBuf,
+    /// Its user's own uid (and gid).
+    pub uid: u32,
+    pub hostname: String,
+    pub network: JailNetwork,
+    /// The network namespace the provider made for it (`network` is then [`JailNetwork::Joined`]); the worker
+    /// holds it until it ends.
+    pub namespace: Option<Namespace>,
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// The command line that runs the agent for a [`WorkerSpec`], and the variables it needs (beyond `PATH` and `LANG`).
@@ -70,10 +86,19 @@ impl WorkerSpec {
             agent_args.extend(["dill", layer]);
         }
         let (program, args) = match &self.jail {
-            Some((jail, base_prefix)) => {
-                let mut read_only = vec![base_prefix.as_path(), self.env_root.as_path()];
+            Some(jailed) => {
+                let mut read_only = vec![jailed.base_prefix.as_path(), self.env_root.as_path()];
                 read_only.extend(layer.map(std::path::Path::new));
-                jail.wrap(&read_only, &self.python, &agent_args)
+                let grants = Grants {
+                    read_only: &read_only,
+                    writable: &[],
+                    uid: jailed.uid,
+                    gid: jailed.uid,
+                    hostname: &jailed.hostname,
+                    network: jailed.network,
+                    resolv_conf: jailed.resolv_conf.as_deref(),
+                };
+                jailed.jail.wrap(&grants, &self.python, &agent_args)
             }
             None => (self.python.clone(), agent_args.iter().map(|a| a.to_string()).collect()),
         };
@@ -134,6 +159,8 @@ struct LocalProcess {
     child: Child,
     pid: u32,
     cgroup: Option<WorkerCgroup>,
+    /// Its network namespace, removed (with its veth) once the worker has ended.
+    namespace: Option<Namespace>,
     /// Jailed workers run under bubblewrap, which reports a signal as exit code 128 + signal.
     jailed: bool,
 }
@@ -157,7 +184,7 @@ impl Worker {
     }
 
     /// Starts a worker process on this host.
-    pub fn spawn(spec: WorkerSpec) -> Result<Self, CallError> {
+    pub fn spawn(mut spec: WorkerSpec) -> Result<Self, CallError> {
         let spawn_error = |what: &str, e: std::io::Error| CallError::Spawn(format!("{what}: {e}"));
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| spawn_error("socketpair", e))?;
         let (stdout_read, stdout_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
@@ -185,20 +212,26 @@ impl Worker {
             .stdout(Stdio::from(stdout_write))
             .stderr(Stdio::from(stderr_write))
             .kill_on_drop(true);
-        let setup = ProcessSetup::new(theirs.as_raw_fd(), spec.cgroup.as_ref());
+        let namespace = spec.jail.as_mut().and_then(|j| j.namespace.take());
+        let netns = match namespace.as_ref().and_then(Namespace::path) {
+            Some(path) => Some(std::fs::File::open(path).map_err(|e| spawn_error(&path.display().to_string(), e))?),
+            None => None,
+        };
+        let setup = ProcessSetup::new(Some(theirs.as_raw_fd()), spec.cgroup.as_ref())
+            .in_network(netns.as_ref().map(|f| f.as_raw_fd()));
         // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
         unsafe {
             command.pre_exec(move || setup.apply());
         }
         let program = command.as_std().get_program().to_string_lossy().into_owned();
         let child = command.spawn().map_err(|e| spawn_error(&program, e))?;
-        drop(theirs);
+        drop((theirs, netns));
         // `command` holds the write ends of the pipes; they must close here, or we never see end of stream.
         drop(command);
         let pid = child.id().unwrap_or(0);
         ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
         let frames = UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?;
-        let process = LocalProcess { child, pid, cgroup: spec.cgroup, jailed: spec.jail.is_some() };
+        let process = LocalProcess { child, pid, cgroup: spec.cgroup, namespace, jailed: spec.jail.is_some() };
         Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
             .map_err(|e| spawn_error("pipe", e))
     }
@@ -292,10 +325,9 @@ impl Placement for LocalProcess {
             };
             let cgroup = self.cgroup.take();
             let oom_killed = cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed);
-            if let Some(cgroup) = cgroup {
-                // Whatever the worker left running goes with its cgroup.
-                let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
-            }
+            // Whatever the worker left running goes with its cgroup; its namespace goes after it.
+            let namespace = self.namespace.take();
+            let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
             if oom_killed {
                 return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
             }
@@ -309,9 +341,10 @@ impl Placement for LocalProcess {
         Box::pin(async move {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
-            if let Some(cgroup) = self.cgroup.take() {
+            let (cgroup, namespace) = (self.cgroup.take(), self.namespace.take());
+            if cgroup.is_some() || namespace.is_some() {
                 // Removing a cgroup may retry for a moment while the kernel finishes tearing the process down.
-                let _ = tokio::task::spawn_blocking(move || drop(cgroup)).await;
+                let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
             }
         })
     }
