@@ -76,8 +76,11 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 20) -> List[fl
     return times
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], Dict[str, str]]:
+def start_server(data_dir: Path, config: str = "") -> tuple[subprocess.Popen[str], Dict[str, str]]:
     fal = str(Path(sys.executable).with_name("fal-serverless"))
+    if config:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (data_dir / "config.toml").write_text(config)
     server = subprocess.Popen(
         [fal, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
@@ -198,6 +201,50 @@ def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, scale: boo
         server.wait(timeout=30)
         for name in env:
             os.environ.pop(name, None)
+
+    # The network namespace's part of a cold call: the same cold call where the jail makes a loopback-only namespace
+    # itself (no veth, no nftables).
+    server, env = start_server(Path(tempfile.mkdtemp(prefix="fal-bench-server-")), '[network]\negress = "none"\n')
+    try:
+        os.environ.update(env)
+        results["cold_cloud_loopback"] = time_calls(warm_local.on(cloud, keep_alive=0), cold_runs, warmup=2)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        for name in env:
+            os.environ.pop(name, None)
+
+    # Jailed builds on a server: a user's first call with new requirements (nothing cached on the server), then a
+    # second user's with the same requirements (the wheels the first one's build left in the shared cache).
+    results["build_cloud"], results["build_cloud_second_user"] = [], []
+    for _ in range(build_runs):
+        server, env = start_server(Path(tempfile.mkdtemp(prefix="fal-bench-server-")))
+        try:
+            for user, times in (("first", results["build_cloud"]), ("second", results["build_cloud_second_user"])):
+                made = subprocess.run(
+                    [str(Path(sys.executable).with_name("fal-serverless")), "keys", "create", "--user", user],
+                    env={**os.environ, **env},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                own = dict(line.split("=", 1) for line in made.stdout.splitlines() if line.startswith("FAL_KEY_"))
+                os.environ.update({**env, **own})
+
+                def joke_cloud() -> str:
+                    import pyjokes
+
+                    return str(pyjokes.get_joke())
+
+                fn = isolated(host=cloud, requirements=["pyjokes"], keep_alive=0)(joke_cloud)
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+            for name in ("FAL_HOST", "FAL_KEY_ID", "FAL_KEY_SECRET"):
+                os.environ.pop(name, None)
 
     results["build_local"] = []
     for _ in range(build_runs):
@@ -343,6 +390,30 @@ def main() -> int:
             floor_import,
             "< 1.5x floor",
             median(times["cold_cloud"]) < 1.5 * median(floor_import),
+        ),
+        row(
+            "cold call, cloud, jailed, loopback-only network (egress none; the veth costs the difference)",
+            times["cold_cloud_loopback"],
+            None,
+            floor_import,
+            "-",
+            True,
+        ),
+        row(
+            "first call, new requirements (pyjokes), cloud: jailed build, nothing cached on the server",
+            times["build_cloud"],
+            anchor["build"],
+            times["floor_build"],
+            "-",
+            True,
+        ),
+        row(
+            "first call, same requirements, cloud, another user (wheels from the shared cache)",
+            times["build_cloud_second_user"],
+            anchor["build"],
+            times["floor_build"],
+            "< 1 s",
+            median(times["build_cloud_second_user"]) < 1,
         ),
         row(
             "first call, new requirements (pyjokes)",

@@ -357,9 +357,23 @@ class NetworkHosts:
 
     namespace: str
     files: Path
+    relays: List[subprocess.Popen[str]]
 
     def url(self, kind: str, path: str = "") -> str:
         return f"http://{TEST_HOSTS[kind]}:{TEST_HOST_PORT}/{path}"
+
+    def relay(self, port: int) -> Tuple[str, int]:
+        """A public test host's port that relays each connection to `port` of the host's end of the link (where a
+        test listens: workers cannot reach the host itself). Returns that address; the relay lives as long as this."""
+        host_end = _HOST_ENDS[0].split("/")[0]
+        relay = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace, sys.executable, "-c", _RELAY, host_end, str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert relay.stdout is not None
+        self.relays.append(relay)
+        return TEST_HOSTS["public"], int(relay.stdout.readline())
 
 
 _TEST_HOST_SERVER = """
@@ -385,6 +399,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Handler).serve_forever()
+"""
+
+
+_RELAY = """
+import socket, sys, threading
+target = (sys.argv[1], int(sys.argv[2]))
+listener = socket.create_server(("0.0.0.0", 0))
+print(listener.getsockname()[1], flush=True)
+def pipe(source, sink):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    for end in (source, sink):
+        try:
+            end.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    inbound, _ = listener.accept()
+    outbound = socket.create_connection(target)
+    threading.Thread(target=pipe, args=(inbound, outbound), daemon=True).start()
+    threading.Thread(target=pipe, args=(outbound, inbound), daemon=True).start()
 """
 
 
@@ -420,9 +461,11 @@ def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHost
                 if time.time() > deadline:
                     raise
                 time.sleep(0.05)
-        yield NetworkHosts(namespace, files)
-        server.kill()
-        server.wait()
+        hosts = NetworkHosts(namespace, files, [])
+        yield hosts
+        for process in [server, *hosts.relays]:
+            process.kill()
+            process.wait()
     finally:
         subprocess.run(["ip", "link", "del", link], capture_output=True)
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -226,6 +227,12 @@ def test_two_users_building_the_same_requirements_get_environments_of_their_own(
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     (prefix_a, ok_a), (prefix_b, ok_b) = eval(first.stdout), eval(second.stdout)
     assert ok_a and ok_b and "/envs/build-ann/" in prefix_a and "/envs/build-ben/" in prefix_b
-    # Build logs still stream to the caller.
+    # Build logs still stream to the caller: uv's for the first; the second's environment is a copy of links.
+    assert re.search(r"\+ pyjokes==", first.stderr), first.stderr
     assert "[fal-serverless build] building environment" in second.stderr, second.stderr
-    assert re.search(r"\+ pyjokes==", second.stderr), second.stderr
+    # Both are links to the shared environment's files, which belong to root and are writable by nobody else: no
+    # user's build or worker can change what the other's environment contains.
+    python = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for path in ("pyvenv.cfg", f"lib/{python}/site-packages/pyjokes/__init__.py"):
+        a, b = os.stat(Path(prefix_a) / path), os.stat(Path(prefix_b) / path)
+        assert (a.st_ino, a.st_uid) == (b.st_ino, 0) and a.st_mode & 0o022 == 0, path

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HELD_CALLS, ROOT, cloud_call, script_env, start_server
+from conftest import HELD_CALLS, ROOT, NetworkHosts, cloud_call, script_env, start_server
 
 pytestmark = pytest.mark.reliability("load")
 
@@ -107,18 +107,19 @@ def test_ten_thousand_calls_from_32_processes_two_users_four_environments() -> N
         server.stop()
 
 
-def test_a_queue_deeper_than_capacity_runs_in_order_of_arrival_and_times_out_clearly() -> None:
-    """Capacity for one XS call at a time. A first call holds it (until we answer over a loopback socket); four more
-    arrive one after the other and must run in that order; one with a 2 s timeout gives up waiting, clearly."""
+def test_a_queue_deeper_than_capacity_runs_in_order_of_arrival_and_times_out_clearly(test_hosts: NetworkHosts) -> None:
+    """Capacity for one XS call at a time. A first call holds it (until we answer over a socket, relayed by a test
+    host: workers cannot reach the host itself); four more arrive one after the other and must run in that order; one
+    with a 2 s timeout gives up waiting, clearly."""
     small = start_server(config="[capacity]\ncpus = 0.25\n")
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+    listener = socket.create_server(("0.0.0.0", 0))
+    relay = test_hosts.relay(listener.getsockname()[1])
     source = f"""
 import socket, sys, time
 from fal_serverless import isolated, cloud
 @isolated(host=cloud, machine_type="XS", keep_alive=30, timeout=float(sys.argv[2]))
 def take_turn(name):
-    with socket.create_connection(("127.0.0.1", {port})) as conn:
+    with socket.create_connection({relay!r}) as conn:
         conn.sendall(name.encode())
         conn.recv(1)
     return name

@@ -141,13 +141,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Workers => {
             let client = connect().await?;
             println!(
-                "{:<10} {:<12} {:<8} {:<26} {:<6} {:>6}",
-                "PID", "USER", "MACHINE", "ENVIRONMENT", "BUSY", "CALLS"
+                "{:<10} {:<12} {:<8} {:<26} {:<6} {:>6}  {:<16} {:<15}",
+                "PID", "USER", "MACHINE", "ENVIRONMENT", "BUSY", "CALLS", "HOSTNAME", "ADDRESS"
             );
+            let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
             for w in client.workers().await? {
                 println!(
-                    "{:<10} {:<12} {:<8} {:<26} {:<6} {:>6}",
-                    w.worker_id, w.user_id, w.machine_type, w.env_key, w.busy, w.calls
+                    "{:<10} {:<12} {:<8} {:<26} {:<6} {:>6}  {:<16} {:<15}",
+                    w.worker_id,
+                    w.user_id,
+                    w.machine_type,
+                    w.env_key,
+                    w.busy,
+                    w.calls,
+                    or_dash(w.hostname),
+                    or_dash(w.address)
                 );
             }
             Ok(())

@@ -128,6 +128,11 @@ pub struct WorkerInfo {
     pub busy: bool,
     /// Calls completed by this worker.
     pub calls: u64,
+    /// Its own hostname, where it has one (jailed workers).
+    pub hostname: Option<String>,
+    /// Its address in its own network namespace: where the server (and only the server) connects to a port it
+    /// listens on.
+    pub address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +164,7 @@ impl Engine {
             limits: config.build.limits,
             timeout: config.build.timeout,
             caches: config.cache_dir.join("build-cache"),
+            shared_uid: SHARED_UID,
         });
         let builder = |dir: &str| {
             EnvBuilder::new(config.cache_dir.join(dir), config.uv.clone(), sandbox.clone(), cgroups.clone())

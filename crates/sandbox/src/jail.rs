@@ -3,7 +3,7 @@
 //! Granted, read-only: the system's programs and libraries (`/usr`, and `/bin`, `/lib`, `/lib64`, `/sbin` as the
 //! usual links into it), `/etc`, and the paths the caller names, each at its real path: the engine names the
 //! interpreter's installation, the worker's own environment and, for dill workers, the dill layer's packages.
-//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777), which vanishes with the process, and the
+//! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777) and `/dev/shm`, which vanish with the process, and the
 //! paths the caller names as writable (an environment build's staging dir and its user's build cache). Granted: a
 //! fresh `/proc` of its own PID namespace, a minimal `/dev`, a hostname of its own, and a network namespace of its
 //! own: loopback only, or the one the caller made for it (see `network.rs`), with that namespace's `resolv.conf`.
@@ -78,6 +78,11 @@ impl Jail {
             "/proc",
             "--dev",
             "/dev",
+            // POSIX semaphores and shared memory (multiprocessing, DataLoader workers): private, like /tmp.
+            "--perms",
+            "01777",
+            "--tmpfs",
+            "/dev/shm",
             "--chdir",
             "/tmp",
             "--setenv",

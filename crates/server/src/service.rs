@@ -423,6 +423,8 @@ impl IsolateController for Controller {
                 env_key: w.env_key,
                 busy: w.busy,
                 calls: w.calls,
+                hostname: w.hostname.unwrap_or_default(),
+                address: w.address.map(|a| a.to_string()).unwrap_or_default(),
                 ..Default::default()
             })
             .collect();

@@ -51,8 +51,11 @@ pub struct BuildSandbox {
     pub network: Option<Arc<NetworkManager>>,
     pub limits: Limits,
     pub timeout: Duration,
-    /// uv caches, one per uid: `<caches>/<uid>`, written only by that uid's builds.
+    /// uv caches, one per uid: `<caches>/<uid>`, written only by that uid's builds; `<caches>/shared`, written only
+    /// by `shared_uid`'s wheel-only steps.
     pub caches: PathBuf,
+    /// The uid of build steps whose result any user may get: wheel-only installs, layers of constant requirements.
+    pub shared_uid: u32,
 }
 
 /// What one jailed build runs in: its jail's grants, its cgroup, its network namespace.
@@ -196,16 +199,14 @@ impl EnvBuilder {
         remove_leftovers(envs, key);
         let staging = envs.join(format!(".tmp-{key}-{}", std::process::id()));
         let result = match &self.sandbox {
-            None => self.build_into(spec, &staging, interpreter, None, logs).await,
+            None => self.build_into(spec, &staging, interpreter, None, InstallMode::USER, logs).await,
             Some(sandbox) => {
-                let jailed = async {
-                    let mut jail = self.build_jail(sandbox, uid, &staging, interpreter).await?;
-                    self.build_into(spec, &staging, interpreter, Some(&mut jail), logs).await?;
-                    let BuildJail { cgroup, namespace, .. } = jail;
-                    let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
-                    Ok(())
-                };
-                match tokio::time::timeout(sandbox.timeout, jailed).await {
+                match tokio::time::timeout(
+                    sandbox.timeout,
+                    self.jailed_build(sandbox, spec, &staging, uid, interpreter, logs),
+                )
+                .await
+                {
                     Ok(result) => result,
                     Err(_) => Err(EnvironmentError::BuildTimeout { seconds: sandbox.timeout.as_secs() }),
                 }
@@ -230,12 +231,92 @@ impl EnvBuilder {
         finish
     }
 
+    /// A build on the server.
+    ///
+    /// Requirements all from package indexes are first installed from wheels alone (`--only-binary :all:`) by the
+    /// shared uid, into a uv cache only that uid writes, and compiled with `python -I -S` (no `site`, so no `.pth` and
+    /// nothing of the packages runs; the compiler only reads them): no code a user chose runs in that step, so what
+    /// it makes is what the indexes served, whoever asked first. It is kept, owned by root, as the shared
+    /// environment of its key (`envs/.shared/<key>`), and every user's environment of that key is a hard-linked
+    /// copy of it: a second user's build of the same requirements is a copy of links. Nobody writes those files: a
+    /// worker's jail mounts its environment read-only, and builds never mount finished environments.
+    ///
+    /// Anything else (an sdist to build, a URL, a VCS requirement) is built wholly in the user's own jail, as the
+    /// user, with the user's own uv cache, compiled there by uv (where a package's `.pth` may run: as the user, in the
+    /// jail).
+    async fn jailed_build(
+        &self,
+        sandbox: &BuildSandbox,
+        spec: &EnvSpec,
+        staging: &Path,
+        uid: u32,
+        interpreter: &Interpreter,
+        logs: &LogSink,
+    ) -> Result<(), EnvironmentError> {
+        let shared_step = spec.from_indexes_only();
+        if uid == sandbox.shared_uid && shared_step {
+            let mut jail = self.build_jail(sandbox, uid, staging, interpreter, "shared").await?;
+            let mut built =
+                self.build_into(spec, staging, interpreter, Some(&mut jail), InstallMode::SHARED, logs).await;
+            if built.is_ok() {
+                built = self.compile(staging, spec, &mut jail, logs).await;
+            }
+            jail.release().await;
+            built?;
+            // From now on nobody but root may change it.
+            return chown_tree(staging, 0);
+        }
+        if shared_step {
+            let shared = Builder { tenant: SHARED_TENANT, uid: sandbox.shared_uid };
+            match Box::pin(self.ensure(spec, shared, interpreter, logs)).await {
+                Ok(environment) => return link_tree(&environment.root, staging),
+                Err(error) => logs.send(
+                    LogSource::Build,
+                    format!(
+                        "not every requirement installs from a wheel ({}): building from source, in your own sandbox",
+                        error.to_string().lines().last().unwrap_or_default().trim()
+                    ),
+                ),
+            }
+        }
+        let mut own = self.build_jail(sandbox, uid, staging, interpreter, &uid.to_string()).await?;
+        let built = self.build_into(spec, staging, interpreter, Some(&mut own), InstallMode::USER, logs).await;
+        own.release().await;
+        built
+    }
+
+    /// Compiles the environment's bytecode in `jail` with its interpreter in isolated mode without `site` (`-I -S`):
+    /// no `.pth`, `sitecustomize` or package module runs; the compiler only reads the sources.
+    async fn compile(
+        &self,
+        staging: &Path,
+        spec: &EnvSpec,
+        jail: &mut BuildJail<'_>,
+        logs: &LogSink,
+    ) -> Result<(), EnvironmentError> {
+        let python = staging.join("bin").join("python");
+        let site_packages = staging.join("lib").join(format!("python{}", spec.python)).join("site-packages");
+        let args = ["-I", "-S", "-m", "compileall", "-q", "-j", "0"].map(std::ffi::OsStr::new);
+        let mut args = args.to_vec();
+        args.push(site_packages.as_os_str());
+        let (ok, output) = self.run_jailed(&python, &args, Some(jail), logs).await?;
+        if !ok {
+            return Err(EnvironmentError::InstallFailed {
+                requirements: spec.requirements.join(", "),
+                python: spec.python.to_string(),
+                output: format!("compiling the environment's bytecode failed:\n{output}"),
+            });
+        }
+        Ok(())
+    }
+
     async fn build_into(
         &self,
         spec: &EnvSpec,
         staging: &Path,
         interpreter: &Interpreter,
         mut jail: Option<&mut BuildJail<'_>>,
+        mode: InstallMode,
         logs: &LogSink,
     ) -> Result<(), EnvironmentError> {
         let mut venv: Vec<&std::ffi::OsStr> = Vec::new();
@@ -253,7 +334,11 @@ impl EnvBuilder {
         let mut install: Vec<&std::ffi::OsStr> = ["pip", "install", "--python"].map(std::ffi::OsStr::new).to_vec();
         install.push(python.as_os_str());
         install.extend(spec.install_targets().map(std::ffi::OsStr::new));
-        if jail.is_some() {
+        if mode.wheels_only {
+            install.extend(["--only-binary", ":all:"].map(std::ffi::OsStr::new));
+        }
+        // Jailed workers only read their environment, so Python cannot cache bytecode there: compile it now.
+        if mode.compile && jail.is_some() {
             install.push(std::ffi::OsStr::new("--compile-bytecode"));
         }
         let (ok, output) = self.run_uv(&install, jail.as_deref_mut(), logs).await?;
@@ -271,19 +356,21 @@ impl EnvBuilder {
         Ok(())
     }
 
-    /// The jail of one build by `uid`: its staging dir (created, owned by `uid`) and uv cache writable.
+    /// The jail of one build step by `uid`: its staging dir (created, owned by `uid`) and the uv cache `cache`
+    /// writable.
     async fn build_jail<'a>(
         &self,
         sandbox: &'a BuildSandbox,
         uid: u32,
         staging: &Path,
         interpreter: &Interpreter,
+        cache: &str,
     ) -> Result<BuildJail<'a>, EnvironmentError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| EnvironmentError::Io { path, source }
         };
-        let cache = sandbox.caches.join(uid.to_string());
+        let cache = sandbox.caches.join(cache);
         for dir in [staging, cache.as_path()] {
             fs::create_dir_all(dir).map_err(io(dir))?;
             std::os::unix::fs::chown(dir, Some(uid), Some(uid)).map_err(io(dir))?;
@@ -327,9 +414,20 @@ impl EnvBuilder {
         jail: Option<&mut BuildJail<'_>>,
         logs: &LogSink,
     ) -> Result<(bool, String), EnvironmentError> {
+        self.run_jailed(&self.uv, args, jail, logs).await
+    }
+
+    /// Runs `program` with `args`, jailed when `jail` is given, streaming its output to `logs`.
+    async fn run_jailed(
+        &self,
+        program: &Path,
+        args: &[&std::ffi::OsStr],
+        jail: Option<&mut BuildJail<'_>>,
+        logs: &LogSink,
+    ) -> Result<(bool, String), EnvironmentError> {
         let mut command = match jail {
             None => {
-                let mut command = Command::new(&self.uv);
+                let mut command = Command::new(program);
                 command.args(args).env_remove("VIRTUAL_ENV").env_remove("CONDA_PREFIX");
                 command
             }
@@ -349,8 +447,8 @@ impl EnvBuilder {
                 };
                 let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let (program, argv) = jail.sandbox.jail.wrap(&grants, &self.uv, &args);
-                let mut command = Command::new(program);
+                let (bwrap, argv) = jail.sandbox.jail.wrap(&grants, program, &args);
+                let mut command = Command::new(bwrap);
                 // A build inherits nothing of the server's environment; its cache is its uid's own.
                 command
                     .args(argv)
@@ -384,8 +482,84 @@ impl EnvBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        run_streaming(command, &self.uv, logs).await
+        run_streaming(command, program, logs).await
     }
+}
+
+/// What a build step asks of `uv pip install`.
+#[derive(Debug, Clone, Copy)]
+struct InstallMode {
+    /// `--only-binary :all:`: no build backend runs.
+    wheels_only: bool,
+    /// `--compile-bytecode` (jailed builds only), which starts the new environment's Python.
+    compile: bool,
+}
+
+impl InstallMode {
+    /// A user's own build: whatever its requirements need.
+    const USER: Self = Self { wheels_only: false, compile: true };
+    /// The shared uid's step: nothing of the packages runs (it compiles apart, without `site`).
+    const SHARED: Self = Self { wheels_only: true, compile: false };
+}
+
+impl BuildJail<'_> {
+    /// Removes its cgroup (killing what is left in it) and its network namespace.
+    async fn release(self) {
+        let BuildJail { cgroup, namespace, .. } = self;
+        let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
+    }
+}
+
+/// The tenant directory of environments built by the shared uid, of which users' environments are linked copies. Not
+/// a valid tenant name, so no user's environments can be there.
+const SHARED_TENANT: &str = ".shared";
+
+/// Makes `to` a copy of the tree at `from` whose files are hard links to `from`'s (directories and symbolic links are
+/// made anew, with the same modes and targets).
+fn link_tree(from: &Path, to: &Path) -> Result<(), EnvironmentError> {
+    let io = |path: &Path, source| EnvironmentError::Io { path: path.to_path_buf(), source };
+    if to.exists() {
+        fs::remove_dir_all(to).map_err(|e| io(to, e))?;
+    }
+    let mut pending = vec![(from.to_path_buf(), to.to_path_buf())];
+    while let Some((source, target)) = pending.pop() {
+        let mode = fs::symlink_metadata(&source).map_err(|e| io(&source, e))?.permissions();
+        fs::create_dir(&target).map_err(|e| io(&target, e))?;
+        fs::set_permissions(&target, mode).map_err(|e| io(&target, e))?;
+        for entry in fs::read_dir(&source).map_err(|e| io(&source, e))? {
+            let entry = entry.map_err(|e| io(&source, e))?;
+            let (path, linked) = (entry.path(), target.join(entry.file_name()));
+            let kind = entry.file_type().map_err(|e| io(&path, e))?;
+            if kind.is_dir() {
+                pending.push((path, linked));
+            } else if kind.is_symlink() {
+                let points_at = fs::read_link(&path).map_err(|e| io(&path, e))?;
+                std::os::unix::fs::symlink(points_at, &linked).map_err(|e| io(&linked, e))?;
+            } else {
+                fs::hard_link(&path, &linked).map_err(|e| io(&linked, e))?;
+            }
+        }
+    }
+    // The environment's root is walkable by its workers (of any uid).
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755)).map_err(|e| io(to, e))
+}
+
+/// Gives `root` and everything below it to `uid` (symbolic links themselves, never what they point at).
+fn chown_tree(root: &Path, uid: u32) -> Result<(), EnvironmentError> {
+    let io = |path: &Path, source| EnvironmentError::Io { path: path.to_path_buf(), source };
+    std::os::unix::fs::lchown(root, Some(uid), Some(uid)).map_err(|e| io(root, e))?;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
+            let entry = entry.map_err(|e| io(&dir, e))?;
+            let path = entry.path();
+            std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).map_err(|e| io(&path, e))?;
+            if entry.file_type().map_err(|e| io(&path, e))?.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The interpreter a build uses, and its installation (what a worker's jail mounts).

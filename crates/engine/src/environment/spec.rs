@@ -116,6 +116,14 @@ impl EnvSpec {
         self.requirements.iter().filter(|r| names_local_files(r)).map(String::as_str).collect()
     }
 
+    /// Whether every requirement comes from a package index (a name and versions; no URL, VCS or path).
+    pub fn from_indexes_only(&self) -> bool {
+        self.install_targets().all(|r| {
+            Requirement::<VerbatimUrl>::from_str(r)
+                .is_ok_and(|parsed| !matches!(parsed.version_or_url, Some(VersionOrUrl::Url(_))))
+        })
+    }
+
     /// Everything `uv pip install` is asked to install (nothing, for a dill environment without requirements).
     pub fn install_targets(&self) -> impl Iterator<Item = &str> {
         let serializer = match &self.serializer {
@@ -235,6 +243,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.local_references(), ["evil @ file:///some/dir", "victim @ file:///tmp/x"]);
+        assert!(!spec.from_indexes_only());
+        let plain = EnvSpec::new(py311(), &["pyjokes==0.6".into(), "numpy[extra]>=1".into()], cloudpickle("3.1.1"));
+        assert!(plain.unwrap().from_indexes_only());
     }
 
     #[test]

@@ -97,6 +97,8 @@ impl WorkerPool {
             machine_type: key.machine_type.clone(),
             busy: true,
             calls: 0,
+            hostname: worker.hostname().map(str::to_string),
+            address: worker.address(),
         };
         state.live.insert(id, info);
         Leased { id, worker: Some(worker), pool: self.clone() }

@@ -142,6 +142,14 @@ pub(crate) trait Placement: Send + std::fmt::Debug {
     fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError>;
     /// Ends it and waits until it has.
     fn stop(&mut self) -> BoxFuture<'_, ()>;
+    /// Its hostname, if it has one of its own.
+    fn hostname(&self) -> Option<&str> {
+        None
+    }
+    /// Its address in a network namespace of its own, if it has one.
+    fn address(&self) -> Option<std::net::IpAddr> {
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -161,6 +169,7 @@ struct LocalProcess {
     cgroup: Option<WorkerCgroup>,
     /// Its network namespace, removed (with its veth) once the worker has ended.
     namespace: Option<Namespace>,
+    hostname: Option<String>,
     /// Jailed workers run under bubblewrap, which reports a signal as exit code 128 + signal.
     jailed: bool,
 }
@@ -231,13 +240,23 @@ impl Worker {
         let pid = child.id().unwrap_or(0);
         ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
         let frames = UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?;
-        let process = LocalProcess { child, pid, cgroup: spec.cgroup, namespace, jailed: spec.jail.is_some() };
+        let hostname = spec.jail.as_ref().map(|j| j.hostname.clone());
+        let process =
+            LocalProcess { child, pid, cgroup: spec.cgroup, namespace, hostname, jailed: spec.jail.is_some() };
         Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
             .map_err(|e| spawn_error("pipe", e))
     }
 
     pub fn pid(&self) -> u32 {
         self.placement.id()
+    }
+
+    pub fn hostname(&self) -> Option<&str> {
+        self.placement.hostname()
+    }
+
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        self.placement.address()
     }
 
     /// Whether the worker has ended (while idle, say): such a worker is never handed a call.
@@ -308,6 +327,14 @@ impl Worker {
 impl Placement for LocalProcess {
     fn id(&self) -> u32 {
         self.pid
+    }
+
+    fn hostname(&self) -> Option<&str> {
+        self.hostname.as_deref()
+    }
+
+    fn address(&self) -> Option<std::net::IpAddr> {
+        self.namespace.as_ref().and_then(Namespace::address).map(std::net::IpAddr::V4)
     }
 
     fn has_ended(&mut self) -> bool {
