@@ -262,6 +262,25 @@ def worker_cgroups(owner: int) -> List[Path]:
     return sorted(set(found))
 
 
+def slot_namespaces(subnet_prefix: str) -> Dict[str, int]:
+    """The network namespaces (and their kernel ids) of worker slots in a subnet, named `fal-<hex of the slot's
+    /30>`: `subnet_prefix` is the hex of the subnet's first bytes ("0afb00" for 10.251.0.0/24)."""
+    run = Path("/run/netns")
+    names = [p for p in run.iterdir() if p.name.startswith(f"fal-{subnet_prefix}")] if run.is_dir() else []
+    found = {}
+    for path in names:
+        try:
+            found[path.name] = path.stat().st_ino
+        except OSError:
+            continue
+    return found
+
+
+def slot_links(subnet_prefix: str) -> List[str]:
+    """The host-side veths of those slots."""
+    return [p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith(f"fal-{subnet_prefix}")]
+
+
 def live_children() -> Dict[int, List[int]]:
     """Each process's live (not zombie) children, read from /proc at once. Unlike a thread's own children list, this
     shows workers started from the engine's threads."""

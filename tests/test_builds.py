@@ -236,3 +236,28 @@ def test_two_users_building_the_same_requirements_get_environments_of_their_own(
     for path in ("pyvenv.cfg", f"lib/{python}/site-packages/pyjokes/__init__.py"):
         a, b = os.stat(Path(prefix_a) / path), os.stat(Path(prefix_b) / path)
         assert (a.st_ino, a.st_uid) == (b.st_ino, 0) and a.st_mode & 0o022 == 0, path
+
+
+@pytest.fixture(scope="module")
+def tight_build_server() -> Iterator[Server]:
+    """A server whose builds get little: 256 MB and 10 s."""
+    started = start_server(config="[build]\nmemory_gb = 0.25\ntimeout_seconds = 10\n")
+    yield started
+    started.stop()
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "expected"),
+    [
+        ("slow_build", "import time\ntime.sleep(60)\n", "longer than the server's build timeout of 10 s"),
+        ("greedy_build", "hog = bytearray(1 << 30)\nhog[::4096] = b'x' * len(hog[::4096])\n", "memory limit of 256 MB"),
+    ],
+)
+def test_a_build_over_the_build_limits_is_stopped_with_an_error_naming_the_limit(
+    tight_build_server: Server, test_hosts: NetworkHosts, name: str, backend: str, expected: str
+) -> None:
+    url = serve(test_hosts, f"{name}-1.0.tar.gz", sdist(name, backend))
+    key = user(tight_build_server, f"build-{name.replace('_', '-')}")
+    proc = cloud_call(tight_build_server, "return 1", key, requirements=[f"{name.replace('_', '-')} @ {url}"])
+    assert "EnvironmentBuildError" in proc.stderr and expected in proc.stderr, proc.stderr
+    assert cloud_call(tight_build_server, "return 2", key).stdout == "2\n", "the server stopped serving"

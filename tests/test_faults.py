@@ -24,6 +24,8 @@ from conftest import (
     pid_alive,
     run_script,
     script_env,
+    slot_links,
+    slot_namespaces,
     start_server,
     worker_cgroups,
 )
@@ -163,7 +165,8 @@ def test_the_client_killed_mid_call_frees_its_worker(faulty: Server) -> None:
 
 
 def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:
-    first = start_server()
+    # A subnet of its own, so the namespaces counted are this server's.
+    first = start_server(config='[network]\nsubnet = "10.251.0.0/24"\n')
     key = first.create_key("fault-restart")
     assert cloud_call(first, "return 1", key, keep_alive=600).stdout == "1\n"
     warm = int(first.wait_for_worker("fault-restart", busy=False)["pid"])
@@ -172,6 +175,8 @@ def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:
     workers = [warm, busy, *descendants(warm), *descendants(busy)]
     assert first.cgroups(), "workers run in cgroups of their own"
     cgroups = first.cgroups()
+    namespaces = slot_namespaces("0afb00")
+    assert len(namespaces) >= 2, "workers run in network namespaces of their own"
 
     first.process.kill()
     first.process.wait()
@@ -187,6 +192,8 @@ def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:
     again = start_server(data_dir=first.data_dir)
     try:
         assert not any(c.exists() for c in cgroups), "the restarted server left the dead one's cgroups in place"
+        left = {name for name, inode in slot_namespaces("0afb00").items() if namespaces.get(name) == inode}
+        assert not left, f"the restarted server left the dead one's network namespaces in place: {left}"
         # Keys survive: the same key, and the first admin key, work against the restarted server.
         again.admin_id, again.admin_secret = first.admin_id, first.admin_secret
         assert cloud_call(again, "return 2", key, keep_alive=0).stdout == "2\n"
@@ -194,10 +201,11 @@ def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:
     finally:
         again.stop()
     assert not again.cgroups() and not descendants(again.process.pid)
+    assert not slot_namespaces("0afb00") and not slot_links("0afb00"), "a stopped server left namespaces or veths"
 
 
 def test_a_server_told_to_stop_ends_running_calls_after_its_grace_and_leaves_nothing() -> None:
-    server = start_server()
+    server = start_server(config='[network]\nsubnet = "10.252.0.0/24"\n')
     key = server.create_key("fault-stop")
     assert cloud_call(server, "return 1", key, keep_alive=600).stdout == "1\n"
     client = start_client(server, key, "import time\ntime.sleep(120)", keep_alive=600)
@@ -207,6 +215,7 @@ def test_a_server_told_to_stop_ends_running_calls_after_its_grace_and_leaves_not
     assert "ServerUnavailableError" in stderr and "connection to the server was lost" in stderr, stderr
     assert server.process.wait(timeout=60) == 0
     assert not server.cgroups() and not descendants(server.process.pid)
+    assert not slot_namespaces("0afc00") and not slot_links("0afc00"), "a stopped server left namespaces or veths"
 
 
 BUILD = """

@@ -299,3 +299,48 @@ def test_each_worker_has_its_own_hostname_and_each_user_its_own_uid(server: Serv
     (_, erin, erin_gid, groups), (_, erin_again, _, _), (_, frank, _, _) = seen
     assert erin == erin_again == erin_gid and groups == []
     assert erin != frank and min(erin, frank) >= 200_000 and os.getuid() not in (erin, frank)
+
+
+SERVE_8080 = """
+import socket, time
+listener = socket.create_server(("0.0.0.0", 8080))
+print("listening", flush=True)
+while True:
+    conn, _ = listener.accept()
+    conn.sendall(socket.gethostname().encode())
+    conn.close()
+"""
+
+CONNECT = """
+import socket, sys
+try:
+    print(socket.create_connection((sys.argv[1], 8080), timeout=3).recv(100).decode())
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def test_every_worker_listens_on_8080_and_only_the_server_connects_to_it(server: Server) -> None:
+    users = [server.create_key("port-gail"), server.create_key("port-hugo")]
+    source = "from fal_serverless import isolated, cloud\n@isolated(host=cloud, keep_alive=0)\ndef f():\n"
+    source += "".join(f"    {line}\n" for line in SERVE_8080.strip().splitlines()) + "f()\n"
+    run = [sys.executable, "-c", source]
+    env = [script_env(server.env(*key)) for key in users]
+    clients = [subprocess.Popen(run, env=e, stdout=subprocess.PIPE, text=True) for e in env]
+    try:
+        for client in clients:
+            assert client.stdout is not None and client.stdout.readline().strip() == "listening"
+        workers = {w["user"]: w for w in server.workers() if w["user"] in ("port-gail", "port-hugo")}
+        assert len(workers) == 2 and workers["port-gail"]["address"] != workers["port-hugo"]["address"], workers
+        for worker in workers.values():
+            # The server's uid (root) reaches the worker's port; another user of the host does not.
+            as_root = subprocess.run([sys.executable, "-c", CONNECT, worker["address"]], capture_output=True, text=True)
+            assert as_root.stdout.strip() == worker["hostname"], as_root.stdout + as_root.stderr
+            other = ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", sys.executable, "-c", CONNECT]
+            as_other = subprocess.run([*other, worker["address"]], capture_output=True, text=True)
+            # The host refuses new connections to workers from any uid but the server's, at once.
+            assert as_other.stdout.strip() in REFUSED, as_other.stdout
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()

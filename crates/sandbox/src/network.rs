@@ -361,7 +361,7 @@ impl NetworkManager {
                }}\n\
                chain output {{ type filter hook output priority filter; policy accept;\n\
                  oifname @workers ct state established,related accept\n\
-                 oifname @workers meta skuid != 0 drop\n\
+                 oifname @workers meta skuid != 0 reject with icmpx type admin-prohibited\n\
                }}\n\
              }}\n"
         )
@@ -506,7 +506,7 @@ mod tests {
         assert!(is_slot_name("fal-0afa0004") && !is_slot_name("fal-w1") && !is_slot_name("faltest-1"));
         let rules = manager.ruleset();
         assert!(rules.contains("iifname @workers ip daddr @denied reject"));
-        assert!(rules.contains("oifname @workers meta skuid != 0 drop"));
+        assert!(rules.contains("oifname @workers meta skuid != 0 reject"));
         assert!(rules.contains("10.0.0.0/8") && rules.contains("169.254.0.0/16"));
     }
 }
