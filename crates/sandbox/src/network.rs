@@ -141,6 +141,8 @@ pub struct NetworkManager {
     ready: Mutex<Vec<Namespace>>,
     /// Set by [`NetworkManager::close`]: nothing is kept ready after it.
     closed: std::sync::atomic::AtomicBool,
+    /// Set while a thread refills `ready`, so that concurrent cold starts do not all make namespaces.
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 /// One network namespace with its veth and slot; removed, with them, when dropped.
@@ -198,7 +200,15 @@ impl NetworkManager {
         let resolv_conf = run_dir.join("resolv.conf");
         fs::write(&resolv_conf, format!("nameserver {}\noptions ndots:0\n", dns_address(&policy.subnet)))
             .map_err(|e| io("write", &resolv_conf, e))?;
-        let manager = Self { table, slots, resolv_conf, policy, ready: Mutex::default(), closed: Default::default() };
+        let manager = Self {
+            table,
+            slots,
+            resolv_conf,
+            policy,
+            ready: Mutex::default(),
+            closed: Default::default(),
+            refilling: Default::default(),
+        };
         if manager.any_egress() {
             fs::write("/proc/sys/net/ipv4/ip_forward", "1")
                 .map_err(|e| io("write", Path::new("/proc/sys/net/ipv4/ip_forward"), e))?;
@@ -235,9 +245,15 @@ impl NetworkManager {
 
     /// Makes namespaces until [`READY`] are kept ready. Blocking; meant for a background thread.
     pub fn refill(&self) {
-        if !self.any_egress() {
+        use std::sync::atomic::Ordering;
+        if !self.any_egress() || self.refilling.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.fill();
+        self.refilling.store(false, Ordering::SeqCst);
+    }
+
+    fn fill(&self) {
         let closed = || self.closed.load(std::sync::atomic::Ordering::SeqCst);
         while !closed() && self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() < READY {
             match self.create() {
@@ -499,6 +515,7 @@ mod tests {
             resolv_conf: PathBuf::new(),
             ready: Mutex::default(),
             closed: Default::default(),
+            refilling: Default::default(),
         };
         // The last slot's namespace end is below the DNS address.
         assert_eq!(manager.host_end(16382, 2), Ipv4Addr::new(10, 250, 255, 250));

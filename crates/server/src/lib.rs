@@ -202,7 +202,10 @@ pub async fn serve(
     tracing::info!(%address, data_dir = %config.data_dir.display(), cpus = capacity.cpus,
         memory_bytes = capacity.memory_bytes, gpus = capacity.gpus, jailed = info.unjailed.is_none(), "serving");
     if let Some(reason) = &info.unjailed {
-        tracing::warn!("workers are NOT jailed ({reason}): every user's code runs as this server's user");
+        tracing::warn!(
+            "workers and environment builds are NOT jailed ({reason}): every user's code runs as this server's user, \
+             with its network"
+        );
     }
     started(&info);
 

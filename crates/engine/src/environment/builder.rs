@@ -273,7 +273,7 @@ impl EnvBuilder {
                 Err(error) => logs.send(
                     LogSource::Build,
                     format!(
-                        "not every requirement installs from a wheel ({}): building from source, in your own sandbox",
+                        "could not install from wheels alone ({}); building in your own sandbox instead",
                         error.to_string().lines().last().unwrap_or_default().trim()
                     ),
                 ),
