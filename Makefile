@@ -33,6 +33,7 @@ fuzz: $(VENV)/.installed
 
 ## bench: this project side by side with isolate 0.12.2 (installed into bench/.anchor-venv); writes bench/RESULTS.md
 bench: $(VENV)/.installed
+	$(BIN)/pip install -q numpy  # the payload rows send arrays
 	UV_PYTHON_DOWNLOADS=never $(BIN)/python bench/run.py --write
 
 ## lint: cargo fmt, clippy, ruff, mypy

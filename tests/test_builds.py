@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
-from conftest import NetworkHosts, Server, cloud_call, start_server
+from conftest import NetworkHosts, Server, cloud_call, run_script, start_server
 
 pytestmark = pytest.mark.reliability("isolation")
 
@@ -261,3 +261,17 @@ def test_a_build_over_the_build_limits_is_stopped_with_an_error_naming_the_limit
     proc = cloud_call(tight_build_server, "return 1", key, requirements=[f"{name.replace('_', '-')} @ {url}"])
     assert "EnvironmentBuildError" in proc.stderr and expected in proc.stderr, proc.stderr
     assert cloud_call(tight_build_server, "return 2", key).stdout == "2\n", "the server stopped serving"
+
+
+def test_the_local_host_keeps_file_requirements(tmp_path: Path) -> None:
+    """The local host is the user's own machine: a requirement naming a file of it installs."""
+    package = tmp_path / "localonly-1.0-py3-none-any.whl"
+    package.write_bytes(wheel("localonly", {"localonly/__init__.py": "ANSWER = 42\n"}))
+    source = (
+        "from fal_serverless import isolated, local\n"
+        f"@isolated(host=local, requirements=['localonly @ {package.as_uri()}'], keep_alive=0)\n"
+        "def f():\n    import localonly\n    return localonly.ANSWER\n"
+        "print(f())\n"
+    )
+    proc = run_script(source)
+    assert proc.returncode == 0 and proc.stdout == "42\n", proc.stderr

@@ -6,6 +6,7 @@ Part of the reliability group (`pytest -m reliability`); the summary counts the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -216,6 +217,9 @@ def test_a_server_told_to_stop_ends_running_calls_after_its_grace_and_leaves_not
     assert server.process.wait(timeout=60) == 0
     assert not server.cgroups() and not descendants(server.process.pid)
     assert not slot_namespaces("0afc00") and not slot_links("0afc00"), "a stopped server left namespaces or veths"
+    tag = hashlib.sha256(str(server.data_dir.resolve()).encode()).hexdigest()[:16]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    assert f"fal_{tag}" not in tables, "a stopped server left its nftables table"
 
 
 BUILD = """

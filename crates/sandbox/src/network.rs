@@ -33,7 +33,8 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::SandboxError;
 
@@ -139,10 +140,30 @@ pub struct NetworkManager {
     /// The `resolv.conf` bound over `/etc/resolv.conf` in every namespace.
     resolv_conf: PathBuf,
     ready: Mutex<Vec<Namespace>>,
-    /// Set by [`NetworkManager::close`]: nothing is kept ready after it.
-    closed: std::sync::atomic::AtomicBool,
     /// Set while a thread refills `ready`, so that concurrent cold starts do not all make namespaces.
     refilling: std::sync::atomic::AtomicBool,
+    tally: Arc<Tally>,
+}
+
+/// A manager's namespaces that are not removed yet, and whether it has closed. The table is what restricts them, so
+/// it goes only with the last of them: at close, or when the last namespace of a closed manager is removed.
+#[derive(Debug, Default)]
+struct Tally {
+    table: String,
+    live: AtomicUsize,
+    closed: AtomicBool,
+    table_removed: AtomicBool,
+}
+
+impl Tally {
+    fn remove_table_if_unused(&self) {
+        let unused = self.closed.load(Ordering::SeqCst) && self.live.load(Ordering::SeqCst) == 0;
+        if unused && !self.table_removed.swap(true, Ordering::SeqCst) {
+            if let Err(e) = nft(&format!("delete table inet {}\n", self.table)) {
+                tracing::warn!("could not remove the nftables table {}: {e}", self.table);
+            }
+        }
+    }
 }
 
 /// One network namespace with its veth and slot; removed, with them, when dropped.
@@ -154,12 +175,14 @@ pub struct Namespace {
     address: Option<Ipv4Addr>,
     table: String,
     _lock: Option<File>,
+    /// Its manager's count, which it is one of.
+    tally: Option<Arc<Tally>>,
 }
 
 impl Namespace {
     /// A namespace with loopback only: the jail makes it (bubblewrap's `--unshare-net`).
     pub fn loopback_only() -> Self {
-        Self { name: String::new(), path: None, address: None, table: String::new(), _lock: None }
+        Self { name: String::new(), path: None, address: None, table: String::new(), _lock: None, tally: None }
     }
 
     /// The namespace to enter before exec, if the jail should not make its own.
@@ -177,6 +200,10 @@ impl Drop for Namespace {
     fn drop(&mut self) {
         if self.path.is_some() {
             remove_slot(&self.name, Some(&self.table));
+        }
+        if let Some(tally) = &self.tally {
+            tally.live.fetch_sub(1, Ordering::SeqCst);
+            tally.remove_table_if_unused();
         }
     }
 }
@@ -201,12 +228,12 @@ impl NetworkManager {
         fs::write(&resolv_conf, format!("nameserver {}\noptions ndots:0\n", dns_address(&policy.subnet)))
             .map_err(|e| io("write", &resolv_conf, e))?;
         let manager = Self {
+            tally: Arc::new(Tally { table: table.clone(), ..Tally::default() }),
             table,
             slots,
             resolv_conf,
             policy,
             ready: Mutex::default(),
-            closed: Default::default(),
             refilling: Default::default(),
         };
         if manager.any_egress() {
@@ -245,7 +272,6 @@ impl NetworkManager {
 
     /// Makes namespaces until [`READY`] are kept ready. Blocking; meant for a background thread.
     pub fn refill(&self) {
-        use std::sync::atomic::Ordering;
         if !self.any_egress() || self.refilling.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -254,7 +280,7 @@ impl NetworkManager {
     }
 
     fn fill(&self) {
-        let closed = || self.closed.load(std::sync::atomic::Ordering::SeqCst);
+        let closed = || self.tally.closed.load(Ordering::SeqCst);
         while !closed() && self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() < READY {
             match self.create() {
                 Ok(namespace) if closed() => drop(namespace),
@@ -279,9 +305,12 @@ impl NetworkManager {
                 address: Some(self.host_end(slot, 2)),
                 table: self.table.clone(),
                 _lock: Some(lock),
+                tally: None,
             };
             self.make(slot, &name)?;
             namespace.path = Some(Path::new("/run/netns").join(&name));
+            self.tally.live.fetch_add(1, Ordering::SeqCst);
+            namespace.tally = Some(self.tally.clone());
             return Ok(namespace);
         }
         Err(SandboxError::Unavailable(format!(
@@ -385,11 +414,16 @@ impl NetworkManager {
 }
 
 impl NetworkManager {
-    /// Removes the namespaces kept ready (a stopping server calls it; those of live processes go with them).
+    /// Removes the namespaces kept ready (a stopping server calls it; those of live processes go with them), and
+    /// the server's table with the last namespace it restricts (a table left behind by a killed server is replaced
+    /// at the next start). Blocking.
     pub fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !self.any_egress() || self.tally.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let ready = std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()));
         drop(ready);
+        self.tally.remove_table_if_unused();
     }
 }
 
@@ -514,8 +548,9 @@ mod tests {
             slots: 16383,
             resolv_conf: PathBuf::new(),
             ready: Mutex::default(),
-            closed: Default::default(),
             refilling: Default::default(),
+            // Closed already: dropping it touches no table.
+            tally: Arc::new(Tally { closed: AtomicBool::new(true), ..Tally::default() }),
         };
         // The last slot's namespace end is below the DNS address.
         assert_eq!(manager.host_end(16382, 2), Ipv4Addr::new(10, 250, 255, 250));
