@@ -141,7 +141,7 @@ pub struct NetworkManager {
     resolv_conf: PathBuf,
     ready: Mutex<Vec<Namespace>>,
     /// Set while a thread refills `ready`, so that concurrent cold starts do not all make namespaces.
-    refilling: std::sync::atomic::AtomicBool,
+    refilling: AtomicBool,
     tally: Arc<Tally>,
 }
 
@@ -173,16 +173,15 @@ pub struct Namespace {
     /// `/run/netns/<name>`, for `setns`; `None` for a loopback-only namespace made by the jail itself.
     path: Option<PathBuf>,
     address: Option<Ipv4Addr>,
-    table: String,
     _lock: Option<File>,
-    /// Its manager's count, which it is one of.
+    /// Its manager's count (which it is one of) and table (which holds its veth's name).
     tally: Option<Arc<Tally>>,
 }
 
 impl Namespace {
     /// A namespace with loopback only: the jail makes it (bubblewrap's `--unshare-net`).
     pub fn loopback_only() -> Self {
-        Self { name: String::new(), path: None, address: None, table: String::new(), _lock: None, tally: None }
+        Self { name: String::new(), path: None, address: None, _lock: None, tally: None }
     }
 
     /// The namespace to enter before exec, if the jail should not make its own.
@@ -198,10 +197,8 @@ impl Namespace {
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        if self.path.is_some() {
-            remove_slot(&self.name, Some(&self.table));
-        }
         if let Some(tally) = &self.tally {
+            remove_slot(&self.name, Some(&tally.table));
             tally.live.fetch_sub(1, Ordering::SeqCst);
             tally.remove_table_if_unused();
         }
@@ -303,7 +300,6 @@ impl NetworkManager {
                 name: name.clone(),
                 path: None,
                 address: Some(self.host_end(slot, 2)),
-                table: self.table.clone(),
                 _lock: Some(lock),
                 tally: None,
             };

@@ -104,8 +104,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(
-        "cannot set up the workers' network namespaces: {0}. Install iproute2 and nftables, or set [network] \
-         egress = \"none\" in the config to give workers loopback only"
+        "cannot set up the network namespaces of workers and builds: {0}. Install iproute2 and nftables, or set \
+         [network] egress = \"none\" and build_egress = \"none\" in the config to give them loopback only"
     )]
     Network(String),
     #[error("the gRPC server failed: {0}")]

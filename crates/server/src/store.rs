@@ -107,8 +107,11 @@ impl Store {
     /// uids from `first`.
     pub fn uid(&self, user_id: &str, first: u32, count: u32) -> Result<u32, StoreError> {
         let mut db = self.db();
+        // Asked on every call: a cached statement.
         let known = |db: &Connection| {
-            db.query_row("SELECT uid FROM uids WHERE user_id = ?1", [user_id], |row| row.get::<_, u32>(0)).optional()
+            db.prepare_cached("SELECT uid FROM uids WHERE user_id = ?1")?
+                .query_row([user_id], |row| row.get::<_, u32>(0))
+                .optional()
         };
         if let Some(uid) = known(&db)? {
             return Ok(uid);

@@ -193,7 +193,13 @@ impl EnvBuilder {
         let started = Instant::now();
         let shown =
             if spec.requirements.is_empty() { "no requirements".to_string() } else { spec.requirements.join(", ") };
-        logs.send(LogSource::Build, format!("building environment {key} (Python {}, {shown})", spec.python));
+        // The shared step of a user's build says which it is: its lines come between the user's build's own.
+        let what = if envs.file_name().is_some_and(|n| n == SHARED_TENANT) {
+            "the environment users share (from wheels alone)"
+        } else {
+            "environment"
+        };
+        logs.send(LogSource::Build, format!("building {what} {key} (Python {}, {shown})", spec.python));
 
         // We hold the key's lock: any temp dir of this key is a leftover of an interrupted build.
         remove_leftovers(envs, key);
@@ -226,7 +232,7 @@ impl EnvBuilder {
         if finish.is_err() {
             let _ = fs::remove_dir_all(&staging);
         } else {
-            logs.send(LogSource::Build, format!("environment {key} ready in {:.1}s", started.elapsed().as_secs_f64()));
+            logs.send(LogSource::Build, format!("{what} {key} ready in {:.1}s", started.elapsed().as_secs_f64()));
         }
         finish
     }
