@@ -238,10 +238,22 @@ def test_two_users_building_the_same_requirements_get_environments_of_their_own(
         assert (a.st_ino, a.st_uid) == (b.st_ino, 0) and a.st_mode & 0o022 == 0, path
 
 
+FILL_DISK = """
+import os, time
+with open(os.path.join(os.getcwd(), "filler"), "wb") as f:
+    for _ in range(40):
+        f.write(os.urandom(4 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+        time.sleep(0.05)
+time.sleep(60)
+"""
+
+
 @pytest.fixture(scope="module")
 def tight_build_server() -> Iterator[Server]:
-    """A server whose builds get little: 256 MB and 10 s."""
-    started = start_server(config="[build]\nmemory_gb = 0.25\ntimeout_seconds = 10\n")
+    """A server whose builds get little: 256 MB of memory, 64 MB of disk and 10 s."""
+    started = start_server(config="[build]\nmemory_gb = 0.25\ndisk_gb = 0.0625\ntimeout_seconds = 10\n")
     yield started
     started.stop()
 
@@ -251,6 +263,8 @@ def tight_build_server() -> Iterator[Server]:
     [
         ("slow_build", "import time\ntime.sleep(60)\n", "longer than the server's build timeout of 10 s"),
         ("greedy_build", "hog = bytearray(1 << 30)\nhog[::4096] = b'x' * len(hog[::4096])\n", "memory limit of 256 MB"),
+        # Where a build writes to disk: its source tree's directory (in its uv cache).
+        ("filling_build", FILL_DISK, "disk limit of 0.0625 GB"),
     ],
 )
 def test_a_build_over_the_build_limits_is_stopped_with_an_error_naming_the_limit(

@@ -51,12 +51,18 @@ pub struct EngineConfig {
 pub struct BuildLimits {
     pub limits: Limits,
     pub timeout: Duration,
+    /// What one build may write to disk (its environment, and what it adds to its uv cache).
+    pub disk_bytes: u64,
 }
 
 impl Default for BuildLimits {
-    /// 2 CPUs, 4 GiB, 1024 tasks, 15 minutes.
+    /// 2 CPUs, 4 GiB, 1024 tasks, 15 minutes, 20 GiB of disk.
     fn default() -> Self {
-        Self { limits: Limits { cpus: 2.0, memory_bytes: 4 << 30, pids: 1024 }, timeout: Duration::from_secs(900) }
+        Self {
+            limits: Limits { cpus: 2.0, memory_bytes: 4 << 30, pids: 1024 },
+            timeout: Duration::from_secs(900),
+            disk_bytes: 20 << 30,
+        }
     }
 }
 
@@ -163,6 +169,7 @@ impl Engine {
             network: config.network.clone(),
             limits: config.build.limits,
             timeout: config.build.timeout,
+            disk_bytes: config.build.disk_bytes,
             caches: config.cache_dir.join("build-cache"),
             shared_uid: SHARED_UID,
         });

@@ -37,6 +37,11 @@ pub enum EnvironmentError {
          server's admin to raise [build] memory_gb"
     )]
     BuildOutOfMemory { memory_mb: u64 },
+    #[error(
+        "the environment build wrote more than the server's build disk limit of {gigabytes} GB and was stopped; ask \
+         the server's admin to raise [build] disk_gb, or use smaller requirements"
+    )]
+    BuildDiskExceeded { gigabytes: f64 },
     #[error("could not set up the build's sandbox: {0}")]
     Sandbox(String),
     #[error("environment cache {path}: {source}")]

@@ -23,6 +23,7 @@
 //! memory_gb = 4
 //! pids = 1024
 //! timeout_seconds = 900
+//! disk_gb = 20                       # its environment, and what it adds to its uv cache
 //!
 //! [network]                          # what jailed workers and builds reach
 //! egress = "internet"                # workers reach public addresses; or "none": loopback only
@@ -119,6 +120,7 @@ struct BuildConfig {
     memory_gb: Option<f64>,
     pids: Option<u64>,
     timeout_seconds: Option<u64>,
+    disk_gb: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,12 +260,14 @@ fn build_limits(file: &BuildConfig) -> Result<BuildLimits, String> {
     let memory_gb = file.memory_gb.unwrap_or(default.limits.memory_bytes as f64 / GIB);
     let pids = file.pids.unwrap_or(default.limits.pids);
     let timeout = file.timeout_seconds.unwrap_or(default.timeout.as_secs());
-    if !(cpus > 0.0 && memory_gb > 0.0 && pids > 0 && timeout > 0) {
-        return Err("[build] cpus, memory_gb, pids and timeout_seconds must be positive".into());
+    let disk_gb = file.disk_gb.unwrap_or(default.disk_bytes as f64 / GIB);
+    if !(cpus > 0.0 && memory_gb > 0.0 && pids > 0 && timeout > 0 && disk_gb > 0.0) {
+        return Err("[build] cpus, memory_gb, pids, timeout_seconds and disk_gb must be positive".into());
     }
     Ok(BuildLimits {
         limits: Limits { cpus, memory_bytes: (memory_gb * GIB) as u64, pids },
         timeout: Duration::from_secs(timeout),
+        disk_bytes: (disk_gb * GIB) as u64,
     })
 }
 

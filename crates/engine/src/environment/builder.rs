@@ -51,6 +51,8 @@ pub struct BuildSandbox {
     pub network: Option<Arc<NetworkManager>>,
     pub limits: Limits,
     pub timeout: Duration,
+    /// The most a build may write: its staging dir, plus what it adds to the uv caches.
+    pub disk_bytes: u64,
     /// uv caches, one per uid: `<caches>/<uid>`, written only by that uid's builds; `<caches>/shared`, written only
     /// by `shared_uid`'s wheel-only steps.
     pub caches: PathBuf,
@@ -207,12 +209,17 @@ impl EnvBuilder {
         let result = match &self.sandbox {
             None => self.build_into(spec, &staging, interpreter, None, InstallMode::USER, logs).await,
             Some(sandbox) => {
-                match tokio::time::timeout(
-                    sandbox.timeout,
-                    self.jailed_build(sandbox, spec, &staging, uid, interpreter, logs),
-                )
-                .await
-                {
+                // What the build writes: its staging dir, and what the caches it fills grow by.
+                let caches = [uid.to_string(), "shared".to_string()].map(|c| sandbox.caches.join(c)).to_vec();
+                let watched = async {
+                    tokio::select! {
+                        built = self.jailed_build(sandbox, spec, &staging, uid, interpreter, logs) => built,
+                        () = disk_watch(staging.clone(), caches, sandbox.disk_bytes) => {
+                            Err(EnvironmentError::BuildDiskExceeded { gigabytes: sandbox.disk_bytes as f64 / GIB })
+                        }
+                    }
+                };
+                match tokio::time::timeout(sandbox.timeout, watched).await {
                     Ok(result) => result,
                     Err(_) => Err(EnvironmentError::BuildTimeout { seconds: sandbox.timeout.as_secs() }),
                 }
@@ -490,6 +497,48 @@ impl EnvBuilder {
             .kill_on_drop(true);
         run_streaming(command, program, logs).await
     }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+/// How often a build's disk use is measured.
+const DISK_POLL: Duration = Duration::from_millis(500);
+
+/// Resolves once the build's disk use passes `limit` bytes: what `staging` holds plus what `caches` grew by since
+/// the build began. Measured every [`DISK_POLL`] (a build writing fast may pass the limit by what it writes in that
+/// time before it is stopped).
+async fn disk_watch(staging: PathBuf, caches: Vec<PathBuf>, limit: u64) {
+    let measure = |paths: Vec<PathBuf>| async move {
+        tokio::task::spawn_blocking(move || paths.iter().map(|p| disk_usage(p)).collect::<Vec<u64>>())
+            .await
+            .unwrap_or_default()
+    };
+    let before = measure(caches.clone()).await;
+    loop {
+        tokio::time::sleep(DISK_POLL).await;
+        let now = measure([staging.clone()].into_iter().chain(caches.iter().cloned()).collect()).await;
+        let grown: u64 = now.iter().skip(1).zip(&before).map(|(now, before)| now.saturating_sub(*before)).sum();
+        if now.first().copied().unwrap_or(0) + grown > limit {
+            return;
+        }
+    }
+}
+
+/// The disk space the tree at `root` takes (its blocks), not following symbolic links; what cannot be read counts
+/// nothing.
+fn disk_usage(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let Ok(metadata) = fs::symlink_metadata(&path) else { continue };
+        total += metadata.blocks() * 512;
+        if metadata.is_dir() {
+            if let Ok(entries) = fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
 }
 
 /// What a build step asks of `uv pip install`.
