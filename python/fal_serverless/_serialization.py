@@ -118,7 +118,8 @@ def format_remote_traceback(chain: List[Dict[str, Any]], codes: Dict[Tuple[str, 
             parts.append("Traceback (most recent call last):\n")
         for filename, lineno, name, firstlineno, line in entry["frames"]:
             code = codes.get((name, firstlineno))
-            if code is not None:
+            # The worker names the call's code "<dynamic-code>" (cloudpickle >= 3.1.3) or by the caller's file.
+            if code is not None and filename in ("<dynamic-code>", code.co_filename):
                 filename = code.co_filename
                 line = linecache.getline(filename, lineno).strip() or line
             parts.append(f'  File "{filename}", line {lineno}, in {name}\n')
