@@ -152,7 +152,9 @@ struct Inner {
     layers: EnvBuilder,
     pool: WorkerPool,
     provider: Box<dyn Provider>,
-    interpreters: Mutex<HashMap<PythonVersion, Interpreter>>,
+    /// Interpreters found by version, and what each interpreter said of its installation: asked once each.
+    interpreters: Mutex<HashMap<PythonVersion, PathBuf>>,
+    installations: Mutex<HashMap<PathBuf, Interpreter>>,
 }
 
 impl Engine {
@@ -183,6 +185,7 @@ impl Engine {
             pool: WorkerPool::default(),
             provider,
             interpreters: Mutex::default(),
+            installations: Mutex::default(),
         }))
     }
 
@@ -304,16 +307,31 @@ impl Engine {
     /// An interpreter for the request's Python version: the caller's hint, else one found once per version.
     async fn interpreter(&self, request: &CallRequest) -> Result<Interpreter, CallError> {
         let inner = &self.0;
-        if let Some(hint) = request.interpreter.as_deref().filter(|h| h.exists()) {
-            return Ok(installation_of(hint).await?);
-        }
-        let known = inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).get(&request.env.python).cloned();
+        let path = match request.interpreter.as_deref().filter(|h| h.exists()) {
+            Some(hint) => hint.to_path_buf(),
+            None => {
+                let known =
+                    inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).get(&request.env.python).cloned();
+                match known {
+                    Some(path) => path,
+                    None => {
+                        let path = find_interpreter(inner.builder.uv(), request.env.python).await?;
+                        inner
+                            .interpreters
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(request.env.python, path.clone());
+                        path
+                    }
+                }
+            }
+        };
+        let known = inner.installations.lock().unwrap_or_else(|e| e.into_inner()).get(&path).cloned();
         if let Some(interpreter) = known {
             return Ok(interpreter);
         }
-        let path = find_interpreter(inner.builder.uv(), request.env.python).await?;
         let interpreter = installation_of(&path).await?;
-        inner.interpreters.lock().unwrap_or_else(|e| e.into_inner()).insert(request.env.python, interpreter.clone());
+        inner.installations.lock().unwrap_or_else(|e| e.into_inner()).insert(path, interpreter.clone());
         Ok(interpreter)
     }
 

@@ -353,8 +353,8 @@ impl Placement for LocalProcess {
             let cgroup = self.cgroup.take();
             let oom_killed = cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed);
             // Whatever the worker left running goes with its cgroup; its namespace goes after it.
-            let namespace = self.namespace.take();
-            let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
+            self.cgroup = cgroup;
+            self.release().await;
             if oom_killed {
                 return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
             }
@@ -368,12 +368,19 @@ impl Placement for LocalProcess {
         Box::pin(async move {
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
-            let (cgroup, namespace) = (self.cgroup.take(), self.namespace.take());
-            if cgroup.is_some() || namespace.is_some() {
-                // Removing a cgroup may retry for a moment while the kernel finishes tearing the process down.
-                let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
-            }
+            self.release().await;
         })
+    }
+}
+
+impl LocalProcess {
+    /// Removes its cgroup (killing what is left in it), then its network namespace. Removing a cgroup may retry for
+    /// a moment while the kernel finishes tearing the processes down: on a blocking thread.
+    async fn release(&mut self) {
+        let (cgroup, namespace) = (self.cgroup.take(), self.namespace.take());
+        if cgroup.is_some() || namespace.is_some() {
+            let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
+        }
     }
 }
 
