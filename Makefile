@@ -6,16 +6,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SOURCES := pyproject.toml Cargo.toml Cargo.lock $(shell find crates python -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: examples test reliability fuzz lint bench clean
+.PHONY: examples test system-deps reliability fuzz lint bench clean
 
 ## examples: run every example of the fal-serverless reference
 examples: $(VENV)/.installed
 	$(BIN)/python examples/run.py
 
 ## test: the whole test suite (Rust unit tests, then end-to-end tests with real uv, PyPI, workers and cgroups)
-test: $(VENV)/.installed
+test: system-deps $(VENV)/.installed
 	cargo test --workspace
 	UV_PYTHON_DOWNLOADS=never $(BIN)/python -m pytest
+
+## system-deps: the system packages the tests use (bubblewrap, nftables, iproute2, Slurm, munge); installs them as root
+system-deps:
+	scripts/system-deps
 
 ## reliability: the reliability group alone (faults, load, bad input, isolation), with its summary; `test` runs it too
 reliability: $(VENV)/.installed
