@@ -328,6 +328,7 @@ _AREA_LINES = {
     "load": "calls held {calls} with {lost} lost ({passed}/{total} load checks passed)",
     "bad_input": "bad inputs tried {total} with {passed} clear errors",
     "isolation": "isolation checks {passed}/{total}",
+    "resources": "resource bounds held {passed}/{total}",
 }
 _area_outcomes: Dict[str, List[int]] = {}
 #: What the load tests made and lost; they add to it.

@@ -24,7 +24,7 @@ mod worker;
 pub use crate::engine::{BuildLimits, CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
 pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion, Serializer, DILL_LAYER};
 pub use crate::error::{CallError, EnvironmentError};
-pub use crate::logs::{LogLine, LogSink, LogSource};
+pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
 pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
 

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use fal_engine::{CallError, CallRequest, Engine, EnvSpec, LogLine, LogSink, LogSource, PythonVersion, Serializer};
+use fal_engine::{
+    CallError, CallRequest, Engine, EnvSpec, LogBudget, LogLine, LogSink, LogSource, PythonVersion, Serializer,
+};
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
@@ -236,9 +238,15 @@ impl Drop for NoticeOnDrop {
 
 type CallFuture = Pin<Box<dyn Future<Output = Result<HostedRunResult, Status>> + Send>>;
 
+/// The log bytes of one call the server holds while its client reads them: beyond it, the worker's output is not
+/// read (the worker waits on its pipe) until the client catches up.
+const LOG_BUDGET: usize = 1 << 20;
+
 /// The messages of one run: its logs as they come, then its outcome (after every log sent before it).
 struct RunStream {
-    logs: mpsc::UnboundedReceiver<HostedRunResult>,
+    /// Each log message with its size, given back to `budget` as it leaves.
+    logs: mpsc::UnboundedReceiver<(HostedRunResult, usize)>,
+    budget: Arc<LogBudget>,
     call: Option<CallFuture>,
     outcome: Option<Result<HostedRunResult, Status>>,
 }
@@ -250,9 +258,11 @@ impl Stream for RunStream {
         let this = &mut *self;
         let Some(call) = this.call.as_mut() else {
             // Logs sent before the call ended go first; the sender is gone with the call, so this ends.
-            return Poll::Ready(this.logs.try_recv().ok().map(Ok).or_else(|| this.outcome.take()));
+            let log = this.logs.try_recv().ok().map(|(log, _)| Ok(log));
+            return Poll::Ready(log.or_else(|| this.outcome.take()));
         };
-        if let Poll::Ready(Some(log)) = this.logs.poll_recv(cx) {
+        if let Poll::Ready(Some((log, bytes))) = this.logs.poll_recv(cx) {
+            this.budget.taken(bytes);
             return Poll::Ready(Some(Ok(log)));
         }
         match call.as_mut().poll(cx) {
@@ -283,6 +293,8 @@ impl IsolateController for Controller {
         }
 
         let (log_sender, log_receiver) = mpsc::unbounded_channel();
+        let budget = LogBudget::new(LOG_BUDGET);
+        let stream_budget = budget.clone();
         let this = self.clone();
         let run_id = format!("{:016x}", rand::random::<u64>());
         let call = async move {
@@ -291,9 +303,14 @@ impl IsolateController for Controller {
             let mut call = call;
             let env_key = call.env.key();
             let log_run_id = run_id.clone();
-            let logs = LogSink::new(move |line| {
-                let _ = log_sender.send(run_message(&log_run_id, vec![log_message(line)], State::InProgress));
-            });
+            let logs = LogSink::with_budget(
+                move |line| {
+                    let bytes = line.line.len();
+                    let message = run_message(&log_run_id, vec![log_message(line)], State::InProgress);
+                    let _ = log_sender.send((message, bytes));
+                },
+                budget,
+            );
             let reservation = this.capacity.reserve(&machine, || {
                 logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name))
             });
@@ -337,7 +354,8 @@ impl IsolateController for Controller {
         };
         // The call runs as the response stream is polled, in the task that serves this request: when the client
         // goes away, the stream is dropped and so is the call, which stops its worker rather than leaving it busy.
-        let mut stream = RunStream { logs: log_receiver, call: Some(Box::pin(call)), outcome: None };
+        let mut stream =
+            RunStream { logs: log_receiver, budget: stream_budget, call: Some(Box::pin(call)), outcome: None };
         // Answer only once there is something to say: a warm call's headers, result and trailers then leave
         // together, and a call that fails before any log is a plain error status.
         match stream.next().await {

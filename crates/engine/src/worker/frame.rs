@@ -39,12 +39,19 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     }
 }
 
+/// The buffer a frame's payload starts with; it doubles as bytes arrive, up to the size the header gave.
+const FIRST_BUFFER: usize = 64 * 1024;
+
 /// Reads frames; cancel-safe, so it can sit in a `select!` beside the output pipes: what was read is kept.
+///
+/// A payload's buffer grows with the bytes that came, not with what the header claims: a peer that announces a
+/// GiB and sends nothing holds 64 KiB of the engine's memory, not a GiB.
 #[derive(Debug)]
 pub(crate) struct FrameReader {
     max_payload: usize,
     header: [u8; HEADER_LEN],
     header_filled: usize,
+    /// The frame being read: its kind, what came of its payload, and the payload's size.
     body: Option<(u8, Vec<u8>, usize)>,
 }
 
@@ -66,18 +73,23 @@ impl FrameReader {
     /// The next frame, or `None` at a clean end of stream (between frames).
     pub async fn next<R: AsyncRead + Unpin>(&mut self, reader: &mut R) -> Result<Option<Frame>, FrameError> {
         loop {
-            if let Some((kind, body, filled)) = &mut self.body {
-                if *filled == body.len() {
+            if let Some((kind, body, size)) = &mut self.body {
+                let missing = *size - body.len();
+                if missing == 0 {
                     let kind = *kind;
                     let payload = std::mem::take(body);
                     self.body = None;
                     return Ok(Some(Frame { kind, payload }));
                 }
-                match reader.read(&mut body[*filled..]).await? {
-                    0 => return Err(FrameError::Truncated),
-                    n => *filled += n,
+                if body.len() == body.capacity() {
+                    body.reserve_exact(missing.min(body.len().max(FIRST_BUFFER)));
                 }
-                continue;
+                let room = missing.min(body.capacity() - body.len());
+                // `take` keeps the read within this frame; `read_buf` fills the spare capacity, cancel-safely.
+                match (&mut *reader).take(room as u64).read_buf(body).await? {
+                    0 => return Err(FrameError::Truncated),
+                    _ => continue,
+                }
             }
             match reader.read(&mut self.header[self.header_filled..]).await? {
                 0 if self.header_filled == 0 => return Ok(None),
@@ -91,7 +103,7 @@ impl FrameReader {
                 if size > self.max_payload {
                     return Err(FrameError::TooLarge { size, limit: self.max_payload });
                 }
-                self.body = Some((self.header[4], vec![0; size], 0));
+                self.body = Some((self.header[4], Vec::new(), size));
             }
         }
     }
@@ -141,5 +153,21 @@ mod tests {
         let mut reader = FrameReader::new(1000);
         assert!(matches!(reader.next(&mut &wire[..50]).await, Err(FrameError::Truncated)));
         assert!(matches!(FrameReader::new(1000).next(&mut &wire[..0]).await, Ok(None)));
+    }
+
+    #[tokio::test]
+    async fn a_frame_claiming_a_gib_holds_only_what_came() {
+        let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&(1u32 << 30).to_be_bytes());
+        header[4] = RETURNED;
+        tx.write_all(&header).await.unwrap();
+        tx.write_all(&[1; 1000]).await.unwrap();
+        let mut reader = FrameReader::new(1 << 31);
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), reader.next(&mut rx)).await;
+        assert!(waiting.is_err(), "the rest of the frame never comes");
+        let (_, body, size) = reader.body.as_ref().unwrap();
+        assert_eq!((body.len(), *size), (1000, 1 << 30));
+        assert!(body.capacity() <= FIRST_BUFFER, "{} bytes held for 1000 received", body.capacity());
     }
 }

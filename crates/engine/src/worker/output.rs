@@ -1,4 +1,9 @@
 //! A worker's stdout or stderr: a non-blocking pipe cut into lines.
+//!
+//! Bounded and linear: a line is held up to [`MAX_LINE`] bytes (the rest of a longer one is counted, dropped and
+//! marked), each byte is looked at once, one read of the pipe takes at most [`DRAIN_LIMIT`] bytes, and the pipe is
+//! not read while the call's reader is behind (see [`LogSink::with_budget`]). A `\r` ends a line too, so a progress
+//! bar's updates (tqdm's) stream as they are written; `\r\n` is one line end.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -24,29 +29,92 @@ pub(crate) fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
+/// The longest line forwarded whole; the rest of a longer line is dropped and marked.
+pub(crate) const MAX_LINE: usize = 64 * 1024;
+/// The most one drain reads: a writer that never stops cannot keep the engine reading for ever.
+const DRAIN_LIMIT: usize = 1 << 20;
+
 #[derive(Debug)]
 pub(crate) struct OutputPipe {
     fd: AsyncFd<OwnedFd>,
     source: LogSource,
-    partial: Vec<u8>,
+    line: LineCutter,
     open: bool,
+}
+
+/// Cuts bytes into lines at `\n` and `\r`, holding at most [`MAX_LINE`] bytes of the current one.
+#[derive(Debug, Default)]
+struct LineCutter {
+    partial: Vec<u8>,
+    /// Bytes of the current line beyond `MAX_LINE`, dropped.
+    dropped: u64,
+    /// The last byte seen was a `\r`: a `\n` right after it ends nothing more.
+    after_cr: bool,
+    /// ... and it ended an empty line, not forwarded (yet: `\r\n` on its own is an empty line).
+    after_empty_cr: bool,
+}
+
+impl LineCutter {
+    fn push(&mut self, mut bytes: &[u8], mut line: impl FnMut(String)) {
+        while !bytes.is_empty() {
+            if self.after_cr && bytes[0] == b'\n' {
+                if self.after_empty_cr {
+                    line(String::new());
+                }
+                bytes = &bytes[1..];
+            }
+            (self.after_cr, self.after_empty_cr) = (false, false);
+            let end = bytes.iter().position(|&b| b == b'\n' || b == b'\r');
+            let (piece, rest) = match end {
+                Some(i) => (&bytes[..i], Some((bytes[i], &bytes[i + 1..]))),
+                None => (bytes, None),
+            };
+            let room = MAX_LINE - self.partial.len();
+            self.partial.extend_from_slice(&piece[..piece.len().min(room)]);
+            self.dropped += piece.len().saturating_sub(room) as u64;
+            let Some((terminator, rest)) = rest else { return };
+            // A `\r` with nothing before it (tqdm starts each update with one) is no line.
+            let empty = self.is_empty();
+            if terminator == b'\n' || !empty {
+                line(self.take());
+            }
+            self.after_cr = terminator == b'\r';
+            self.after_empty_cr = self.after_cr && empty;
+            bytes = rest;
+        }
+    }
+
+    fn take(&mut self) -> String {
+        let mut text = String::from_utf8_lossy(&self.partial).into_owned();
+        if self.dropped > 0 {
+            text.push_str(&format!(" [line cut: {} more bytes without a line end were dropped]", self.dropped));
+        }
+        self.partial.clear();
+        self.dropped = 0;
+        text
+    }
+
+    fn is_empty(&self) -> bool {
+        self.partial.is_empty() && self.dropped == 0
+    }
 }
 
 impl OutputPipe {
     pub fn new(fd: OwnedFd, source: LogSource) -> std::io::Result<Self> {
         // SAFETY: an OwnedFd is a valid descriptor that stays open, and refers to the same pipe, until dropped.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(std::io::Error::from)?;
-        Ok(Self { fd, source, partial: Vec::new(), open: true })
+        Ok(Self { fd, source, line: LineCutter::default(), open: true })
     }
 
     pub fn is_open(&self) -> bool {
         self.open
     }
 
-    /// Waits until the pipe is readable, then forwards what it holds. Cancel-safe: bytes are only read after the
-    /// wait, synchronously.
+    /// Waits until the call's reader has room and the pipe is readable, then forwards what it holds. Cancel-safe:
+    /// bytes are only read after the waits, synchronously.
     pub async fn forward(&mut self, logs: &LogSink) {
         loop {
+            logs.room().await;
             let Ok(mut guard) = self.fd.readable().await else {
                 self.open = false;
                 return;
@@ -59,12 +127,13 @@ impl OutputPipe {
         }
     }
 
-    /// Reads everything the pipe holds right now and forwards whole lines. Returns whether anything happened
-    /// (bytes read or end of stream).
+    /// Reads what the pipe holds right now (up to [`DRAIN_LIMIT`]) and forwards whole lines. Returns whether
+    /// anything happened (bytes read or end of stream).
     pub fn drain(&mut self, logs: &LogSink) -> bool {
         let mut progressed = false;
         let mut chunk = [0u8; 16 * 1024];
-        while self.open {
+        let mut read = 0;
+        while self.open && read < DRAIN_LIMIT {
             // SAFETY: reads into a stack buffer of the given length from a descriptor we own.
             let n = unsafe { libc::read(self.fd.get_ref().as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
             match n {
@@ -73,7 +142,9 @@ impl OutputPipe {
                     progressed = true;
                 }
                 n if n > 0 => {
-                    self.partial.extend_from_slice(&chunk[..n as usize]);
+                    let source = self.source;
+                    self.line.push(&chunk[..n as usize], |line| logs.send(source, line));
+                    read += n as usize;
                     progressed = true;
                 }
                 _ => {
@@ -86,24 +157,13 @@ impl OutputPipe {
                 }
             }
         }
-        self.send_lines(logs);
         progressed
-    }
-
-    fn send_lines(&mut self, logs: &LogSink) {
-        let Some(last) = self.partial.iter().rposition(|&b| b == b'\n') else { return };
-        let rest = self.partial.split_off(last + 1);
-        for line in self.partial[..last].split(|&b| b == b'\n') {
-            logs.send(self.source, String::from_utf8_lossy(line).into_owned());
-        }
-        self.partial = rest;
     }
 
     /// Forwards a last line that has no newline yet (the call ended mid-line).
     pub fn flush_partial(&mut self, logs: &LogSink) {
-        if !self.partial.is_empty() {
-            logs.send(self.source, String::from_utf8_lossy(&self.partial).into_owned());
-            self.partial.clear();
+        if !self.line.is_empty() {
+            logs.send(self.source, self.line.take());
         }
     }
 }
@@ -132,5 +192,46 @@ mod tests {
             lines.push(line);
         }
         assert_eq!(lines, ["one", "", "two", "three"]);
+    }
+
+    fn cut(pieces: &[&[u8]]) -> Vec<String> {
+        let mut cutter = LineCutter::default();
+        let mut lines = Vec::new();
+        for piece in pieces {
+            cutter.push(piece, |line| lines.push(line));
+        }
+        if !cutter.is_empty() {
+            lines.push(cutter.take());
+        }
+        lines
+    }
+
+    #[test]
+    fn carriage_returns_end_progress_updates_and_crlf_is_one_line_end() {
+        assert_eq!(cut(&[b"\r 10%|#", b"  |\r 20%|##  |", b"\r100%|####|\n"]), [" 10%|#  |", " 20%|##  |", "100%|####|"]);
+        assert_eq!(cut(&[b"a\r", b"\nb\r\n\r\nc"]), ["a", "b", "", "c"]);
+    }
+
+    #[test]
+    fn a_long_line_is_cut_at_the_limit_and_marked_however_it_arrives() {
+        let long = vec![b'x'; MAX_LINE + 1000];
+        let whole = cut(&[&long, b"\nnext\n"]);
+        let chunked: Vec<&[u8]> = long.chunks(777).chain([&b"\nnext\n"[..]]).collect();
+        assert_eq!(cut(&chunked), whole);
+        assert_eq!(whole.len(), 2);
+        assert!(whole[0].starts_with(&"x".repeat(MAX_LINE)));
+        assert!(whole[0].ends_with(" [line cut: 1000 more bytes without a line end were dropped]"), "{}", &whole[0][MAX_LINE..]);
+        assert_eq!(whole[1], "next");
+    }
+
+    #[test]
+    fn a_line_without_end_is_held_within_the_limit() {
+        let mut cutter = LineCutter::default();
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..64 {
+            cutter.push(&chunk, |_| panic!("no line end yet"));
+        }
+        assert!(cutter.partial.capacity() <= 2 * MAX_LINE, "held {} bytes", cutter.partial.capacity());
+        assert_eq!(cutter.dropped, (64 << 20) - MAX_LINE as u64);
     }
 }
