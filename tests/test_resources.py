@@ -5,6 +5,7 @@ must stay near where it started."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from pathlib import Path
 from typing import Iterator, List
@@ -195,3 +196,40 @@ except Exception as e:
         resources_server.env(),
     )
     assert after.stdout.strip() == "42", after.stderr
+
+
+BIG_UNAUTHENTICATED = """
+import sys, grpc
+channel = grpc.insecure_channel(sys.argv[1])
+run = channel.unary_stream("/controller.IsolateController/Run", request_serializer=None, response_deserializer=None)
+size = 1000 << 20
+# A HostedRun whose `function` field announces and carries 1000 MiB.
+body = bytearray(b"\\x0a")
+n = size
+while n >= 0x80:
+    body.append((n & 0x7F) | 0x80)
+    n >>= 7
+body.append(n)
+body += bytes(size)
+try:
+    for _ in run(bytes(body), metadata=[("auth-key-id", "nobody"), ("auth-key", "guess")]):
+        pass
+    print("accepted")
+except grpc.RpcError as error:
+    print(error.code().name, error.details())
+"""
+
+
+def test_an_unauthenticated_1_gib_request_is_refused_before_the_server_holds_it(
+    resources_server: Server, original_stubs: Path
+) -> None:
+    with PeakRss(resources_server.process.pid) as memory:
+        proc = subprocess.run(
+            [str(original_stubs), "-c", BIG_UNAUTHENTICATED, resources_server.host],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("UNAUTHENTICATED") and "nobody" in proc.stdout, proc.stdout
+    assert memory.grew() < 64 << 20, f"server RSS grew by {memory.grew() >> 20} MB for a refused request"

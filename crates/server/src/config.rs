@@ -31,6 +31,11 @@
 //! allow = ["10.1.0.0/16"]            # private ranges reachable all the same
 //! subnet = "10.250.0.0/16"           # where the namespaces' veth addresses come from
 //! resolver = "10.0.0.2:53"           # DNS; default: the first nameserver of /etc/resolv.conf
+//!
+//! [limits]                           # what clients can make the server hold
+//! max_connections = 256              # open connections; more wait to be accepted
+//! max_requests = 4096                # requests in flight (a call counts until it ends, queued time included)
+//! max_requests_per_key = 256         # the same, per key
 //! ```
 
 use std::collections::BTreeMap;
@@ -41,6 +46,8 @@ use std::time::Duration;
 use fal_engine::{BuildLimits, MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig};
 use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
+
+use crate::admission::AdmissionLimits;
 use sha2::{Digest, Sha256};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -66,6 +73,7 @@ pub struct ServerConfig {
     pub uid_count: u32,
     pub build: BuildLimits,
     pub network: NetworkPolicy,
+    pub admission: AdmissionLimits,
     /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
     /// dir across restarts, different for another.
     pub tag: String,
@@ -104,6 +112,16 @@ struct FileConfig {
     build: BuildConfig,
     #[serde(default)]
     network: NetworkConfig,
+    #[serde(default)]
+    limits: LimitsConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsConfig {
+    max_connections: Option<usize>,
+    max_requests: Option<usize>,
+    max_requests_per_key: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +241,7 @@ impl ServerConfig {
         }
         let build = build_limits(&file.build).map_err(invalid)?;
         let network = network_policy(&file.network).map_err(invalid)?;
+        let admission = admission_limits(&file.limits).map_err(invalid)?;
         let provider = match (file.provider.as_deref(), file.slurm) {
             (None | Some("local"), None) => ProviderConfig::Local,
             (None | Some("local"), Some(_)) => {
@@ -249,9 +268,27 @@ impl ServerConfig {
             uid_count,
             build,
             network,
+            admission,
             tag,
         })
     }
+}
+
+fn admission_limits(file: &LimitsConfig) -> Result<AdmissionLimits, String> {
+    let default = AdmissionLimits::default();
+    let limits = AdmissionLimits {
+        max_connections: file.max_connections.unwrap_or(default.max_connections),
+        max_requests: file.max_requests.unwrap_or(default.max_requests),
+        max_requests_per_key: file.max_requests_per_key.unwrap_or(default.max_requests_per_key),
+    };
+    if limits.max_connections == 0 || limits.max_requests == 0 || limits.max_requests_per_key == 0 {
+        return Err("[limits] max_connections, max_requests and max_requests_per_key must be at least 1".into());
+    }
+    // Tokio's semaphore counts to usize::MAX >> 3.
+    if limits.max_connections > 1 << 30 {
+        return Err("[limits] max_connections must be at most 1073741824".into());
+    }
+    Ok(limits)
 }
 
 fn build_limits(file: &BuildConfig) -> Result<BuildLimits, String> {

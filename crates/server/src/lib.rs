@@ -11,6 +11,7 @@
 //! `layers/dill/<key>` (the dill layer, per Python version), `config.toml`.
 
 mod activity;
+mod admission;
 mod capacity;
 mod config;
 mod dill;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
 use fal_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 pub use crate::capacity::Resources;
@@ -186,10 +188,12 @@ pub async fn serve(
         gpus: config.gpus.unwrap_or(host.gpus),
     };
     let activity = Arc::new(activity::Activity::default());
+    let store = Arc::new(store);
+    let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
     let controller = service::Controller {
         uids: (config.first_uid, config.uid_count),
         engine: engine.clone(),
-        store: Arc::new(store),
+        store,
         capacity: Arc::new(capacity::Capacity::new(capacity)),
         activity: activity.clone(),
     };
@@ -221,9 +225,13 @@ pub async fn serve(
             None => std::future::pending().await,
         }
     };
-    let service = IsolateControllerServer::new(controller)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    // Every request's key is checked (and its place in flight taken) before its body is read.
+    let service = InterceptedService::new(
+        IsolateControllerServer::new(controller)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        admission,
+    );
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let stop = async {
         tokio::select! {
@@ -237,7 +245,10 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(service)
         // Without TCP_NODELAY a small reply waits for the client's delayed ACK: 40 ms per warm call.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+        .serve_with_incoming_shutdown(
+            admission::limited(TcpIncoming::from(listener).with_nodelay(Some(true)), config.admission.max_connections),
+            stop,
+        );
     let grace_over = async {
         let _ = stopped.await;
         tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());

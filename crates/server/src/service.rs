@@ -20,7 +20,7 @@ use fal_proto::controller::{
     ListUserKeysRequest, ListUserKeysResponse, RevokeUserKeyRequest, RevokeUserKeyResponse, UserKeyInfo, WorkerStatus,
     WorkerStatusListRequest, WorkerStatusListResponse,
 };
-use fal_proto::{EnvironmentDefinition, Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET};
+use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -28,6 +28,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::activity::Activity;
+use crate::admission::Admitted;
 use crate::capacity::Capacity;
 use crate::dill;
 use crate::store::{Caller, Scope, Store, StoreError};
@@ -35,7 +36,7 @@ use crate::store::{Caller, Scope, Store, StoreError};
 const DEFAULT_KEEP_ALIVE: i32 = 10;
 /// A call's timeout when its client names none (an original isolate client never does).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
-const NO_KEY: &str = "no key was sent: set FAL_KEY_ID and FAL_KEY_SECRET, or pass \
+pub(crate) const NO_KEY: &str = "no key was sent: set FAL_KEY_ID and FAL_KEY_SECRET, or pass \
                       credentials=CloudKeyCredentials(key_id=..., key_secret=...); an admin makes keys with \
                       `fal-serverless keys create`";
 
@@ -78,7 +79,7 @@ fn call_error_status(error: &CallError) -> Status {
     error_status(code, kind, error.to_string())
 }
 
-fn store_status(error: StoreError) -> Status {
+pub(crate) fn store_status(error: StoreError) -> Status {
     match error {
         StoreError::Database(_) => Status::internal(error.to_string()),
         StoreError::NotYours(_) => Status::permission_denied(error.to_string()),
@@ -88,17 +89,13 @@ fn store_status(error: StoreError) -> Status {
     }
 }
 
-impl Controller {
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        self.activity.touch();
-        let metadata = request.metadata();
-        let id = metadata.get(AUTH_KEY_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
-        let secret = metadata.get(AUTH_KEY_SECRET).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
-        let (Some(id), Some(secret)) = (id, secret) else {
-            return Err(Status::unauthenticated(NO_KEY));
-        };
-        self.store.verify(id, secret).map_err(store_status)
-    }
+/// Who made `request`, as [`crate::admission::Admission`] found before its body was read, and its place in flight.
+fn admitted<T>(request: &Request<T>) -> Result<Admitted, Status> {
+    request
+        .extensions()
+        .get::<Admitted>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the request was not admitted (the server's admission layer is missing)"))
 }
 
 /// The engine's call for a `HostedRun`, or what is wrong with it.
@@ -281,7 +278,7 @@ impl IsolateController for Controller {
     type RunStream = Pin<Box<dyn Stream<Item = Result<HostedRunResult, Status>> + Send>>;
 
     async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
-        let caller = self.authenticate(&request)?;
+        let Admitted { caller, place } = admitted(&request)?;
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         let mut call = call_request(&caller, &mut run)?;
@@ -298,6 +295,8 @@ impl IsolateController for Controller {
         let this = self.clone();
         let run_id = format!("{:016x}", rand::random::<u64>());
         let call = async move {
+            // The call holds its place in flight (its key's and the server's) until it ends.
+            let _place = place;
             let _busy = this.activity.busy();
             let started = Instant::now();
             let mut call = call;
@@ -369,7 +368,7 @@ impl IsolateController for Controller {
         &self,
         request: Request<CreateUserKeyRequest>,
     ) -> Result<Response<CreateUserKeyResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let Admitted { caller, .. } = admitted(&request)?;
         let request = request.into_inner();
         let scope = match request.scope() {
             create_user_key_request::Scope::Admin => Scope::Admin,
@@ -391,7 +390,7 @@ impl IsolateController for Controller {
         &self,
         request: Request<ListUserKeysRequest>,
     ) -> Result<Response<ListUserKeysResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let Admitted { caller, .. } = admitted(&request)?;
         let user = (caller.scope != Scope::Admin).then_some(caller.user_id.as_str());
         let keys = self.store.list_keys(user).map_err(store_status)?;
         let user_keys = keys
@@ -414,7 +413,7 @@ impl IsolateController for Controller {
         &self,
         request: Request<RevokeUserKeyRequest>,
     ) -> Result<Response<RevokeUserKeyResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let Admitted { caller, .. } = admitted(&request)?;
         let key_id = request.into_inner().key_id;
         self.store.revoke(&caller, &key_id).map_err(store_status)?;
         tracing::info!(by = %caller.user_id, key_id = %key_id, "key revoked");
@@ -425,7 +424,7 @@ impl IsolateController for Controller {
         &self,
         request: Request<WorkerStatusListRequest>,
     ) -> Result<Response<WorkerStatusListResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let Admitted { caller, .. } = admitted(&request)?;
         let request = request.into_inner();
         let worker_status = self
             .engine

@@ -208,7 +208,10 @@ mod tests {
 
     #[test]
     fn carriage_returns_end_progress_updates_and_crlf_is_one_line_end() {
-        assert_eq!(cut(&[b"\r 10%|#", b"  |\r 20%|##  |", b"\r100%|####|\n"]), [" 10%|#  |", " 20%|##  |", "100%|####|"]);
+        assert_eq!(
+            cut(&[b"\r 10%|#", b"  |\r 20%|##  |", b"\r100%|####|\n"]),
+            [" 10%|#  |", " 20%|##  |", "100%|####|"]
+        );
         assert_eq!(cut(&[b"a\r", b"\nb\r\n\r\nc"]), ["a", "b", "", "c"]);
     }
 
@@ -220,7 +223,11 @@ mod tests {
         assert_eq!(cut(&chunked), whole);
         assert_eq!(whole.len(), 2);
         assert!(whole[0].starts_with(&"x".repeat(MAX_LINE)));
-        assert!(whole[0].ends_with(" [line cut: 1000 more bytes without a line end were dropped]"), "{}", &whole[0][MAX_LINE..]);
+        assert!(
+            whole[0].ends_with(" [line cut: 1000 more bytes without a line end were dropped]"),
+            "{}",
+            &whole[0][MAX_LINE..]
+        );
         assert_eq!(whole[1], "next");
     }
 
