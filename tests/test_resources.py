@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
-from conftest import Server, run_script, start_server
+from conftest import Server, cloud_call, run_script, script_env, start_server
 
 pytestmark = pytest.mark.reliability("resources")
 
@@ -233,3 +235,94 @@ def test_an_unauthenticated_1_gib_request_is_refused_before_the_server_holds_it(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("UNAUTHENTICATED") and "nobody" in proc.stdout, proc.stdout
     assert memory.grew() < 64 << 20, f"server RSS grew by {memory.grew() >> 20} MB for a refused request"
+
+
+def call_in_background(server: Server, key: Tuple[str, str], body: str, **options: object) -> subprocess.Popen[str]:
+    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    source = f"from fal_serverless import isolated, cloud\n@isolated(host=cloud, {args})\ndef f():\n"
+    source += "".join(f"    {line}\n" for line in body.strip().splitlines())
+    source += "print(repr(f()))\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", source],
+        env=script_env(server.env(*key)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_big_type_call_of_one_user_does_not_time_out_another_users_small_call() -> None:
+    """mallory's L (4 CPUs, 32 GB) on this 2-core host holds her share (3/4 of it), not the whole server: alice's XS
+    runs beside it instead of waiting out its minute."""
+    server = start_server()
+    try:
+        mallory, alice = server.create_key("mallory"), server.create_key("alice")
+        large = call_in_background(server, mallory, "import time\ntime.sleep(40)\nreturn 'large'", machine_type="L")
+        server.wait_for_worker("mallory", busy=True, timeout=120)
+        small = cloud_call(server, "return 'small'", alice, machine_type="XS", timeout=30)
+        assert small.returncode == 0 and small.stdout.strip() == "'small'", small.stderr
+        out, err = large.communicate(timeout=120)
+        assert large.returncode == 0 and out.strip() == "'large'", err
+    finally:
+        server.stop()
+
+
+def test_warm_workers_hold_capacity_and_a_waiting_call_stops_an_idle_one() -> None:
+    """A server of 2.5 GB: bob's two warm S workers (1 GB each) hold 2 GB while idle. carol's S call does not start
+    beside them (the host would run out of memory once bob's models fill them): it waits, and the server stops bob's
+    longest idle worker to make room."""
+    server = start_server(config="[capacity]\nmemory_gb = 2.5\nuser_share = 1.0\n")
+    try:
+        bob, carol = server.create_key("bob"), server.create_key("carol")
+        for tag in ("one", "two"):
+            # Two environments (requirements differ only in a comment-free pin), so two warm workers.
+            proc = cloud_call(
+                server,
+                f"return {tag!r}",
+                bob,
+                machine_type="S",
+                keep_alive=300,
+                requirements=["six"] if tag == "one" else [],
+            )
+            assert proc.returncode == 0, proc.stderr
+        assert len([w for w in server.workers() if w["user"] == "bob"]) == 2
+        proc = cloud_call(server, "return 'carol'", carol, machine_type="S", keep_alive=300)
+        assert proc.returncode == 0 and proc.stdout.strip() == "'carol'", proc.stderr
+        assert "waiting for capacity to run machine type S" in proc.stderr, proc.stderr
+        users = [w["user"] for w in server.workers()]
+        assert sorted(users) == ["bob", "carol"], users
+    finally:
+        server.stop()
+
+
+def test_queued_payloads_are_capped_per_user() -> None:
+    """One XS at a time, and at most 0.5 GB of one user's payloads waiting: a first 300 MB call waits its turn, a
+    second is refused at once with the limit named, and the first still runs."""
+    server = start_server(config="[capacity]\ncpus = 0.25\n[limits]\nmax_queued_gb_per_user = 0.5\n")
+    try:
+        dave = server.create_key("dave")
+        running = call_in_background(server, dave, "import time\ntime.sleep(40)\nreturn 'first'", machine_type="XS")
+        server.wait_for_worker("dave", busy=True, timeout=120)
+        big = "data = b'x' * (300 << 20)\n"
+        source = (
+            "import sys\nfrom fal_serverless import isolated, cloud\n"
+            + big
+            + "@isolated(host=cloud, machine_type='S', requirements=['six'])\ndef f():\n    return len(data)\n"
+            "try:\n    print(f())\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+        )
+        queued = subprocess.Popen(
+            [sys.executable, "-c", source],
+            env=script_env(server.env(*dave)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(10)  # the first is pickled, sent, and waiting behind the running call
+        refused = run_script(source, server.env(*dave), timeout=120)
+        assert "ServerBusyError" in refused.stdout, refused.stdout + refused.stderr
+        assert "max_queued_gb_per_user" in refused.stdout, refused.stdout
+        out, err = queued.communicate(timeout=180)
+        assert out.strip() == str(300 << 20), out + err
+        assert running.wait(timeout=60) == 0
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ from ._native import (
     MachineTypeUnavailableError,
     NoServerConfiguredError,
     PayloadTooLargeError,
+    ServerBusyError,
     ServerUnavailableError,
     WorkerDiedError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "ServerBusyError",
     "ServerUnavailableError",
     "WorkerDiedError",
 ]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fal_sandbox::{CgroupManager, Jail, JailNetwork, Limits, NetworkManager};
@@ -18,6 +18,7 @@ use crate::machine::{MachineType, MachineTypes};
 use crate::provider::local::LocalProvider;
 use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
+use crate::room::Room;
 use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
@@ -111,8 +112,11 @@ pub struct CallRequest {
     pub keep_alive: Duration,
     /// The call, pickled as `env.serializer` says.
     pub payload: Bytes,
-    /// The most the function may run on its worker; past it the worker is stopped. `None`: no limit.
+    /// The most the function may run on its worker, waiting for room included; past it the worker is stopped.
+    /// `None`: no limit.
     pub timeout: Option<Duration>,
+    /// Where a new worker for this call gets its room (the server's capacity); `None`: it needs none.
+    pub room: Option<Arc<dyn Room>>,
 }
 
 /// The function's outcome, still pickled: its return value, or (`raised`) a description of its exception.
@@ -211,14 +215,25 @@ impl Engine {
         }
         let key =
             PoolKey { tenant: request.tenant.clone(), env_key: request.env.key(), machine_type: machine.name.clone() };
+        let mut timeout = request.timeout;
         let mut leased = match inner.pool.checkout(&key) {
             Some(leased) => leased,
             None => {
-                let worker = self.start_worker(&request, machine, logs).await?;
+                let hold = match &request.room {
+                    Some(room) => {
+                        let waiting = Instant::now();
+                        let hold = room.reserve(machine, timeout, logs).await?;
+                        // Time spent waiting for room is taken from the function's.
+                        timeout = timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));
+                        Some(hold)
+                    }
+                    None => None,
+                };
+                let worker = self.start_worker(&request, machine, logs).await?.holding(hold);
                 inner.pool.lease_new(&key, worker)
             }
         };
-        let outcome = match request.timeout {
+        let outcome = match timeout {
             None => leased.worker().call(&request.payload, logs).await,
             Some(limit) => match tokio::time::timeout(limit, leased.worker().call(&request.payload, logs)).await {
                 Ok(outcome) => outcome,
@@ -343,6 +358,19 @@ impl Engine {
     /// Every live worker, idle or busy.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.0.pool.workers()
+    }
+
+    /// Stops the idle worker that has been idle longest (of `tenant`, or of anyone) and waits until it is gone, so
+    /// that what it held is free. Returns whether there was one.
+    pub async fn stop_idle_worker(&self, tenant: Option<&str>) -> bool {
+        match self.0.pool.take_least_recently_used(tenant) {
+            Some(worker) => {
+                tracing::info!(pid = worker.pid(), "stopping an idle worker to make room for a call");
+                worker.stop().await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stops all idle workers and waits for them; busy ones end with their calls.

@@ -92,4 +92,7 @@ pub enum CallError {
          needs longer, pass a larger timeout: @isolated(timeout=...)"
     )]
     Timeout { seconds: f64 },
+    /// The server's capacity refused to queue the call (a per-user limit); the message names the limit.
+    #[error("{0}")]
+    Busy(String),
 }

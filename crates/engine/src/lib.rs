@@ -19,6 +19,7 @@ mod error;
 mod logs;
 mod machine;
 mod provider;
+mod room;
 mod worker;
 
 pub use crate::engine::{BuildLimits, CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
@@ -27,6 +28,8 @@ pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
 pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
+pub use crate::room::{Hold, Room};
+pub use crate::worker::BoxFuture;
 
 /// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the engine's API.
 #[doc(hidden)]

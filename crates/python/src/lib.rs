@@ -73,6 +73,13 @@ create_exception!(
 );
 create_exception!(
     fal_serverless,
+    ServerBusyError,
+    FalServerlessError,
+    "The server refused the call for now: a limit on what one user or key may have waiting or in flight (the \
+     message names it)."
+);
+create_exception!(
+    fal_serverless,
     ServerUnavailableError,
     FalServerlessError,
     "The fal-serverless server could not be reached."
@@ -163,6 +170,7 @@ fn to_py_err(error: CallError) -> PyErr {
         CallError::PayloadTooLarge { .. } | CallError::ResultTooLarge { .. } => PayloadTooLargeError::new_err(message),
         CallError::Timeout { .. } => CallTimeoutError::new_err(message),
         CallError::Spawn(_) => FalServerlessError::new_err(message),
+        CallError::Busy(_) => ServerBusyError::new_err(message),
     }
 }
 
@@ -225,6 +233,7 @@ impl Engine {
             keep_alive: Duration::from_secs_f64(keep_alive),
             payload: Bytes::from_owner(payload),
             timeout: timeout.map(timeout_duration).transpose()?,
+            room: None,
         };
 
         let engine = self.engine.clone();
@@ -266,6 +275,7 @@ fn client_error(error: ClientError) -> PyErr {
             (Some("machine-type-unavailable"), _) => MachineTypeUnavailableError::new_err(message),
             (Some("payload-too-large"), _) => PayloadTooLargeError::new_err(message),
             (Some("timeout"), _) => CallTimeoutError::new_err(message),
+            (Some("busy"), _) => ServerBusyError::new_err(message),
             (_, tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => AuthenticationError::new_err(message),
             (_, tonic::Code::Unavailable) => ServerUnavailableError::new_err(message),
             (_, tonic::Code::ResourceExhausted) => PayloadTooLargeError::new_err(message),
@@ -455,6 +465,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CallTimeoutError", py.get_type::<CallTimeoutError>())?;
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     m.add("NoServerConfiguredError", py.get_type::<NoServerConfiguredError>())?;
+    m.add("ServerBusyError", py.get_type::<ServerBusyError>())?;
     m.add("ServerUnavailableError", py.get_type::<ServerUnavailableError>())?;
     Ok(())
 }

@@ -1,12 +1,22 @@
-//! The server's capacity: calls reserve their machine type's CPUs, memory and GPUs while they run; calls beyond
-//! what is free wait their turn.
+//! The server's capacity: each worker holds its machine type's CPUs, memory and GPUs for as long as it lives, warm
+//! idle time included (a warm worker holding a model is not free memory). A call that needs a new worker and finds
+//! no room waits; while it waits, idle workers are stopped, longest idle first, to make room.
+//!
+//! Shared fairly between users:
+//! * no user holds more than `user_share` of the server's CPUs or memory (default 0.75), so one user's calls never
+//!   take all of it while another's wait; a machine type larger than that share (L on a 2-core host) still runs,
+//!   holding that share, and the others' calls run beside it;
+//! * a user has at most `max_workers_per_user` live workers;
+//! * waiting calls are served user by user: the next turn goes to the user holding the least (their larger share of
+//!   CPUs or memory), each user's calls in their order of arrival; the call whose turn it is is never overtaken by
+//!   smaller ones of other users, so a large call is not starved;
+//! * the payloads of a user's waiting calls total at most `max_queued_bytes_per_user`; a call beyond it is refused
+//!   at once, clearly, rather than held in memory.
 //!
 //! GPUs are strict: a machine type needing more GPUs than the server has can never run and is refused at once.
-//! CPUs and memory are ceilings for sharing: a machine type larger than the whole server (L on a 2-core host) still
-//! runs, alone, with the whole server reserved for it. Waiting calls get their turn in order of arrival.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use fal_engine::MachineType;
 use tokio::sync::oneshot;
@@ -19,6 +29,8 @@ pub struct Resources {
 }
 
 impl Resources {
+    const NONE: Self = Self { cpus: 0.0, memory_bytes: 0, gpus: 0 };
+
     /// More than any call asks for: a cluster's scheduler does the queueing.
     pub fn unbounded() -> Self {
         Self { cpus: 1e9, memory_bytes: 1 << 60, gpus: 1 << 20 }
@@ -36,109 +48,111 @@ impl Resources {
             .unwrap_or(u64::MAX);
         Self { cpus, memory_bytes, gpus }
     }
+
+    fn add(&mut self, other: Self) {
+        self.cpus += other.cpus;
+        self.memory_bytes = self.memory_bytes.saturating_add(other.memory_bytes);
+        self.gpus = self.gpus.saturating_add(other.gpus);
+    }
+
+    fn sub(&mut self, other: Self) {
+        self.cpus = (self.cpus - other.cpus).max(0.0);
+        self.memory_bytes = self.memory_bytes.saturating_sub(other.memory_bytes);
+        self.gpus = self.gpus.saturating_sub(other.gpus);
+    }
+
+    /// Whether `self + more` stays within `limit` (CPUs and memory; GPUs only where `gpus`).
+    fn within(&self, more: Self, limit: Self, gpus: bool) -> bool {
+        self.cpus + more.cpus <= limit.cpus + 1e-9
+            && self.memory_bytes.saturating_add(more.memory_bytes) <= limit.memory_bytes
+            && (!gpus || self.gpus.saturating_add(more.gpus) <= limit.gpus)
+    }
+
+    /// The larger of its shares of `total`'s CPUs and memory.
+    fn share_of(&self, total: Self) -> f64 {
+        (self.cpus / total.cpus.max(1e-9)).max(self.memory_bytes as f64 / total.memory_bytes.max(1) as f64)
+    }
+}
+
+/// How the capacity is shared between users (`[capacity]` and `[limits]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sharing {
+    /// The most of the server's CPUs and of its memory one user holds, as a fraction.
+    pub user_share: f64,
+    pub max_workers_per_user: usize,
+    pub max_queued_bytes_per_user: usize,
+}
+
+impl Default for Sharing {
+    fn default() -> Self {
+        Self { user_share: 0.75, max_workers_per_user: 64, max_queued_bytes_per_user: 1 << 30 }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CapacityError {
+    #[error(
+        "{user}'s calls waiting for capacity already hold {queued} bytes of payload, and this one adds {bytes}: \
+         the limit per user is {limit} bytes ([limits] max_queued_gb_per_user). Wait for some to finish, or send \
+         large inputs by reference (a URL, a path on shared storage) rather than in the call"
+    )]
+    QueueFull { user: String, queued: usize, bytes: usize, limit: usize },
+}
+
+/// Why a waiting call cannot start yet, when stopping an idle worker could help: the user's own (their share or
+/// their worker count is used up), or anyone's (the server is full).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Crowded {
+    ByOwnWorkers(String),
+    ByAnyone,
 }
 
 #[derive(Debug)]
 pub struct Capacity {
     total: Resources,
+    /// What one user may hold: `user_share` of `total`.
+    per_user: Resources,
+    sharing: Sharing,
     state: Mutex<State>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct State {
     used: Resources,
-    /// Calls waiting for room, in order of arrival; only the first may take what is freed.
-    waiting: VecDeque<Waiter>,
+    users: HashMap<String, UserState>,
+    /// Calls waiting for room, in order of arrival.
+    waiting: Vec<Waiter>,
     next_ticket: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+#[derive(Debug, Default)]
+struct UserState {
+    held: Resources,
+    workers: usize,
+    queued_bytes: usize,
 }
 
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
+    user: String,
     demand: Resources,
+    bytes: usize,
     grant: oneshot::Sender<()>,
 }
 
-impl State {
-    fn fits(&self, demand: Resources, total: Resources) -> bool {
-        self.used.cpus + demand.cpus <= total.cpus + 1e-9
-            && self.used.memory_bytes.saturating_add(demand.memory_bytes) <= total.memory_bytes
-            && self.used.gpus + demand.gpus <= total.gpus
-    }
-
-    fn take(&mut self, demand: Resources) {
-        self.used.cpus += demand.cpus;
-        self.used.memory_bytes += demand.memory_bytes;
-        self.used.gpus += demand.gpus;
-    }
-
-    /// Gives back `held`, then hands what is free to waiting calls in order of arrival. The first waiter that does
-    /// not fit stops the hand-out: a large call is never overtaken for ever by small ones.
-    fn release(&mut self, held: Resources, total: Resources) {
-        self.used.cpus = (self.used.cpus - held.cpus).max(0.0);
-        self.used.memory_bytes = self.used.memory_bytes.saturating_sub(held.memory_bytes);
-        self.used.gpus = self.used.gpus.saturating_sub(held.gpus);
-        self.grant_waiting(total);
-    }
-
-    fn grant_waiting(&mut self, total: Resources) {
-        while let Some(first) = self.waiting.front() {
-            if !self.fits(first.demand, total) {
-                break;
-            }
-            let Some(waiter) = self.waiting.pop_front() else { break };
-            self.take(waiter.demand);
-            // The receiver lives as long as the waiter's `Queued`, which takes the waiter out of the queue (under
-            // this lock) before it goes: a waiter still queued can always be told.
-            let _ = waiter.grant.send(());
-        }
-    }
-}
-
-/// Resources held by one running call; released when dropped.
-#[derive(Debug)]
-pub struct Reservation<'a> {
-    capacity: &'a Capacity,
-    held: Resources,
-}
-
-/// A call in the queue. Dropped before its turn (its client went away, its timeout passed), it leaves the queue; dropped
-/// after its turn came but before it took the reservation, it gives the resources back.
-struct Queued<'a> {
-    capacity: &'a Capacity,
-    ticket: u64,
-    demand: Resources,
-    reserved: bool,
-}
-
-impl<'a> Queued<'a> {
-    fn into_reservation(mut self) -> Reservation<'a> {
-        self.reserved = true;
-        Reservation { capacity: self.capacity, held: self.demand }
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        if self.reserved {
-            return;
-        }
-        let mut state = self.capacity.lock();
-        let before = state.waiting.len();
-        state.waiting.retain(|w| w.ticket != self.ticket);
-        if state.waiting.len() == before {
-            state.release(self.demand, self.capacity.total);
-        } else {
-            // The call that left may have been the first one that did not fit.
-            state.grant_waiting(self.capacity.total);
-        }
-    }
-}
-
 impl Capacity {
-    pub fn new(total: Resources) -> Self {
-        let used = Resources { cpus: 0.0, memory_bytes: 0, gpus: 0 };
-        Self { total, state: Mutex::new(State { used, waiting: VecDeque::new(), next_ticket: 0 }) }
+    pub fn new(total: Resources, sharing: Sharing) -> Self {
+        let share = sharing.user_share.clamp(0.0, 1.0);
+        let per_user =
+            Resources { cpus: total.cpus * share, memory_bytes: (total.memory_bytes as f64 * share) as u64, gpus: 0 };
+        Self { total, per_user, sharing, state: Mutex::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -155,93 +169,269 @@ impl Capacity {
         })
     }
 
+    /// What a worker of `machine` holds: its size, at most one user's share.
     fn demand(&self, machine: &MachineType) -> Resources {
         Resources {
-            cpus: machine.cpus.min(self.total.cpus),
-            memory_bytes: machine.memory_bytes.min(self.total.memory_bytes),
+            cpus: machine.cpus.min(self.per_user.cpus),
+            memory_bytes: machine.memory_bytes.min(self.per_user.memory_bytes),
             gpus: machine.gpus,
         }
     }
 
-    /// Waits until `machine` fits and every call that arrived before has its turn, calling `on_wait` once if it
-    /// has to wait. The caller must have checked [`Capacity::never_fits`].
-    pub async fn reserve(&self, machine: &MachineType, on_wait: impl FnOnce()) -> Reservation<'_> {
+    /// Waits until a worker of `machine` for `user` fits and it is this call's turn; calls `on_wait` once if it
+    /// has to wait, and `make_room` (which stops an idle worker, returning whether there was one) as long as that
+    /// may help. The caller must have checked [`Capacity::never_fits`]. `bytes`: the call's payload, held while
+    /// it waits.
+    pub async fn reserve<F: std::future::Future<Output = bool>>(
+        self: &Arc<Self>,
+        user: &str,
+        machine: &MachineType,
+        bytes: usize,
+        on_wait: impl FnOnce(),
+        mut make_room: impl FnMut(Crowded) -> F,
+    ) -> Result<Reservation, CapacityError> {
         let demand = self.demand(machine);
-        let (queued, turn) = {
+        let (queued, mut turn) = {
             let mut state = self.lock();
-            if state.waiting.is_empty() && state.fits(demand, self.total) {
-                state.take(demand);
-                return Reservation { capacity: self, held: demand };
+            if state.waiting.is_empty() && self.crowded(&state, user, demand).is_none() {
+                state.take(user, demand);
+                return Ok(Reservation { capacity: self.clone(), user: user.to_string(), held: demand });
             }
+            let limit = self.sharing.max_queued_bytes_per_user;
+            let queued = state.users.get(user).map_or(0, |u| u.queued_bytes);
+            if queued.saturating_add(bytes) > limit && queued > 0 {
+                return Err(CapacityError::QueueFull { user: user.to_string(), queued, bytes, limit });
+            }
+            state.users.entry(user.to_string()).or_default().queued_bytes += bytes;
             let ticket = state.next_ticket;
             state.next_ticket += 1;
             let (grant, turn) = oneshot::channel();
-            state.waiting.push_back(Waiter { ticket, demand, grant });
-            (Queued { capacity: self, ticket, demand, reserved: false }, turn)
+            state.waiting.push(Waiter { ticket, user: user.to_string(), demand, bytes, grant });
+            self.grant_waiting(&mut state);
+            (Queued { capacity: self.clone(), ticket, user: user.to_string(), demand, reserved: false }, turn)
         };
         on_wait();
-        // The sender is only dropped by granting (see `State::grant_waiting`), so this returns at our turn.
-        let _ = turn.await;
-        queued.into_reservation()
+        loop {
+            if turn.try_recv().is_ok() {
+                break;
+            }
+            // Stopping an idle worker frees what it held; whoever's turn it is may then fit.
+            let crowded = {
+                let state = self.lock();
+                self.crowded(&state, user, demand)
+            };
+            let stopped = match crowded {
+                Some(crowded) => make_room(crowded).await,
+                None => false,
+            };
+            if !stopped {
+                // The sender is only dropped by granting (see `Capacity::grant_waiting`): this returns at our turn.
+                let _ = (&mut turn).await;
+                break;
+            }
+        }
+        Ok(queued.into_reservation())
+    }
+
+    /// Why `demand` of `user` does not fit now, if it does not.
+    fn crowded(&self, state: &State, user: &str, demand: Resources) -> Option<Crowded> {
+        let mine = state.users.get(user);
+        let held = mine.map_or(Resources::NONE, |u| u.held);
+        let workers = mine.map_or(0, |u| u.workers);
+        if workers >= self.sharing.max_workers_per_user || !held.within(demand, self.per_user, false) {
+            return Some(Crowded::ByOwnWorkers(user.to_string()));
+        }
+        (!state.used.within(demand, self.total, true)).then_some(Crowded::ByAnyone)
+    }
+
+    /// Hands what is free to waiting calls: the first waiting call of the user holding least goes first; a user
+    /// at their own limit is passed over; the first call that does not fit the server stops the hand-out.
+    fn grant_waiting(&self, state: &mut State) {
+        loop {
+            let mut candidates: Vec<(f64, u64, usize)> = Vec::new();
+            let mut seen: Vec<&str> = Vec::new();
+            for (index, waiter) in state.waiting.iter().enumerate() {
+                if seen.contains(&waiter.user.as_str()) {
+                    continue;
+                }
+                seen.push(&waiter.user);
+                let held = state.users.get(&waiter.user).map_or(Resources::NONE, |u| u.held);
+                candidates.push((held.share_of(self.total), waiter.ticket, index));
+            }
+            candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut granted = false;
+            for (_, _, index) in candidates {
+                let waiter = &state.waiting[index];
+                match self.crowded(state, &waiter.user, waiter.demand) {
+                    Some(Crowded::ByOwnWorkers(_)) => continue,
+                    Some(Crowded::ByAnyone) => return,
+                    None => {
+                        let waiter = state.waiting.remove(index);
+                        state.take(&waiter.user, waiter.demand);
+                        if let Some(user) = state.users.get_mut(&waiter.user) {
+                            user.queued_bytes = user.queued_bytes.saturating_sub(waiter.bytes);
+                        }
+                        // The receiver lives as long as the waiter's `Queued`, which takes the waiter out of the
+                        // queue (under this lock) before it goes: a waiter still queued can always be told.
+                        let _ = waiter.grant.send(());
+                        granted = true;
+                        break;
+                    }
+                }
+            }
+            if !granted {
+                return;
+            }
+        }
+    }
+
+    fn release(&self, user: &str, held: Resources) {
+        let mut state = self.lock();
+        state.used.sub(held);
+        if let Some(mine) = state.users.get_mut(user) {
+            mine.held.sub(held);
+            mine.workers = mine.workers.saturating_sub(1);
+        }
+        state.forget_if_idle(user);
+        self.grant_waiting(&mut state);
     }
 }
 
-impl Drop for Reservation<'_> {
+impl State {
+    /// Drops the books of a user with nothing held or queued.
+    fn forget_if_idle(&mut self, user: &str) {
+        if self.users.get(user).is_some_and(|u| u.workers == 0 && u.queued_bytes == 0) {
+            self.users.remove(user);
+        }
+    }
+
+    fn take(&mut self, user: &str, demand: Resources) {
+        self.used.add(demand);
+        let mine = self.users.entry(user.to_string()).or_default();
+        mine.held.add(demand);
+        mine.workers += 1;
+    }
+}
+
+/// What one worker holds; given back when dropped (after the worker has stopped).
+#[derive(Debug)]
+pub struct Reservation {
+    capacity: Arc<Capacity>,
+    user: String,
+    held: Resources,
+}
+
+impl Drop for Reservation {
     fn drop(&mut self) {
-        self.capacity.lock().release(self.held, self.capacity.total);
+        self.capacity.release(&self.user, self.held);
+    }
+}
+
+/// A call in the queue. Dropped before its turn (its client went away, its timeout passed), it leaves the queue;
+/// dropped after its turn came but before it took the reservation, it gives the resources back.
+struct Queued {
+    capacity: Arc<Capacity>,
+    ticket: u64,
+    user: String,
+    demand: Resources,
+    reserved: bool,
+}
+
+impl Queued {
+    fn into_reservation(mut self) -> Reservation {
+        self.reserved = true;
+        Reservation { capacity: self.capacity.clone(), user: std::mem::take(&mut self.user), held: self.demand }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if self.reserved {
+            return;
+        }
+        let capacity = self.capacity.clone();
+        let mut state = capacity.lock();
+        match state.waiting.iter().position(|w| w.ticket == self.ticket) {
+            Some(index) => {
+                let waiter = state.waiting.remove(index);
+                if let Some(user) = state.users.get_mut(&waiter.user) {
+                    user.queued_bytes = user.queued_bytes.saturating_sub(waiter.bytes);
+                }
+                state.forget_if_idle(&waiter.user);
+                // The call that left may have been the one whose turn it was.
+                capacity.grant_waiting(&mut state);
+            }
+            None => {
+                drop(state);
+                capacity.release(&self.user, self.demand);
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use fal_engine::MachineTypes;
 
-    #[tokio::test]
-    async fn calls_beyond_capacity_wait_and_oversized_types_run_alone() {
+    const HOST: Resources = Resources { cpus: 2.0, memory_bytes: 24 << 30, gpus: 0 };
+
+    fn capacity(sharing: Sharing) -> Arc<Capacity> {
+        Arc::new(Capacity::new(HOST, sharing))
+    }
+
+    async fn reserve(capacity: &Arc<Capacity>, user: &str, machine: &str) -> Reservation {
         let types = MachineTypes::builtin();
-        let capacity = Capacity::new(Resources { cpus: 2.0, memory_bytes: 24 << 30, gpus: 0 });
-        let m = types.get("M").unwrap();
-        let first = capacity.reserve(m, || panic!("the first M fits")).await;
-        let mut waited = false;
-        let second = tokio::time::timeout(std::time::Duration::from_millis(50), capacity.reserve(m, || waited = true));
-        assert!(second.await.is_err(), "a second M must wait while the first holds both cores");
-        assert!(waited);
-        drop(first);
-        let large = capacity.reserve(types.get("L").unwrap(), || panic!("L fits an idle server")).await;
-        drop(large);
-        assert!(capacity.never_fits(types.get("GPU").unwrap()).unwrap().contains("this server has 0"));
-        assert!(capacity.never_fits(types.get("XS").unwrap()).is_none());
+        let machine = types.get(machine).unwrap();
+        capacity.reserve(user, machine, 0, || (), |_| async { false }).await.unwrap()
+    }
+
+    async fn must_wait(capacity: &Arc<Capacity>, user: &str, machine: &str) {
+        let waiting = tokio::time::timeout(Duration::from_millis(50), reserve(capacity, user, machine));
+        assert!(waiting.await.is_err(), "{user}'s {machine} must wait");
     }
 
     #[tokio::test]
-    async fn waiting_calls_get_their_turn_in_order_of_arrival_and_leaving_the_queue_loses_nothing() {
-        let types = MachineTypes::builtin();
-        let (m, s) = (types.get("M").unwrap(), types.get("S").unwrap());
-        let capacity = std::sync::Arc::new(Capacity::new(Resources { cpus: 2.0, memory_bytes: 24 << 30, gpus: 0 }));
-        let running = capacity.reserve(m, || panic!("fits")).await;
+    async fn one_user_holds_at_most_their_share_and_a_big_type_leaves_room_for_others() {
+        let capacity = capacity(Sharing::default());
+        // L (4 CPUs, 32 GB) on a 2-core, 24 GB server holds mallory's share: 1.5 CPUs, 18 GB.
+        let large = reserve(&capacity, "mallory", "L").await;
+        must_wait(&capacity, "mallory", "XS").await;
+        // alice's small calls run beside it.
+        let small = tokio::time::timeout(Duration::from_millis(50), reserve(&capacity, "alice", "XS")).await;
+        let small = small.expect("alice's XS runs beside mallory's L");
+        drop((large, small));
+        assert!(capacity.never_fits(MachineTypes::builtin().get("GPU").unwrap()).unwrap().contains("has 0"));
+    }
+
+    #[tokio::test]
+    async fn the_next_turn_goes_to_the_user_holding_least_and_leaving_the_queue_loses_nothing() {
+        let capacity = capacity(Sharing { user_share: 1.0, ..Sharing::default() });
+        let running = reserve(&capacity, "bob", "M").await; // the whole server
         let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
         let mut waiting = Vec::new();
-        for i in 0..4 {
+        // bob queues three S calls first, then alice one.
+        for (i, user) in ["bob", "bob", "bob", "alice"].into_iter().enumerate() {
             let (capacity, order_tx) = (capacity.clone(), order_tx.clone());
-            let machine = if i == 1 { m.clone() } else { s.clone() };
             waiting.push(tokio::spawn(async move {
-                let held = capacity.reserve(&machine, || ()).await;
+                let held = reserve(&capacity, user, "S").await;
                 order_tx.send(i).unwrap();
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 drop(held);
             }));
-            tokio::task::yield_now().await; // arrive one after the other
+            tokio::task::yield_now().await;
         }
-        // One more that arrives, then leaves before its turn (its client went away).
         let leaver = tokio::spawn({
-            let (capacity, machine) = (capacity.clone(), s.clone());
+            let capacity = capacity.clone();
             async move {
-                let _never = capacity.reserve(&machine, || ()).await;
+                let _never = reserve(&capacity, "carol", "M").await;
             }
         });
         tokio::task::yield_now().await;
         leaver.abort();
+        let _ = leaver.await;
         drop(running);
         for task in waiting {
             task.await.unwrap();
@@ -250,11 +440,56 @@ mod tests {
         while let Ok(i) = order.try_recv() {
             started.push(i);
         }
-        assert_eq!(started, [0, 1, 2, 3], "turns follow arrival, the M (1) included");
-        // Everything came back: the whole server fits again, at once.
-        let l = types.get("L").unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(1), capacity.reserve(l, || panic!("must not wait")))
-            .await
-            .unwrap();
+        // 2 CPUs hold four S: bob's first, then alice's (she holds nothing), then bob's others in order.
+        assert_eq!(started, [0, 3, 1, 2]);
+        let state = capacity.lock();
+        assert_eq!((state.used, state.users.len(), state.waiting.len()), (Resources::NONE, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn queued_payloads_are_capped_per_user() {
+        let capacity = capacity(Sharing { max_queued_bytes_per_user: 1000, ..Sharing::default() });
+        let types = MachineTypes::builtin();
+        let m = types.get("M").unwrap();
+        let _running = reserve(&capacity, "bob", "M").await;
+        let first = tokio::spawn({
+            let capacity = capacity.clone();
+            let m = m.clone();
+            async move { capacity.reserve("bob", &m, 800, || (), |_| async { false }).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = capacity.reserve("bob", m, 800, || (), |_| async { false }).await.unwrap_err();
+        assert!(matches!(refused, CapacityError::QueueFull { queued: 800, bytes: 800, limit: 1000, .. }));
+        assert!(refused.to_string().contains("max_queued_gb_per_user"));
+        first.abort();
+        let _ = first.await;
+        assert_eq!(capacity.lock().users.get("bob").map(|u| u.queued_bytes), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_call_stops_idle_workers_to_make_room() {
+        let capacity = capacity(Sharing { max_workers_per_user: 2, ..Sharing::default() });
+        let types = MachineTypes::builtin();
+        let xs = types.get("XS").unwrap();
+        // Two idle (warm) workers of bob's hold his worker limit.
+        let idle =
+            Arc::new(Mutex::new(vec![reserve(&capacity, "bob", "XS").await, reserve(&capacity, "bob", "XS").await]));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (idle2, asked2) = (idle.clone(), asked.clone());
+        let third = capacity.reserve(
+            "bob",
+            xs,
+            0,
+            || (),
+            move |crowded| {
+                asked2.lock().unwrap().push(crowded);
+                let stopped = idle2.lock().unwrap().pop().is_some();
+                async move { stopped }
+            },
+        );
+        let third = tokio::time::timeout(Duration::from_secs(1), third).await.expect("room was made").unwrap();
+        assert_eq!(asked.lock().unwrap().as_slice(), [Crowded::ByOwnWorkers("bob".into())]);
+        assert_eq!(idle.lock().unwrap().len(), 1);
+        drop(third);
     }
 }

@@ -8,6 +8,7 @@
 //! cpus = 16
 //! memory_gb = 64
 //! gpus = 2
+//! user_share = 0.75                  # the most of the CPUs and memory one user's workers hold (1.0: no limit)
 //!
 //! [machine_types.XXL]                # added to (or replacing) the built-in XS, S, M, L, XL, GPU-T4, GPU
 //! cpus = 16
@@ -36,6 +37,8 @@
 //! max_connections = 256              # open connections; more wait to be accepted
 //! max_requests = 4096                # requests in flight (a call counts until it ends, queued time included)
 //! max_requests_per_key = 256         # the same, per key
+//! max_workers_per_user = 64          # live workers (busy or warm) of one user
+//! max_queued_gb_per_user = 1         # payloads of one user's calls waiting for capacity
 //! ```
 
 use std::collections::BTreeMap;
@@ -48,6 +51,7 @@ use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
 
 use crate::admission::AdmissionLimits;
+use crate::capacity::Sharing;
 use sha2::{Digest, Sha256};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -74,6 +78,7 @@ pub struct ServerConfig {
     pub build: BuildLimits,
     pub network: NetworkPolicy,
     pub admission: AdmissionLimits,
+    pub sharing: Sharing,
     /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
     /// dir across restarts, different for another.
     pub tag: String,
@@ -122,6 +127,8 @@ struct LimitsConfig {
     max_connections: Option<usize>,
     max_requests: Option<usize>,
     max_requests_per_key: Option<usize>,
+    max_workers_per_user: Option<usize>,
+    max_queued_gb_per_user: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +190,7 @@ struct CapacityConfig {
     cpus: Option<f64>,
     memory_gb: Option<f64>,
     gpus: Option<u32>,
+    user_share: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +250,7 @@ impl ServerConfig {
         let build = build_limits(&file.build).map_err(invalid)?;
         let network = network_policy(&file.network).map_err(invalid)?;
         let admission = admission_limits(&file.limits).map_err(invalid)?;
+        let sharing = sharing(&file.capacity, &file.limits).map_err(invalid)?;
         let provider = match (file.provider.as_deref(), file.slurm) {
             (None | Some("local"), None) => ProviderConfig::Local,
             (None | Some("local"), Some(_)) => {
@@ -269,6 +278,7 @@ impl ServerConfig {
             build,
             network,
             admission,
+            sharing,
             tag,
         })
     }
@@ -289,6 +299,23 @@ fn admission_limits(file: &LimitsConfig) -> Result<AdmissionLimits, String> {
         return Err("[limits] max_connections must be at most 1073741824".into());
     }
     Ok(limits)
+}
+
+fn sharing(capacity: &CapacityConfig, limits: &LimitsConfig) -> Result<Sharing, String> {
+    let default = Sharing::default();
+    let user_share = capacity.user_share.unwrap_or(default.user_share);
+    if !(user_share > 0.0 && user_share <= 1.0) {
+        return Err(format!("[capacity] user_share = {user_share}: a fraction above 0 and at most 1"));
+    }
+    let max_workers_per_user = limits.max_workers_per_user.unwrap_or(default.max_workers_per_user);
+    if max_workers_per_user == 0 {
+        return Err("[limits] max_workers_per_user must be at least 1".into());
+    }
+    let queued_gb = limits.max_queued_gb_per_user.unwrap_or(default.max_queued_bytes_per_user as f64 / GIB);
+    if !(queued_gb > 0.0 && queued_gb <= 1e6) {
+        return Err(format!("[limits] max_queued_gb_per_user = {queued_gb}: a size above 0 GB and at most 1000000"));
+    }
+    Ok(Sharing { user_share, max_workers_per_user, max_queued_bytes_per_user: (queued_gb * GIB) as usize })
 }
 
 fn build_limits(file: &BuildConfig) -> Result<BuildLimits, String> {

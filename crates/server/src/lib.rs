@@ -194,7 +194,7 @@ pub async fn serve(
         uids: (config.first_uid, config.uid_count),
         engine: engine.clone(),
         store,
-        capacity: Arc::new(capacity::Capacity::new(capacity)),
+        capacity: Arc::new(capacity::Capacity::new(capacity, config.sharing)),
         activity: activity.clone(),
     };
 

@@ -11,7 +11,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use fal_engine::{
-    CallError, CallRequest, Engine, EnvSpec, LogBudget, LogLine, LogSink, LogSource, PythonVersion, Serializer,
+    BoxFuture, CallError, CallRequest, Engine, EnvSpec, Hold, LogBudget, LogLine, LogSink, LogSource, MachineType,
+    PythonVersion, Room, Serializer,
 };
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
@@ -29,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::activity::Activity;
 use crate::admission::Admitted;
-use crate::capacity::Capacity;
+use crate::capacity::{Capacity, Crowded};
 use crate::dill;
 use crate::store::{Caller, Scope, Store, StoreError};
 
@@ -75,6 +76,7 @@ fn call_error_status(error: &CallError) -> Status {
             (Code::ResourceExhausted, "payload-too-large")
         }
         CallError::Timeout { .. } => (Code::DeadlineExceeded, "timeout"),
+        CallError::Busy(_) => (Code::ResourceExhausted, "busy"),
     };
     error_status(code, kind, error.to_string())
 }
@@ -154,6 +156,8 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         keep_alive: Duration::from_secs(keep_alive as u64),
         payload: function.definition,
         timeout: Some(timeout),
+        // The server gives it its capacity (`Controller::run`).
+        room: None,
     })
 }
 
@@ -230,6 +234,48 @@ impl Drop for NoticeOnDrop {
         if let Some(notice) = self.0.take() {
             tracing::info!("{notice}");
         }
+    }
+}
+
+/// A new worker's room on this server: its share of the capacity, for the caller; while the call waits, idle
+/// workers are stopped to make room.
+#[derive(Debug)]
+struct CapacityRoom {
+    capacity: Arc<Capacity>,
+    engine: Engine,
+    user: String,
+    payload_bytes: usize,
+}
+
+impl Room for CapacityRoom {
+    fn reserve<'a>(
+        &'a self,
+        machine: &'a MachineType,
+        wait: Option<Duration>,
+        logs: &'a LogSink,
+    ) -> BoxFuture<'a, Result<Hold, CallError>> {
+        Box::pin(async move {
+            let waiting =
+                || logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name));
+            let make_room = |crowded: Crowded| {
+                let engine = self.engine.clone();
+                async move {
+                    match crowded {
+                        Crowded::ByOwnWorkers(user) => engine.stop_idle_worker(Some(&user)).await,
+                        Crowded::ByAnyone => engine.stop_idle_worker(None).await,
+                    }
+                }
+            };
+            let reserving = self.capacity.reserve(&self.user, machine, self.payload_bytes, waiting, make_room);
+            let reserved = match wait {
+                Some(limit) => tokio::time::timeout(limit, reserving)
+                    .await
+                    .map_err(|_| CallError::Timeout { seconds: limit.as_secs_f64() })?,
+                None => reserving.await,
+            };
+            let reservation = reserved.map_err(|e| CallError::Busy(e.to_string()))?;
+            Ok(Box::new(reservation) as Hold)
+        })
     }
 }
 
@@ -310,25 +356,23 @@ impl IsolateController for Controller {
                 },
                 budget,
             );
-            let reservation = this.capacity.reserve(&machine, || {
-                logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name))
-            });
             let cancelled = NoticeOnDrop(Some(format!(
                 "call by {} of {function_name} cancelled: the client went away",
                 caller.user_id
             )));
             // The timeout counts from arrival: time spent waiting for capacity is taken from the function's.
             let timeout = call.timeout.unwrap_or(DEFAULT_TIMEOUT);
-            let outcome = match tokio::time::timeout(timeout, reservation).await {
-                Ok(_held) => {
-                    call.timeout = Some(timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
-                    match this.engine.call(call, &logs).await {
-                        // The engine saw what was left of it; the caller knows the timeout it asked for.
-                        Err(CallError::Timeout { .. }) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
-                        outcome => outcome,
-                    }
-                }
-                Err(_) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
+            call.timeout = Some(timeout);
+            call.room = Some(Arc::new(CapacityRoom {
+                capacity: this.capacity.clone(),
+                engine: this.engine.clone(),
+                user: caller.user_id.clone(),
+                payload_bytes: call.payload.len(),
+            }));
+            let outcome = match this.engine.call(call, &logs).await {
+                // The engine saw what was left of it; the caller knows the timeout it asked for.
+                Err(CallError::Timeout { .. }) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
+                outcome => outcome,
             };
             cancelled.defuse();
             let summary = match &outcome {

@@ -12,4 +12,5 @@ mod pool;
 mod process;
 
 pub(crate) use pool::{PoolKey, WorkerPool};
-pub(crate) use process::{BoxFuture, NoReply, Placement, Worker, WorkerJail, WorkerSpec};
+pub use process::BoxFuture;
+pub(crate) use process::{NoReply, Placement, Worker, WorkerJail, WorkerSpec};

@@ -156,6 +156,25 @@ impl WorkerPool {
         }
     }
 
+    /// Takes out of the pool the worker idle longest (idle ids grow with each release), of `tenant` or of anyone.
+    pub fn take_least_recently_used(&self, tenant: Option<&str>) -> Option<Worker> {
+        let mut state = self.state();
+        let (key, position) = state
+            .idle
+            .iter()
+            .filter(|(key, _)| tenant.is_none_or(|t| key.tenant == t))
+            .flat_map(|(key, workers)| workers.iter().enumerate().map(move |(i, (id, _))| (*id, key, i)))
+            .min_by_key(|(id, _, _)| *id)
+            .map(|(_, key, i)| (key.clone(), i))?;
+        let workers = state.idle.get_mut(&key)?;
+        let (id, worker) = workers.remove(position);
+        if workers.is_empty() {
+            state.idle.remove(&key);
+        }
+        state.live.remove(&id);
+        Some(worker)
+    }
+
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.state().live.values().cloned().collect()
     }

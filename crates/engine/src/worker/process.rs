@@ -17,6 +17,7 @@ use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED}
 use super::output::{pipe, OutputPipe};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
+use crate::room::Hold;
 
 const AGENT: &str = include_str!("agent.py");
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
@@ -130,7 +131,7 @@ pub(crate) struct Reply {
 pub(crate) trait Duplex: AsyncRead + AsyncWrite + AsRawFd + Send + Unpin + std::fmt::Debug {}
 impl<T: AsyncRead + AsyncWrite + AsRawFd + Send + Unpin + std::fmt::Debug> Duplex for T {}
 
-pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where a worker runs, as its provider holds it: a process of this host with its cgroup, or a cluster's job.
 pub(crate) trait Placement: Send + std::fmt::Debug {
@@ -159,6 +160,8 @@ pub(crate) struct Worker {
     reader: FrameReader,
     stdout: OutputPipe,
     stderr: OutputPipe,
+    /// What it holds while it lives (its share of the server's capacity): given back once it has stopped.
+    hold: Option<Hold>,
 }
 
 /// A worker process of this host.
@@ -189,7 +192,14 @@ impl Worker {
             reader: FrameReader::new(max_payload),
             stdout: OutputPipe::new(stdout, LogSource::Stdout)?,
             stderr: OutputPipe::new(stderr, LogSource::Stderr)?,
+            hold: None,
         })
+    }
+
+    /// Gives the worker what it must hold while it lives.
+    pub fn holding(mut self, hold: Option<Hold>) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// Starts a worker process on this host.
