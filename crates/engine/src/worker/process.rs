@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 
 use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED};
 use super::output::{pipe, OutputPipe};
+use crate::environment::EnvUse;
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 
@@ -159,6 +160,8 @@ pub(crate) struct Worker {
     reader: FrameReader,
     stdout: OutputPipe,
     stderr: OutputPipe,
+    /// Its environment's use lock, held while the worker lives: no eviction removes the environment under it.
+    environment: Option<EnvUse>,
 }
 
 /// A worker process of this host.
@@ -189,7 +192,13 @@ impl Worker {
             reader: FrameReader::new(max_payload),
             stdout: OutputPipe::new(stdout, LogSource::Stdout)?,
             stderr: OutputPipe::new(stderr, LogSource::Stderr)?,
+            environment: None,
         })
+    }
+
+    /// Holds `environment` (its environment's use lock) until the worker is gone.
+    pub fn hold(&mut self, environment: EnvUse) {
+        self.environment = Some(environment);
     }
 
     /// Starts a worker process on this host.
