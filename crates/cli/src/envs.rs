@@ -83,9 +83,20 @@ pub fn run(args: EnvsArgs) -> anyhow::Result<()> {
             std::env::var_os("FAL_SERVERLESS_DATA_DIR").map(PathBuf::from).unwrap_or_else(super::default_data_dir)
         }
     };
+    if !data_dir.is_dir() {
+        bail!(
+            "there is no data dir at {}; point --data-dir at the server's data dir (or --local-host for the local \
+             host's environments)",
+            data_dir.display()
+        );
+    }
     let store = EnvironmentStore::new(data_dir.join("envs"));
     match args.command {
-        EnvsCommand::List { user, json } => list(&store, user.as_deref(), json),
+        EnvsCommand::List { user, json } => {
+            // The budget is shown for reference; a config file that does not load only loses that.
+            let budget = policy(&data_dir).ok().map(|p| p.disk_budget(store.dir()));
+            list(&store, user.as_deref(), json, budget)
+        }
         EnvsCommand::Rm { keys, user } => remove(&store, &keys, user.as_deref()),
         EnvsCommand::Prune { older_than, dry_run, user } => {
             let mut policy = policy(&data_dir)?;
@@ -116,7 +127,7 @@ fn listed(store: &EnvironmentStore) -> anyhow::Result<Vec<EnvironmentInfo>> {
     })
 }
 
-fn list(store: &EnvironmentStore, user: Option<&str>, json: bool) -> anyhow::Result<()> {
+fn list(store: &EnvironmentStore, user: Option<&str>, json: bool, budget: Option<u64>) -> anyhow::Result<()> {
     let environments: Vec<EnvironmentInfo> =
         listed(store)?.into_iter().filter(|e| user.is_none_or(|u| e.tenant == u)).collect();
     if json {
@@ -153,7 +164,8 @@ fn list(store: &EnvironmentStore, user: Option<&str>, json: bool) -> anyhow::Res
         );
     }
     let total: u64 = environments.iter().map(|e| e.bytes).sum();
-    println!("{} environments, {} in all, in {}", environments.len(), size(total), store.dir().display());
+    let budget = budget.filter(|&b| b < u64::MAX).map(|b| format!(" (budget {})", size(b))).unwrap_or_default();
+    println!("{} environments, {} in all{budget}, in {}", environments.len(), size(total), store.dir().display());
     Ok(())
 }
 
@@ -238,9 +250,9 @@ fn prune(
     match (report.evicted.len(), dry_run) {
         (0, _) => println!("nothing to remove in {}", store.dir().display()),
         (n, true) => {
-            println!("{n} environments, {}, would be removed (dry run: nothing was)", size(report.freed_bytes()))
+            println!("{n} environments, {}, would be removed (dry run: nothing was)", size(report.removed_bytes()))
         }
-        (n, false) => println!("{n} environments removed, {} freed", size(report.freed_bytes())),
+        (n, false) => println!("{n} environments removed, {} in all", size(report.removed_bytes())),
     }
     if !report.failed.is_empty() {
         bail!("{} environments could not be removed", report.failed.len());

@@ -12,21 +12,13 @@ use crate::environment::{
     find_interpreter, installation_of, use_environment, BuildSandbox, Builder, EnvBuilder, EnvSpec, EnvironmentPolicy,
     EnvironmentStore, Eviction, Interpreter, PruneReport, PythonVersion, Serializer,
 };
-use crate::error::CallError;
+use crate::error::{CallError, EnvironmentError};
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
 use crate::provider::local::LocalProvider;
 use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
 use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerPool, WorkerSpec};
-
-fn log_evictions(evicted: &[Eviction]) {
-    for eviction in evicted {
-        let environment = &eviction.environment;
-        tracing::info!(user = %environment.tenant, env = %environment.key, bytes = environment.bytes,
-            reason = %eviction.reason, "environment removed");
-    }
-}
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
@@ -342,9 +334,10 @@ impl Engine {
             .await
             .map_err(|e| CallError::Spawn(format!("the task making room for an environment failed: {e}")))?;
         let path = self.0.environments.dir().to_path_buf();
-        match made.map_err(|source| crate::EnvironmentError::Io { path, source })? {
+        match made.map_err(|source| EnvironmentError::Io { path, source })? {
             Ok(evicted) => {
-                for eviction in &evicted {
+                // The shared environments that go with them are no business of the user's.
+                for eviction in evicted.iter().filter(|e| !e.environment.is_shared()) {
                     logs.send(
                         LogSource::Build,
                         format!(
@@ -442,5 +435,13 @@ impl Engine {
     /// Stops all idle workers and waits for them; busy ones end with their calls.
     pub async fn shutdown(&self) {
         self.0.pool.shutdown().await;
+    }
+}
+
+fn log_evictions(evicted: &[Eviction]) {
+    for eviction in evicted {
+        let environment = &eviction.environment;
+        tracing::info!(user = %environment.tenant, env = %environment.key, bytes = environment.bytes,
+            reason = %eviction.reason, "environment removed");
     }
 }

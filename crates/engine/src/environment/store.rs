@@ -177,7 +177,8 @@ pub struct PruneReport {
 }
 
 impl PruneReport {
-    pub fn freed_bytes(&self) -> u64 {
+    /// The sizes of what it removed, as listed (a linked environment frees less while others link the same files).
+    pub fn removed_bytes(&self) -> u64 {
         self.evicted.iter().map(|e| e.environment.bytes).sum()
     }
 }
@@ -231,9 +232,9 @@ impl CapReached {
 #[derive(Debug)]
 pub struct EnvironmentStore {
     envs: PathBuf,
-    /// Sizes measured, by root, with the root's inode: an environment does not change once built (workers of a
-    /// server only read it), so each is measured once; a rebuilt one has another inode.
-    sizes: Mutex<HashMap<PathBuf, (u64, Usage)>>,
+    /// Sizes measured, by root, with the root's identity (inode and mtime): an environment does not change once
+    /// built (workers of a server only read it), so each is measured once; a rebuilt one is another directory.
+    sizes: Mutex<HashMap<PathBuf, (Identity, Usage)>>,
 }
 
 /// The environment's share of the disk, in blocks' bytes: `own`, which removing it frees, and `linked`: files it
@@ -243,6 +244,9 @@ pub(crate) struct Usage {
     pub own: u64,
     pub linked: u64,
 }
+
+/// What tells one directory at a path from another made there later: its inode and its mtime (inodes are reused).
+type Identity = (u64, i64, i64);
 
 /// An environment as the policy sees it.
 #[derive(Debug, Clone)]
@@ -265,6 +269,7 @@ impl Entry {
 #[derive(Debug)]
 pub(crate) struct EnvUse {
     file: File,
+    _counted: Counted,
 }
 
 impl Drop for EnvUse {
@@ -272,6 +277,27 @@ impl Drop for EnvUse {
         // Setting a time on an open file: a system call that does not wait on anything.
         let _ = self.file.set_modified(SystemTime::now());
     }
+}
+
+/// The use locks this process holds, by lock file, counted. `flock` keeps a process's own locks apart too, except
+/// where a file system emulates it with POSIX locks (NFS), under which a process's locks never conflict with each
+/// other: removals in this process look here as well, holding this while they check, lock and rename.
+static HELD: Mutex<BTreeMap<PathBuf, usize>> = Mutex::new(BTreeMap::new());
+
+type Held = std::sync::MutexGuard<'static, BTreeMap<PathBuf, usize>>;
+
+fn held() -> Held {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The use lock at `path`, exclusively, for a removal: `None` when this process or another uses the environment.
+/// The returned guard keeps this process's users out until the removal has renamed the environment away.
+fn take_for_removal(path: &Path) -> io::Result<Option<(File, Held)>> {
+    let held = held();
+    if held.contains_key(path) {
+        return Ok(None);
+    }
+    Ok(lock_file(path, Mode::Exclusive, false)?.map(|file| (file, held)))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -322,6 +348,10 @@ pub(crate) async fn use_environment(envs: &Path, tenant: &str, key: &str) -> Res
     if let Some(locks) = path.parent() {
         fs::create_dir_all(locks).map_err(io(locks))?;
     }
+    // Counted before it is locked: a removal in this process that has not looked yet sees it; one that has, has
+    // renamed the environment away by the time this gets the lock.
+    *held().entry(path.clone()).or_default() += 1;
+    let counted = Counted(path.clone());
     let file = match lock_file(&path, Mode::Shared, false).map_err(io(&path))? {
         Some(file) => file,
         None => {
@@ -334,7 +364,23 @@ pub(crate) async fn use_environment(envs: &Path, tenant: &str, key: &str) -> Res
         }
     };
     let _ = file.set_modified(SystemTime::now());
-    Ok(EnvUse { file })
+    Ok(EnvUse { file, _counted: counted })
+}
+
+/// One use counted in [`HELD`], taken back when dropped.
+#[derive(Debug)]
+struct Counted(PathBuf);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut held = held();
+        if let Some(count) = held.get_mut(&self.0) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.0);
+            }
+        }
+    }
 }
 
 impl EnvironmentStore {
@@ -450,7 +496,7 @@ impl EnvironmentStore {
         let locks = dir.join(LOCKS);
         fs::create_dir_all(&locks).map_err(io(&locks))?;
         let use_path = locks.join(format!("{key}.use"));
-        let Some(lock) = lock_file(&use_path, Mode::Exclusive, false).map_err(io(&use_path))? else {
+        let Some((lock, users_here)) = take_for_removal(&use_path).map_err(io(&use_path))? else {
             return Err(RemoveError::InUse { tenant: tenant.to_string(), key: key.to_string() });
         };
         if !root.is_dir() {
@@ -472,7 +518,7 @@ impl EnvironmentStore {
                 Err(error) => return Err(RemoveError::Io { path, source: error }),
             }
         }
-        drop(lock);
+        drop((lock, users_here));
         self.sizes.lock().unwrap_or_else(|e| e.into_inner()).remove(&root);
         let deleted = fs::remove_dir_all(&doomed).map_err(io(&doomed));
         drop(tree);
@@ -507,7 +553,7 @@ impl EnvironmentStore {
                 if !plain_name(key) || fs::create_dir_all(dir.join(LOCKS)).is_err() {
                     continue;
                 }
-                let Ok(Some(lock)) = lock_file(&use_path, Mode::Exclusive, false) else { continue };
+                let Ok(Some((lock, users_here))) = take_for_removal(&use_path) else { continue };
                 // Into the trash (locked, as a removal's), so that a build of the key may start at once.
                 let doomed = dir.join(TRASH).join(format!("{name}.{}", unique()));
                 let Ok(tree) = File::open(entry.path()) else { continue };
@@ -515,7 +561,7 @@ impl EnvironmentStore {
                     .lock()
                     .and_then(|()| fs::create_dir_all(dir.join(TRASH)))
                     .and_then(|()| fs::rename(entry.path(), &doomed));
-                drop(lock);
+                drop((lock, users_here));
                 if moved.is_ok() && fs::remove_dir_all(&doomed).is_ok() {
                     swept += 1;
                 }
@@ -549,17 +595,17 @@ impl EnvironmentStore {
         fs::read_dir(&self.envs)?;
         let mut found = Vec::new();
         for (tenant, dir) in self.tenant_dirs() {
-            let mut keys: Vec<(String, PathBuf, u64)> = fs::read_dir(&dir)?
+            let mut keys: Vec<(String, PathBuf, Identity)> = fs::read_dir(&dir)?
                 .flatten()
                 .filter_map(|e| {
                     let name = e.file_name().into_string().ok().filter(|n| plain_name(n))?;
                     let metadata = fs::symlink_metadata(e.path()).ok().filter(fs::Metadata::is_dir)?;
-                    Some((name, e.path(), metadata.ino()))
+                    Some((name, e.path(), (metadata.ino(), metadata.mtime(), metadata.mtime_nsec())))
                 })
                 .collect();
             keys.sort();
-            for (key, root, inode) in keys {
-                let usage = self.usage(&root, inode);
+            for (key, root, identity) in keys {
+                let usage = self.usage(&root, identity);
                 let mtime = |path: PathBuf| fs::metadata(path).and_then(|m| m.modified()).ok();
                 let last_used = [
                     mtime(dir.join(LOCKS).join(format!("{key}.use"))),
@@ -577,13 +623,13 @@ impl EnvironmentStore {
         Ok(found)
     }
 
-    fn usage(&self, root: &Path, inode: u64) -> Usage {
+    fn usage(&self, root: &Path, identity: Identity) -> Usage {
         let known = self.sizes.lock().unwrap_or_else(|e| e.into_inner()).get(root).copied();
         match known {
-            Some((measured, usage)) if measured == inode => usage,
+            Some((measured, usage)) if measured == identity => usage,
             _ => {
                 let usage = tree_usage(root);
-                self.sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(root.to_path_buf(), (inode, usage));
+                self.sizes.lock().unwrap_or_else(|e| e.into_inner()).insert(root.to_path_buf(), (identity, usage));
                 usage
             }
         }
@@ -592,6 +638,9 @@ impl EnvironmentStore {
 
 /// Whether someone holds the use lock at `path` (without creating it: none there, nobody holds it).
 fn in_use(path: &Path) -> bool {
+    if held().contains_key(path) {
+        return true;
+    }
     match OpenOptions::new().read(true).open(path) {
         Ok(file) => matches!(file.try_lock(), Err(TryLockError::WouldBlock)),
         Err(_) => false,
@@ -972,6 +1021,11 @@ mod tests {
             .expect("prune");
         assert!(report.evicted.is_empty());
         drop(held);
+        // Held by another process (a flock alone, as the server's and the CLI's are to each other).
+        let other = lock_file(&use_lock_path(dir.path(), "alice", "k1"), Mode::Shared, false).expect("lock");
+        assert!(store.list().expect("list")[0].in_use);
+        assert!(matches!(store.remove("alice", "k1"), Err(RemoveError::InUse { .. })));
+        drop(other);
         let removal = store.remove("alice", "k1").expect("removed");
         assert_eq!((removal.environment.key.as_str(), removal.shared_too), ("k1", None));
         assert!(!dir.path().join("alice/k1").exists() && !dir.path().join("alice/.records/k1").exists());
