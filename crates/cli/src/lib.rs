@@ -16,6 +16,8 @@ use fal_client::{Client, LocalServer, Target};
 use fal_proto::controller::{create_user_key_request, CreateUserKeyRequest};
 use fal_server::{ServerConfig, Started, Store};
 
+mod envs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fal-serverless",
@@ -36,6 +38,12 @@ enum Command {
     Keys(KeysCommand),
     /// List your live workers (all workers, with an admin key).
     Workers,
+    /// List and remove environments on this machine's disk (a server's data dir, or the local host's cache).
+    ///
+    /// Works on the directory itself, with or without a server running, and never removes an environment in use:
+    /// the server, the local host and this command agree through lock files every user of an environment holds.
+    /// Run it as the user the server runs as (root for a server that jails its workers).
+    Envs(envs::EnvsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +146,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Server(args) => serve(args).await,
         Command::Keys(command) => keys(command).await,
+        // Walking and deleting trees: on a blocking thread.
+        Command::Envs(args) => tokio::task::spawn_blocking(move || envs::run(args)).await?,
         Command::Workers => {
             let client = connect().await?;
             println!(

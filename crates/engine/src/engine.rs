@@ -3,16 +3,16 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fal_sandbox::{CgroupManager, Jail, JailNetwork, Limits, NetworkManager};
 
 use crate::environment::{
-    find_interpreter, installation_of, BuildSandbox, Builder, EnvBuilder, EnvSpec, Interpreter, PythonVersion,
-    Serializer,
+    find_interpreter, installation_of, use_environment, BuildSandbox, Builder, EnvBuilder, EnvSpec, EnvironmentPolicy,
+    EnvironmentStore, Eviction, Interpreter, PruneReport, PythonVersion, Serializer,
 };
-use crate::error::CallError;
+use crate::error::{CallError, EnvironmentError};
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
 use crate::provider::local::LocalProvider;
@@ -45,6 +45,9 @@ pub struct EngineConfig {
     pub build: BuildLimits,
     /// Where workers run.
     pub provider: ProviderConfig,
+    /// When environments are removed: the server's `[environments]`. `None` (the local host): never by the engine
+    /// itself; `fal-serverless envs prune` does it when asked.
+    pub environments: Option<EnvironmentPolicy>,
 }
 
 /// The limits of one jailed environment build (`[build]` in the server's config).
@@ -93,6 +96,7 @@ impl EngineConfig {
             network: None,
             build: BuildLimits::default(),
             provider: ProviderConfig::Local,
+            environments: None,
         }
     }
 }
@@ -152,6 +156,10 @@ pub struct Engine(Arc<Inner>);
 struct Inner {
     config: EngineConfig,
     builder: EnvBuilder,
+    /// The environments `builder` builds, for listing and eviction.
+    environments: EnvironmentStore,
+    /// One eviction pass at a time.
+    evicting: tokio::sync::Mutex<()>,
     /// Environments shared by other environments' workers, built from constants only (the dill layer).
     layers: EnvBuilder,
     pool: WorkerPool,
@@ -184,6 +192,8 @@ impl Engine {
         };
         Self(Arc::new(Inner {
             builder: builder("envs"),
+            environments: EnvironmentStore::new(config.cache_dir.join("envs")),
+            evicting: tokio::sync::Mutex::default(),
             layers: builder("layers"),
             config,
             pool: WorkerPool::default(),
@@ -268,13 +278,22 @@ impl Engine {
         if let Some(available) = inner.provider.gpus().filter(|&available| machine.gpus > available) {
             return Err(CallError::NoGpu { machine_type: machine.name.clone(), needed: machine.gpus, available });
         }
+        // In use from before it is looked for until the worker is gone: no eviction removes it in between.
+        let in_use = use_environment(inner.environments.dir(), &request.tenant, &request.env.key()).await?;
         // A built environment names its interpreter; finding one (which asks uv) is only needed to build.
         let env = match inner.builder.built(&request.env, &request.tenant) {
             Some(env) => env,
             None => {
+                self.make_room(&request.tenant, logs).await?;
                 let interpreter = self.interpreter(request).await?;
                 let builder = Builder { tenant: &request.tenant, uid: request.uid.unwrap_or(SHARED_UID) };
-                inner.builder.ensure(&request.env, builder, &interpreter, logs).await?
+                let env = inner.builder.ensure(&request.env, builder, &interpreter, logs).await?;
+                // A build may have taken the environments past their budget.
+                if inner.config.environments.is_some() {
+                    let engine = self.clone();
+                    tokio::spawn(async move { engine.evict_environments().await });
+                }
+                env
             }
         };
         let layer = match request.env.serializer {
@@ -316,7 +335,75 @@ impl Engine {
             max_payload: inner.config.max_payload_bytes,
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
-        inner.provider.start(spec, machine, request.timeout, logs).await
+        let mut worker = inner.provider.start(spec, machine, request.timeout, logs).await?;
+        worker.hold(in_use);
+        Ok(worker)
+    }
+
+    /// Before a build for `tenant`: within the per-user caps, by removing the tenant's own least recently used
+    /// environments not in use; an error naming the cap when every one is in use.
+    async fn make_room(&self, tenant: &str, logs: &LogSink) -> Result<(), CallError> {
+        let Some(policy) = self.0.config.environments else { return Ok(()) };
+        let (engine, owner) = (self.clone(), tenant.to_string());
+        let made = tokio::task::spawn_blocking(move || engine.0.environments.make_room(&policy, &owner))
+            .await
+            .map_err(|e| CallError::Spawn(format!("the task making room for an environment failed: {e}")))?;
+        let path = self.0.environments.dir().to_path_buf();
+        match made.map_err(|source| EnvironmentError::Io { path, source })? {
+            Ok(evicted) => {
+                // The shared environments that go with them are no business of the user's.
+                for eviction in evicted.iter().filter(|e| !e.environment.is_shared()) {
+                    logs.send(
+                        LogSource::Build,
+                        format!(
+                            "removed your least recently used environment {} to make room: you were at this \
+                             server's per-user limit ([environments] max_per_user = {}, or disk_per_user_gb)",
+                            eviction.environment.key, policy.max_per_user
+                        ),
+                    );
+                }
+                log_evictions(&evicted);
+                Ok(())
+            }
+            Err(cap) => Err(cap.into_error().into()),
+        }
+    }
+
+    /// Applies the environment policy now (see [`EngineConfig::environments`]), on a blocking thread: removes what
+    /// it chooses, never an environment in use. Nothing without a policy.
+    pub async fn evict_environments(&self) -> PruneReport {
+        let Some(policy) = self.0.config.environments else { return PruneReport::default() };
+        let _one_at_a_time = self.0.evicting.lock().await;
+        let engine = self.clone();
+        let pruned =
+            tokio::task::spawn_blocking(move || engine.0.environments.prune(&policy, SystemTime::now(), None, false))
+                .await;
+        match pruned {
+            Ok(Ok(report)) => {
+                log_evictions(&report.evicted);
+                for (eviction, why) in &report.failed {
+                    tracing::warn!(user = %eviction.environment.tenant, env = %eviction.environment.key, %why,
+                        "could not remove an environment");
+                }
+                report
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(dir = %self.0.environments.dir().display(), %error, "could not list environments");
+                PruneReport::default()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the environment eviction task failed");
+                PruneReport::default()
+            }
+        }
+    }
+
+    /// Applies the environment policy now and then every `every`, forever (the server runs it as a task of its own).
+    pub async fn run_eviction(&self, every: Duration) {
+        loop {
+            self.evict_environments().await;
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// An interpreter for the request's Python version: the caller's hint, else one found once per version.
@@ -376,5 +463,13 @@ impl Engine {
     /// Stops all idle workers and waits for them; busy ones end with their calls.
     pub async fn shutdown(&self) {
         self.0.pool.shutdown().await;
+    }
+}
+
+fn log_evictions(evicted: &[Eviction]) {
+    for eviction in evicted {
+        let environment = &eviction.environment;
+        tracing::info!(user = %environment.tenant, env = %environment.key, bytes = environment.bytes,
+            reason = %eviction.reason, "environment removed");
     }
 }

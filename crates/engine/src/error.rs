@@ -42,6 +42,21 @@ pub enum EnvironmentError {
          the server's admin to raise [build] disk_gb, or use smaller requirements"
     )]
     BuildDiskExceeded { gigabytes: f64 },
+    #[error(
+        "you have {count} environments, the most this server keeps per user ([environments] max_per_user = {limit}), \
+         and every one is in use by a live worker, so none can make room for a new one. Wait for those workers to \
+         stop (warm workers stop when their keep_alive ends), or ask the server's admin to raise max_per_user or \
+         remove environments (`fal-serverless envs rm`, `fal-serverless envs prune`)"
+    )]
+    UserEnvironments { count: usize, limit: usize },
+    #[error(
+        "your environments take {gigabytes:.2} GB, the most this server keeps per user ([environments] \
+         disk_per_user_gb = {limit_gigabytes:.2}), and every one is in use by a live worker, so none can make room \
+         for a new one. Wait for those workers to stop (warm workers stop when their keep_alive ends), or ask the \
+         server's admin to raise disk_per_user_gb or remove environments (`fal-serverless envs rm`, \
+         `fal-serverless envs prune`)"
+    )]
+    UserDisk { gigabytes: f64, limit_gigabytes: f64 },
     #[error("could not set up the build's sandbox: {0}")]
     Sandbox(String),
     #[error("environment cache {path}: {source}")]

@@ -4,7 +4,8 @@
 //! It owns three things and nothing else:
 //! * [environments](EnvSpec): a spec (Python major.minor, normalized requirements, serializer) hashes to a content
 //!   key; the environment is built once per (tenant, key) with `uv venv` + `uv pip install`, atomically, into a
-//!   cache dir;
+//!   cache dir, and removed by an [eviction policy](EnvironmentPolicy) when unused long enough or over a disk
+//!   budget, never while in use ([`EnvironmentStore`]);
 //! * [workers](Engine::call): a warm Python process per (tenant, environment, machine type), reused within
 //!   `keep_alive`, talking length-prefixed frames on a socket of its own while its stdout and stderr stream back as
 //!   [`LogLine`]s;
@@ -23,7 +24,10 @@ mod room;
 mod worker;
 
 pub use crate::engine::{BuildLimits, CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
-pub use crate::environment::{normalize_requirements, EnvSpec, PythonVersion, Serializer, DILL_LAYER};
+pub use crate::environment::{
+    normalize_requirements, EnvSpec, EnvironmentInfo, EnvironmentPolicy, EnvironmentStore, Eviction, EvictionReason,
+    PruneReport, PythonVersion, Removal, RemoveError, Serializer, DILL_LAYER,
+};
 pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};

@@ -39,14 +39,26 @@
 //! max_requests_per_key = 256         # the same, per key
 //! max_workers_per_user = 64          # live workers (busy or warm) of one user
 //! max_queued_gb_per_user = 1         # payloads of one user's calls waiting for capacity
+//!
+//! [environments]                     # when environments are removed (never one in use: a live worker's, or one a
+//!                                    # build or call is starting on); least recently used first
+//! max_unused_days = 30               # no worker used it for this long (or max_unused_seconds)
+//! disk_budget_gb = 200               # all environments together; default: half the data dir's file system
+//! max_per_user = 50                  # a build past it first removes that user's least recently used
+//! disk_per_user_gb = 50              # the same for their disk; default: a quarter of disk_budget_gb
+//! prune_interval_seconds = 3600      # how often the server applies this (and after each build)
 //! ```
+//!
+//! `fal-serverless envs list|rm|prune` shows and removes environments by hand; `prune` applies this section.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fal_engine::{BuildLimits, MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig};
+use fal_engine::{
+    BuildLimits, EnvironmentPolicy, MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig,
+};
 use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
 
@@ -79,6 +91,10 @@ pub struct ServerConfig {
     pub network: NetworkPolicy,
     pub admission: AdmissionLimits,
     pub sharing: Sharing,
+    /// When environments are removed (`[environments]`).
+    pub environments: EnvironmentPolicy,
+    /// How often the server applies `environments` (it also does after each build).
+    pub prune_interval: Duration,
     /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
     /// dir across restarts, different for another.
     pub tag: String,
@@ -119,6 +135,8 @@ struct FileConfig {
     network: NetworkConfig,
     #[serde(default)]
     limits: LimitsConfig,
+    #[serde(default)]
+    environments: EnvironmentsConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +147,17 @@ struct LimitsConfig {
     max_requests_per_key: Option<usize>,
     max_workers_per_user: Option<usize>,
     max_queued_gb_per_user: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvironmentsConfig {
+    max_unused_days: Option<f64>,
+    max_unused_seconds: Option<u64>,
+    disk_budget_gb: Option<f64>,
+    max_per_user: Option<usize>,
+    disk_per_user_gb: Option<f64>,
+    prune_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +280,7 @@ impl ServerConfig {
         let network = network_policy(&file.network).map_err(invalid)?;
         let admission = admission_limits(&file.limits).map_err(invalid)?;
         let sharing = sharing(&file.capacity, &file.limits).map_err(invalid)?;
+        let (environments, prune_interval) = environment_policy(&file.environments).map_err(invalid)?;
         let provider = match (file.provider.as_deref(), file.slurm) {
             (None | Some("local"), None) => ProviderConfig::Local,
             (None | Some("local"), Some(_)) => {
@@ -279,6 +309,8 @@ impl ServerConfig {
             network,
             admission,
             sharing,
+            environments,
+            prune_interval,
             tag,
         })
     }
@@ -333,6 +365,39 @@ fn build_limits(file: &BuildConfig) -> Result<BuildLimits, String> {
         timeout: Duration::from_secs(timeout),
         disk_bytes: (disk_gb * GIB) as u64,
     })
+}
+
+/// How often the server applies `[environments]` unless told.
+const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn environment_policy(file: &EnvironmentsConfig) -> Result<(EnvironmentPolicy, Duration), String> {
+    let default = EnvironmentPolicy::default();
+    let max_unused = match (file.max_unused_days, file.max_unused_seconds) {
+        (Some(_), Some(_)) => {
+            return Err("[environments] sets both max_unused_days and max_unused_seconds; keep one".into())
+        }
+        (Some(days), None) if days.is_finite() && days > 0.0 && days < 1e6 => Duration::from_secs_f64(days * 86400.0),
+        (None, Some(seconds)) if seconds > 0 => Duration::from_secs(seconds),
+        (None, None) => default.max_unused,
+        _ => return Err("[environments] max_unused_days and max_unused_seconds must be positive".into()),
+    };
+    let gigabytes = |name: &str, value: Option<f64>| match value {
+        None => Ok(None),
+        Some(gb) if gb.is_finite() && gb > 0.0 && gb < 1e9 => Ok(Some((gb * GIB) as u64)),
+        Some(gb) => Err(format!("[environments] {name} = {gb}: must be a positive number of GB")),
+    };
+    let max_per_user = file.max_per_user.unwrap_or(default.max_per_user);
+    let prune_interval = file.prune_interval_seconds.map_or(DEFAULT_PRUNE_INTERVAL, Duration::from_secs);
+    if max_per_user == 0 || prune_interval.is_zero() {
+        return Err("[environments] max_per_user and prune_interval_seconds must be positive".into());
+    }
+    let policy = EnvironmentPolicy {
+        max_unused,
+        disk_budget_bytes: gigabytes("disk_budget_gb", file.disk_budget_gb)?,
+        max_per_user,
+        disk_per_user_bytes: gigabytes("disk_per_user_gb", file.disk_per_user_gb)?,
+    };
+    Ok((policy, prune_interval))
 }
 
 fn network_policy(file: &NetworkConfig) -> Result<NetworkPolicy, String> {
@@ -459,6 +524,38 @@ mod tests {
             ("[network]\nallow = [\"10.1.0.1/16\"]\n", "host bits"),
             ("[jail]\nfirst_uid = 0\n", "at least 1000"),
             ("[build]\nmemory_gb = 0\n", "must be positive"),
+        ] {
+            write(bad);
+            let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_environments_section_sets_the_eviction_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        let defaults = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!(defaults.environments, EnvironmentPolicy::default());
+        assert_eq!(defaults.prune_interval, Duration::from_secs(3600));
+        write(
+            "[environments]\nmax_unused_seconds = 5\ndisk_budget_gb = 0.5\nmax_per_user = 3\n\
+             disk_per_user_gb = 0.25\nprune_interval_seconds = 2\n",
+        );
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        let policy = config.environments;
+        assert_eq!(policy.max_unused, Duration::from_secs(5));
+        assert_eq!((policy.disk_budget_bytes, policy.disk_per_user_bytes), (Some(512 << 20), Some(256 << 20)));
+        assert_eq!((policy.max_per_user, config.prune_interval), (3, Duration::from_secs(2)));
+        write("[environments]\nmax_unused_days = 7\n");
+        let week = ServerConfig::load(dir.path(), None, None).unwrap().environments.max_unused;
+        assert_eq!(week, Duration::from_secs(7 * 86400));
+        for (bad, says) in [
+            ("[environments]\nmax_unused_days = 1\nmax_unused_seconds = 1\n", "keep one"),
+            ("[environments]\nmax_unused_days = -1\n", "must be positive"),
+            ("[environments]\ndisk_budget_gb = 0\n", "disk_budget_gb = 0"),
+            ("[environments]\nmax_per_user = 0\n", "must be positive"),
+            ("[environments]\nmax_unused = 3\n", "unknown field"),
         ] {
             write(bad);
             let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();

@@ -7,7 +7,8 @@
 //!
 //! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
 //!
-//! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments),
+//! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments, removed by the
+//! `[environments]` policy),
 //! `layers/dill/<key>` (the dill layer, per Python version), `config.toml`.
 
 mod activity;
@@ -175,8 +176,14 @@ pub async fn serve(
         network: network.clone(),
         build: config.build,
         provider: config.provider.clone(),
+        environments: Some(config.environments),
         ..EngineConfig::from_env()
     });
+    // Environments unused too long or over the budget are removed now, then every prune_interval (and after builds).
+    let evicting = {
+        let (engine, every) = (engine.clone(), config.prune_interval);
+        tokio::spawn(async move { engine.run_eviction(every).await })
+    };
     // On a cluster, its scheduler queues what does not fit; this server's own size does not bound it.
     let host = match config.provider {
         ProviderConfig::Local => Resources::of_host(engine.gpus()),
@@ -262,6 +269,7 @@ pub async fn serve(
             Ok(())
         }
     };
+    evicting.abort();
     engine.shutdown().await;
     if let Some(network) = network {
         let _ = tokio::task::spawn_blocking(move || network.close()).await;

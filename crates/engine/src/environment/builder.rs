@@ -4,7 +4,8 @@
 //! calls. A build happens in `envs/<tenant>/.tmp-<key>-<pid>` and is renamed to `envs/<tenant>/<key>` only when
 //! complete, so a half-built environment is never used: whatever is at `<key>` is whole. Builders of the same
 //! environment in this process wait on one in-process lock; builders in other processes on a file lock
-//! (`envs/<tenant>/.locks/<key>.lock`).
+//! (`envs/<tenant>/.locks/<key>.lock`). A build runs only under its environment's use lock (`store.rs`), so no
+//! eviction removes what it builds or links.
 //!
 //! On the server ([`BuildSandbox`]) every step of a build (`uv venv`, `uv pip install`, the bytecode compilation
 //! that runs the new environment's Python, any `setup.py` a requirement brings) runs jailed as the tenant's own uid,
@@ -30,6 +31,7 @@ use fal_sandbox::{
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use super::store::{use_environment, SHARED_TENANT};
 use super::EnvSpec;
 use crate::error::EnvironmentError;
 use crate::logs::{LogSink, LogSource};
@@ -281,6 +283,8 @@ impl EnvBuilder {
         }
         if shared_step {
             let shared = Builder { tenant: SHARED_TENANT, uid: sandbox.shared_uid };
+            // In use until linked: no eviction removes it under this build.
+            let _linking = use_environment(&self.envs, SHARED_TENANT, &spec.key()).await?;
             match Box::pin(self.ensure(spec, shared, interpreter, logs)).await {
                 Ok(environment) => return link_tree(&environment.root, staging),
                 Err(error) => logs.send(
@@ -564,10 +568,6 @@ impl BuildJail<'_> {
         let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
     }
 }
-
-/// The tenant directory of environments built by the shared uid, of which users' environments are linked copies. Not
-/// a valid tenant name, so no user's environments can be there.
-const SHARED_TENANT: &str = ".shared";
 
 /// Makes `to` a copy of the tree at `from` whose files are hard links to `from`'s (directories and symbolic links are
 /// made anew, with the same modes and targets).

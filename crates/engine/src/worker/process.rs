@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 
 use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED};
 use super::output::{pipe, OutputPipe};
+use crate::environment::EnvUse;
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::room::Hold;
@@ -162,6 +163,8 @@ pub(crate) struct Worker {
     stderr: OutputPipe,
     /// What it holds while it lives (its share of the server's capacity): given back once it has stopped.
     hold: Option<Hold>,
+    /// Its environment's use lock, held while the worker lives: no eviction removes the environment under it.
+    environment: Option<EnvUse>,
 }
 
 /// A worker process of this host.
@@ -193,6 +196,7 @@ impl Worker {
             stdout: OutputPipe::new(stdout, LogSource::Stdout)?,
             stderr: OutputPipe::new(stderr, LogSource::Stderr)?,
             hold: None,
+            environment: None,
         })
     }
 
@@ -200,6 +204,11 @@ impl Worker {
     pub fn holding(mut self, hold: Option<Hold>) -> Self {
         self.hold = hold;
         self
+    }
+
+    /// Holds `environment` (its environment's use lock) until the worker is gone.
+    pub fn hold(&mut self, environment: EnvUse) {
+        self.environment = Some(environment);
     }
 
     /// Starts a worker process on this host.
