@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -401,6 +402,92 @@ except KeyboardInterrupt:
     assert not pid_alive(worker)
 
 
+#: A client whose functions each leave a process tree behind (a child and its own child, neither ending by itself):
+#: one returns, its worker stopped after the call (keep_alive=0); one kills its own worker. Prints each tree's pids.
+PROCESS_TREES = """
+import json, os, subprocess, sys
+from fal_serverless import WorkerDiedError, isolated, local
+
+def start_tree():
+    child = subprocess.Popen(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    return [os.getpid(), child.pid, int(child.stdout.readline())]
+
+@isolated(host=local, keep_alive=0)
+def returns():
+    return start_tree()
+
+@isolated(host=local, keep_alive=30)
+def dies(path):
+    open(path, "w").write(json.dumps(start_tree()))
+    os._exit(3)
+
+print(json.dumps(returns()), flush=True)
+try:
+    dies(sys.argv[1])
+except WorkerDiedError:
+    print(open(sys.argv[1]).read(), flush=True)
+"""
+
+#: Runs "$@" on a host without cgroups, as far as it can tell: an empty /sys/fs/cgroup in user and mount namespaces
+#: of its own (which any user may make; the host's mounts are never touched).
+WITHOUT_CGROUPS = [
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "--mount",
+    "sh",
+    "-c",
+    'mount -t tmpfs none /sys/fs/cgroup && exec "$@"',
+    "sh",
+]
+
+
+def wait_until_dead(pids: list[int], seconds: float = 10) -> list[int]:
+    """Those of `pids` still alive after up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if pid_alive(pid)]
+
+
+@pytest.mark.parametrize("cgroups", [True, False], ids=["with-cgroup", "without-cgroup"])
+def test_a_functions_process_tree_is_stopped_with_its_worker(cgroups: bool, tmp_path: Path) -> None:
+    if cgroups and os.geteuid() != 0:
+        pytest.fail("cgroups need root here; run the suite as root (CI does)")
+    command = [*([] if cgroups else WITHOUT_CGROUPS), sys.executable, "-c", PROCESS_TREES, str(tmp_path / "pids")]
+    proc = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert ("limits cannot be applied" in proc.stderr) != cgroups, proc.stderr
+    trees = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(trees) == 2 and all(len(tree) == 3 for tree in trees), proc.stdout
+    left = wait_until_dead([pid for tree in trees for pid in tree])
+    assert not left, f"processes of stopped workers still run: {left}"
+
+
+def test_what_the_worker_of_a_killed_client_left_running_is_stopped_by_the_next_engine() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("cgroups need root here; run the suite as root (CI does)")
+    script = """
+import subprocess, time
+from fal_serverless import isolated, local
+@isolated(host=local, keep_alive=300)
+def start():
+    return subprocess.Popen(["sleep", "1000"]).pid
+print(start(), flush=True)
+time.sleep(300)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=script_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    orphan = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    # Its worker dies with it (PR_SET_PDEATHSIG), but nothing is left to stop the worker's child, which is still in
+    # the worker's cgroup: the next engine to start here removes that cgroup, and what runs in it.
+    assert pid_alive(orphan)
+    assert run_script("from fal_serverless import isolated, local\nprint(isolated(host=local)(int)())").stdout == "0\n"
+    assert not wait_until_dead([orphan]), "the dead client's worker's child still runs"
+
+
 # --- machine types --------------------------------------------------------------------------------------------
 
 
@@ -458,6 +545,25 @@ def test_exceeding_the_memory_of_the_machine_type_is_reported_and_the_next_call_
     with pytest.raises(MachineTypeExceededError, match="exceeded the 256 MB of machine type XS.*larger machine_type"):
         hog(600)
     assert hog(10) == 10
+
+
+def test_a_child_killed_for_memory_fails_the_call_and_the_next_call_works() -> None:
+    @isolated(host=local, machine_type="XS", keep_alive=30)
+    def child_hog() -> tuple[int, int]:
+        # The kernel kills the child, not the function, which would carry on with what it got: -9.
+        return subprocess.run([sys.executable, "-c", "x = bytearray(2 * 1024**3)"]).returncode, os.getpid()
+
+    if os.geteuid() != 0:
+        pytest.fail("limits need root here; run the suite as root (CI does)")
+    with pytest.raises(
+        MachineTypeExceededError,
+        match=r"exceeded the 256 MB of machine type XS \(the kernel killed a process the function started, so the "
+        r"call was stopped with its worker\); use a larger machine_type",
+    ):
+        child_hog()
+    assert workers_of(child_hog) == [], "the worker whose child was killed is still kept"
+    small = isolated(host=local, machine_type="XS")(lambda: sum(range(10)))
+    assert small() == 45
 
 
 def test_a_gpu_machine_type_on_a_host_without_gpus_fails_at_once() -> None:
