@@ -23,6 +23,7 @@ from fal_serverless import (
     isolated,
     local,
 )
+from fal_serverless._serialization import SERIALIZER
 
 
 @isolated(host=local)
@@ -616,7 +617,7 @@ def test_the_worker_environment_does_not_have_the_sdk() -> None:
 def test_wrong_options_are_value_errors_that_list_what_is_valid() -> None:
     with pytest.raises(ValueError, match="unknown machine type 'XXL'; valid machine types are: XS, S, M, L, XL"):
         isolated(machine_type="XXL")
-    with pytest.raises(ValueError, match="keep_alive must be a number of seconds, 0 or more, got -1"):
+    with pytest.raises(ValueError, match="keep_alive must be a number of seconds from 0 to 2147483647, got -1"):
         isolated(keep_alive=-1)
     with pytest.raises(ValueError, match="unknown option.*gpu_count.*valid options are: requirements, machine_type"):
         isolated(gpu_count=2)
@@ -629,6 +630,33 @@ def test_wrong_options_are_value_errors_that_list_what_is_valid() -> None:
     other = "3.10" if sys.version_info[:2] != (3, 10) else "3.12"
     with pytest.raises(ValueError, match=f"python_version {other} differs from the Python running this script"):
         isolated(python_version=other)
+
+
+@pytest.mark.parametrize("value", [1e20, -1, float("nan"), float("inf"), float("-inf"), 2**31, 10**30, "10"])
+def test_seconds_out_of_range_are_value_errors_naming_the_range(value: object) -> None:
+    keep_alive = r"keep_alive must be a number of seconds from 0 to 2147483647, got "
+    timeout = r"timeout must be a number of seconds above 0 and at most 2147483647, got "
+    with pytest.raises(ValueError, match=keep_alive):
+        isolated(keep_alive=value)
+    with pytest.raises(ValueError, match=timeout):
+        worker_pid.on(timeout=value)
+    if isinstance(value, str):
+        return
+    # The native module refuses them too, should anything reach it unchecked: a ValueError, never a panic.
+    call: dict[str, object] = dict(
+        python_version=f"{sys.version_info[0]}.{sys.version_info[1]}",
+        interpreter=None,
+        requirements=[],
+        serializer=SERIALIZER,
+        machine_type="XS",
+        keep_alive=1.0,
+        payload=b"",
+        on_log=lambda source, line: None,
+    )
+    with pytest.raises(ValueError, match=keep_alive):
+        local.engine.call(**{**call, "keep_alive": float(value)})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=timeout):
+        local.engine.call(**{**call, "timeout": float(value)})  # type: ignore[arg-type]
 
 
 def test_the_package_is_importable_from_a_fresh_interpreter_with_its_exports() -> None:

@@ -18,6 +18,7 @@ mod environment;
 mod error;
 mod logs;
 mod machine;
+pub mod options;
 mod provider;
 mod worker;
 

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use fal_engine::{CallError, CallRequest, Engine, EnvSpec, LogLine, LogSink, LogSource, PythonVersion, Serializer};
+use fal_engine::{
+    options, CallError, CallRequest, Engine, EnvSpec, LogLine, LogSink, LogSource, PythonVersion, Serializer,
+};
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
@@ -27,6 +29,7 @@ use tonic::{Request, Response, Status};
 
 use crate::activity::Activity;
 use crate::capacity::Capacity;
+use crate::config::UserLimits;
 use crate::dill;
 use crate::store::{Caller, Scope, Store, StoreError};
 
@@ -45,6 +48,7 @@ pub struct Controller {
     pub store: Arc<Store>,
     pub capacity: Arc<Capacity>,
     pub activity: Arc<Activity>,
+    pub limits: UserLimits,
 }
 
 fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -81,13 +85,14 @@ fn store_status(error: StoreError) -> Status {
         StoreError::Database(_) => Status::internal(error.to_string()),
         StoreError::NotYours(_) => Status::permission_denied(error.to_string()),
         StoreError::InvalidUser(_) => Status::invalid_argument(error.to_string()),
-        StoreError::NoUidLeft { .. } => Status::resource_exhausted(error.to_string()),
+        StoreError::NoUidLeft { .. } | StoreError::TooManyKeys { .. } => Status::resource_exhausted(error.to_string()),
+        StoreError::Task(_) => Status::internal(error.to_string()),
         _ => Status::unauthenticated(error.to_string()),
     }
 }
 
 impl Controller {
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         self.activity.touch();
         let metadata = request.metadata();
         let id = metadata.get(AUTH_KEY_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
@@ -95,7 +100,8 @@ impl Controller {
         let (Some(id), Some(secret)) = (id, secret) else {
             return Err(Status::unauthenticated(NO_KEY));
         };
-        self.store.verify(id, secret).map_err(store_status)
+        let (id, secret) = (id.to_string(), secret.to_string());
+        self.store.blocking(move |store| store.verify(&id, &secret)).await.map_err(store_status)
     }
 }
 
@@ -134,16 +140,11 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         ));
     }
     let machine = run.machine_requirements.clone().unwrap_or_default();
-    let keep_alive = machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE);
-    if keep_alive < 0 {
-        return Err(invalid(format!("keep_alive must be 0 or more seconds, got {keep_alive}")));
-    }
+    let keep_alive = options::whole_keep_alive(machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE))
+        .map_err(|e| invalid(e.to_string()))?;
     let timeout = match run.timeout_seconds {
         None => DEFAULT_TIMEOUT,
-        Some(seconds) => Duration::try_from_secs_f64(seconds)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| invalid(format!("timeout must be a positive number of seconds, got {seconds}")))?,
+        Some(seconds) => options::timeout(seconds).map_err(|e| invalid(e.to_string()))?,
     };
     Ok(CallRequest {
         tenant: caller.user_id.clone(),
@@ -152,7 +153,7 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         env,
         interpreter: None,
         machine_type: if machine.machine_type.is_empty() { "XS".into() } else { machine.machine_type },
-        keep_alive: Duration::from_secs(keep_alive as u64),
+        keep_alive,
         payload: function.definition,
         timeout: Some(timeout),
     })
@@ -271,11 +272,24 @@ impl IsolateController for Controller {
     type RunStream = Pin<Box<dyn Stream<Item = Result<HostedRunResult, Status>> + Send>>;
 
     async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         let mut call = call_request(&caller, &mut run)?;
-        call.uid = Some(self.store.uid(&caller.user_id, self.uids.0, self.uids.1).map_err(store_status)?);
+        let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
+        call.uid =
+            Some(self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?);
+        // Longer than this server keeps workers warm: cut, and said in the call's logs.
+        let max_keep_alive = self.limits.max_keep_alive;
+        let cut_keep_alive = (call.keep_alive > max_keep_alive).then(|| {
+            let asked = std::mem::replace(&mut call.keep_alive, max_keep_alive);
+            format!(
+                "keep_alive {} s is more than this server keeps a worker warm; it stays warm {} s after the call \
+                 ([limits] max_keep_alive_seconds)",
+                asked.as_secs_f64(),
+                max_keep_alive.as_secs()
+            )
+        });
         let serializer = call.env.serializer.clone();
         let machine = self.engine.machine_types().get(&call.machine_type).map_err(|e| invalid(e.to_string()))?.clone();
         if let Some(reason) = self.capacity.never_fits(&machine) {
@@ -294,6 +308,9 @@ impl IsolateController for Controller {
             let logs = LogSink::new(move |line| {
                 let _ = log_sender.send(run_message(&log_run_id, vec![log_message(line)], State::InProgress));
             });
+            if let Some(notice) = cut_keep_alive {
+                logs.send(LogSource::Engine, notice);
+            }
             let reservation = this.capacity.reserve(&machine, || {
                 logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name))
             });
@@ -351,7 +368,7 @@ impl IsolateController for Controller {
         &self,
         request: Request<CreateUserKeyRequest>,
     ) -> Result<Response<CreateUserKeyResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let request = request.into_inner();
         let scope = match request.scope() {
             create_user_key_request::Scope::Admin => Scope::Admin,
@@ -363,8 +380,12 @@ impl IsolateController for Controller {
                 "only an admin key can create admin keys or keys for other users; ask your server's admin",
             ));
         }
-        let (key, secret) =
-            self.store.create_key(&user, scope, request.alias.as_deref().unwrap_or("")).map_err(store_status)?;
+        let (alias, max_keys, owner) = (request.alias.unwrap_or_default(), self.limits.max_keys_per_user, user.clone());
+        let (key, secret) = self
+            .store
+            .blocking(move |store| store.create_key_within(&owner, scope, &alias, max_keys))
+            .await
+            .map_err(store_status)?;
         tracing::info!(by = %caller.user_id, user = %user, key_id = %key.key_id, "key created");
         Ok(Response::new(CreateUserKeyResponse { key_secret: secret, key_id: key.key_id }))
     }
@@ -373,9 +394,9 @@ impl IsolateController for Controller {
         &self,
         request: Request<ListUserKeysRequest>,
     ) -> Result<Response<ListUserKeysResponse>, Status> {
-        let caller = self.authenticate(&request)?;
-        let user = (caller.scope != Scope::Admin).then_some(caller.user_id.as_str());
-        let keys = self.store.list_keys(user).map_err(store_status)?;
+        let caller = self.authenticate(&request).await?;
+        let user = (caller.scope != Scope::Admin).then(|| caller.user_id.clone());
+        let keys = self.store.blocking(move |store| store.list_keys(user.as_deref())).await.map_err(store_status)?;
         let user_keys = keys
             .into_iter()
             .map(|k| UserKeyInfo {
@@ -396,9 +417,10 @@ impl IsolateController for Controller {
         &self,
         request: Request<RevokeUserKeyRequest>,
     ) -> Result<Response<RevokeUserKeyResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let key_id = request.into_inner().key_id;
-        self.store.revoke(&caller, &key_id).map_err(store_status)?;
+        let (by, revoked) = (caller.clone(), key_id.clone());
+        self.store.blocking(move |store| store.revoke(&by, &revoked)).await.map_err(store_status)?;
         tracing::info!(by = %caller.user_id, key_id = %key_id, "key revoked");
         Ok(Response::new(RevokeUserKeyResponse {}))
     }
@@ -407,7 +429,7 @@ impl IsolateController for Controller {
         &self,
         request: Request<WorkerStatusListRequest>,
     ) -> Result<Response<WorkerStatusListResponse>, Status> {
-        let caller = self.authenticate(&request)?;
+        let caller = self.authenticate(&request).await?;
         let request = request.into_inner();
         let worker_status = self
             .engine
@@ -429,5 +451,52 @@ impl IsolateController for Controller {
             })
             .collect();
         Ok(Response::new(WorkerStatusListResponse { worker_status }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fal_proto::controller::MachineRequirements;
+
+    use super::*;
+
+    fn run(keep_alive: i32, timeout_seconds: Option<f64>) -> HostedRun {
+        let python = prost_types::Value { kind: Some(Kind::StringValue("3.11".into())) };
+        HostedRun {
+            environments: vec![EnvironmentDefinition {
+                kind: "virtualenv".into(),
+                configuration: Some(prost_types::Struct {
+                    fields: [("python_version".to_string(), python)].into_iter().collect(),
+                }),
+                force: false,
+            }],
+            machine_requirements: Some(MachineRequirements { keep_alive: Some(keep_alive), ..Default::default() }),
+            function: Some(SerializedObject { method: "cloudpickle".into(), ..Default::default() }),
+            timeout_seconds,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn out_of_range_seconds_are_invalid_arguments_naming_the_range() {
+        let caller = Caller { user_id: "u".into(), key_id: "k".into(), scope: Scope::Api };
+        let call = call_request(&caller, &mut run(i32::MAX, Some(1.5))).unwrap();
+        assert_eq!(
+            (call.keep_alive, call.timeout),
+            (Duration::from_secs(i32::MAX as u64), Some(Duration::from_millis(1500)))
+        );
+        for (keep_alive, timeout, says) in [
+            (-1, None, "keep_alive must be a number of seconds from 0 to 2147483647, got -1"),
+            (i32::MIN, None, "got -2147483648"),
+            (10, Some(f64::NAN), "timeout must be a number of seconds above 0 and at most 2147483647, got NaN"),
+            (10, Some(f64::INFINITY), "got inf"),
+            (10, Some(1e300), "got 1e300"),
+            (10, Some(-1.0), "got -1.0"),
+            (10, Some(0.0), "got 0.0"),
+        ] {
+            let status = call_request(&caller, &mut run(keep_alive, timeout)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().ends_with(says), "{}", status.message());
+        }
     }
 }
