@@ -34,8 +34,11 @@ pub struct CgroupManager {
     version: CgroupVersion,
     /// v2: one directory; v1: one per controller (memory, cpu, pids).
     bases: Vec<(Controller, PathBuf)>,
-    next_id: AtomicU64,
 }
+
+/// Numbers this process's worker cgroups (`<pid>-<n>`): one count for every manager of the process, so that two
+/// never make the same cgroup.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Controller {
@@ -93,7 +96,7 @@ impl CgroupManager {
         enable_v2_controllers(root).map_err(|e| e.to_string())?;
         mkdir(&base).map_err(|e| e.to_string())?;
         enable_v2_controllers(&base).map_err(|e| e.to_string())?;
-        let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)], next_id: 0.into() };
+        let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)] };
         manager.remove_stale();
         Ok(manager)
     }
@@ -103,7 +106,7 @@ impl CgroupManager {
         for (_, base) in &bases {
             mkdir(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
         }
-        let manager = Self { version: CgroupVersion::V1, bases, next_id: 0.into() };
+        let manager = Self { version: CgroupVersion::V1, bases };
         manager.remove_stale();
         Ok(manager)
     }
@@ -114,7 +117,7 @@ impl CgroupManager {
 
     /// Creates a cgroup for one worker with `limits` applied. The worker joins it through [`crate::ProcessSetup`].
     pub fn create(&self, limits: &Limits) -> Result<WorkerCgroup, SandboxError> {
-        let name = format!("{}-{}", std::process::id(), self.next_id.fetch_add(1, Ordering::Relaxed));
+        let name = format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let mut cgroup = WorkerCgroup { version: self.version, dirs: Vec::new(), procs: Vec::new() };
         for (controller, base) in &self.bases {
             let dir = base.join(&name);
@@ -429,5 +432,106 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
+    }
+
+    // --- on this host's own cgroups: run as root only (CI is); elsewhere they say so and pass ---------------------
+
+    fn as_root(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("{test}: skipped, needs root to make cgroups");
+        }
+        root
+    }
+
+    /// Starts `sh -c 'sleep 60 & sleep 60'` in `cgroup`; returns the shell, once its child is in the cgroup too.
+    fn tree_in(cgroup: &WorkerCgroup, procs: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let setup = crate::ProcessSetup::new(None, Some(cgroup));
+        let mut command = std::process::Command::new("sh");
+        command.args(["-c", "sleep 60 & sleep 60"]);
+        // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
+        unsafe { command.pre_exec(move || setup.apply()) };
+        let shell = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // At least the shell (or the last command, which dash execs in its place) and the backgrounded sleep.
+        while fs::read_to_string(procs).unwrap().lines().count() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shell
+    }
+
+    fn gone(pid: i32) -> bool {
+        // A zombie (reparented to an init that has not reaped it yet) is gone for our purposes.
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.rsplit(')').next().unwrap_or("").split_whitespace().next() == Some("Z"))
+            .unwrap_or(true)
+    }
+
+    fn pids(procs: &Path) -> Vec<i32> {
+        fs::read_to_string(procs).unwrap().lines().map(|p| p.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn dropping_a_cgroup_kills_every_process_in_it_then_removes_it() {
+        if !as_root("dropping_a_cgroup_kills_every_process_in_it_then_removes_it") {
+            return;
+        }
+        let mut cases = Vec::new();
+        if let Ok(manager) = CgroupManager::detect() {
+            let cgroup = manager.create(&Limits { cpus: 0.5, memory_bytes: 256 << 20, pids: 64 }).unwrap();
+            let procs = cgroup.dirs.last().unwrap().1.join("cgroup.procs");
+            cases.push((cgroup, procs));
+        }
+        // cgroup v2's own kill (`cgroup.kill`), where a v2 hierarchy is mounted: no controller is needed for it.
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if let Some(v2) = parse_mountinfo(&mountinfo).into_iter().find(|m| m.fstype == "cgroup2") {
+            let dir = v2.mount_point.join(format!("fal-serverless-unit-{}", std::process::id()));
+            mkdir(&dir).unwrap();
+            let procs = dir.join("cgroup.procs");
+            let file = OpenOptions::new().write(true).open(&procs).unwrap();
+            let cgroup =
+                WorkerCgroup { version: CgroupVersion::V2, dirs: vec![(Controller::Unified, dir)], procs: vec![file] };
+            cases.push((cgroup, procs));
+        }
+        assert!(!cases.is_empty(), "no cgroup hierarchy to test with");
+        for (cgroup, procs) in cases {
+            let version = cgroup.version;
+            let mut shell = tree_in(&cgroup, &procs);
+            let tree = pids(&procs);
+            assert!(tree.len() >= 2, "{version:?}: {tree:?}");
+            drop(cgroup);
+            let _ = shell.wait();
+            assert!(tree.iter().all(|&pid| gone(pid)), "{version:?}: {tree:?} outlived their cgroup");
+            assert!(!procs.parent().unwrap().exists(), "{version:?}: the cgroup is still there");
+        }
+    }
+
+    #[test]
+    fn a_starting_manager_removes_a_dead_engines_cgroups_with_what_runs_in_them() {
+        if !as_root("a_starting_manager_removes_a_dead_engines_cgroups_with_what_runs_in_them") {
+            return;
+        }
+        let Ok(manager) = CgroupManager::detect() else { return };
+        // A pid that no longer exists: a process that has been waited for.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        let mut stale = manager.create(&Limits { cpus: 0.5, memory_bytes: 256 << 20, pids: 64 }).unwrap();
+        let renamed: Vec<(Controller, PathBuf)> =
+            stale.dirs.iter().map(|(c, dir)| (*c, dir.with_file_name(format!("{}-0", dead.id())))).collect();
+        for ((_, from), (_, to)) in stale.dirs.iter().zip(&renamed) {
+            fs::rename(from, to).unwrap();
+        }
+        stale.dirs = renamed.clone();
+        let procs = renamed.last().unwrap().1.join("cgroup.procs");
+        let mut shell = tree_in(&stale, &procs);
+        let tree = pids(&procs);
+        // Left as a killed engine leaves it: nothing removes it but the next manager.
+        std::mem::forget(stale);
+        drop(CgroupManager::detect().unwrap());
+        let _ = shell.wait();
+        assert!(tree.iter().all(|&pid| gone(pid)), "{tree:?} outlived their dead engine's cgroup");
+        assert!(renamed.iter().all(|(_, dir)| !dir.exists()), "the dead engine's cgroup is still there");
     }
 }
