@@ -11,6 +11,8 @@ import os
 import pickle
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Tuple
 
@@ -181,3 +183,72 @@ def test_a_garbage_grpc_message(strict: Server, key: Tuple[str, str], original_s
     proc = subprocess.run([str(original_stubs), "-c", GRPC_GARBAGE, strict.host, *key], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("INTERNAL") and "decode" in proc.stdout, proc.stdout
+
+
+SECONDS_OUT_OF_RANGE = """
+import struct, sys, cloudpickle, grpc
+from google.protobuf import struct_pb2
+import isolate_proto as pb
+
+host, key_id, key_secret, python = sys.argv[1:5]
+run = grpc.insecure_channel(host).unary_stream(
+    "/controller.IsolateController/Run", request_serializer=None, response_deserializer=None
+)
+auth = [("auth-key-id", key_id), ("auth-key", key_secret)]
+configuration = struct_pb2.Struct()
+configuration.update({"requirements": [], "python_version": python,
+                      "serializer": "cloudpickle==" + cloudpickle.__version__})
+
+def request(keep_alive, timeout):
+    message = pb.HostedRun(
+        environments=[pb.EnvironmentDefinition(kind="virtualenv", configuration=configuration)],
+        machine_requirements=pb.MachineRequirements(machine_type="XS", keep_alive=keep_alive),
+        function=pb.SerializedObject(method="cloudpickle", definition=cloudpickle.dumps((int, (), {}))),
+    ).SerializeToString()
+    # timeout_seconds is our extension (field 101, a double), unknown to these stubs: appended as raw bytes.
+    return message if timeout is None else message + bytes([0xA9, 0x06]) + struct.pack("<d", timeout)
+
+for keep_alive, timeout in [(-1, None), (5, float("nan")), (5, float("inf")), (5, 1e300), (5, -1.0), (5, 0.0)]:
+    try:
+        for _ in run(request(keep_alive, timeout), metadata=auth):
+            pass
+        print("accepted")
+    except grpc.RpcError as error:
+        print(error.code().name, error.details())
+"""
+
+
+def test_seconds_out_of_range_from_a_raw_client(strict: Server, key: Tuple[str, str], original_stubs: Path) -> None:
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    proc = subprocess.run(
+        [str(original_stubs), "-c", SECONDS_OUT_OF_RANGE, strict.host, *key, python],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    timeout = "INVALID_ARGUMENT timeout must be a number of seconds above 0 and at most 2147483647, got"
+    assert proc.stdout.splitlines() == [
+        "INVALID_ARGUMENT keep_alive must be a number of seconds from 0 to 2147483647, got -1",
+        f"{timeout} NaN",
+        f"{timeout} inf",
+        f"{timeout} 1e300",
+        f"{timeout} -1.0",
+        f"{timeout} 0.0",
+    ], proc.stdout
+
+
+def test_a_keep_alive_over_the_servers_ceiling_is_cut_and_the_call_says_so() -> None:
+    server = start_server(config="[limits]\nmax_keep_alive_seconds = 1\n")
+    try:
+        key = server.create_key("long-keep-alive")
+        proc = cloud_call(server, "return 1", key, keep_alive=600)
+        assert proc.stdout == "1\n", proc.stderr
+        assert "keep_alive 600 s is more than this server keeps a worker warm; it stays warm 1 s" in proc.stderr
+        # And it does: the worker goes within seconds, not ten minutes.
+        deadline = time.time() + 30
+        while server.workers() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server.workers(), "the worker outlived the server's keep_alive ceiling"
+    finally:
+        server.stop()

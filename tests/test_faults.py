@@ -118,6 +118,18 @@ def test_out_of_memory_under_the_machine_types_limit(faulty: Server) -> None:
     healthy_after(faulty, key)
 
 
+def test_a_child_killed_for_memory_fails_the_call_instead_of_hanging_it(faulty: Server) -> None:
+    key = faulty.create_key("fault-oom-child")
+    # A pool whose process the kernel kills waits for that process's task forever (multiprocessing replaces the
+    # process, not the task), as a DataLoader may.
+    body = "import multiprocessing\nwith multiprocessing.get_context('fork').Pool(1) as pool:\n"
+    body += "    return len(pool.map(bytearray, [2 * 1024**3]))"
+    proc = cloud_call(faulty, body, key, machine_type="XS", keep_alive=30, timeout=60)
+    assert "MachineTypeExceededError" in proc.stderr, proc.stderr
+    assert "exceeded the 256 MB of machine type XS (the kernel killed a process the function started" in proc.stderr
+    healthy_after(faulty, key)
+
+
 def test_a_fork_bomb(faulty: Server) -> None:
     key = faulty.create_key("fault-fork")
     body = """

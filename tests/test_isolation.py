@@ -64,6 +64,27 @@ def test_a_key_cannot_revoke_or_list_what_another_user_owns(server: Server) -> N
     assert workers.returncode == 0 and "iso-keys-a" not in workers.stdout
 
 
+def test_a_user_has_at_most_the_servers_cap_of_keys() -> None:
+    capped = start_server(config="[limits]\nmax_keys_per_user = 3\n")
+    try:
+        own = capped.create_key("iso-capped")  # by the admin: the user's first
+        made = [capped.cli("keys", "create", key=own) for _ in range(2)]  # by the user's own key: the second, third
+        assert all(proc.returncode == 0 for proc in made), [proc.stderr for proc in made]
+        for by in (own, None):  # the user's own key, then the admin's for them
+            refused = capped.cli("keys", "create", *([] if by else ["--user", "iso-capped"]), key=by)
+            assert refused.returncode != 0, refused.stdout
+            assert 'user "iso-capped" already has 3 keys, the most this server allows per user' in refused.stderr
+            assert "fal-serverless keys revoke KEY_ID" in refused.stderr, refused.stderr
+        assert capped.cli("keys", "list", key=own).stdout.count("iso-capped") == 3
+        # Revoking one makes room for one.
+        made_id = dict(line.split("=", 1) for line in made[0].stdout.splitlines())["FAL_KEY_ID"]
+        assert capped.cli("keys", "revoke", made_id, key=own).returncode == 0
+        assert capped.cli("keys", "create", key=own).returncode == 0
+        assert capped.cli("keys", "create", key=own).returncode != 0
+    finally:
+        capped.stop()
+
+
 # --- network: a namespace per worker, egress policy --------------------------------------------------------------
 
 PROBE = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from fal_serverless import (
     isolated,
     local,
 )
+from fal_serverless._serialization import SERIALIZER
 
 
 @isolated(host=local)
@@ -401,6 +403,92 @@ except KeyboardInterrupt:
     assert not pid_alive(worker)
 
 
+#: A client whose functions each leave a process tree behind (a child and its own child, neither ending by itself):
+#: one returns, its worker stopped after the call (keep_alive=0); one kills its own worker. Prints each tree's pids.
+PROCESS_TREES = """
+import json, os, subprocess, sys
+from fal_serverless import WorkerDiedError, isolated, local
+
+def start_tree():
+    child = subprocess.Popen(["sh", "-c", "sleep 1000 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    return [os.getpid(), child.pid, int(child.stdout.readline())]
+
+@isolated(host=local, keep_alive=0)
+def returns():
+    return start_tree()
+
+@isolated(host=local, keep_alive=30)
+def dies(path):
+    open(path, "w").write(json.dumps(start_tree()))
+    os._exit(3)
+
+print(json.dumps(returns()), flush=True)
+try:
+    dies(sys.argv[1])
+except WorkerDiedError:
+    print(open(sys.argv[1]).read(), flush=True)
+"""
+
+#: Runs "$@" on a host without cgroups, as far as it can tell: an empty /sys/fs/cgroup in user and mount namespaces
+#: of its own (which any user may make; the host's mounts are never touched).
+WITHOUT_CGROUPS = [
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "--mount",
+    "sh",
+    "-c",
+    'mount -t tmpfs none /sys/fs/cgroup && exec "$@"',
+    "sh",
+]
+
+
+def wait_until_dead(pids: list[int], seconds: float = 10) -> list[int]:
+    """Those of `pids` still alive after up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while any(map(pid_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if pid_alive(pid)]
+
+
+@pytest.mark.parametrize("cgroups", [True, False], ids=["with-cgroup", "without-cgroup"])
+def test_a_functions_process_tree_is_stopped_with_its_worker(cgroups: bool, tmp_path: Path) -> None:
+    if cgroups and os.geteuid() != 0:
+        pytest.fail("cgroups need root here; run the suite as root (CI does)")
+    command = [*([] if cgroups else WITHOUT_CGROUPS), sys.executable, "-c", PROCESS_TREES, str(tmp_path / "pids")]
+    proc = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert ("limits cannot be applied" in proc.stderr) != cgroups, proc.stderr
+    trees = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(trees) == 2 and all(len(tree) == 3 for tree in trees), proc.stdout
+    left = wait_until_dead([pid for tree in trees for pid in tree])
+    assert not left, f"processes of stopped workers still run: {left}"
+
+
+def test_what_the_worker_of_a_killed_client_left_running_is_stopped_by_the_next_engine() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("cgroups need root here; run the suite as root (CI does)")
+    script = """
+import subprocess, time
+from fal_serverless import isolated, local
+@isolated(host=local, keep_alive=300)
+def start():
+    return subprocess.Popen(["sleep", "1000"]).pid
+print(start(), flush=True)
+time.sleep(300)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=script_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    orphan = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    # Its worker dies with it (PR_SET_PDEATHSIG), but nothing is left to stop the worker's child, which is still in
+    # the worker's cgroup: the next engine to start here removes that cgroup, and what runs in it.
+    assert pid_alive(orphan)
+    assert run_script("from fal_serverless import isolated, local\nprint(isolated(host=local)(int)())").stdout == "0\n"
+    assert not wait_until_dead([orphan]), "the dead client's worker's child still runs"
+
+
 # --- machine types --------------------------------------------------------------------------------------------
 
 
@@ -460,6 +548,25 @@ def test_exceeding_the_memory_of_the_machine_type_is_reported_and_the_next_call_
     assert hog(10) == 10
 
 
+def test_a_child_killed_for_memory_fails_the_call_and_the_next_call_works() -> None:
+    @isolated(host=local, machine_type="XS", keep_alive=30)
+    def child_hog() -> tuple[int, int]:
+        # The kernel kills the child, not the function, which would carry on with what it got: -9.
+        return subprocess.run([sys.executable, "-c", "x = bytearray(2 * 1024**3)"]).returncode, os.getpid()
+
+    if os.geteuid() != 0:
+        pytest.fail("limits need root here; run the suite as root (CI does)")
+    with pytest.raises(
+        MachineTypeExceededError,
+        match=r"exceeded the 256 MB of machine type XS \(the kernel killed a process the function started, so the "
+        r"call was stopped with its worker\); use a larger machine_type",
+    ):
+        child_hog()
+    assert workers_of(child_hog) == [], "the worker whose child was killed is still kept"
+    small = isolated(host=local, machine_type="XS")(lambda: sum(range(10)))
+    assert small() == 45
+
+
 def test_a_gpu_machine_type_on_a_host_without_gpus_fails_at_once() -> None:
     from fal_serverless import MachineTypeUnavailableError
 
@@ -510,7 +617,7 @@ def test_the_worker_environment_does_not_have_the_sdk() -> None:
 def test_wrong_options_are_value_errors_that_list_what_is_valid() -> None:
     with pytest.raises(ValueError, match="unknown machine type 'XXL'; valid machine types are: XS, S, M, L, XL"):
         isolated(machine_type="XXL")
-    with pytest.raises(ValueError, match="keep_alive must be a number of seconds, 0 or more, got -1"):
+    with pytest.raises(ValueError, match="keep_alive must be a number of seconds from 0 to 2147483647, got -1"):
         isolated(keep_alive=-1)
     with pytest.raises(ValueError, match="unknown option.*gpu_count.*valid options are: requirements, machine_type"):
         isolated(gpu_count=2)
@@ -523,6 +630,33 @@ def test_wrong_options_are_value_errors_that_list_what_is_valid() -> None:
     other = "3.10" if sys.version_info[:2] != (3, 10) else "3.12"
     with pytest.raises(ValueError, match=f"python_version {other} differs from the Python running this script"):
         isolated(python_version=other)
+
+
+@pytest.mark.parametrize("value", [1e20, -1, float("nan"), float("inf"), float("-inf"), 2**31, 10**30, "10"])
+def test_seconds_out_of_range_are_value_errors_naming_the_range(value: object) -> None:
+    keep_alive = r"keep_alive must be a number of seconds from 0 to 2147483647, got "
+    timeout = r"timeout must be a number of seconds above 0 and at most 2147483647, got "
+    with pytest.raises(ValueError, match=keep_alive):
+        isolated(keep_alive=value)
+    with pytest.raises(ValueError, match=timeout):
+        worker_pid.on(timeout=value)
+    if isinstance(value, str):
+        return
+    # The native module refuses them too, should anything reach it unchecked: a ValueError, never a panic.
+    call: dict[str, object] = dict(
+        python_version=f"{sys.version_info[0]}.{sys.version_info[1]}",
+        interpreter=None,
+        requirements=[],
+        serializer=SERIALIZER,
+        machine_type="XS",
+        keep_alive=1.0,
+        payload=b"",
+        on_log=lambda source, line: None,
+    )
+    with pytest.raises(ValueError, match=keep_alive):
+        local.engine.call(**{**call, "keep_alive": float(value)})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=timeout):
+        local.engine.call(**{**call, "timeout": float(value)})  # type: ignore[arg-type]
 
 
 def test_the_package_is_importable_from_a_fresh_interpreter_with_its_exports() -> None:

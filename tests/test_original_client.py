@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from conftest import EXAMPLES, Server, script_env, venv_with
+from conftest import EXAMPLES, Server, script_env, start_server, venv_with
 
 VERSION = "fal-serverless==0.6.41"
 HOSTNAME = "api.fal-serverless.test"
@@ -250,3 +250,19 @@ def test_the_original_key_commands(original: OriginalClient) -> None:
     refused = original.cli("key", "list", key=(key_id, key_secret))
     assert "has been revoked" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
     assert "from-the-original" not in refused.stdout
+
+
+def test_the_original_key_commands_meet_the_servers_cap_of_keys(original: OriginalClient) -> None:
+    capped = start_server(config="[limits]\nmax_keys_per_user = 2\n")
+    try:
+        client = OriginalClient(original.python, original.hosts, capped, capped.create_key("original-capped"))
+        generated = client.cli("key", "generate", "--scope", "API")
+        assert generated.returncode == 0 and "FAL_KEY_ID" in generated.stdout, generated.stdout + generated.stderr
+        refused = client.cli("key", "generate", "--scope", "API")
+        # Its CLI wraps what it prints (rich): compared word by word.
+        said = " ".join((refused.stdout + refused.stderr).split())
+        assert "FAL_KEY_ID" not in refused.stdout, said
+        assert 'user "original-capped" already has 2 keys, the most this server allows per user' in said, said
+        assert "fal-serverless keys revoke KEY_ID" in said, said
+    finally:
+        capped.stop()

@@ -93,16 +93,28 @@ def _machine_type(value: Any) -> str:
     return str(value)
 
 
-def _keep_alive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"keep_alive must be a number of seconds, 0 or more, got {value!r}")
+#: The most seconds keep_alive and timeout may be: what the wire carries (keep_alive is an int32 there), about 68
+#: years. A server may keep workers warm for less; it says so in the call's logs.
+MAX_SECONDS: int = _native.MAX_SECONDS
+
+
+def _seconds(option: str, value: Any, zero_allowed: bool) -> Any:
+    """`value`, if it is a number of seconds in the option's range; else a ValueError naming the range."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    # NaN fails every comparison: refused with the infinities and the negatives.
+    if not (number and (0 <= value if zero_allowed else 0 < value) and value <= MAX_SECONDS):
+        valid = f"from 0 to {MAX_SECONDS}" if zero_allowed else f"above 0 and at most {MAX_SECONDS}"
+        raise ValueError(f"{option} must be a number of seconds {valid}, got {value!r}")
     return value
 
 
+def _keep_alive(value: Any) -> float:
+    seconds: float = _seconds("keep_alive", value, zero_allowed=True)
+    return seconds
+
+
 def _timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
-    return float(value)
+    return float(_seconds("timeout", value, zero_allowed=False))
 
 
 def _host(value: Any) -> Host:

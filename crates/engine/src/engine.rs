@@ -264,6 +264,14 @@ impl Engine {
                 leased.retire().stop().await;
                 Err(CallError::ResultTooLarge { size, limit })
             }
+            Err(NoReply::ChildOutOfMemory) => {
+                leased.retire().stop().await;
+                Err(CallError::OutOfMemory {
+                    machine_type: machine.name.clone(),
+                    memory: machine.memory_display(),
+                    child: true,
+                })
+            }
         }
     }
 

@@ -87,9 +87,19 @@ pub enum CallError {
     )]
     Allocation { machine_type: String, options: String, reason: String },
     #[error(
-        "the worker exceeded the {memory} of machine type {machine_type} and was killed; use a larger machine_type"
+        "the worker exceeded the {memory} of machine type {machine_type} {}; use a larger machine_type",
+        if *child {
+            "(the kernel killed a process the function started, so the call was stopped with its worker)"
+        } else {
+            "and was killed"
+        }
     )]
-    OutOfMemory { machine_type: String, memory: String },
+    OutOfMemory {
+        machine_type: String,
+        memory: String,
+        /// The process killed was one the function started (its worker's agent lived on).
+        child: bool,
+    },
     #[error("the worker running this call died before returning: it {how}. The next call gets a fresh worker")]
     WorkerDied { how: String },
     #[error(

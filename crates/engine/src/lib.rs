@@ -19,6 +19,7 @@ mod environment;
 mod error;
 mod logs;
 mod machine;
+pub mod options;
 mod provider;
 mod room;
 mod worker;

@@ -12,7 +12,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use fal_client::{Client, ClientError, Target};
-use fal_engine::{CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion, Serializer};
+use fal_engine::{
+    options, CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion, Serializer,
+};
 use fal_proto::controller::{HostedRun, MachineRequirements};
 use fal_proto::{EnvironmentDefinition, LogLevel, LogSource as LogSourceProto, SerializedObject};
 use prost_types::value::Kind;
@@ -221,16 +223,14 @@ impl Engine {
         tenant: String,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let env = env_spec(python_version, &requirements, serializer)?;
-        if !(keep_alive.is_finite() && keep_alive >= 0.0) {
-            return Err(PyValueError::new_err(format!("keep_alive must be 0 or more seconds, got {keep_alive}")));
-        }
+        let keep_alive = options::keep_alive(keep_alive).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let request = CallRequest {
             tenant,
             uid: None,
             env,
             interpreter,
             machine_type,
-            keep_alive: Duration::from_secs_f64(keep_alive),
+            keep_alive,
             payload: Bytes::from_owner(payload),
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
@@ -415,10 +415,7 @@ fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
 }
 
 fn timeout_duration(seconds: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(seconds)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| PyValueError::new_err(format!("timeout must be a positive number of seconds, got {seconds}")))
+    options::timeout(seconds).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// Parses and normalizes PEP 508 requirements; raises ValueError naming a malformed one.
@@ -456,6 +453,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(normalize_requirements, m)?)?;
     m.add_function(wrap_pyfunction!(machine_types, m)?)?;
     m.add_function(wrap_pyfunction!(environment_key, m)?)?;
+    m.add("MAX_SECONDS", options::MAX_SECONDS)?;
     m.add("FalServerlessError", py.get_type::<FalServerlessError>())?;
     m.add("EnvironmentBuildError", py.get_type::<EnvironmentBuildError>())?;
     m.add("WorkerDiedError", py.get_type::<WorkerDiedError>())?;

@@ -34,8 +34,11 @@ pub struct CgroupManager {
     version: CgroupVersion,
     /// v2: one directory; v1: one per controller (memory, cpu, pids).
     bases: Vec<(Controller, PathBuf)>,
-    next_id: AtomicU64,
 }
+
+/// Numbers this process's worker cgroups (`<pid>-<n>`): one count for every manager of the process, so that two
+/// never make the same cgroup.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Controller {
@@ -93,7 +96,7 @@ impl CgroupManager {
         enable_v2_controllers(root).map_err(|e| e.to_string())?;
         mkdir(&base).map_err(|e| e.to_string())?;
         enable_v2_controllers(&base).map_err(|e| e.to_string())?;
-        let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)], next_id: 0.into() };
+        let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)] };
         manager.remove_stale();
         Ok(manager)
     }
@@ -103,7 +106,7 @@ impl CgroupManager {
         for (_, base) in &bases {
             mkdir(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
         }
-        let manager = Self { version: CgroupVersion::V1, bases, next_id: 0.into() };
+        let manager = Self { version: CgroupVersion::V1, bases };
         manager.remove_stale();
         Ok(manager)
     }
@@ -114,7 +117,7 @@ impl CgroupManager {
 
     /// Creates a cgroup for one worker with `limits` applied. The worker joins it through [`crate::ProcessSetup`].
     pub fn create(&self, limits: &Limits) -> Result<WorkerCgroup, SandboxError> {
-        let name = format!("{}-{}", std::process::id(), self.next_id.fetch_add(1, Ordering::Relaxed));
+        let name = format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let mut cgroup = WorkerCgroup { version: self.version, dirs: Vec::new(), procs: Vec::new() };
         for (controller, base) in &self.bases {
             let dir = base.join(&name);
@@ -128,23 +131,29 @@ impl CgroupManager {
         Ok(cgroup)
     }
 
-    /// Removes empty worker cgroups left by client processes that no longer exist (a `kill -9`'d client).
+    /// Removes the worker cgroups of engines that no longer exist (a `kill -9`'d client or server), with whatever
+    /// they left running: a dead engine's worker died with it (`PR_SET_PDEATHSIG`), but its worker's children did not,
+    /// and nothing else stops them.
     fn remove_stale(&self) {
-        for (_, base) in &self.bases {
+        for (controller, base) in &self.bases {
             let Ok(entries) = fs::read_dir(base) else { continue };
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let owner = name.to_str().and_then(|n| n.split('-').next()).and_then(|p| p.parse::<i32>().ok());
-                if let Some(pid) = owner {
-                    // SAFETY: kill with signal 0 sends nothing; it only asks whether the pid exists.
-                    let alive = unsafe { libc::kill(pid, 0) } == 0;
-                    if !alive {
-                        let _ = fs::remove_dir(entry.path());
-                    }
+                if owner.is_some_and(|pid| !process_exists(pid)) {
+                    kill_and_remove(self.version, &[(*controller, entry.path())], STALE_REMOVE_WITHIN);
                 }
             }
         }
     }
+}
+
+/// Whether a process `pid` exists (of any user).
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only asks whether the pid exists.
+    let found = unsafe { libc::kill(pid, 0) } == 0;
+    // EPERM: it exists, as another user's.
+    found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Where worker cgroups go on v1: for each controller, below our own cgroup in that controller's hierarchy, so
@@ -176,6 +185,8 @@ fn v1_bases(mounts: &[Mount], own: &str) -> Result<Vec<(Controller, PathBuf)>, S
 /// How long removing a worker's cgroup may wait for its processes to be gone (a fork bomb's thousand children take a
 /// moment to be reaped).
 const REMOVE_WITHIN: Duration = Duration::from_secs(10);
+/// The same for a dead engine's cgroups, removed while a new engine starts: less, so a start is never held long.
+const STALE_REMOVE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The cgroup of one worker; removed when dropped, after every process still in it has been killed. Dropping it may
 /// block for a moment: drop it on a blocking thread.
@@ -211,49 +222,72 @@ impl WorkerCgroup {
     }
 }
 
-impl WorkerCgroup {
-    /// Kills every process in the cgroup: the worker's children too, wherever they went (a daemon that double
-    /// forked, a fork bomb's sleepers), since none can leave the cgroup.
-    fn kill_all(&self) {
-        if self.version == CgroupVersion::V2 {
-            // cgroup.kill (Linux 5.14+) kills the whole subtree at once; older kernels fall through to the loop.
-            if let Some((_, dir)) = self.dirs.first() {
-                if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-                    return;
+impl Drop for WorkerCgroup {
+    fn drop(&mut self) {
+        self.procs.clear();
+        kill_and_remove(self.version, &self.dirs, REMOVE_WITHIN);
+    }
+}
+
+/// Kills every process in a worker's cgroup, then removes its directories (one on v2, one per controller on v1).
+///
+/// Every process is killed first, not only the worker: its children too, wherever they went (a daemon that left the
+/// worker's session, a fork bomb's sleepers), since none can leave the cgroup. The kernel refuses to remove a cgroup
+/// while a task remains, and killed tasks take a moment to be reaped: the kill is repeated until the directories go,
+/// or `within` has passed (then a warning names what is left).
+fn kill_and_remove(version: CgroupVersion, dirs: &[(Controller, PathBuf)], within: Duration) {
+    let deadline = Instant::now() + within;
+    kill_all(version, dirs);
+    for (_, dir) in dirs {
+        loop {
+            match fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if Instant::now() > deadline => {
+                    tracing::warn!("could not remove cgroup {}: {e}", dir.display());
+                    break;
                 }
-            }
-        }
-        for (_, dir) in &self.dirs {
-            let Ok(pids) = fs::read_to_string(dir.join("cgroup.procs")) else { continue };
-            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-                // SAFETY: kill sends a signal and touches no memory; the pid is in a cgroup only our workers join.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    kill_all(version, dirs);
+                }
             }
         }
     }
 }
 
-impl Drop for WorkerCgroup {
-    fn drop(&mut self) {
-        self.procs.clear();
-        let deadline = Instant::now() + REMOVE_WITHIN;
-        for (_, dir) in &self.dirs {
-            // The kernel refuses rmdir while a task remains; killed tasks take a moment to be reaped.
-            loop {
-                match fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if Instant::now() > deadline => {
-                        tracing::warn!("could not remove cgroup {}: {e}", dir.display());
-                        break;
-                    }
-                    Err(_) => {
-                        self.kill_all();
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
+/// Sends SIGKILL to every process in the cgroup.
+///
+/// v2: `cgroup.kill` (Linux 5.14+) kills the whole subtree at once, atomically. Older v2 kernels: the cgroup is
+/// frozen (`cgroup.freeze`, 5.2+) so that nothing in it can fork while its pids are read and killed, then thawed
+/// (frozen tasks die of SIGKILL on v2 all the same). v1 (no freezer of ours): each pid of `cgroup.procs` is killed;
+/// a child forked meanwhile is caught by the next round, which [`kill_and_remove`] repeats until the cgroup is
+/// empty (the pids limit bounds how many a fork loop can make).
+fn kill_all(version: CgroupVersion, dirs: &[(Controller, PathBuf)]) {
+    if version == CgroupVersion::V2 {
+        if let Some((_, dir)) = dirs.first() {
+            if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                return;
             }
+            let frozen = fs::write(dir.join("cgroup.freeze"), "1").is_ok();
+            kill_listed(dir);
+            if frozen {
+                let _ = fs::write(dir.join("cgroup.freeze"), "0");
+            }
+            return;
         }
+    }
+    for (_, dir) in dirs {
+        kill_listed(dir);
+    }
+}
+
+fn kill_listed(dir: &Path) {
+    let Ok(pids) = fs::read_to_string(dir.join("cgroup.procs")) else { return };
+    for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()).filter(|&pid| pid > 1) {
+        // SAFETY: kill sends a signal and touches no memory; the pid is in a cgroup only our workers join, and a pid
+        // listed there cannot be reused before it is reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -263,6 +297,9 @@ fn apply_limits(controller: Controller, dir: &Path, limits: &Limits) -> Result<(
         Controller::Unified => {
             write(dir, "memory.max", &limits.memory_bytes.to_string())?;
             write_optional(dir, "memory.swap.max", "0");
+            // An OOM kill takes the whole cgroup (Linux 4.19+): a worker whose child was killed for memory (a
+            // DataLoader's, a pool's) would otherwise wait for it forever, and is reported as over its machine type.
+            write_optional(dir, "memory.oom.group", "1");
             write(dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
             write(dir, "pids.max", &limits.pids.to_string())?;
         }
@@ -395,5 +432,106 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
+    }
+
+    // --- on this host's own cgroups: run as root only (CI is); elsewhere they say so and pass ---------------------
+
+    fn as_root(test: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("{test}: skipped, needs root to make cgroups");
+        }
+        root
+    }
+
+    /// Starts `sh -c 'sleep 60 & sleep 60'` in `cgroup`; returns the shell, once its child is in the cgroup too.
+    fn tree_in(cgroup: &WorkerCgroup, procs: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let setup = crate::ProcessSetup::new(None, Some(cgroup));
+        let mut command = std::process::Command::new("sh");
+        command.args(["-c", "sleep 60 & sleep 60"]);
+        // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
+        unsafe { command.pre_exec(move || setup.apply()) };
+        let shell = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // At least the shell (or the last command, which dash execs in its place) and the backgrounded sleep.
+        while fs::read_to_string(procs).unwrap().lines().count() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shell
+    }
+
+    fn gone(pid: i32) -> bool {
+        // A zombie (reparented to an init that has not reaped it yet) is gone for our purposes.
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.rsplit(')').next().unwrap_or("").split_whitespace().next() == Some("Z"))
+            .unwrap_or(true)
+    }
+
+    fn pids(procs: &Path) -> Vec<i32> {
+        fs::read_to_string(procs).unwrap().lines().map(|p| p.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn dropping_a_cgroup_kills_every_process_in_it_then_removes_it() {
+        if !as_root("dropping_a_cgroup_kills_every_process_in_it_then_removes_it") {
+            return;
+        }
+        let mut cases = Vec::new();
+        if let Ok(manager) = CgroupManager::detect() {
+            let cgroup = manager.create(&Limits { cpus: 0.5, memory_bytes: 256 << 20, pids: 64 }).unwrap();
+            let procs = cgroup.dirs.last().unwrap().1.join("cgroup.procs");
+            cases.push((cgroup, procs));
+        }
+        // cgroup v2's own kill (`cgroup.kill`), where a v2 hierarchy is mounted: no controller is needed for it.
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if let Some(v2) = parse_mountinfo(&mountinfo).into_iter().find(|m| m.fstype == "cgroup2") {
+            let dir = v2.mount_point.join(format!("fal-serverless-unit-{}", std::process::id()));
+            mkdir(&dir).unwrap();
+            let procs = dir.join("cgroup.procs");
+            let file = OpenOptions::new().write(true).open(&procs).unwrap();
+            let cgroup =
+                WorkerCgroup { version: CgroupVersion::V2, dirs: vec![(Controller::Unified, dir)], procs: vec![file] };
+            cases.push((cgroup, procs));
+        }
+        assert!(!cases.is_empty(), "no cgroup hierarchy to test with");
+        for (cgroup, procs) in cases {
+            let version = cgroup.version;
+            let mut shell = tree_in(&cgroup, &procs);
+            let tree = pids(&procs);
+            assert!(tree.len() >= 2, "{version:?}: {tree:?}");
+            drop(cgroup);
+            let _ = shell.wait();
+            assert!(tree.iter().all(|&pid| gone(pid)), "{version:?}: {tree:?} outlived their cgroup");
+            assert!(!procs.parent().unwrap().exists(), "{version:?}: the cgroup is still there");
+        }
+    }
+
+    #[test]
+    fn a_starting_manager_removes_a_dead_engines_cgroups_with_what_runs_in_them() {
+        if !as_root("a_starting_manager_removes_a_dead_engines_cgroups_with_what_runs_in_them") {
+            return;
+        }
+        let Ok(manager) = CgroupManager::detect() else { return };
+        // A pid that no longer exists: a process that has been waited for.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        let mut stale = manager.create(&Limits { cpus: 0.5, memory_bytes: 256 << 20, pids: 64 }).unwrap();
+        let renamed: Vec<(Controller, PathBuf)> =
+            stale.dirs.iter().map(|(c, dir)| (*c, dir.with_file_name(format!("{}-0", dead.id())))).collect();
+        for ((_, from), (_, to)) in stale.dirs.iter().zip(&renamed) {
+            fs::rename(from, to).unwrap();
+        }
+        stale.dirs = renamed.clone();
+        let procs = renamed.last().unwrap().1.join("cgroup.procs");
+        let mut shell = tree_in(&stale, &procs);
+        let tree = pids(&procs);
+        // Left as a killed engine leaves it: nothing removes it but the next manager.
+        std::mem::forget(stale);
+        drop(CgroupManager::detect().unwrap());
+        let _ = shell.wait();
+        assert!(tree.iter().all(|&pid| gone(pid)), "{tree:?} outlived their dead engine's cgroup");
+        assert!(renamed.iter().all(|(_, dir)| !dir.exists()), "the dead engine's cgroup is still there");
     }
 }

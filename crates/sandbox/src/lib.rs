@@ -8,9 +8,13 @@
 //!   - memory: a hard limit of `memory_bytes`, swap included where the kernel accounts it;
 //!   - processes: at most `pids` tasks (threads count).
 //!
-//!   A worker whose cgroup records an OOM kill is reported as having exceeded its machine type.
+//!   A worker whose cgroup records an OOM kill is reported as having exceeded its machine type; on v2 an OOM kill
+//!   takes the whole cgroup (`memory.oom.group`). A cgroup is removed only after every process in it is killed
+//!   (`cgroup.kill` on v2, else each pid of `cgroup.procs`), and an engine that starts removes the cgroups (and
+//!   what still runs in them) of engines that died.
 //! * **Process attributes** ([`ProcessSetup`]), applied between `fork` and `exec`:
-//!   - a session of its own (`setsid`), so the terminal's Ctrl-C reaches the client, never the worker;
+//!   - a session and process group of its own (`setsid`), so the terminal's Ctrl-C reaches the client, never the
+//!     worker, and the engine stops the worker's whole process tree by killing the group;
 //!   - `PR_SET_PDEATHSIG = SIGKILL`, so a worker never outlives the process that started it;
 //!   - membership of its cgroup before the first instruction of Python runs;
 //!   - exactly one inherited descriptor besides stdio: the frame socket, as fd 3.

@@ -33,12 +33,14 @@
 //! subnet = "10.250.0.0/16"           # where the namespaces' veth addresses come from
 //! resolver = "10.0.0.2:53"           # DNS; default: the first nameserver of /etc/resolv.conf
 //!
-//! [limits]                           # what clients can make the server hold
+//! [limits]                           # what clients and users can make the server hold
 //! max_connections = 256              # open connections; more wait to be accepted
 //! max_requests = 4096                # requests in flight (a call counts until it ends, queued time included)
 //! max_requests_per_key = 256         # the same, per key
 //! max_workers_per_user = 64          # live workers (busy or warm) of one user
 //! max_queued_gb_per_user = 1         # payloads of one user's calls waiting for capacity
+//! max_keep_alive_seconds = 3600      # a longer keep_alive is cut to this (the call's logs say so)
+//! max_keys_per_user = 50             # keys (not revoked) of one user; more are refused
 //!
 //! [environments]                     # when environments are removed (never one in use: a live worker's, or one a
 //!                                    # build or call is starting on); least recently used first
@@ -95,9 +97,26 @@ pub struct ServerConfig {
     pub environments: EnvironmentPolicy,
     /// How often the server applies `environments` (it also does after each build).
     pub prune_interval: Duration,
+    pub limits: UserLimits,
     /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
     /// dir across restarts, different for another.
     pub tag: String,
+}
+
+/// What one user may ask of the server (`[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimits {
+    /// The longest a worker stays warm after a call; a request asking more gets this, and is told so.
+    pub max_keep_alive: Duration,
+    /// Keys of one user that are not revoked.
+    pub max_keys_per_user: u32,
+}
+
+impl Default for UserLimits {
+    /// An hour of keep_alive, 50 keys.
+    fn default() -> Self {
+        Self { max_keep_alive: Duration::from_secs(3600), max_keys_per_user: 50 }
+    }
 }
 
 /// uids from 200000 on: above the ranges distributions give people and services, below 2^31.
@@ -147,6 +166,8 @@ struct LimitsConfig {
     max_requests_per_key: Option<usize>,
     max_workers_per_user: Option<usize>,
     max_queued_gb_per_user: Option<f64>,
+    max_keep_alive_seconds: Option<u32>,
+    max_keys_per_user: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -256,8 +277,8 @@ impl ServerConfig {
         };
         let mut machine_types = MachineTypes::builtin();
         for (name, t) in file.machine_types {
-            if !(t.cpus > 0.0 && t.memory_gb > 0.0) {
-                return Err(invalid(format!("machine type {name}: cpus and memory_gb must be positive")));
+            if !(positive(t.cpus) && positive(t.memory_gb)) {
+                return Err(invalid(format!("machine type {name}: cpus and memory_gb must be positive numbers")));
             }
             let mut machine = MachineType::new(&name, t.cpus, (t.memory_gb * GIB) as u64, t.gpus);
             if let Some(pids) = t.pids {
@@ -276,11 +297,15 @@ impl ServerConfig {
                  system account), at least one, and below 2147483648"
             )));
         }
+        if ![file.capacity.cpus, file.capacity.memory_gb].into_iter().flatten().all(positive) {
+            return Err(invalid("[capacity] cpus and memory_gb must be positive numbers".into()));
+        }
         let build = build_limits(&file.build).map_err(invalid)?;
         let network = network_policy(&file.network).map_err(invalid)?;
         let admission = admission_limits(&file.limits).map_err(invalid)?;
         let sharing = sharing(&file.capacity, &file.limits).map_err(invalid)?;
         let (environments, prune_interval) = environment_policy(&file.environments).map_err(invalid)?;
+        let limits = user_limits(&file.limits).map_err(invalid)?;
         let provider = match (file.provider.as_deref(), file.slurm) {
             (None | Some("local"), None) => ProviderConfig::Local,
             (None | Some("local"), Some(_)) => {
@@ -311,6 +336,7 @@ impl ServerConfig {
             sharing,
             environments,
             prune_interval,
+            limits,
             tag,
         })
     }
@@ -357,7 +383,7 @@ fn build_limits(file: &BuildConfig) -> Result<BuildLimits, String> {
     let pids = file.pids.unwrap_or(default.limits.pids);
     let timeout = file.timeout_seconds.unwrap_or(default.timeout.as_secs());
     let disk_gb = file.disk_gb.unwrap_or(default.disk_bytes as f64 / GIB);
-    if !(cpus > 0.0 && memory_gb > 0.0 && pids > 0 && timeout > 0 && disk_gb > 0.0) {
+    if !(positive(cpus) && positive(memory_gb) && pids > 0 && timeout > 0 && positive(disk_gb)) {
         return Err("[build] cpus, memory_gb, pids, timeout_seconds and disk_gb must be positive".into());
     }
     Ok(BuildLimits {
@@ -398,6 +424,28 @@ fn environment_policy(file: &EnvironmentsConfig) -> Result<(EnvironmentPolicy, D
         disk_per_user_bytes: gigabytes("disk_per_user_gb", file.disk_per_user_gb)?,
     };
     Ok((policy, prune_interval))
+}
+
+/// Above zero and finite (TOML has `inf` and `nan`), so that it converts to bytes or a quota without saturating.
+fn positive(value: f64) -> bool {
+    value > 0.0 && value.is_finite()
+}
+
+fn user_limits(file: &LimitsConfig) -> Result<UserLimits, String> {
+    let default = UserLimits::default();
+    let keep_alive = file.max_keep_alive_seconds.map_or(default.max_keep_alive, |s| Duration::from_secs(s.into()));
+    if keep_alive > Duration::from_secs(fal_engine::options::MAX_SECONDS.into()) {
+        return Err(format!(
+            "[limits] max_keep_alive_seconds = {}: at most {} (what a request's keep_alive can carry)",
+            keep_alive.as_secs(),
+            fal_engine::options::MAX_SECONDS
+        ));
+    }
+    let max_keys_per_user = file.max_keys_per_user.unwrap_or(default.max_keys_per_user);
+    if max_keys_per_user == 0 {
+        return Err("[limits] max_keys_per_user = 0: at least 1 (a user with no key cannot call)".into());
+    }
+    Ok(UserLimits { max_keep_alive: keep_alive, max_keys_per_user })
 }
 
 fn network_policy(file: &NetworkConfig) -> Result<NetworkPolicy, String> {
@@ -519,11 +567,20 @@ mod tests {
         assert_eq!((config.network.egress, config.network.build_egress), (Egress::None, Egress::Internet));
         assert_eq!(config.network.allow[0].to_string(), "10.1.0.0/16");
         assert_eq!(config.network.resolver.unwrap().port(), 5353);
+        assert_eq!(config.limits, UserLimits::default());
+        write("[limits]\nmax_keep_alive_seconds = 60\nmax_keys_per_user = 3\n");
+        let limits = ServerConfig::load(dir.path(), None, None).unwrap().limits;
+        assert_eq!((limits.max_keep_alive, limits.max_keys_per_user), (Duration::from_secs(60), 3));
         for (bad, says) in [
             ("[network]\negress = \"lan\"\n", "expected \"internet\""),
             ("[network]\nallow = [\"10.1.0.1/16\"]\n", "host bits"),
             ("[jail]\nfirst_uid = 0\n", "at least 1000"),
             ("[build]\nmemory_gb = 0\n", "must be positive"),
+            ("[build]\ncpus = inf\n", "must be positive"),
+            ("[machine_types.X]\ncpus = nan\nmemory_gb = 1\n", "must be positive numbers"),
+            ("[capacity]\nmemory_gb = inf\n", "must be positive numbers"),
+            ("[limits]\nmax_keep_alive_seconds = 4000000000\n", "at most 2147483647"),
+            ("[limits]\nmax_keys_per_user = 0\n", "at least 1"),
         ] {
             write(bad);
             let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();

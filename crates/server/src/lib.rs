@@ -80,7 +80,7 @@ pub mod fuzzing {
         }
     }
 }
-pub use crate::config::{ConfigError, ServerConfig, DEFAULT_LISTEN};
+pub use crate::config::{ConfigError, ServerConfig, UserLimits, DEFAULT_LISTEN};
 pub use crate::store::{KeyInfo, Scope, Store, StoreError};
 
 const STATE_FILE: &str = "state.sqlite3";
@@ -203,6 +203,7 @@ pub async fn serve(
         store,
         capacity: Arc::new(capacity::Capacity::new(capacity, config.sharing)),
         activity: activity.clone(),
+        limits: config.limits,
     };
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -11,8 +11,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use fal_engine::{
-    BoxFuture, CallError, CallRequest, Engine, EnvSpec, Hold, LogBudget, LogLine, LogSink, LogSource, MachineType,
-    PythonVersion, Room, Serializer,
+    options, BoxFuture, CallError, CallRequest, Engine, EnvSpec, Hold, LogBudget, LogLine, LogSink, LogSource,
+    MachineType, PythonVersion, Room, Serializer,
 };
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status};
 use crate::activity::Activity;
 use crate::admission::Admitted;
 use crate::capacity::{Capacity, Crowded};
+use crate::config::UserLimits;
 use crate::dill;
 use crate::store::{Caller, Scope, Store, StoreError};
 
@@ -49,6 +50,7 @@ pub struct Controller {
     pub store: Arc<Store>,
     pub capacity: Arc<Capacity>,
     pub activity: Arc<Activity>,
+    pub limits: UserLimits,
 }
 
 fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -86,7 +88,8 @@ pub(crate) fn store_status(error: StoreError) -> Status {
         StoreError::Database(_) => Status::internal(error.to_string()),
         StoreError::NotYours(_) => Status::permission_denied(error.to_string()),
         StoreError::InvalidUser(_) => Status::invalid_argument(error.to_string()),
-        StoreError::NoUidLeft { .. } => Status::resource_exhausted(error.to_string()),
+        StoreError::NoUidLeft { .. } | StoreError::TooManyKeys { .. } => Status::resource_exhausted(error.to_string()),
+        StoreError::Task(_) => Status::internal(error.to_string()),
         _ => Status::unauthenticated(error.to_string()),
     }
 }
@@ -135,16 +138,11 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         ));
     }
     let machine = run.machine_requirements.clone().unwrap_or_default();
-    let keep_alive = machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE);
-    if keep_alive < 0 {
-        return Err(invalid(format!("keep_alive must be 0 or more seconds, got {keep_alive}")));
-    }
+    let keep_alive = options::whole_keep_alive(machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE))
+        .map_err(|e| invalid(e.to_string()))?;
     let timeout = match run.timeout_seconds {
         None => DEFAULT_TIMEOUT,
-        Some(seconds) => Duration::try_from_secs_f64(seconds)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| invalid(format!("timeout must be a positive number of seconds, got {seconds}")))?,
+        Some(seconds) => options::timeout(seconds).map_err(|e| invalid(e.to_string()))?,
     };
     Ok(CallRequest {
         tenant: caller.user_id.clone(),
@@ -153,7 +151,7 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         env,
         interpreter: None,
         machine_type: if machine.machine_type.is_empty() { "XS".into() } else { machine.machine_type },
-        keep_alive: Duration::from_secs(keep_alive as u64),
+        keep_alive,
         payload: function.definition,
         timeout: Some(timeout),
         // The server gives it its capacity (`Controller::run`).
@@ -328,7 +326,20 @@ impl IsolateController for Controller {
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         let mut call = call_request(&caller, &mut run)?;
-        call.uid = Some(self.store.uid(&caller.user_id, self.uids.0, self.uids.1).map_err(store_status)?);
+        let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
+        call.uid =
+            Some(self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?);
+        // Longer than this server keeps workers warm: cut, and said in the call's logs.
+        let max_keep_alive = self.limits.max_keep_alive;
+        let cut_keep_alive = (call.keep_alive > max_keep_alive).then(|| {
+            let asked = std::mem::replace(&mut call.keep_alive, max_keep_alive);
+            format!(
+                "keep_alive {} s is more than this server keeps a worker warm; it stays warm {} s after the call \
+                 ([limits] max_keep_alive_seconds)",
+                asked.as_secs_f64(),
+                max_keep_alive.as_secs()
+            )
+        });
         let serializer = call.env.serializer.clone();
         let machine = self.engine.machine_types().get(&call.machine_type).map_err(|e| invalid(e.to_string()))?.clone();
         if let Some(reason) = self.capacity.never_fits(&machine) {
@@ -356,6 +367,9 @@ impl IsolateController for Controller {
                 },
                 budget,
             );
+            if let Some(notice) = cut_keep_alive {
+                logs.send(LogSource::Engine, notice);
+            }
             let cancelled = NoticeOnDrop(Some(format!(
                 "call by {} of {function_name} cancelled: the client went away",
                 caller.user_id
@@ -424,8 +438,12 @@ impl IsolateController for Controller {
                 "only an admin key can create admin keys or keys for other users; ask your server's admin",
             ));
         }
-        let (key, secret) =
-            self.store.create_key(&user, scope, request.alias.as_deref().unwrap_or("")).map_err(store_status)?;
+        let (alias, max_keys, owner) = (request.alias.unwrap_or_default(), self.limits.max_keys_per_user, user.clone());
+        let (key, secret) = self
+            .store
+            .blocking(move |store| store.create_key_within(&owner, scope, &alias, max_keys))
+            .await
+            .map_err(store_status)?;
         tracing::info!(by = %caller.user_id, user = %user, key_id = %key.key_id, "key created");
         Ok(Response::new(CreateUserKeyResponse { key_secret: secret, key_id: key.key_id }))
     }
@@ -435,8 +453,8 @@ impl IsolateController for Controller {
         request: Request<ListUserKeysRequest>,
     ) -> Result<Response<ListUserKeysResponse>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
-        let user = (caller.scope != Scope::Admin).then_some(caller.user_id.as_str());
-        let keys = self.store.list_keys(user).map_err(store_status)?;
+        let user = (caller.scope != Scope::Admin).then(|| caller.user_id.clone());
+        let keys = self.store.blocking(move |store| store.list_keys(user.as_deref())).await.map_err(store_status)?;
         let user_keys = keys
             .into_iter()
             .map(|k| UserKeyInfo {
@@ -459,7 +477,8 @@ impl IsolateController for Controller {
     ) -> Result<Response<RevokeUserKeyResponse>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
         let key_id = request.into_inner().key_id;
-        self.store.revoke(&caller, &key_id).map_err(store_status)?;
+        let (by, revoked) = (caller.clone(), key_id.clone());
+        self.store.blocking(move |store| store.revoke(&by, &revoked)).await.map_err(store_status)?;
         tracing::info!(by = %caller.user_id, key_id = %key_id, "key revoked");
         Ok(Response::new(RevokeUserKeyResponse {}))
     }
@@ -490,5 +509,52 @@ impl IsolateController for Controller {
             })
             .collect();
         Ok(Response::new(WorkerStatusListResponse { worker_status }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fal_proto::controller::MachineRequirements;
+
+    use super::*;
+
+    fn run(keep_alive: i32, timeout_seconds: Option<f64>) -> HostedRun {
+        let python = prost_types::Value { kind: Some(Kind::StringValue("3.11".into())) };
+        HostedRun {
+            environments: vec![EnvironmentDefinition {
+                kind: "virtualenv".into(),
+                configuration: Some(prost_types::Struct {
+                    fields: [("python_version".to_string(), python)].into_iter().collect(),
+                }),
+                force: false,
+            }],
+            machine_requirements: Some(MachineRequirements { keep_alive: Some(keep_alive), ..Default::default() }),
+            function: Some(SerializedObject { method: "cloudpickle".into(), ..Default::default() }),
+            timeout_seconds,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn out_of_range_seconds_are_invalid_arguments_naming_the_range() {
+        let caller = Caller { user_id: "u".into(), key_id: "k".into(), scope: Scope::Api };
+        let call = call_request(&caller, &mut run(i32::MAX, Some(1.5))).unwrap();
+        assert_eq!(
+            (call.keep_alive, call.timeout),
+            (Duration::from_secs(i32::MAX as u64), Some(Duration::from_millis(1500)))
+        );
+        for (keep_alive, timeout, says) in [
+            (-1, None, "keep_alive must be a number of seconds from 0 to 2147483647, got -1"),
+            (i32::MIN, None, "got -2147483648"),
+            (10, Some(f64::NAN), "timeout must be a number of seconds above 0 and at most 2147483647, got NaN"),
+            (10, Some(f64::INFINITY), "got inf"),
+            (10, Some(1e300), "got 1e300"),
+            (10, Some(-1.0), "got -1.0"),
+            (10, Some(0.0), "got 0.0"),
+        ] {
+            let status = call_request(&caller, &mut run(keep_alive, timeout)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().ends_with(says), "{}", status.message());
+        }
     }
 }

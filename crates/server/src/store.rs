@@ -2,7 +2,7 @@
 //! so a fast hash is enough) and compared in constant time.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
@@ -67,8 +67,16 @@ pub enum StoreError {
          larger value in the server's config.toml"
     )]
     NoUidLeft { user: String, first: u32, count: u32 },
+    #[error(
+        "user {user:?} already has {cap} keys, the most this server allows per user; revoke one no longer used \
+         (`fal-serverless keys list`, then `fal-serverless keys revoke KEY_ID`), or ask the server's admin to raise \
+         [limits] max_keys_per_user"
+    )]
+    TooManyKeys { user: String, cap: u32 },
     #[error("the key store failed: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("the key store's task failed: {0}")]
+    Task(String),
 }
 
 #[derive(Debug)]
@@ -101,6 +109,16 @@ impl Store {
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `work` on the store on a blocking thread, for async callers: SQLite waits for the disk, and for the
+    /// store's lock while another request holds it, and neither may hold up an async runtime's threads.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// The uid of `user_id`'s jailed processes: the one assigned before, else the next free one of the `count`
@@ -137,6 +155,27 @@ impl Store {
 
     /// Creates a key for `user_id` and returns it with its secret, which is never stored and never shown again.
     pub fn create_key(&self, user_id: &str, scope: Scope, alias: &str) -> Result<(KeyInfo, String), StoreError> {
+        self.insert_key(user_id, scope, alias, None)
+    }
+
+    /// [`Store::create_key`], refused when `user_id` already has `max_keys` keys that are not revoked.
+    pub fn create_key_within(
+        &self,
+        user_id: &str,
+        scope: Scope,
+        alias: &str,
+        max_keys: u32,
+    ) -> Result<(KeyInfo, String), StoreError> {
+        self.insert_key(user_id, scope, alias, Some(max_keys))
+    }
+
+    fn insert_key(
+        &self,
+        user_id: &str,
+        scope: Scope,
+        alias: &str,
+        max_keys: Option<u32>,
+    ) -> Result<(KeyInfo, String), StoreError> {
         if user_id.is_empty()
             || user_id.len() > 64
             || !user_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -146,10 +185,24 @@ impl Store {
         let key_id = random_hex(8);
         let secret = random_hex(32);
         let created_at = now();
-        self.db().execute(
+        let mut db = self.db();
+        // Counted and inserted in one transaction, so that keys made at once cannot pass the cap together.
+        let tx = db.transaction()?;
+        if let Some(cap) = max_keys {
+            let held: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM keys WHERE user_id = ?1 AND revoked_at IS NULL",
+                [user_id],
+                |row| row.get(0),
+            )?;
+            if held >= i64::from(cap) {
+                return Err(StoreError::TooManyKeys { user: user_id.to_string(), cap });
+            }
+        }
+        tx.execute(
             "INSERT INTO keys (key_id, user_id, secret_sha256, scope, alias, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![key_id, user_id, hash(&secret).to_vec(), scope.to_db(), alias, created_at],
         )?;
+        tx.commit()?;
         Ok((KeyInfo { key_id, user_id: user_id.to_string(), scope, alias: alias.to_string(), created_at }, secret))
     }
 
@@ -288,5 +341,21 @@ mod tests {
         store.revoke(&admin, &alice_key.key_id).unwrap();
         assert!(store.verify(&alice_key.key_id, &alice_secret).is_err());
         assert!(matches!(store.create_key("no/slash", Scope::Api, ""), Err(StoreError::InvalidUser(_))));
+    }
+
+    #[test]
+    fn a_user_has_at_most_the_cap_of_keys_and_revoking_one_makes_room() {
+        let (_dir, store) = store();
+        let keys: Vec<KeyInfo> =
+            (0..3).map(|_| store.create_key_within("carol", Scope::Api, "", 3).unwrap().0).collect();
+        let refused = store.create_key_within("carol", Scope::Api, "", 3).unwrap_err();
+        assert!(matches!(refused, StoreError::TooManyKeys { cap: 3, .. }), "{refused}");
+        assert!(refused.to_string().contains("fal-serverless keys revoke"), "{refused}");
+        // Another user's keys are their own; the uncapped form (the server's own first keys) is not counted against.
+        store.create_key_within("dave", Scope::Api, "", 3).unwrap();
+        let (admin, secret) = store.create_key("admin", Scope::Admin, "").unwrap();
+        let admin = store.verify(&admin.key_id, &secret).unwrap();
+        store.revoke(&admin, &keys[0].key_id).unwrap();
+        store.create_key_within("carol", Scope::Api, "", 3).unwrap();
     }
 }

@@ -239,7 +239,8 @@ impl EnvBuilder {
             Ok(Environment { key: key.to_string(), root, base_prefix: interpreter.base_prefix.clone() })
         });
         if finish.is_err() {
-            let _ = fs::remove_dir_all(&staging);
+            // A failed build may leave a large tree (half of torch): removed on a blocking thread.
+            let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(staging)).await;
         } else {
             logs.send(LogSource::Build, format!("{what} {key} ready in {:.1}s", started.elapsed().as_secs_f64()));
         }

@@ -30,16 +30,19 @@ impl LocalProvider {
         provider
     }
 
-    fn cgroup_manager(&self) -> &Result<CgroupManager, String> {
-        &self.cgroups
-    }
-
     /// A cgroup with the machine type's limits, or `None` (with one warning per engine) where limits cannot be set.
-    fn cgroup_for(&self, machine: &MachineType, logs: &LogSink) -> Result<Option<WorkerCgroup>, CallError> {
-        match self.cgroup_manager() {
-            Ok(manager) => {
+    /// Made on a blocking thread: a cgroup's directories and files are written one system call at a time.
+    async fn cgroup_for(&self, machine: &MachineType, logs: &LogSink) -> Result<Option<WorkerCgroup>, CallError> {
+        match self.cgroups.as_ref() {
+            Ok(_) => {
                 let limits = Limits { cpus: machine.cpus, memory_bytes: machine.memory_bytes, pids: machine.pids };
-                manager.create(&limits).map(Some).map_err(|e| CallError::Spawn(e.to_string()))
+                let cgroups = self.cgroups.clone();
+                tokio::task::spawn_blocking(move || match cgroups.as_ref() {
+                    Ok(manager) => manager.create(&limits).map(Some).map_err(|e| CallError::Spawn(e.to_string())),
+                    Err(_) => Ok(None),
+                })
+                .await
+                .map_err(|e| CallError::Spawn(format!("the task preparing the worker's cgroup failed: {e}")))?
             }
             Err(reason) => {
                 if !self.warned_unlimited.swap(true, Ordering::Relaxed) {
@@ -76,7 +79,7 @@ impl Provider for LocalProvider {
     ) -> BoxFuture<'a, Result<Worker, CallError>> {
         Box::pin(async move {
             spec.visible_gpus = Some(Self::visible_gpus(machine));
-            spec.cgroup = self.cgroup_for(machine, logs)?;
+            spec.cgroup = self.cgroup_for(machine, logs).await?;
             if let (Some(jail), Some(network)) = (spec.jail.as_mut(), &self.network) {
                 let taken = network.clone();
                 let egress = network.policy().egress;

@@ -424,7 +424,11 @@ impl Placement for SlurmJob {
             };
             self.stopped = true;
             if state.starts_with("OUT_OF_MEMORY") {
-                return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
+                return CallError::OutOfMemory {
+                    machine_type: machine_type.to_string(),
+                    memory: memory.to_string(),
+                    child: false,
+                };
             }
             let how = if state.starts_with("NODE_FAIL") {
                 format!("was lost with {node} (Slurm job {}: {state})", self.id)

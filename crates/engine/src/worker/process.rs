@@ -23,6 +23,10 @@ use crate::room::Hold;
 const AGENT: &str = include_str!("agent.py");
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How often a busy worker's cgroup is asked whether the kernel killed one of its processes for memory.
+const OOM_POLL: Duration = Duration::from_millis(250);
+/// After an OOM kill: how long the agent's connection may take to close, when it was the agent that was killed.
+const OOM_SETTLE: Duration = Duration::from_millis(500);
 
 /// How to start a worker.
 #[derive(Debug)]
@@ -119,6 +123,10 @@ pub(crate) enum NoReply {
     Gone,
     /// The reply is over the payload limit; the worker is in the middle of sending it and must be stopped.
     TooLarge { size: usize, limit: usize },
+    /// The kernel killed a process the function started (not the agent) for exceeding the machine type's memory.
+    /// The worker must be stopped: what the function waits for may never come (a pool's lost task), and the state it
+    /// keeps for the next call is missing a part.
+    ChildOutOfMemory,
 }
 
 /// What the function did: returned (`raised == false`) or raised; the payload is the worker's pickle of it.
@@ -142,8 +150,12 @@ pub(crate) trait Placement: Send + std::fmt::Debug {
     fn has_ended(&mut self) -> bool;
     /// After the worker's socket closed: waits (briefly) for it to end, and says why it did.
     fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError>;
-    /// Ends it and waits until it has.
+    /// Ends it, with every process it started, and waits until it has.
     fn stop(&mut self) -> BoxFuture<'_, ()>;
+    /// Whether the kernel killed one of its processes for exceeding its memory (where the provider can tell).
+    fn memory_exceeded(&self) -> bool {
+        false
+    }
     /// Its hostname, if it has one of its own.
     fn hostname(&self) -> Option<&str> {
         None
@@ -167,11 +179,16 @@ pub(crate) struct Worker {
     environment: Option<EnvUse>,
 }
 
-/// A worker process of this host.
+/// A worker process of this host: the leader of a process group of its own (`setsid` in [`ProcessSetup`]), which
+/// everything it starts belongs to unless it leaves it (a daemon's `setsid`); the cgroup, where there is one, holds
+/// even those.
 #[derive(Debug)]
 struct LocalProcess {
     child: Child,
     pid: u32,
+    /// Whether `child` has been waited for. Until then it is at least a zombie, so neither its pid nor its process
+    /// group's id can belong to another process, and the group may be signalled.
+    reaped: bool,
     cgroup: Option<WorkerCgroup>,
     /// Its network namespace, removed (with its veth) once the worker has ended.
     namespace: Option<Namespace>,
@@ -260,8 +277,15 @@ impl Worker {
         ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
         let frames = UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?;
         let hostname = spec.jail.as_ref().map(|j| j.hostname.clone());
-        let process =
-            LocalProcess { child, pid, cgroup: spec.cgroup, namespace, hostname, jailed: spec.jail.is_some() };
+        let process = LocalProcess {
+            child,
+            pid,
+            reaped: false,
+            cgroup: spec.cgroup,
+            namespace,
+            hostname,
+            jailed: spec.jail.is_some(),
+        };
         Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
             .map_err(|e| spawn_error("pipe", e))
     }
@@ -278,9 +302,10 @@ impl Worker {
         self.placement.address()
     }
 
-    /// Whether the worker has ended (while idle, say): such a worker is never handed a call.
+    /// Whether the worker has ended (while idle, say), or lost a process to the OOM killer (a child the last call
+    /// left running): such a worker is never handed a call.
     pub fn has_exited(&mut self) -> bool {
-        self.placement.has_ended() || self.connection_closed()
+        self.placement.has_ended() || self.connection_closed() || self.placement.memory_exceeded()
     }
 
     /// Whether the agent's end of the frame stream is gone, asked of the kernel without waiting. The placement may
@@ -302,6 +327,8 @@ impl Worker {
         if write_frame(&mut self.frames, CALL, payload).await.is_err() {
             return Err(NoReply::Gone);
         }
+        let mut oom_poll = tokio::time::interval(OOM_POLL);
+        oom_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Output first: lines printed before the reply was sent belong to this call.
             tokio::select! {
@@ -310,11 +337,11 @@ impl Worker {
                 () = self.stderr.forward(logs), if self.stderr.is_open() => {}
                 frame = self.reader.next(&mut self.frames) => {
                     // The pipes may still hold bytes written before the reply; the reply is only read after them.
-                    self.stdout.drain(logs);
-                    self.stderr.drain(logs);
-                    self.stdout.flush_partial(logs);
-                    self.stderr.flush_partial(logs);
+                    self.drain_output(logs);
                     return match frame {
+                        // A child killed for memory fails the call even if the function carried on (a
+                        // `subprocess.run` that saw -9): what it returned is missing that child's part.
+                        Ok(Some(_)) if self.placement.memory_exceeded() => Err(NoReply::ChildOutOfMemory),
                         Ok(Some(frame)) if frame.kind == RETURNED || frame.kind == RAISED => {
                             Ok(Reply { raised: frame.kind == RAISED, payload: frame.payload })
                         }
@@ -322,8 +349,30 @@ impl Worker {
                         _ => Err(NoReply::Gone),
                     };
                 }
+                _ = oom_poll.tick() => {
+                    if !self.placement.memory_exceeded() {
+                        continue;
+                    }
+                    // A process of this worker was killed for memory. Where the agent itself was, its connection
+                    // closes at once: let it, so that the error says the worker was killed. Otherwise it was a child
+                    // of the function, which may wait for it forever (a pool's lost task): the call ends here.
+                    let settled = tokio::time::timeout(OOM_SETTLE, self.reader.next(&mut self.frames)).await;
+                    self.drain_output(logs);
+                    return match settled {
+                        Ok(Ok(None) | Err(_)) => Err(NoReply::Gone),
+                        Ok(Ok(Some(_))) | Err(_) => Err(NoReply::ChildOutOfMemory),
+                    };
+                }
             }
         }
+    }
+
+    /// Forwards what the worker's pipes hold now, partial last lines included.
+    fn drain_output(&mut self, logs: &LogSink) {
+        self.stdout.drain(logs);
+        self.stderr.drain(logs);
+        self.stdout.flush_partial(logs);
+        self.stderr.flush_partial(logs);
     }
 
     /// After [`Worker::call`] returned [`NoReply::Gone`]: waits for the worker to end and says how it went.
@@ -357,25 +406,32 @@ impl Placement for LocalProcess {
     }
 
     fn has_ended(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+        self.reaped || has_exited(self.pid)
+    }
+
+    fn memory_exceeded(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed)
     }
 
     fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError> {
         Box::pin(async move {
-            let status = match tokio::time::timeout(EXIT_GRACE, self.child.wait()).await {
-                Ok(Ok(status)) => Some(status),
-                _ => {
-                    let _ = self.child.start_kill();
-                    self.child.wait().await.ok()
-                }
-            };
-            let cgroup = self.cgroup.take();
-            let oom_killed = cgroup.as_ref().is_some_and(WorkerCgroup::oom_killed);
+            // Waited for without reaping it, so that its process group can still be signalled safely afterwards.
+            let deadline = tokio::time::Instant::now() + EXIT_GRACE;
+            while !has_exited(self.pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // What it started goes with it (and it too, if it has not ended within its grace).
+            self.kill_group();
+            let status = self.wait().await;
+            let oom_killed = self.memory_exceeded();
             // Whatever the worker left running goes with its cgroup; its namespace goes after it.
-            self.cgroup = cgroup;
             self.release().await;
             if oom_killed {
-                return CallError::OutOfMemory { machine_type: machine_type.to_string(), memory: memory.to_string() };
+                return CallError::OutOfMemory {
+                    machine_type: machine_type.to_string(),
+                    memory: memory.to_string(),
+                    child: false,
+                };
             }
             let how =
                 status.map(|s| describe_exit(s, self.jailed)).unwrap_or_else(|| "its exit status is unknown".into());
@@ -385,14 +441,37 @@ impl Placement for LocalProcess {
 
     fn stop(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
+            self.kill_group();
+            let _ = self.wait().await;
             self.release().await;
         })
     }
 }
 
 impl LocalProcess {
+    /// Kills the worker's process group: the worker and every process it started that stayed in its group (all of
+    /// them, for a jailed worker: bubblewrap keeps its PID namespace in the group, and the namespace dies with its
+    /// first process anyway). Only while the worker is unreaped, when the group's id cannot be another's.
+    fn kill_group(&mut self) {
+        let Ok(pgid) = libc::pid_t::try_from(self.pid) else { return };
+        // pid 0 or 1 would name our own group or init's: never a worker's.
+        if self.reaped || pgid <= 1 {
+            return;
+        }
+        // SAFETY: kill sends a signal and touches no memory; the group is the unreaped worker's own (see `reaped`).
+        if unsafe { libc::kill(-pgid, libc::SIGKILL) } < 0 {
+            // No group (it never got one): the worker alone.
+            let _ = self.child.start_kill();
+        }
+    }
+
+    /// Reaps the worker, once.
+    async fn wait(&mut self) -> Option<ExitStatus> {
+        let status = self.child.wait().await.ok();
+        self.reaped = true;
+        status
+    }
+
     /// Removes its cgroup (killing what is left in it), then its network namespace. Removing a cgroup may retry for
     /// a moment while the kernel finishes tearing the processes down: on a blocking thread.
     async fn release(&mut self) {
@@ -401,6 +480,26 @@ impl LocalProcess {
             let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
         }
     }
+}
+
+impl Drop for LocalProcess {
+    /// A worker dropped without [`Placement::stop`] (outside a runtime, at process teardown): its group is killed
+    /// here; `kill_on_drop` and the runtime's reaper see to the worker itself.
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+/// Whether the child `pid` has exited, asked without reaping it (`WNOWAIT`).
+fn has_exited(pid: libc::id_t) -> bool {
+    // SAFETY: an all-zero siginfo_t is a valid value; waitid writes only into it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child with a valid pointer to `info`; WNOWAIT leaves it waitable for `Child::wait`.
+    let result =
+        unsafe { libc::waitid(libc::P_PID, pid, &raw mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    // ECHILD: no such child any more (reaped already); otherwise a pid is filled in once it has exited.
+    // SAFETY: `si_pid` reads the field waitid filled in (or the zero it started as).
+    result < 0 || unsafe { info.si_pid() } != 0
 }
 
 fn describe_exit(status: ExitStatus, jailed: bool) -> String {
