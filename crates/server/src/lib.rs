@@ -87,6 +87,8 @@ const STATE_FILE: &str = "state.sqlite3";
 /// How long calls still running when the server is told to stop may take to finish; then they are ended (their
 /// clients get an error saying the server went away) and their workers stopped.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long ended calls' connections get to close after the grace.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -197,7 +199,9 @@ pub async fn serve(
     let activity = Arc::new(activity::Activity::default());
     let store = Arc::new(store);
     let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
+    let (end_calls, ending) = tokio::sync::watch::channel(false);
     let controller = service::Controller {
+        ending,
         uids: (config.first_uid, config.uid_count),
         engine: engine.clone(),
         store,
@@ -262,12 +266,15 @@ pub async fn serve(
         tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());
         tokio::time::sleep(STOP_GRACE).await;
     };
+    tokio::pin!(serving);
     let result = tokio::select! {
-        result = serving => result,
-        // Dropping the server drops the calls still running, which stops their workers.
+        result = &mut serving => result,
         () = grace_over => {
             tracing::warn!("calls still running after {}s: ending them", STOP_GRACE.as_secs());
-            Ok(())
+            // Each call ends itself (its connection's task runs it, which dropping `serving` would not stop): its
+            // client is told, its worker stopped. Then the connections close.
+            let _ = end_calls.send(true);
+            tokio::time::timeout(CLOSE_GRACE, &mut serving).await.unwrap_or(Ok(()))
         }
     };
     evicting.abort();

@@ -36,6 +36,9 @@ use crate::dill;
 use crate::store::{Caller, Scope, Store, StoreError};
 
 const DEFAULT_KEEP_ALIVE: i32 = 10;
+const SERVER_STOPPED: &str = "the server stopped before the call finished (calls get a grace period, and this one ran \
+                              past it); its worker was stopped. Call it again once the server is back";
+
 /// A call's timeout when its client names none (an original isolate client never does).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(crate) const NO_KEY: &str = "no key was sent: set FAL_KEY_ID and FAL_KEY_SECRET, or pass \
@@ -51,6 +54,8 @@ pub struct Controller {
     pub capacity: Arc<Capacity>,
     pub activity: Arc<Activity>,
     pub limits: UserLimits,
+    /// Becomes true when the server's stop grace is over: calls still running end.
+    pub ending: tokio::sync::watch::Receiver<bool>,
 }
 
 fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -383,10 +388,18 @@ impl IsolateController for Controller {
                 user: caller.user_id.clone(),
                 payload_bytes: call.payload.len(),
             }));
-            let outcome = match this.engine.call(call, &logs).await {
-                // The engine saw what was left of it; the caller knows the timeout it asked for.
-                Err(CallError::Timeout { .. }) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
-                outcome => outcome,
+            let mut ending = this.ending.clone();
+            let outcome = tokio::select! {
+                outcome = this.engine.call(call, &logs) => match outcome {
+                    // The engine saw what was left of it; the caller knows the timeout it asked for.
+                    Err(CallError::Timeout { .. }) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
+                    outcome => outcome,
+                },
+                _ = ending.wait_for(|ended| *ended) => {
+                    cancelled.defuse();
+                    tracing::warn!(user = %caller.user_id, function = %function_name, "call ended: the server stopped");
+                    return Err(error_status(tonic::Code::Unavailable, "server-stopped", SERVER_STOPPED));
+                }
             };
             cancelled.defuse();
             let summary = match &outcome {
