@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use fal_sandbox::{Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
+use fal_sandbox::{GpuGrant, Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -17,6 +17,7 @@ use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED}
 use super::output::{pipe, OutputPipe};
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
+use crate::provider::gpus::GpuLease;
 
 const AGENT: &str = include_str!("agent.py");
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
@@ -35,6 +36,8 @@ pub(crate) struct WorkerSpec {
     /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none. `None` leaves it as it is (a cluster's
     /// scheduler sets it).
     pub visible_gpus: Option<String>,
+    /// The GPUs this worker holds (the local provider's): given back once its processes are gone.
+    pub gpus: Option<GpuLease>,
     pub max_payload: usize,
 }
 
@@ -52,6 +55,8 @@ pub(crate) struct WorkerJail {
     /// holds it until it ends.
     pub namespace: Option<Namespace>,
     pub resolv_conf: Option<PathBuf>,
+    /// What its GPUs grant it (their device nodes and the driver's entries), for a worker of a GPU machine type.
+    pub gpus: Option<GpuGrant>,
 }
 
 /// The command line that runs the agent for a [`WorkerSpec`], and the variables it needs (beyond `PATH` and `LANG`).
@@ -97,6 +102,7 @@ impl WorkerSpec {
                     hostname: &jailed.hostname,
                     network: jailed.network,
                     resolv_conf: jailed.resolv_conf.as_deref(),
+                    gpus: jailed.gpus.as_ref(),
                 };
                 jailed.jail.wrap(&grants, &self.python, &agent_args)
             }
@@ -105,6 +111,10 @@ impl WorkerSpec {
         let mut env = vec![("VIRTUAL_ENV".to_string(), self.env_root.display().to_string())];
         if let Some(gpus) = &self.visible_gpus {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), gpus.clone()));
+            if !gpus.is_empty() {
+                // Indices in CUDA_VISIBLE_DEVICES count in bus order, as the provider numbered them (see gpus.rs).
+                env.push(("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()));
+            }
         }
         Ok(AgentCommand { program, args, env })
     }
@@ -169,6 +179,8 @@ struct LocalProcess {
     cgroup: Option<WorkerCgroup>,
     /// Its network namespace, removed (with its veth) once the worker has ended.
     namespace: Option<Namespace>,
+    /// Its GPUs, given back once the worker has ended.
+    gpus: Option<GpuLease>,
     hostname: Option<String>,
     /// Jailed workers run under bubblewrap, which reports a signal as exit code 128 + signal.
     jailed: bool,
@@ -241,8 +253,8 @@ impl Worker {
         ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
         let frames = UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?;
         let hostname = spec.jail.as_ref().map(|j| j.hostname.clone());
-        let process =
-            LocalProcess { child, pid, cgroup: spec.cgroup, namespace, hostname, jailed: spec.jail.is_some() };
+        let jailed = spec.jail.is_some();
+        let process = LocalProcess { child, pid, cgroup: spec.cgroup, namespace, gpus: spec.gpus, hostname, jailed };
         Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
             .map_err(|e| spawn_error("pipe", e))
     }
@@ -374,13 +386,15 @@ impl Placement for LocalProcess {
 }
 
 impl LocalProcess {
-    /// Removes its cgroup (killing what is left in it), then its network namespace. Removing a cgroup may retry for
-    /// a moment while the kernel finishes tearing the processes down: on a blocking thread.
+    /// Removes its cgroup (killing what is left in it), then its network namespace, then gives back its GPUs: only
+    /// once nothing of the worker can still use them. Removing a cgroup may retry for a moment while the kernel
+    /// finishes tearing the processes down: on a blocking thread.
     async fn release(&mut self) {
         let (cgroup, namespace) = (self.cgroup.take(), self.namespace.take());
         if cgroup.is_some() || namespace.is_some() {
             let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
         }
+        self.gpus.take();
     }
 }
 
