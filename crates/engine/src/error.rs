@@ -63,9 +63,9 @@ pub enum CallError {
     )]
     NoGpu { machine_type: String, needed: u32, available: u32 },
     #[error(
-        "no GPU came free for machine type {machine_type} (needs {needed}) within the call's timeout of {seconds} s: \
-         each of this host's {total} GPU(s) was held by another worker, running a call or warm for its keep_alive. \
-         Retry later, pass a larger timeout, or use a smaller keep_alive for GPU functions"
+        "no GPU came free for machine type {machine_type} (needs {needed}) in the {seconds:.1} s the call's timeout \
+         left: each of this host's {total} GPU(s) was held by another worker, running a call or warm for its \
+         keep_alive. Retry later, pass a larger timeout, or use a smaller keep_alive for GPU functions"
     )]
     GpuWait { machine_type: String, needed: u32, total: u32, seconds: f64 },
     #[error(transparent)]

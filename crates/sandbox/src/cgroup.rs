@@ -96,6 +96,7 @@ impl CgroupManager {
         let base = root.join(BASE_NAME);
         enable_v2_controllers(root).map_err(|e| e.to_string())?;
         mkdir(&base).map_err(|e| e.to_string())?;
+        writable(&base)?;
         enable_v2_controllers(&base).map_err(|e| e.to_string())?;
         let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)], next_id: 0.into() };
         manager.remove_stale();
@@ -106,6 +107,7 @@ impl CgroupManager {
         let bases = v1_bases(mounts, own)?;
         for (_, base) in &bases {
             mkdir(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+            writable(base)?;
         }
         let manager = Self { version: CgroupVersion::V1, bases, next_id: 0.into() };
         manager.remove_stale();
@@ -341,6 +343,19 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), SandboxError> {
 
 fn write_optional(dir: &Path, file: &str, value: &str) {
     let _ = OpenOptions::new().write(true).open(dir.join(file)).and_then(|mut f| f.write_all(value.as_bytes()));
+}
+
+/// Whether this process may create worker cgroups in `base`: a base another user made (a root server's, found by an
+/// unprivileged one) exists, but is not ours to write.
+fn writable(base: &Path) -> Result<(), String> {
+    let path = std::ffi::CString::new(base.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} is not a valid path", base.display()))?;
+    // SAFETY: access reads the NUL-terminated path and touches no other memory.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("cannot write {}: {}", base.display(), std::io::Error::last_os_error()))
+    }
 }
 
 fn mkdir(dir: &Path) -> std::io::Result<()> {
