@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -475,6 +476,8 @@ def diagnose_jail(report: Report, gpus: List[Dict[str, str]]) -> None:
 
 
 def main() -> int:
+    # run.sh's `timeout` ends this with SIGTERM: stop the server on the way out, as on any other end.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=None, help="a scratch dir (default: a new temporary one)")
     parser.add_argument("--wheels", type=Path, required=True, help="wheels for the server's environment builds")
@@ -490,6 +493,13 @@ def main() -> int:
             + "; ".join(f"{g['bus_id']} minor {g['minor']} {g['model']} {g['uuid']}" for g in gpus)
         )
     else:
+        nodes = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
+        if nodes:
+            # Device nodes but no driver listing (a sandboxed runtime's emulated driver, say): the server, which
+            # reads that listing, finds no GPU to give workers.
+            report.note(f"NVIDIA device nodes {nodes} but /proc/driver/nvidia/gpus lists no GPU")
+            report.check("the server can discover this host's GPUs", False, "/proc/driver/nvidia/gpus lists none")
+            return report.summary()
         report.note("no NVIDIA GPU on this host: /proc/driver/nvidia/gpus lists none (the CPU checks still run)")
 
     if gpus:

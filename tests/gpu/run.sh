@@ -14,6 +14,8 @@ WORK=$(mktemp -d /tmp/fal-gpu.XXXXXX)
 SHARE=/usr/local/share/fal-serverless-gpu-test
 INSTALLED_SETPRIV=""
 cleanup() {
+    # The device tool brings back what is under $OUT: the server's log, for a look after the run.
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ -f "$WORK/server.log" ]; then cp "$WORK/server.log" "$OUT/"; fi
     rm -rf "$WORK" "$SHARE"
     if [ -n "$INSTALLED_SETPRIV" ]; then rm -f "$INSTALLED_SETPRIV"; fi
 }
@@ -26,11 +28,21 @@ if [ ! -d "$BUNDLE/wheels" ]; then
 fi
 PYTHON=$(command -v python3) || { echo "SKIP: no python3 on this host"; exit 2; }
 echo "== installing from $BUNDLE (no network): $(cd "$BUNDLE/wheels" && ls | tr '\n' ' ')"
-"$PYTHON" -m venv "$WORK/venv" || { echo "FAIL: $PYTHON -m venv failed"; exit 1; }
-"$WORK/venv/bin/pip" install --quiet --no-index --find-links "$BUNDLE/wheels" fal-serverless ||
-    { echo "FAIL: installing fal-serverless from the bundle failed"; exit 1; }
-
 mkdir -p "$WORK/bin" "$SHARE/wheels" "$SHARE/lib"
+# uv from its wheel (a zip) makes the virtualenv: no pip or ensurepip needed on this host.
+"$PYTHON" - "$BUNDLE"/wheels/uv-*.whl "$WORK/bin/uv" <<'PY' || { echo "FAIL: could not unpack uv"; exit 1; }
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    name = next(n for n in wheel.namelist() if n.endswith(".data/scripts/uv"))
+    with open(sys.argv[2], "wb") as out:
+        out.write(wheel.read(name))
+PY
+chmod 755 "$WORK/bin/uv"
+export UV_OFFLINE=1 UV_PYTHON_DOWNLOADS=never UV_NO_PROGRESS=1 UV_CACHE_DIR="$WORK/uv-cache"
+"$WORK/bin/uv" venv --quiet --python "$PYTHON" "$WORK/venv" || { echo "FAIL: uv venv --python $PYTHON failed"; exit 1; }
+"$WORK/bin/uv" pip install --quiet --python "$WORK/venv/bin/python" --no-index --find-links "$BUNDLE/wheels" \
+    fal-serverless || { echo "FAIL: installing fal-serverless from the bundle failed"; exit 1; }
+
 cp "$BUNDLE"/wheels/cloudpickle-*.whl "$SHARE/wheels/"
 LOADER=$(ls /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 2>/dev/null | head -1)
 if command -v bwrap >/dev/null; then
@@ -59,7 +71,7 @@ echo "== libcuda.so.1: $(ldconfig -p 2>/dev/null | grep -m1 'libcuda.so.1 ' || e
     "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
 export PATH="$WORK/bin:/usr/local/bin:$PATH"
-timeout 480 "$WORK/venv/bin/python" "$ROOT/tests/gpu/run.py" --work "$WORK" --wheels "$SHARE/wheels" "$@"
+timeout 300 "$WORK/venv/bin/python" "$ROOT/tests/gpu/run.py" --work "$WORK" --wheels "$SHARE/wheels" "$@"
 rc=$?
-[ $rc -eq 124 ] && echo "FAIL: run.py did not finish within 480 s"
+[ $rc -eq 124 ] && echo "FAIL: run.py did not finish within 300 s"
 exit $rc
