@@ -175,7 +175,11 @@ impl Engine {
         // killed with SIGKILL, say) left behind.
         let cgroups = Arc::new(CgroupManager::detect().map_err(|e| e.to_string()));
         let provider: Box<dyn Provider> = match &config.provider {
-            ProviderConfig::Local => Box::new(LocalProvider::new(cgroups.clone(), config.network.clone())),
+            ProviderConfig::Local => {
+                // Files shown to jailed workers go with the network's (`<data dir>/run`).
+                let run_dir = config.jail.as_ref().map(|_| config.cache_dir.join("run"));
+                Box::new(LocalProvider::new(cgroups.clone(), config.network.clone(), run_dir.as_deref()))
+            }
             ProviderConfig::Slurm(slurm) => Box::new(SlurmProvider::new(slurm.clone())),
         };
         let sandbox = config.jail.clone().map(|jail| BuildSandbox {
@@ -332,6 +336,7 @@ impl Engine {
             network: JailNetwork::Loopback,
             namespace: None,
             resolv_conf: None,
+            gpus: None,
         });
         let spec = WorkerSpec {
             python: env.python(),
@@ -340,6 +345,7 @@ impl Engine {
             cgroup: None,
             jail,
             visible_gpus: None,
+            gpus: None,
             max_payload: inner.config.max_payload_bytes,
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");

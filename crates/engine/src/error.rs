@@ -77,6 +77,12 @@ pub enum CallError {
          (XS, S, M, L, XL) or run on a host with GPUs"
     )]
     NoGpu { machine_type: String, needed: u32, available: u32 },
+    #[error(
+        "no GPU came free for machine type {machine_type} (needs {needed}) in the {seconds:.1} s the call's timeout \
+         left: each of this host's {total} GPU(s) was held by another worker, running a call or warm for its \
+         keep_alive. Retry later, pass a larger timeout, or use a smaller keep_alive for GPU functions"
+    )]
+    GpuWait { machine_type: String, needed: u32, total: u32, seconds: f64 },
     #[error(transparent)]
     Environment(#[from] EnvironmentError),
     #[error("could not start a worker: {0}")]

@@ -170,7 +170,7 @@ fn to_py_err(error: CallError) -> PyErr {
         CallError::OutOfMemory { .. } => MachineTypeExceededError::new_err(message),
         CallError::WorkerDied { .. } => WorkerDiedError::new_err(message),
         CallError::PayloadTooLarge { .. } | CallError::ResultTooLarge { .. } => PayloadTooLargeError::new_err(message),
-        CallError::Timeout { .. } => CallTimeoutError::new_err(message),
+        CallError::Timeout { .. } | CallError::GpuWait { .. } => CallTimeoutError::new_err(message),
         CallError::Spawn(_) => FalServerlessError::new_err(message),
         CallError::Busy(_) => ServerBusyError::new_err(message),
     }

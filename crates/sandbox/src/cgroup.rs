@@ -1,4 +1,5 @@
-//! cgroup v1 and v2: finding the hierarchy, creating one cgroup per worker, reading back OOM kills.
+//! cgroup v1 and v2: finding the hierarchy, creating one cgroup per worker, reading back OOM kills, and (cgroup v1's
+//! `devices` controller, where it is mounted) the devices a jailed worker may open.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -6,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::gpu::CharDevice;
 use crate::SandboxError;
 
 /// CFS period used for CPU quotas: 100 ms, the kernel's default.
@@ -32,7 +34,7 @@ pub enum CgroupVersion {
 #[derive(Debug)]
 pub struct CgroupManager {
     version: CgroupVersion,
-    /// v2: one directory; v1: one per controller (memory, cpu, pids).
+    /// v2: one directory; v1: one per controller (memory, cpu, pids, and devices where it is mounted).
     bases: Vec<(Controller, PathBuf)>,
 }
 
@@ -46,6 +48,7 @@ enum Controller {
     Memory,
     Cpu,
     Pids,
+    Devices,
 }
 
 impl Controller {
@@ -55,6 +58,7 @@ impl Controller {
             Controller::Memory => "memory",
             Controller::Cpu => "cpu",
             Controller::Pids => "pids",
+            Controller::Devices => "devices",
         }
     }
 }
@@ -95,6 +99,7 @@ impl CgroupManager {
         let base = root.join(BASE_NAME);
         enable_v2_controllers(root).map_err(|e| e.to_string())?;
         mkdir(&base).map_err(|e| e.to_string())?;
+        writable(&base)?;
         enable_v2_controllers(&base).map_err(|e| e.to_string())?;
         let manager = Self { version: CgroupVersion::V2, bases: vec![(Controller::Unified, base)] };
         manager.remove_stale();
@@ -105,6 +110,7 @@ impl CgroupManager {
         let bases = v1_bases(mounts, own)?;
         for (_, base) in &bases {
             mkdir(base).map_err(|e| format!("cannot create {}: {e}", base.display()))?;
+            writable(base)?;
         }
         let manager = Self { version: CgroupVersion::V1, bases };
         manager.remove_stale();
@@ -157,29 +163,41 @@ fn process_exists(pid: i32) -> bool {
 }
 
 /// Where worker cgroups go on v1: for each controller, below our own cgroup in that controller's hierarchy, so
-/// whatever limits the caller lives under still bind its workers.
+/// whatever limits the caller lives under still bind its workers. memory, cpu and pids are needed; devices is used
+/// where it is mounted (without it, a jailed worker's devices are bounded by its jail's `/dev` alone).
 fn v1_bases(mounts: &[Mount], own: &str) -> Result<Vec<(Controller, PathBuf)>, String> {
-    [Controller::Memory, Controller::Cpu, Controller::Pids]
+    let mut bases = [Controller::Memory, Controller::Cpu, Controller::Pids]
         .into_iter()
         .map(|controller| {
-            let name = controller.v1_name();
-            let mount = mounts
-                .iter()
-                .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == name))
-                .ok_or_else(|| format!("the {name} controller is not mounted"))?;
-            // /proc/self/cgroup lines: `hierarchy-id:controller,controller:/path`.
-            let own_path = own
-                .lines()
-                .filter_map(|line| {
-                    let mut fields = line.splitn(3, ':').skip(1);
-                    fields.next().zip(fields.next())
-                })
-                .find(|(controllers, _)| controllers.split(',').any(|c| c == name))
-                .map(|(_, path)| path.trim_start_matches('/'))
-                .unwrap_or("");
-            Ok((controller, mount.mount_point.join(own_path).join(BASE_NAME)))
+            v1_base(mounts, own, controller)
+                .ok_or_else(|| format!("the {} controller is not mounted", controller.v1_name()))
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    bases.extend(v1_base(mounts, own, Controller::Devices));
+    Ok(bases)
+}
+
+fn v1_base(mounts: &[Mount], own: &str, controller: Controller) -> Option<(Controller, PathBuf)> {
+    let name = controller.v1_name();
+    let mount = mounts.iter().find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == name))?;
+    // /proc/self/cgroup lines: `hierarchy-id:controller,controller:/path`.
+    let own_path = own
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':').skip(1);
+            fields.next().zip(fields.next())
+        })
+        .find(|(controllers, _)| controllers.split(',').any(|c| c == name))
+        .map(|(_, path)| path.trim_start_matches('/'))
+        .unwrap_or("");
+    Some((controller, mount.mount_point.join(own_path).join(BASE_NAME)))
+}
+
+/// Whether the kernel enforces a cgroup's device list, and if not, why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceControl {
+    Enforced,
+    NotEnforced(&'static str),
 }
 
 /// How long removing a worker's cgroup may wait for its processes to be gone (a fork bomb's thousand children take a
@@ -201,6 +219,25 @@ pub struct WorkerCgroup {
 impl WorkerCgroup {
     pub(crate) fn procs_files(&self) -> impl Iterator<Item = &File> {
         self.procs.iter()
+    }
+
+    /// Lets the cgroup's processes open (read and write) the character devices in `allowed` and no other device:
+    /// cgroup v1's `devices` controller, denying all, then allowing each. Call before a process joins. On cgroup v2
+    /// device control needs an eBPF program, which this crate does not load; there, and where v1's controller is
+    /// not mounted, nothing is written and the jail's `/dev` alone bounds the devices.
+    pub fn allow_devices_only(&self, allowed: &[CharDevice]) -> Result<DeviceControl, SandboxError> {
+        if self.version == CgroupVersion::V2 {
+            return Ok(DeviceControl::NotEnforced("cgroup v2 controls devices only through an eBPF program"));
+        }
+        let Some((_, dir)) = self.dirs.iter().find(|(c, _)| *c == Controller::Devices) else {
+            return Ok(DeviceControl::NotEnforced("the cgroup v1 devices controller is not mounted"));
+        };
+        write(dir, "devices.deny", "a")?;
+        // The kernel takes one rule per write.
+        for device in allowed {
+            write(dir, "devices.allow", &format!("{device} rw"))?;
+        }
+        Ok(DeviceControl::Enforced)
     }
 
     /// Whether the kernel's OOM killer has killed a process of this cgroup.
@@ -313,6 +350,8 @@ fn apply_limits(controller: Controller, dir: &Path, limits: &Limits) -> Result<(
             write(dir, "cpu.cfs_quota_us", &quota.to_string())?;
         }
         Controller::Pids => write(dir, "pids.max", &limits.pids.to_string())?,
+        // A new cgroup inherits its parent's device list; [`WorkerCgroup::allow_devices_only`] narrows it.
+        Controller::Devices => {}
     }
     Ok(())
 }
@@ -341,6 +380,19 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), SandboxError> {
 
 fn write_optional(dir: &Path, file: &str, value: &str) {
     let _ = OpenOptions::new().write(true).open(dir.join(file)).and_then(|mut f| f.write_all(value.as_bytes()));
+}
+
+/// Whether this process may create worker cgroups in `base`: a base another user made (a root server's, found by an
+/// unprivileged one) exists, but is not ours to write.
+fn writable(base: &Path) -> Result<(), String> {
+    let path = std::ffi::CString::new(base.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} is not a valid path", base.display()))?;
+    // SAFETY: access reads the NUL-terminated path and touches no other memory.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("cannot write {}: {}", base.display(), std::io::Error::last_os_error()))
+    }
 }
 
 fn mkdir(dir: &Path) -> std::io::Result<()> {
@@ -432,6 +484,11 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
+        // The devices controller is used where it is mounted, and its absence refuses nothing.
+        mounts.extend(parse_mountinfo("39 30 0:35 / /sys/fs/cgroup/devices rw - cgroup cgroup rw,devices"));
+        let bases = v1_bases(&mounts, &format!("{own}5:devices:/job\n")).unwrap();
+        assert_eq!(bases.len(), 4);
+        assert_eq!(bases[3], (Controller::Devices, PathBuf::from("/sys/fs/cgroup/devices/job/fal-serverless")));
     }
 
     // --- on this host's own cgroups: run as root only (CI is); elsewhere they say so and pass ---------------------

@@ -7,14 +7,41 @@
 //! paths the caller names as writable (an environment build's staging dir and its user's build cache). Granted: a
 //! fresh `/proc` of its own PID namespace, a minimal `/dev`, a hostname of its own, and a network namespace of its
 //! own: loopback only, or the one the caller made for it (see `network.rs`), with that namespace's `resolv.conf`.
+//! Granted to a process given GPUs, and to no other: its own GPUs' device nodes, the driver's control devices, the
+//! driver's `/proc/driver/nvidia` narrowed to its GPUs and the `/sys` entries CUDA reads (the list: `gpu.rs`).
 //!
 //! Denied: every other path (the server's data dir, other environments, users' homes), the host's processes (a PID
 //! namespace of its own: nothing outside can be seen or signalled), the host's network, IPC and hostname namespaces,
 //! every capability, and the server's identity: bubblewrap sets up the view as root, then `setpriv` switches to the
 //! process's unprivileged user (a uid per user, never the server's), clears the capability bounding set and
-//! inheritable capabilities, and sets no-new-privileges before the program starts.
+//! inheritable capabilities, and sets no-new-privileges before the program starts. Every device but those of the
+//! minimal `/dev` ([`JAIL_DEVICES`]) and a GPU process's own ([`GpuGrant`]): absent from its `/dev`, and, where the
+//! caller applies them to the process's cgroup (cgroup v1's `devices` controller), refused by the kernel too.
 
 use std::path::{Path, PathBuf};
+
+use crate::gpu::{CharDevice, GpuGrant};
+
+/// The character devices of the jail's minimal `/dev` (bubblewrap's `--dev`): `null`, `zero`, `full`, `random`,
+/// `urandom`, `tty`, `ptmx` and its own pseudo-terminals. A device cgroup allows these and a GPU process's own.
+pub const JAIL_DEVICES: &[CharDevice] = &[
+    CharDevice { major: 1, minor: Some(3) },
+    CharDevice { major: 1, minor: Some(5) },
+    CharDevice { major: 1, minor: Some(7) },
+    CharDevice { major: 1, minor: Some(8) },
+    CharDevice { major: 1, minor: Some(9) },
+    CharDevice { major: 5, minor: Some(0) },
+    CharDevice { major: 5, minor: Some(2) },
+    // Unix98 pty slaves (`/dev/pts/N`) use majors 136 to 143.
+    CharDevice { major: 136, minor: None },
+    CharDevice { major: 137, minor: None },
+    CharDevice { major: 138, minor: None },
+    CharDevice { major: 139, minor: None },
+    CharDevice { major: 140, minor: None },
+    CharDevice { major: 141, minor: None },
+    CharDevice { major: 142, minor: None },
+    CharDevice { major: 143, minor: None },
+];
 
 /// Where the jail's tools are.
 #[derive(Debug, Clone)]
@@ -36,6 +63,10 @@ pub struct Grants<'a> {
     pub network: JailNetwork,
     /// A file to show as `/etc/resolv.conf`.
     pub resolv_conf: Option<&'a Path>,
+    /// GPUs given to this process: their device nodes and the driver's control devices bound read-write, the
+    /// driver's `/proc/driver/nvidia` shown narrowed to them, the `/sys` entries CUDA reads read-only, and the
+    /// driver's library dir where it is outside the system's. `None`: no GPU, no device beyond the minimal `/dev`.
+    pub gpus: Option<&'a GpuGrant>,
 }
 
 /// The network a jailed process has.
@@ -98,6 +129,23 @@ impl Jail {
         if let Some(resolv_conf) = grants.resolv_conf {
             argv.extend(["--ro-bind".into(), resolv_conf.display().to_string(), "/etc/resolv.conf".into()]);
         }
+        if let Some(gpus) = grants.gpus {
+            for device in &gpus.devices {
+                argv.extend(["--dev-bind".into(), device.display().to_string(), device.display().to_string()]);
+            }
+            // An empty /proc/driver/nvidia over the PID namespace's /proc, then the driver's files and this process's
+            // GPUs' entries alone: the other GPUs' entries are not listed.
+            if !gpus.driver_proc.is_empty() {
+                argv.extend(["--tmpfs".into(), "/proc/driver/nvidia".into()]);
+                argv.extend(["--dir".into(), "/proc/driver/nvidia/gpus".into()]);
+            }
+            for (host, jailed) in &gpus.driver_proc {
+                argv.extend(["--ro-bind".into(), host.display().to_string(), jailed.display().to_string()]);
+            }
+            if let Some(path) = &gpus.library_path {
+                argv.extend(["--setenv".into(), "LD_LIBRARY_PATH".into(), path.display().to_string()]);
+            }
+        }
         for link in ["bin", "lib", "lib64", "sbin"] {
             let path = Path::new("/").join(link);
             if let Ok(target) = std::fs::read_link(&path) {
@@ -110,8 +158,14 @@ impl Jail {
         // bound below them.
         let mut bound: Vec<PathBuf> = ["/usr", "/etc"].map(PathBuf::from).to_vec();
         let mut created: Vec<PathBuf> = Vec::new();
-        let paths =
-            grants.read_only.iter().map(|p| (*p, "--ro-bind")).chain(grants.writable.iter().map(|p| (*p, "--bind")));
+        let gpu_paths = grants.gpus.map(|g| g.read_only.as_slice()).unwrap_or_default();
+        let paths = grants
+            .read_only
+            .iter()
+            .copied()
+            .chain(gpu_paths.iter().map(PathBuf::as_path))
+            .map(|p| (p, "--ro-bind"))
+            .chain(grants.writable.iter().map(|p| (*p, "--bind")));
         for (path, how) in paths {
             // bubblewrap would create missing parents as root-only directories; the unprivileged process must be
             // able to walk through them, and see nothing else there.
@@ -163,6 +217,7 @@ mod tests {
                 hostname: "worker-1a2b",
                 network: JailNetwork::Loopback,
                 resolv_conf: None,
+                gpus: None,
             }
         }
         let (_, argv) = jail.wrap(&grants(&[python, env]), Path::new("/var/lib/fal/envs/u1/abc/bin/python"), &["-I"]);
@@ -191,5 +246,102 @@ mod tests {
         let staging = [Path::new("/data/envs/u1/.tmp-abc")];
         let text = jail.wrap(&Grants { writable: &staging, ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
         assert!(text.contains("--bind /data/envs/u1/.tmp-abc /data/envs/u1/.tmp-abc"));
+    }
+
+    fn gpu_grant() -> GpuGrant {
+        let driver = |p: &str| (PathBuf::from(p), PathBuf::from(p));
+        GpuGrant {
+            devices: vec!["/dev/nvidia1".into(), "/dev/nvidiactl".into()],
+            driver_proc: vec![
+                driver("/proc/driver/nvidia/version"),
+                ("/data/run/nvidia-params".into(), "/proc/driver/nvidia/params".into()),
+                driver("/proc/driver/nvidia/gpus/0000:28:00.0"),
+            ],
+            read_only: vec!["/sys/devices/system".into(), "/sys/bus/pci/devices".into()],
+            library_path: Some("/opt/nvidia/lib64".into()),
+            char_devices: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_gpu_process_sees_its_own_devices_and_its_gpus_driver_entries_alone() {
+        let jail = Jail { bwrap: "bwrap".into(), setpriv: "setpriv".into() };
+        let base = Grants {
+            read_only: &[],
+            writable: &[],
+            uid: 200_001,
+            gid: 200_001,
+            hostname: "worker-1a2b",
+            network: JailNetwork::Loopback,
+            resolv_conf: None,
+            gpus: None,
+        };
+        let plain = jail.wrap(&base, Path::new("/x"), &[]).1.join(" ");
+        assert!(!plain.contains("nvidia") && !plain.contains("/sys") && !plain.contains("--dev-bind"), "{plain}");
+
+        let grant = gpu_grant();
+        let argv = jail.wrap(&Grants { gpus: Some(&grant), ..base }, Path::new("/x"), &[]).1;
+        let text = argv.join(" ");
+        assert!(text.contains("--dev-bind /dev/nvidia1 /dev/nvidia1 --dev-bind /dev/nvidiactl /dev/nvidiactl"));
+        assert!(text.contains(
+            "--tmpfs /proc/driver/nvidia --dir /proc/driver/nvidia/gpus \
+             --ro-bind /proc/driver/nvidia/version /proc/driver/nvidia/version \
+             --ro-bind /data/run/nvidia-params /proc/driver/nvidia/params \
+             --ro-bind /proc/driver/nvidia/gpus/0000:28:00.0 /proc/driver/nvidia/gpus/0000:28:00.0"
+        ));
+        assert!(text.contains(
+            "--perms 0755 --dir /sys --perms 0755 --dir /sys/devices --ro-bind /sys/devices/system /sys/devices/system \
+             --perms 0755 --dir /sys/bus --perms 0755 --dir /sys/bus/pci --ro-bind /sys/bus/pci/devices"
+        ));
+        assert!(text.contains("--setenv LD_LIBRARY_PATH /opt/nvidia/lib64"));
+        // Mounted over what they narrow: after the minimal /dev and the PID namespace's /proc.
+        let at = |arg: &str| argv.iter().position(|a| a == arg).unwrap();
+        assert!(at("/dev") < at("/dev/nvidia1") && at("/proc") < at("/proc/driver/nvidia"));
+    }
+
+    /// bubblewrap takes a GPU grant's arguments and the process sees what they grant (as root, where bubblewrap is
+    /// installed; this host's `/dev/loop-control` standing in for a GPU's node).
+    #[test]
+    fn bubblewrap_applies_a_gpu_grant() {
+        let (Some(jail), true) = (Jail::from_path(), unsafe { libc::geteuid() } == 0) else {
+            eprintln!("skipped: needs root and bubblewrap");
+            return;
+        };
+        let device = Path::new("/dev/loop-control");
+        let library = tempfile::tempdir().unwrap();
+        if !device.exists() || !Path::new("/sys/devices/system").is_dir() {
+            eprintln!("skipped: no {} here", device.display());
+            return;
+        }
+        let grant = GpuGrant {
+            devices: vec![device.to_path_buf()],
+            driver_proc: Vec::new(),
+            read_only: vec!["/sys/devices/system".into(), library.path().to_path_buf()],
+            library_path: Some(library.path().to_path_buf()),
+            char_devices: Vec::new(),
+        };
+        let grants = Grants {
+            read_only: &[],
+            writable: &[],
+            uid: 65534,
+            gid: 65534,
+            hostname: "worker-test",
+            network: JailNetwork::Loopback,
+            resolv_conf: None,
+            gpus: Some(&grant),
+        };
+        let script = format!(
+            "test -c {dev} && test -d /sys/devices/system/cpu && test ! -e /sys/class && \
+             test -d \"$LD_LIBRARY_PATH\" && test ! -e /dev/kvm && echo granted",
+            dev = device.display()
+        );
+        let (program, argv) = jail.wrap(&grants, Path::new("/bin/sh"), &["-c", &script]);
+        let output = std::process::Command::new(program).args(argv).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "granted",
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }

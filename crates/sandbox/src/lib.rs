@@ -8,6 +8,10 @@
 //!   - memory: a hard limit of `memory_bytes`, swap included where the kernel accounts it;
 //!   - processes: at most `pids` tasks (threads count).
 //!
+//!   - devices (cgroup v1's `devices` controller, where mounted; [`WorkerCgroup::allow_devices_only`]): a jailed
+//!     worker may open only the devices of its jail's `/dev` and, for a GPU worker, its own GPUs' nodes. cgroup v2
+//!     needs an eBPF program for this, which is not loaded: there the jail's `/dev` alone bounds devices.
+//!
 //!   A worker whose cgroup records an OOM kill is reported as having exceeded its machine type; on v2 an OOM kill
 //!   takes the whole cgroup (`memory.oom.group`). A cgroup is removed only after every process in it is killed
 //!   (`cgroup.kill` on v2, else each pid of `cgroup.procs`), and an engine that starts removes the cgroups (and
@@ -22,6 +26,9 @@
 //! * **A view of the system** ([`Jail`]), for workers and environment builds of other users (the server):
 //!   bubblewrap namespaces, a read-only environment, a private `/tmp`, a hostname of its own, the user's own
 //!   unprivileged uid; its module doc lists every grant and denial.
+//! * **GPUs** ([`NvidiaGpus`]): this host's NVIDIA GPUs as the driver lists them, and what a jailed process given
+//!   some of them is granted ([`GpuGrant`]): its own device nodes, the driver's control devices, the driver's
+//!   `/proc` entries narrowed to its GPUs; its module doc lists every grant.
 //! * **A network of its own** ([`NetworkManager`]): a network namespace per jailed process, with loopback only or
 //!   egress to public addresses through a veth and the server's nftables table; its module doc lists what is
 //!   reachable.
@@ -31,12 +38,14 @@
 //! the user's own view of the system.
 
 mod cgroup;
+mod gpu;
 mod jail;
 mod network;
 mod process;
 
-pub use crate::cgroup::{CgroupManager, CgroupVersion, Limits, WorkerCgroup};
-pub use crate::jail::{Grants, Jail, JailNetwork};
+pub use crate::cgroup::{CgroupManager, CgroupVersion, DeviceControl, Limits, WorkerCgroup};
+pub use crate::gpu::{CharDevice, GpuGrant, NvidiaGpu, NvidiaGpus};
+pub use crate::jail::{Grants, Jail, JailNetwork, JAIL_DEVICES};
 pub use crate::network::{host_resolver, Egress, Ipv4Net, Namespace, NetworkManager, NetworkPolicy};
 pub use crate::process::ProcessSetup;
 

@@ -82,7 +82,7 @@ fn call_error_status(error: &CallError) -> Status {
         CallError::PayloadTooLarge { .. } | CallError::ResultTooLarge { .. } => {
             (Code::ResourceExhausted, "payload-too-large")
         }
-        CallError::Timeout { .. } => (Code::DeadlineExceeded, "timeout"),
+        CallError::Timeout { .. } | CallError::GpuWait { .. } => (Code::DeadlineExceeded, "timeout"),
         CallError::Busy(_) => (Code::ResourceExhausted, "busy"),
     };
     error_status(code, kind, error.to_string())

@@ -1,13 +1,15 @@
 //! Providers: where workers run. The engine builds a worker's environment and decides when it needs a new worker; a
 //! provider starts that worker on its machines, under the machine type's limits, and hands it back connected.
 //!
-//! * [`local`]: a process of this host, in a cgroup the engine makes (and the server's jail).
+//! * [`local`]: a process of this host, in a cgroup the engine makes (and the server's jail), on GPUs of its own
+//!   ([`gpus`]) for GPU machine types.
 //! * [`slurm`]: a Slurm job on a cluster's node, sized by the machine type, whose agent connects back over TCP;
 //!   Slurm enforces the limits.
 //!
 //! Another cluster engine (Kubernetes, say) is another implementation of [`Provider`] and of the
 //! [`Placement`](crate::worker::Placement) its workers report their end through.
 
+pub(crate) mod gpus;
 pub(crate) mod local;
 pub(crate) mod slurm;
 
@@ -30,7 +32,7 @@ pub enum ProviderConfig {
 
 pub(crate) trait Provider: Send + Sync + std::fmt::Debug {
     /// Starts a worker of `spec` sized for `machine`, and returns it once its agent is connected. `wait` bounds how
-    /// long that may take (a cluster's queue).
+    /// long that may take waiting for resources (a cluster's queue, this host's GPUs): the call's timeout.
     fn start<'a>(
         &'a self,
         spec: WorkerSpec,

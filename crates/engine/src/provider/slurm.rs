@@ -576,6 +576,7 @@ mod tests {
             cgroup: None,
             jail: None,
             visible_gpus: None,
+            gpus: None,
             max_payload: 1024,
         };
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };

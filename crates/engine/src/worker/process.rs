@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use fal_sandbox::{Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
+use fal_sandbox::{GpuGrant, Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -19,6 +19,7 @@ use crate::environment::EnvUse;
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::room::Hold;
+use crate::provider::gpus::GpuLease;
 
 const AGENT: &str = include_str!("agent.py");
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
@@ -41,6 +42,8 @@ pub(crate) struct WorkerSpec {
     /// `CUDA_VISIBLE_DEVICES`: the GPUs this worker may use; empty for none. `None` leaves it as it is (a cluster's
     /// scheduler sets it).
     pub visible_gpus: Option<String>,
+    /// The GPUs this worker holds (the local provider's): given back once its processes are gone.
+    pub gpus: Option<GpuLease>,
     pub max_payload: usize,
 }
 
@@ -58,6 +61,8 @@ pub(crate) struct WorkerJail {
     /// holds it until it ends.
     pub namespace: Option<Namespace>,
     pub resolv_conf: Option<PathBuf>,
+    /// What its GPUs grant it (their device nodes and the driver's entries), for a worker of a GPU machine type.
+    pub gpus: Option<GpuGrant>,
 }
 
 /// The command line that runs the agent for a [`WorkerSpec`], and the variables it needs (beyond `PATH` and `LANG`).
@@ -103,6 +108,7 @@ impl WorkerSpec {
                     hostname: &jailed.hostname,
                     network: jailed.network,
                     resolv_conf: jailed.resolv_conf.as_deref(),
+                    gpus: jailed.gpus.as_ref(),
                 };
                 jailed.jail.wrap(&grants, &self.python, &agent_args)
             }
@@ -111,6 +117,10 @@ impl WorkerSpec {
         let mut env = vec![("VIRTUAL_ENV".to_string(), self.env_root.display().to_string())];
         if let Some(gpus) = &self.visible_gpus {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), gpus.clone()));
+            if !gpus.is_empty() {
+                // Indices in CUDA_VISIBLE_DEVICES count in bus order, as the provider numbered them (see gpus.rs).
+                env.push(("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()));
+            }
         }
         Ok(AgentCommand { program, args, env })
     }
@@ -192,6 +202,8 @@ struct LocalProcess {
     cgroup: Option<WorkerCgroup>,
     /// Its network namespace, removed (with its veth) once the worker has ended.
     namespace: Option<Namespace>,
+    /// Its GPUs, given back once the worker has ended.
+    gpus: Option<GpuLease>,
     hostname: Option<String>,
     /// Jailed workers run under bubblewrap, which reports a signal as exit code 128 + signal.
     jailed: bool,
@@ -283,6 +295,7 @@ impl Worker {
             reaped: false,
             cgroup: spec.cgroup,
             namespace,
+            gpus: spec.gpus,
             hostname,
             jailed: spec.jail.is_some(),
         };
@@ -472,13 +485,15 @@ impl LocalProcess {
         status
     }
 
-    /// Removes its cgroup (killing what is left in it), then its network namespace. Removing a cgroup may retry for
-    /// a moment while the kernel finishes tearing the processes down: on a blocking thread.
+    /// Removes its cgroup (killing what is left in it), then its network namespace, then gives back its GPUs: only
+    /// once nothing of the worker can still use them. Removing a cgroup may retry for a moment while the kernel
+    /// finishes tearing the processes down: on a blocking thread.
     async fn release(&mut self) {
         let (cgroup, namespace) = (self.cgroup.take(), self.namespace.take());
         if cgroup.is_some() || namespace.is_some() {
             let _ = tokio::task::spawn_blocking(move || drop((cgroup, namespace))).await;
         }
+        self.gpus.take();
     }
 }
 
