@@ -237,13 +237,29 @@ def workers_of(fn: IsolatedFunction[Any]) -> List[Tuple[int, str, str, bool, int
     return [w for w in local.engine.workers() if w[1] == key and w[2] == fn.options.machine_type]
 
 
-def cloud_call(server: Server, body: str, key: Tuple[str, str], **options: object) -> subprocess.CompletedProcess[str]:
-    """Runs a user's script that calls `def f(): <body>` on `server` with `options`, printing repr(f())."""
+def cloud_source(body: str, **options: object) -> str:
+    """A user's script that calls `def f(): <body>` on the `cloud` host with `options`, printing repr(f())."""
     args = ", ".join(f"{k}={v!r}" for k, v in options.items())
     source = f"from fal_serverless import isolated, cloud\n@isolated(host=cloud, {args})\ndef f():\n"
     source += "".join(f"    {line}\n" for line in body.strip().splitlines())
-    source += "print(repr(f()))\n"
-    return run_script(source, server.env(*key))
+    return source + "print(repr(f()))\n"
+
+
+def cloud_call(server: Server, body: str, key: Tuple[str, str], **options: object) -> subprocess.CompletedProcess[str]:
+    """Runs `cloud_source(body, **options)` against `server` with `key`."""
+    return run_script(cloud_source(body, **options), server.env(*key))
+
+
+def start_client(server: Server, key: Tuple[str, str], body: str, **options: object) -> subprocess.Popen[str]:
+    """`cloud_source(body, **options)` calling `server`, running in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-c", cloud_source(body, **options)],
+        env=script_env(server.env(*key)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def worker_cgroups(owner: int) -> List[Path]:

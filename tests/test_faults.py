@@ -27,6 +27,7 @@ from conftest import (
     script_env,
     slot_links,
     slot_namespaces,
+    start_client,
     start_server,
     worker_cgroups,
 )
@@ -62,22 +63,6 @@ def healthy_after(server: Server, key: Tuple[str, str]) -> None:
         if time.time() > deadline:
             raise AssertionError(f"leaked: processes {dead_but_alive}, {leaked_cgroups} cgroup(s), busy {busy}")
         time.sleep(0.2)
-
-
-def start_client(server: Server, key: Tuple[str, str], body: str, **options: object) -> subprocess.Popen[str]:
-    """A user's script calling `def f(): <body>` on `server`, running in the background."""
-    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    source = f"from fal_serverless import isolated, cloud\n@isolated(host=cloud, {args})\ndef f():\n"
-    source += "".join(f"    {line}\n" for line in body.strip().splitlines())
-    source += "print(repr(f()))\n"
-    return subprocess.Popen(
-        [sys.executable, "-c", source],
-        env=script_env(server.env(*key)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
 
 
 def test_a_worker_killed_with_sigkill_mid_call(faulty: Server) -> None:

@@ -10,10 +10,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List
 
 import pytest
-from conftest import Server, cloud_call, run_script, script_env, start_server
+from conftest import Server, cloud_call, run_script, script_env, start_client, start_server
 
 pytestmark = pytest.mark.reliability("resources")
 
@@ -237,27 +237,13 @@ def test_an_unauthenticated_1_gib_request_is_refused_before_the_server_holds_it(
     assert memory.grew() < 64 << 20, f"server RSS grew by {memory.grew() >> 20} MB for a refused request"
 
 
-def call_in_background(server: Server, key: Tuple[str, str], body: str, **options: object) -> subprocess.Popen[str]:
-    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    source = f"from fal_serverless import isolated, cloud\n@isolated(host=cloud, {args})\ndef f():\n"
-    source += "".join(f"    {line}\n" for line in body.strip().splitlines())
-    source += "print(repr(f()))\n"
-    return subprocess.Popen(
-        [sys.executable, "-c", source],
-        env=script_env(server.env(*key)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_a_big_type_call_of_one_user_does_not_time_out_another_users_small_call() -> None:
     """mallory's L (4 CPUs, 32 GB) on this 2-core host holds her share (3/4 of it), not the whole server: alice's XS
     runs beside it instead of waiting out its minute."""
     server = start_server()
     try:
         mallory, alice = server.create_key("mallory"), server.create_key("alice")
-        large = call_in_background(server, mallory, "import time\ntime.sleep(40)\nreturn 'large'", machine_type="L")
+        large = start_client(server, mallory, "import time\ntime.sleep(40)\nreturn 'large'", machine_type="L")
         server.wait_for_worker("mallory", busy=True, timeout=120)
         small = cloud_call(server, "return 'small'", alice, machine_type="XS", timeout=30)
         assert small.returncode == 0 and small.stdout.strip() == "'small'", small.stderr
@@ -301,7 +287,7 @@ def test_queued_payloads_are_capped_per_user() -> None:
     server = start_server(config="[capacity]\ncpus = 0.25\n[limits]\nmax_queued_gb_per_user = 0.5\n")
     try:
         dave = server.create_key("dave")
-        running = call_in_background(server, dave, "import time\ntime.sleep(40)\nreturn 'first'", machine_type="XS")
+        running = start_client(server, dave, "import time\ntime.sleep(40)\nreturn 'first'", machine_type="XS")
         server.wait_for_worker("dave", busy=True, timeout=120)
         big = "data = b'x' * (300 << 20)\n"
         source = (
