@@ -18,7 +18,7 @@ use crate::machine::{MachineType, MachineTypes};
 use crate::provider::local::LocalProvider;
 use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
-use crate::room::Room;
+use crate::room::{Granted, Room};
 use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
@@ -119,7 +119,8 @@ pub struct CallRequest {
     /// The most the function may run on its worker, waiting for room included; past it the worker is stopped.
     /// `None`: no limit.
     pub timeout: Option<Duration>,
-    /// Where a new worker for this call gets its room (the server's capacity); `None`: it needs none.
+    /// Where the call gets room to run, and a new worker room to live (the server's capacity); `None`: it needs
+    /// none.
     pub room: Option<Arc<dyn Room>>,
 }
 
@@ -230,20 +231,34 @@ impl Engine {
         let key =
             PoolKey { tenant: request.tenant.clone(), env_key: request.env.key(), machine_type: machine.name.clone() };
         let mut timeout = request.timeout;
-        let mut leased = match inner.pool.checkout(&key) {
+        let waiting = Instant::now();
+        // Room to run (and, for a new worker, room for it), waited for within the call's timeout. A warm worker is
+        // taken only once there is room: a call that gives up waiting leaves it warm.
+        let (granted, warm) = loop {
+            let Some(room) = &request.room else { break (None, inner.pool.checkout(&key)) };
+            let left = timeout.map(|t| t.saturating_sub(waiting.elapsed()));
+            if left.is_some_and(|t| t.is_zero()) {
+                return Err(CallError::Timeout { seconds: timeout.unwrap_or_default().as_secs_f64() });
+            }
+            let granted = room.reserve(machine, !inner.pool.has_idle(&key), left, logs).await?;
+            match inner.pool.checkout(&key) {
+                Some(leased) => break (Some(granted), Some(leased)),
+                None if granted.worker.is_some() => break (Some(granted), None),
+                // The warm worker went (another call took it, or it expired) while this one waited: ask again, for
+                // a new worker this time.
+                None => continue,
+            }
+        };
+        // Time spent waiting for room is taken from the function's.
+        timeout = timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));
+        let (_running, worker_hold) = match granted {
+            Some(Granted { call, worker }) => (Some(call), worker),
+            None => (None, None),
+        };
+        let mut leased = match warm {
             Some(leased) => leased,
             None => {
-                let hold = match &request.room {
-                    Some(room) => {
-                        let waiting = Instant::now();
-                        let hold = room.reserve(machine, timeout, logs).await?;
-                        // Time spent waiting for room is taken from the function's.
-                        timeout = timeout.map(|t| t.saturating_sub(waiting.elapsed()).max(Duration::from_millis(1)));
-                        Some(hold)
-                    }
-                    None => None,
-                };
-                let worker = self.start_worker(&request, machine, logs).await?.holding(hold);
+                let worker = self.start_worker(&request, machine, logs).await?.holding(worker_hold);
                 inner.pool.lease_new(&key, worker)
             }
         };

@@ -33,7 +33,7 @@ pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
 pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
-pub use crate::room::{Hold, Room};
+pub use crate::room::{Granted, Hold, Room};
 pub use crate::worker::BoxFuture;
 
 /// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the engine's API.

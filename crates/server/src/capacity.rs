@@ -1,6 +1,7 @@
-//! The server's capacity: each worker holds its machine type's CPUs, memory and GPUs for as long as it lives, warm
-//! idle time included (a warm worker holding a model is not free memory). A call that needs a new worker and finds
-//! no room waits; while it waits, idle workers are stopped, longest idle first, to make room.
+//! The server's capacity: a running call holds its machine type's CPUs; a worker holds its memory and GPUs for as
+//! long as it lives, warm idle time included (a warm worker holding a model is not free memory, though it uses no
+//! CPU). A call that finds no room waits; while it waits for memory or GPUs, idle workers are stopped, longest idle
+//! first, to make room.
 //!
 //! Shared fairly between users:
 //! * no user holds more than `user_share` of the server's CPUs or memory (default 0.75), so one user's calls never
@@ -99,12 +100,25 @@ pub enum CapacityError {
     QueueFull { user: String, queued: usize, bytes: usize, limit: usize },
 }
 
-/// Why a waiting call cannot start yet, when stopping an idle worker could help: the user's own (their share or
-/// their worker count is used up), or anyone's (the server is full).
+/// Why a waiting call cannot start yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Crowded {
+    /// The user's running calls hold their share of the CPUs: one of them must end.
+    UserBusy,
+    /// The server's CPUs are held by running calls.
+    ServerBusy,
+    /// The user's workers hold their share of memory, or their worker count is used up: stopping one of their idle
+    /// workers helps.
     ByOwnWorkers(String),
+    /// The server's memory or GPUs are held by workers: stopping anyone's idle worker helps.
     ByAnyone,
+}
+
+impl Crowded {
+    /// Whether only this user's own calls or workers stand in the way (others' calls may go first).
+    fn by_user(&self) -> bool {
+        matches!(self, Self::UserBusy | Self::ByOwnWorkers(_))
+    }
 }
 
 #[derive(Debug)]
@@ -143,6 +157,8 @@ struct Waiter {
     ticket: u64,
     user: String,
     demand: Resources,
+    /// It needs a new worker (which holds the memory and GPUs of `demand`, and one of the user's worker places).
+    worker: bool,
     bytes: usize,
     grant: oneshot::Sender<()>,
 }
@@ -169,33 +185,35 @@ impl Capacity {
         })
     }
 
-    /// What a worker of `machine` holds: its size, at most one user's share.
-    fn demand(&self, machine: &MachineType) -> Resources {
+    /// What a call of `machine` holds (its CPUs) and, on a new worker, what the worker holds (its memory and GPUs):
+    /// its size, at most one user's share.
+    fn demand(&self, machine: &MachineType, new_worker: bool) -> Resources {
         Resources {
             cpus: machine.cpus.min(self.per_user.cpus),
-            memory_bytes: machine.memory_bytes.min(self.per_user.memory_bytes),
-            gpus: machine.gpus,
+            memory_bytes: if new_worker { machine.memory_bytes.min(self.per_user.memory_bytes) } else { 0 },
+            gpus: if new_worker { machine.gpus } else { 0 },
         }
     }
 
-    /// Waits until a worker of `machine` for `user` fits and it is this call's turn; calls `on_wait` once if it
-    /// has to wait, and `make_room` (which stops an idle worker, returning whether there was one) as long as that
-    /// may help. The caller must have checked [`Capacity::never_fits`]. `bytes`: the call's payload, held while
-    /// it waits.
+    /// Waits until a call of `machine` for `user` (on a new worker, if `new_worker`) fits and it is its turn;
+    /// calls `on_wait` once if it has to wait, and `make_room` (which stops an idle worker, returning whether there
+    /// was one) as long as that may help. The caller must have checked [`Capacity::never_fits`]. `bytes`: the call's
+    /// payload, held while it waits. Returns what the call holds, and what the new worker holds.
     pub async fn reserve<F: std::future::Future<Output = bool>>(
         self: &Arc<Self>,
         user: &str,
         machine: &MachineType,
+        new_worker: bool,
         bytes: usize,
         on_wait: impl FnOnce(),
         mut make_room: impl FnMut(Crowded) -> F,
-    ) -> Result<Reservation, CapacityError> {
-        let demand = self.demand(machine);
+    ) -> Result<(Reservation, Option<Reservation>), CapacityError> {
+        let demand = self.demand(machine, new_worker);
         let (queued, mut turn) = {
             let mut state = self.lock();
-            if state.waiting.is_empty() && self.crowded(&state, user, demand).is_none() {
-                state.take(user, demand);
-                return Ok(Reservation { capacity: self.clone(), user: user.to_string(), held: demand });
+            if state.waiting.is_empty() && self.crowded(&state, user, demand, new_worker).is_none() {
+                state.take(user, demand, new_worker);
+                return Ok(self.reservations(user, demand, new_worker));
             }
             let limit = self.sharing.max_queued_bytes_per_user;
             let queued = state.users.get(user).map_or(0, |u| u.queued_bytes);
@@ -206,9 +224,17 @@ impl Capacity {
             let ticket = state.next_ticket;
             state.next_ticket += 1;
             let (grant, turn) = oneshot::channel();
-            state.waiting.push(Waiter { ticket, user: user.to_string(), demand, bytes, grant });
+            state.waiting.push(Waiter { ticket, user: user.to_string(), demand, worker: new_worker, bytes, grant });
             self.grant_waiting(&mut state);
-            (Queued { capacity: self.clone(), ticket, user: user.to_string(), demand, reserved: false }, turn)
+            let queued = Queued {
+                capacity: self.clone(),
+                ticket,
+                user: user.to_string(),
+                demand,
+                worker: new_worker,
+                reserved: false,
+            };
+            (queued, turn)
         };
         on_wait();
         loop {
@@ -218,11 +244,11 @@ impl Capacity {
             // Stopping an idle worker frees what it held; whoever's turn it is may then fit.
             let crowded = {
                 let state = self.lock();
-                self.crowded(&state, user, demand)
+                self.crowded(&state, user, demand, new_worker)
             };
             let stopped = match crowded {
-                Some(crowded) => make_room(crowded).await,
-                None => false,
+                Some(crowded @ (Crowded::ByOwnWorkers(_) | Crowded::ByAnyone)) => make_room(crowded).await,
+                _ => false,
             };
             if !stopped {
                 // The sender is only dropped by granting (see `Capacity::grant_waiting`): this returns at our turn.
@@ -230,16 +256,38 @@ impl Capacity {
                 break;
             }
         }
-        Ok(queued.into_reservation())
+        Ok(queued.into_reservations())
+    }
+
+    /// What a call holds (its CPUs) and what its new worker holds (memory and GPUs, and a worker place).
+    fn reservations(
+        self: &Arc<Self>,
+        user: &str,
+        demand: Resources,
+        new_worker: bool,
+    ) -> (Reservation, Option<Reservation>) {
+        let call = Resources { cpus: demand.cpus, ..Resources::NONE };
+        let worker = Resources { cpus: 0.0, ..demand };
+        let reservation = |held, worker| Reservation { capacity: self.clone(), user: user.to_string(), held, worker };
+        (reservation(call, false), new_worker.then(|| reservation(worker, true)))
     }
 
     /// Why `demand` of `user` does not fit now, if it does not.
-    fn crowded(&self, state: &State, user: &str, demand: Resources) -> Option<Crowded> {
+    fn crowded(&self, state: &State, user: &str, demand: Resources, new_worker: bool) -> Option<Crowded> {
         let mine = state.users.get(user);
         let held = mine.map_or(Resources::NONE, |u| u.held);
         let workers = mine.map_or(0, |u| u.workers);
-        if workers >= self.sharing.max_workers_per_user || !held.within(demand, self.per_user, false) {
+        if held.cpus + demand.cpus > self.per_user.cpus + 1e-9 {
+            return Some(Crowded::UserBusy);
+        }
+        if new_worker
+            && (workers >= self.sharing.max_workers_per_user
+                || held.memory_bytes.saturating_add(demand.memory_bytes) > self.per_user.memory_bytes)
+        {
             return Some(Crowded::ByOwnWorkers(user.to_string()));
+        }
+        if state.used.cpus + demand.cpus > self.total.cpus + 1e-9 {
+            return Some(Crowded::ServerBusy);
         }
         (!state.used.within(demand, self.total, true)).then_some(Crowded::ByAnyone)
     }
@@ -262,12 +310,12 @@ impl Capacity {
             let mut granted = false;
             for (_, _, index) in candidates {
                 let waiter = &state.waiting[index];
-                match self.crowded(state, &waiter.user, waiter.demand) {
-                    Some(Crowded::ByOwnWorkers(_)) => continue,
-                    Some(Crowded::ByAnyone) => return,
+                match self.crowded(state, &waiter.user, waiter.demand, waiter.worker) {
+                    Some(crowded) if crowded.by_user() => continue,
+                    Some(_) => return,
                     None => {
                         let waiter = state.waiting.remove(index);
-                        state.take(&waiter.user, waiter.demand);
+                        state.take(&waiter.user, waiter.demand, waiter.worker);
                         if let Some(user) = state.users.get_mut(&waiter.user) {
                             user.queued_bytes = user.queued_bytes.saturating_sub(waiter.bytes);
                         }
@@ -285,12 +333,14 @@ impl Capacity {
         }
     }
 
-    fn release(&self, user: &str, held: Resources) {
+    fn release(&self, user: &str, held: Resources, worker: bool) {
         let mut state = self.lock();
         state.used.sub(held);
         if let Some(mine) = state.users.get_mut(user) {
             mine.held.sub(held);
-            mine.workers = mine.workers.saturating_sub(1);
+            if worker {
+                mine.workers = mine.workers.saturating_sub(1);
+            }
         }
         state.forget_if_idle(user);
         self.grant_waiting(&mut state);
@@ -300,30 +350,32 @@ impl Capacity {
 impl State {
     /// Drops the books of a user with nothing held or queued.
     fn forget_if_idle(&mut self, user: &str) {
-        if self.users.get(user).is_some_and(|u| u.workers == 0 && u.queued_bytes == 0) {
+        if self.users.get(user).is_some_and(|u| u.workers == 0 && u.queued_bytes == 0 && u.held == Resources::NONE) {
             self.users.remove(user);
         }
     }
 
-    fn take(&mut self, user: &str, demand: Resources) {
+    fn take(&mut self, user: &str, demand: Resources, worker: bool) {
         self.used.add(demand);
         let mine = self.users.entry(user.to_string()).or_default();
         mine.held.add(demand);
-        mine.workers += 1;
+        mine.workers += usize::from(worker);
     }
 }
 
-/// What one worker holds; given back when dropped (after the worker has stopped).
+/// What one call (until it ends) or one worker (until it has stopped) holds; given back when dropped.
 #[derive(Debug)]
 pub struct Reservation {
     capacity: Arc<Capacity>,
     user: String,
     held: Resources,
+    /// A worker's: it holds one of the user's worker places too.
+    worker: bool,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.capacity.release(&self.user, self.held);
+        self.capacity.release(&self.user, self.held, self.worker);
     }
 }
 
@@ -334,13 +386,14 @@ struct Queued {
     ticket: u64,
     user: String,
     demand: Resources,
+    worker: bool,
     reserved: bool,
 }
 
 impl Queued {
-    fn into_reservation(mut self) -> Reservation {
+    fn into_reservations(mut self) -> (Reservation, Option<Reservation>) {
         self.reserved = true;
-        Reservation { capacity: self.capacity.clone(), user: std::mem::take(&mut self.user), held: self.demand }
+        self.capacity.reservations(&self.user, self.demand, self.worker)
     }
 }
 
@@ -362,8 +415,10 @@ impl Drop for Queued {
                 capacity.grant_waiting(&mut state);
             }
             None => {
+                // Its turn came: give back what was taken for it, the call's part and the worker's.
                 drop(state);
-                capacity.release(&self.user, self.demand);
+                let (call, worker) = capacity.reservations(&self.user, self.demand, self.worker);
+                drop((call, worker));
             }
         }
     }
@@ -382,10 +437,11 @@ mod tests {
         Arc::new(Capacity::new(HOST, sharing))
     }
 
-    async fn reserve(capacity: &Arc<Capacity>, user: &str, machine: &str) -> Reservation {
+    /// A call on a new worker: what both hold.
+    async fn reserve(capacity: &Arc<Capacity>, user: &str, machine: &str) -> (Reservation, Option<Reservation>) {
         let types = MachineTypes::builtin();
         let machine = types.get(machine).unwrap();
-        capacity.reserve(user, machine, 0, || (), |_| async { false }).await.unwrap()
+        capacity.reserve(user, machine, true, 0, || (), |_| async { false }).await.unwrap()
     }
 
     async fn must_wait(capacity: &Arc<Capacity>, user: &str, machine: &str) {
@@ -432,7 +488,11 @@ mod tests {
         tokio::task::yield_now().await;
         leaver.abort();
         let _ = leaver.await;
-        drop(running);
+        // bob's M ends and its worker goes (a warm one would keep its memory, and alice, holding nothing, would
+        // then go first).
+        let (call, worker) = running;
+        drop(worker);
+        drop(call);
         for task in waiting {
             task.await.unwrap();
         }
@@ -455,10 +515,10 @@ mod tests {
         let first = tokio::spawn({
             let capacity = capacity.clone();
             let m = m.clone();
-            async move { capacity.reserve("bob", &m, 800, || (), |_| async { false }).await.map(drop) }
+            async move { capacity.reserve("bob", &m, true, 800, || (), |_| async { false }).await.map(drop) }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let refused = capacity.reserve("bob", m, 800, || (), |_| async { false }).await.unwrap_err();
+        let refused = capacity.reserve("bob", m, true, 800, || (), |_| async { false }).await.unwrap_err();
         assert!(matches!(refused, CapacityError::QueueFull { queued: 800, bytes: 800, limit: 1000, .. }));
         assert!(refused.to_string().contains("max_queued_gb_per_user"));
         first.abort();
@@ -471,14 +531,16 @@ mod tests {
         let capacity = capacity(Sharing { max_workers_per_user: 2, ..Sharing::default() });
         let types = MachineTypes::builtin();
         let xs = types.get("XS").unwrap();
-        // Two idle (warm) workers of bob's hold his worker limit.
-        let idle =
-            Arc::new(Mutex::new(vec![reserve(&capacity, "bob", "XS").await, reserve(&capacity, "bob", "XS").await]));
+        // Two idle (warm) workers of bob's hold his worker limit: what each holds once its call has ended.
+        let worker = |(_call, worker): (Reservation, Option<Reservation>)| worker.unwrap();
+        let idle = vec![worker(reserve(&capacity, "bob", "XS").await), worker(reserve(&capacity, "bob", "XS").await)];
+        let idle = Arc::new(Mutex::new(idle));
         let asked = Arc::new(Mutex::new(Vec::new()));
         let (idle2, asked2) = (idle.clone(), asked.clone());
         let third = capacity.reserve(
             "bob",
             xs,
+            true,
             0,
             || (),
             move |crowded| {
@@ -491,5 +553,39 @@ mod tests {
         assert_eq!(asked.lock().unwrap().as_slice(), [Crowded::ByOwnWorkers("bob".into())]);
         assert_eq!(idle.lock().unwrap().len(), 1);
         drop(third);
+    }
+
+    #[tokio::test]
+    async fn warm_workers_hold_memory_not_cpus() {
+        let capacity = Arc::new(Capacity::new(
+            Resources { cpus: 2.0, memory_bytes: 10 << 30, gpus: 0 },
+            Sharing { user_share: 1.0, ..Sharing::default() },
+        ));
+        let types = MachineTypes::builtin();
+        let m = types.get("M").unwrap(); // 2 CPUs, 8 GB
+        let (call, worker) = reserve(&capacity, "bob", "M").await;
+        drop(call); // the call ended; its worker stays warm
+                    // A call on the warm worker needs only CPUs: it runs at once.
+        let warm = capacity.reserve("bob", m, false, 0, || panic!("no wait"), |_| async { false }).await.unwrap();
+        assert!(warm.1.is_none());
+        drop(warm);
+        // A second M worker does not fit beside the warm one's 8 GB: it waits, and asks for an idle worker to go.
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let worker = Arc::new(Mutex::new(worker));
+        let (asked2, worker2) = (asked.clone(), worker.clone());
+        let second = capacity.reserve(
+            "carol",
+            m,
+            true,
+            0,
+            || (),
+            move |crowded| {
+                asked2.lock().unwrap().push(crowded);
+                let stopped = worker2.lock().unwrap().take().is_some();
+                async move { stopped }
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(1), second).await.expect("room was made").unwrap();
+        assert_eq!(asked.lock().unwrap().as_slice(), [Crowded::ByAnyone]);
     }
 }

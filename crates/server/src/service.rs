@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use fal_engine::{
-    options, BoxFuture, CallError, CallRequest, Engine, EnvSpec, Hold, LogBudget, LogLine, LogSink, LogSource,
+    options, BoxFuture, CallError, CallRequest, Engine, EnvSpec, Granted, Hold, LogBudget, LogLine, LogSink, LogSource,
     MachineType, PythonVersion, Room, Serializer,
 };
 use fal_proto::controller::hosted_run_status::State;
@@ -254,9 +254,10 @@ impl Room for CapacityRoom {
     fn reserve<'a>(
         &'a self,
         machine: &'a MachineType,
+        new_worker: bool,
         wait: Option<Duration>,
         logs: &'a LogSink,
-    ) -> BoxFuture<'a, Result<Hold, CallError>> {
+    ) -> BoxFuture<'a, Result<Granted, CallError>> {
         Box::pin(async move {
             let waiting =
                 || logs.send(LogSource::Engine, format!("waiting for capacity to run machine type {}", machine.name));
@@ -266,18 +267,21 @@ impl Room for CapacityRoom {
                     match crowded {
                         Crowded::ByOwnWorkers(user) => engine.stop_idle_worker(Some(&user)).await,
                         Crowded::ByAnyone => engine.stop_idle_worker(None).await,
+                        // Only running calls hold CPUs: stopping an idle worker frees none.
+                        Crowded::UserBusy | Crowded::ServerBusy => false,
                     }
                 }
             };
-            let reserving = self.capacity.reserve(&self.user, machine, self.payload_bytes, waiting, make_room);
+            let reserving =
+                self.capacity.reserve(&self.user, machine, new_worker, self.payload_bytes, waiting, make_room);
             let reserved = match wait {
                 Some(limit) => tokio::time::timeout(limit, reserving)
                     .await
                     .map_err(|_| CallError::Timeout { seconds: limit.as_secs_f64() })?,
                 None => reserving.await,
             };
-            let reservation = reserved.map_err(|e| CallError::Busy(e.to_string()))?;
-            Ok(Box::new(reservation) as Hold)
+            let (call, worker) = reserved.map_err(|e| CallError::Busy(e.to_string()))?;
+            Ok(Granted { call: Box::new(call), worker: worker.map(|w| Box::new(w) as Hold) })
         })
     }
 }

@@ -85,6 +85,11 @@ impl WorkerPool {
         leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone() })
     }
 
+    /// Whether `key` has an idle worker now (living or not: [`WorkerPool::checkout`] says).
+    pub fn has_idle(&self, key: &PoolKey) -> bool {
+        self.state().idle.get(key).is_some_and(|workers| !workers.is_empty())
+    }
+
     /// Registers a newly started worker as busy with a call.
     pub fn lease_new(&self, key: &PoolKey, worker: Worker) -> Leased {
         let mut state = self.state();

@@ -18,8 +18,8 @@ use super::output::{pipe, OutputPipe};
 use crate::environment::EnvUse;
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
-use crate::room::Hold;
 use crate::provider::gpus::GpuLease;
+use crate::room::Hold;
 
 const AGENT: &str = include_str!("agent.py");
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
