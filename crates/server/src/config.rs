@@ -31,7 +31,14 @@
 //! allow = ["10.1.0.0/16"]            # private ranges reachable all the same
 //! subnet = "10.250.0.0/16"           # where the namespaces' veth addresses come from
 //! resolver = "10.0.0.2:53"           # DNS; default: the first nameserver of /etc/resolv.conf
+//!
+//! [tls]                              # serve TLS only (paths relative to the config file's directory)
+//! cert = "server.pem"                # the certificate chain, PEM
+//! key = "server.key"                 # its private key, PEM
 //! ```
+//!
+//! Without `[tls]` (or `--tls-cert`/`--tls-key`), a data dir holding the pair `server init --tls-self-signed` made
+//! (`<data-dir>/tls/server.pem`, `server.key`) serves TLS with it; otherwise the port is plaintext.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,6 +49,8 @@ use fal_engine::{BuildLimits, MachineType, MachineTypes, ProviderConfig, SlurmAl
 use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use crate::tls::TlsFiles;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// Where the server listens unless told otherwise: loopback only.
@@ -69,6 +78,8 @@ pub struct ServerConfig {
     /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
     /// dir across restarts, different for another.
     pub tag: String,
+    /// The certificate and key the port serves TLS with; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 /// uids from 200000 on: above the ranges distributions give people and services, below 2^31.
@@ -104,6 +115,14 @@ struct FileConfig {
     build: BuildConfig,
     #[serde(default)]
     network: NetworkConfig,
+    tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsConfig {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +254,13 @@ impl ServerConfig {
             }
             (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
         };
+        let tls = match file.tls {
+            Some(tls) => {
+                let base = path.as_deref().and_then(Path::parent).unwrap_or(data_dir);
+                Some(TlsFiles { cert: base.join(tls.cert), key: base.join(tls.key) })
+            }
+            None => TlsFiles::in_data_dir(data_dir),
+        };
         Ok(Self {
             listen,
             provider,
@@ -250,6 +276,7 @@ impl ServerConfig {
             build,
             network,
             tag,
+            tls,
         })
     }
 }
@@ -400,6 +427,18 @@ mod tests {
             let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_comes_from_the_config_file_else_the_data_dirs_own_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ServerConfig::load(dir.path(), None, None).unwrap().tls, None);
+        crate::tls::self_signed(dir.path(), &["localhost".into()]).unwrap();
+        let made = ServerConfig::load(dir.path(), None, None).unwrap().tls.unwrap();
+        assert_eq!(made.cert, dir.path().join("tls/server.pem"));
+        std::fs::write(dir.path().join("config.toml"), "[tls]\ncert = \"c.pem\"\nkey = \"/k.pem\"\n").unwrap();
+        let named = ServerConfig::load(dir.path(), None, None).unwrap().tls.unwrap();
+        assert_eq!((named.cert, named.key), (dir.path().join("c.pem"), PathBuf::from("/k.pem")));
     }
 
     #[test]

@@ -8,14 +8,17 @@
 //! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
 //!
 //! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments),
-//! `layers/dill/<key>` (the dill layer, per Python version), `config.toml`.
+//! `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a self-signed CA and the
+//! server's certificate and key, when `server init --tls-self-signed` made them).
 
 mod activity;
 mod capacity;
 mod config;
 mod dill;
+mod listener;
 mod service;
 mod store;
+mod tls;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -25,8 +28,7 @@ use std::time::Duration;
 
 use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
-use fal_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
-use tonic::transport::server::TcpIncoming;
+use fal_proto::{CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, STREAM_WINDOW};
 
 pub use crate::capacity::Resources;
 
@@ -79,6 +81,7 @@ pub mod fuzzing {
 }
 pub use crate::config::{ConfigError, ServerConfig, DEFAULT_LISTEN};
 pub use crate::store::{KeyInfo, Scope, Store, StoreError};
+pub use crate::tls::{self_signed, SelfSigned, TlsError, TlsFiles};
 
 const STATE_FILE: &str = "state.sqlite3";
 /// How long calls still running when the server is told to stop may take to finish; then they are ended (their
@@ -108,6 +111,8 @@ pub enum ServerError {
          [network] egress = \"none\" and build_egress = \"none\" in the config to give them loopback only"
     )]
     Network(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -120,6 +125,8 @@ pub struct Started {
     pub admin_key: Option<(KeyInfo, String)>,
     /// Why workers are not jailed, when they are not.
     pub unjailed: Option<String>,
+    /// The certificate and key the port serves TLS with, when it does.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Opens the data dir (creating it, mode 0700) and its key store; creates the first admin key if there is none.
@@ -142,6 +149,8 @@ pub async fn serve(
     started: impl FnOnce(&Started),
 ) -> Result<(), ServerError> {
     let (store, admin_key) = init(&config.data_dir)?;
+    // Read before anything starts, so a bad certificate stops the server at once with what is wrong.
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let jail = fal_sandbox::Jail::from_path();
     let root = geteuid() == 0;
     let unjailed = match (&jail, root) {
@@ -198,8 +207,8 @@ pub async fn serve(
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let info = Started { address, admin_key, unjailed };
-    tracing::info!(%address, data_dir = %config.data_dir.display(), cpus = capacity.cpus,
+    let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
+    tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = capacity.cpus,
         memory_bytes = capacity.memory_bytes, gpus = capacity.gpus, jailed = info.unjailed.is_none(), "serving");
     if let Some(reason) = &info.unjailed {
         tracing::warn!(
@@ -235,9 +244,12 @@ pub async fn serve(
     let serving = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // A client that vanished without closing (host gone, process stopped) stops answering pings: its
+        // connection is closed, which ends its calls and frees their workers and capacity.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(service)
-        // Without TCP_NODELAY a small reply waits for the client's delayed ACK: 40 ms per warm call.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+        .serve_with_incoming_shutdown(listener::Incoming::new(listener, tls), stop);
     let grace_over = async {
         let _ = stopped.await;
         tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());
