@@ -194,7 +194,7 @@ fn print_self_signed(made: &fal_server::SelfSigned) {
     println!("A server started with this data dir serves TLS with them (or pass --tls-cert and --tls-key).");
     println!("Clients connect to one of those names, trusting the CA (copy ca.pem to them):");
     println!("  this SDK and CLI:    FAL_HOST=https://{name}:6005 FAL_SERVERLESS_CA_FILE=/path/to/ca.pem");
-    println!("  fal-serverless 0.6.41 (grpcio), without ISOLATE_TEST_MODE:");
+    println!("  fal-serverless 0.6.41 (grpcio), without ISOLATE_TEST_MODE (its FAL_HOST must start with \"api\"):");
     println!("                       FAL_HOST={name}:6005 GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=/path/to/ca.pem");
 }
 

@@ -216,6 +216,13 @@ pub async fn serve(
              with its network"
         );
     }
+    if tls.is_none() && !address.ip().is_loopback() {
+        tracing::warn!(
+            "serving plaintext gRPC on {address}, which is not loopback: keys and calls cross the network unencrypted. \
+             Give the server a certificate (--tls-cert/--tls-key, or `fal-serverless server init --tls-self-signed \
+             NAME...`)"
+        );
+    }
     started(&info);
 
     let idle = async {
