@@ -40,9 +40,10 @@ const END_GRACE: Duration = Duration::from_secs(15);
 /// them fails its call within about a minute instead of leaving it to its timeout. Idle time before the first
 /// probe, time between probes, probes unanswered before the stream is closed.
 const TCP_KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(15), Duration::from_secs(5), 3);
-/// And while the server has data unacknowledged (a call's payload to a node that vanished), where keepalive does
-/// not probe: the stream is closed after this long without an acknowledgement.
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long anything sent (data, or those probes) may go unacknowledged before the stream is closed: covers data
+/// in flight to a vanished node, where keepalive does not probe. Linux lets it override keepalive's count, so it
+/// is keepalive's own total (15 s + 3 x 5 s).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a server runs workers on Slurm.
 #[derive(Debug, Clone, Default)]
