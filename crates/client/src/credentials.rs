@@ -26,11 +26,11 @@ pub struct LocalServer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("cannot use the local server's credentials at {path}: {source}")]
+    #[error("cannot use the local server's credentials at {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // Not `source`: the message carries it (the Python SDK shows messages alone), and a source would repeat it.
+        error: std::io::Error,
     },
     #[error(
         "{path} belongs to uid {owner}, not to you (uid {uid}), so the local server's credentials in it cannot be \
@@ -88,7 +88,7 @@ fn credentials_path_with(var: impl Fn(&str) -> Option<OsString>, uid: u32, tmp: 
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialsError + '_ {
-    move |source| CredentialsError::Io { path: path.to_path_buf(), source }
+    move |error| CredentialsError::Io { path: path.to_path_buf(), error }
 }
 
 fn read_from(path: &Path) -> Result<Option<LocalServer>, CredentialsError> {

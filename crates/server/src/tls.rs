@@ -54,12 +54,12 @@ pub struct SelfSigned {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read the TLS {what} {path}: {source}")]
+    #[error("cannot read the TLS {what} {path}: {error}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // Not `source`: the message carries it (the Python SDK shows messages alone), and a source would repeat it.
+        error: std::io::Error,
     },
     #[error("the TLS {what} {path} is not usable: {message}")]
     Pem { what: &'static str, path: PathBuf, message: String },
@@ -83,11 +83,11 @@ pub enum TlsError {
     Exists(PathBuf),
     #[error("cannot make the certificates: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        // Not `source`: the message carries it (the Python SDK shows messages alone), and a source would repeat it.
+        error: std::io::Error,
     },
 }
 
@@ -141,7 +141,7 @@ pub fn self_signed(data_dir: &Path, names: &[String]) -> Result<SelfSigned, TlsE
 
     let write_error = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| TlsError::Write { path, source }
+        move |error| TlsError::Write { path, error }
     };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(write_error(&dir))?;
     let write = |name: &str, mode: u32, text: &str| -> Result<PathBuf, TlsError> {
@@ -165,7 +165,7 @@ pub fn self_signed(data_dir: &Path, names: &[String]) -> Result<SelfSigned, TlsE
 /// grpcio among them, insist on it).
 pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let read = |what: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
+        std::fs::read(path).map_err(|error| TlsError::Read { what, path: path.to_path_buf(), error })
     };
     let pem_error = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
