@@ -505,7 +505,7 @@ async fn accept(listener: TcpListener, callback: std::sync::Weak<Callback>) {
         if callback.strong_count() == 0 {
             return;
         }
-        keep_alive(&stream);
+        set_tcp_keepalive(&stream);
         let callback = callback.clone();
         tokio::spawn(async move {
             let greeted = tokio::time::timeout(Duration::from_secs(10), greeting(&mut stream)).await;
@@ -521,7 +521,7 @@ async fn accept(listener: TcpListener, callback: std::sync::Weak<Callback>) {
 
 /// Sets TCP keepalive and a user timeout on a worker job's stream (the job's end, bash's `/dev/tcp`, cannot; its
 /// agent sets keepalive on the frames stream itself).
-fn keep_alive(stream: &TcpStream) {
+fn set_tcp_keepalive(stream: &TcpStream) {
     let (idle, interval, retries) = TCP_KEEPALIVE;
     let keepalive = socket2::TcpKeepalive::new().with_time(idle).with_interval(interval).with_retries(retries);
     let socket = socket2::SockRef::from(stream);
@@ -580,7 +580,7 @@ mod tests {
         let (_client, (stream, _)) = (client.unwrap(), accepted.unwrap());
         let socket = socket2::SockRef::from(&stream);
         assert!(!socket.keepalive().unwrap());
-        keep_alive(&stream);
+        set_tcp_keepalive(&stream);
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE.0);
         assert_eq!(socket.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE.2);
