@@ -120,20 +120,22 @@ def start_server(
     config: Optional[str] = None,
     data_dir: Optional[Path] = None,
     env: Optional[Dict[str, str]] = None,
+    log: Optional[Path] = None,
 ) -> Server:
     """Starts `fal-serverless server` on a free loopback port with a fresh data dir (or `data_dir`, to restart one),
-    `config` as its config.toml and `env` added to its environment."""
+    `config` as its config.toml and `env` added to its environment; its log (stderr) goes to `log` if given."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fal-serverless-test-server-"))
     if config is not None:
         data_dir.chmod(0o700)
         (data_dir / "config.toml").write_text(config)
-    process = subprocess.Popen(
-        [FAL_SERVERLESS, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
-        env=script_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    with open(log or os.devnull, "ab") as stderr:
+        process = subprocess.Popen(
+            [FAL_SERVERLESS, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
+            env=script_env(env),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     assert process.stdout is not None
     lines = []
     for line in process.stdout:

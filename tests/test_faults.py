@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 from conftest import (
@@ -160,6 +160,32 @@ def test_the_client_killed_mid_call_frees_its_worker(faulty: Server) -> None:
         time.sleep(0.1)
     assert not pid_alive(worker), "the worker of a call whose client is gone is still running"
     healthy_after(faulty, key)
+
+
+def test_a_client_frozen_mid_call_loses_its_call_and_frees_worker_and_capacity() -> None:
+    # Room for one XS call: a second user's call needs what the frozen client's call holds.
+    server = start_server(config="[capacity]\ncpus = 0.25\nmemory_gb = 0.25\n")
+    client: Optional[subprocess.Popen[str]] = None
+    try:
+        frozen_key, next_key = server.create_key("fault-frozen"), server.create_key("fault-next")
+        client = start_client(server, frozen_key, "import time\ntime.sleep(600)", keep_alive=0)
+        worker = int(server.wait_for_worker("fault-frozen")["pid"])
+        # Stopped, not killed: its connection stays open and its kernel still acknowledges TCP, but it answers no
+        # HTTP/2 ping; only keepalive tells the server it is gone (else it holds its worker the call's 600 s).
+        os.kill(client.pid, signal.SIGSTOP)
+        deadline = time.time() + 60
+        while pid_alive(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not pid_alive(worker), "the worker of a call whose client froze is still running after 60 s"
+        assert not [w for w in server.workers() if w["user"] == "fault-frozen"], server.workers()
+        # Its capacity is free: another user's call runs rather than waiting behind it.
+        after = cloud_call(server, "return 'next'", next_key, timeout=60, keep_alive=0)
+        assert after.stdout == "'next'\n", after.stderr
+    finally:
+        if client is not None:
+            client.kill()  # SIGKILL ends a stopped process too
+            client.wait()
+        server.stop()
 
 
 def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:

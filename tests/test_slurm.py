@@ -1,6 +1,7 @@
 """The Slurm provider against real Slurm daemons (munged, slurmctld, slurmd from Debian's slurm-wlm and munge) that
 the tests start: machine types become allocations of their size, keep_alive keeps and then releases the job, Slurm's
-limits kill a memory hog, and a job cancelled or a node lost mid-call fails only that call."""
+limits kill a memory hog, and a job cancelled, a node lost or a node gone silent (TCP keepalive) mid-call fails only
+that call."""
 
 from __future__ import annotations
 
@@ -230,6 +231,62 @@ def two_node_server(two_nodes: SlurmCluster) -> Iterator[Server]:
 @pytest.mark.parametrize(("name", "check"), REFERENCE_CHECKS)
 def test_reference_examples_run_on_two_nodes(two_node_server: Server, name: str, check: OutputCheck) -> None:
     check_reference_example(two_node_server, name, check)
+
+
+def callback_port(server: Server) -> int:
+    """The port the server's worker jobs connect back to: its listening port that is not the gRPC one."""
+    grpc = int(server.host.rsplit(":", 1)[1])
+    listening = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True, check=True).stdout.splitlines()
+    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in listening if f"pid={server.process.pid}," in line}
+    assert len(ports - {grpc}) == 1, listening
+    return (ports - {grpc}).pop()
+
+
+def test_a_node_gone_silent_mid_call_fails_that_call_within_a_minute(
+    two_nodes: SlurmCluster, two_node_server: Server
+) -> None:
+    cluster, server = two_nodes, two_node_server
+    first, second = cluster.nodes
+    key = server.create_key("silent")
+    # On the node in a namespace of its own, so its traffic can be dropped alone.
+    cluster.command("scontrol", "update", f"NodeName={first.name}", "State=DRAIN", "Reason=test")
+    table = "faltest_silent"
+    job = ""
+    try:
+        result: Dict[str, subprocess.CompletedProcess[str]] = {}
+        before = set(cluster.worker_jobs())
+        call = threading.Thread(
+            target=lambda: result.setdefault(
+                "proc", cloud_call(server, "import time\ntime.sleep(600)", key, keep_alive=0)
+            )
+        )
+        call.start()
+        job = new_worker_job(cluster, before)
+        deadline = time.time() + 60
+        while cluster.job(job)["JobState"] != "RUNNING" and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # running on its worker by now
+        assert cluster.job(job)["NodeList"] == second.name
+        # Silent, as a node that lost power or its network: every packet between it and the server's callback
+        # port is dropped (no reset, no FIN). Slurm's own traffic goes on. Only keepalive can tell.
+        port = callback_port(server)
+        rules = (
+            f"table inet {table} {{\n"
+            f"  chain in {{ type filter hook input priority 0; tcp sport {port} drop; }}\n"
+            f"  chain out {{ type filter hook output priority 0; tcp dport {port} drop; }}\n"
+            "}\n"
+        )
+        subprocess.run(second.run("nft", "-f", "-"), input=rules, text=True, check=True)
+        call.join(timeout=110)
+        assert not call.is_alive(), "a call on a node gone silent still waits after 110 s"
+        proc = result["proc"]
+        assert proc.returncode != 0
+        assert "WorkerDiedError" in proc.stderr and second.name in proc.stderr, proc.stderr
+    finally:
+        subprocess.run(second.run("nft", "delete", "table", "inet", table), capture_output=True)
+        if job:
+            cluster.command("scancel", job)
+        cluster.command("scontrol", "update", f"NodeName={first.name}", "State=RESUME")
 
 
 def test_a_node_lost_mid_call_fails_that_call_and_the_next_lands_on_the_other(

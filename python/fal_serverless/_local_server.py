@@ -1,18 +1,18 @@
 """Zero-config: with no FAL_HOST, the `cloud` host is a server on this machine, started on first use (the way
-`ray.init()` starts a local instance). It keeps its address and a local admin key in the user's config dir (mode
-0600) and stops by itself after 15 minutes unused."""
+`ray.init()` starts a local instance). It keeps its address and a local admin key in the user's config dir (the
+file 0600, the dir 0700; both refused when someone else could read or replace them) and stops by itself after 15
+minutes unused."""
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Optional, Tuple
 
 from . import _native
 from .exceptions import NoServerConfiguredError
@@ -20,21 +20,23 @@ from .exceptions import NoServerConfiguredError
 START_TIMEOUT = 60.0
 
 
-def _read(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        info: Dict[str, Any] = json.loads(path.read_text())
-        return info
-    except (OSError, ValueError):
-        return None
+#: The local server's (host, pid), as its credentials file says.
+Info = Tuple[str, int]
 
 
-def _alive(info: Dict[str, Any]) -> bool:
+def _read() -> Optional[Info]:
+    """The credentials file's host and pid (checked to be this user's alone by the native side)."""
+    return _native.read_local_server()
+
+
+def _alive(info: Info) -> bool:
+    address, pid = info
     try:
-        os.kill(int(info["pid"]), 0)
-        host, port = str(info["host"]).rsplit(":", 1)
+        os.kill(pid, 0)
+        host, port = address.rsplit(":", 1)
         with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
             return True
-    except (OSError, KeyError, ValueError):
+    except (OSError, ValueError):
         return False
 
 
@@ -47,16 +49,17 @@ def ensure_running(known_pid: Optional[int] = None) -> int:
             return known_pid
         except OSError:
             pass
-    path = Path(_native.local_server_credentials_path())
-    info = _read(path)
+    info = _read()
     if info is not None and _alive(info):
-        return int(info["pid"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".local-server.lock", "w") as lock:
+        return info[1]
+    # Made 0700 if missing, and refused if someone else could replace what it holds.
+    path = Path(_native.prepare_local_server_dir())
+    lock_fd = os.open(path.parent / ".local-server.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(lock_fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time; the others find it running
-        info = _read(path)
+        info = _read()
         if info is not None and _alive(info):
-            return int(info["pid"])
+            return info[1]
         return _start(path)
 
 
@@ -67,7 +70,8 @@ def _start(path: Path) -> int:
     sys.stderr.write(f"fal-serverless: starting a local server (logs in {log_path})\n")
     env = dict(os.environ)
     env.setdefault("FAL_SERVERLESS_UV", find_uv())
-    with open(log_path, "ab") as log:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(log_fd, "ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "fal_serverless", "server", "--local"],
             stdin=subprocess.DEVNULL,
@@ -79,8 +83,8 @@ def _start(path: Path) -> int:
         )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        info = _read(path)
-        if info is not None and info.get("pid") == server.pid and _alive(info):
+        info = _read()
+        if info is not None and info[1] == server.pid and _alive(info):
             return server.pid
         if server.poll() is not None:
             break

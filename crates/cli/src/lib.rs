@@ -5,12 +5,11 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use fal_client::{Client, LocalServer, Target};
 use fal_proto::controller::{create_user_key_request, CreateUserKeyRequest};
@@ -67,6 +66,13 @@ struct ServerArgs {
     /// Stop after this many seconds without calls or warm workers [default: never; with --local, 900].
     #[arg(long)]
     idle_shutdown: Option<u64>,
+    /// Serve TLS only, with this certificate chain (PEM) [default: [tls] in the config, else the pair `server init
+    /// --tls-self-signed` made in the data dir, else plaintext].
+    #[arg(long, requires = "tls_key", conflicts_with = "local")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert", conflicts_with = "local")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +81,10 @@ enum ServerCommand {
     Init {
         #[arg(long, env = "FAL_SERVERLESS_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Also make a CA and a server certificate for these DNS names and IP addresses (the ones clients will
+        /// connect to) in <data-dir>/tls/; a server started with this data dir then serves TLS with them.
+        #[arg(long, num_args = 1.., value_name = "NAME")]
+        tls_self_signed: Vec<String>,
     },
 }
 
@@ -133,7 +143,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Server(ServerArgs { init: Some(ServerCommand::Init { data_dir }), .. }) => {
+        Command::Server(ServerArgs { init: Some(ServerCommand::Init { data_dir, tls_self_signed }), .. }) => {
             let data_dir = data_dir.unwrap_or_else(default_data_dir);
             let (_, admin_key) = fal_server::init(&data_dir)?;
             match admin_key {
@@ -141,6 +151,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 None => {
                     println!("{} already has keys; make more with `fal-serverless keys create`", data_dir.display())
                 }
+            }
+            if !tls_self_signed.is_empty() {
+                print_self_signed(&fal_server::self_signed(&data_dir, &tls_self_signed)?);
             }
             Ok(())
         }
@@ -181,6 +194,20 @@ fn default_data_dir() -> PathBuf {
         .join("fal-serverless")
 }
 
+fn print_self_signed(made: &fal_server::SelfSigned) {
+    let name = &made.names[0];
+    println!();
+    println!("Made a CA and a TLS certificate for {} (valid for 10 years):", made.names.join(", "));
+    println!("  CA certificate (give it to clients): {}", made.ca.display());
+    println!("  server certificate:                  {}", made.files.cert.display());
+    println!("  server key (mode 0600):              {}", made.files.key.display());
+    println!("A server started with this data dir serves TLS with them (or pass --tls-cert and --tls-key).");
+    println!("Clients connect to one of those names, trusting the CA (copy ca.pem to them):");
+    println!("  this SDK and CLI:    FAL_HOST=https://{name}:6005 FAL_SERVERLESS_CA_FILE=/path/to/ca.pem");
+    println!("  fal-serverless 0.6.41 (grpcio), without ISOLATE_TEST_MODE (its FAL_HOST must start with \"api\"):");
+    println!("                       FAL_HOST={name}:6005 GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=/path/to/ca.pem");
+}
+
 fn print_first_key(key_id: &str, secret: &str) {
     println!("Created the first admin key. The secret is shown only now; keep it safe:");
     println!("FAL_KEY_ID={key_id}");
@@ -193,6 +220,13 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::load(&data_dir, args.config.as_deref(), listen)?;
     if let Some(seconds) = args.idle_shutdown.or(args.local.then_some(900)) {
         config.idle_shutdown = Some(Duration::from_secs(seconds));
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(fal_server::TlsFiles { cert, key });
+    }
+    // The zero-config server listens on loopback for this user's own SDK, which connects to it in plaintext.
+    if args.local {
+        config.tls = None;
     }
     let local = args.local;
     let shutdown = async {
@@ -220,8 +254,21 @@ fn announce(started: &Started) -> anyhow::Result<()> {
     if let Some((key, secret)) = &started.admin_key {
         print_first_key(&key.key_id, secret);
     }
-    println!("fal-serverless server listening on {}", started.address);
-    println!("point clients at it with FAL_HOST={}", started.address);
+    match &started.tls {
+        Some(tls) => {
+            println!("serving TLS with {}", tls.cert.display());
+            // The last word of this line is what clients set FAL_HOST to.
+            println!("fal-serverless server listening on https://{}", started.address);
+            println!(
+                "point clients at it with FAL_HOST=https://NAME:{} (a name its certificate holds)",
+                started.address.port()
+            );
+        }
+        None => {
+            println!("fal-serverless server listening on {}", started.address);
+            println!("point clients at it with FAL_HOST={}", started.address);
+        }
+    }
     std::io::stdout().flush()?;
     Ok(())
 }
@@ -229,7 +276,9 @@ fn announce(started: &Started) -> anyhow::Result<()> {
 /// Zero-config: the address and a key that works go to the credentials file, for the SDK and the CLI to find.
 fn write_local_credentials(data_dir: &Path, started: &Started) -> anyhow::Result<()> {
     let store = Store::open(&data_dir.join("state.sqlite3"))?;
-    let (key_id, key_secret) = match (&started.admin_key, LocalServer::read()) {
+    // A previous file that cannot be trusted (someone else's, too open) is replaced, its key not reused.
+    let previous = LocalServer::read().ok().flatten();
+    let (key_id, key_secret) = match (&started.admin_key, previous) {
         (Some((key, secret)), _) => (key.key_id.clone(), secret.clone()),
         (None, Some(previous)) if store.verify(&previous.key_id, &previous.key_secret).is_ok() => {
             (previous.key_id, previous.key_secret)
@@ -240,14 +289,7 @@ fn write_local_credentials(data_dir: &Path, started: &Started) -> anyhow::Result
         }
     };
     let info = LocalServer { host: started.address.to_string(), key_id, key_secret, pid: std::process::id() };
-    let path = LocalServer::credentials_path();
-    let dir = path.parent().context("the credentials path has no parent directory")?;
-    std::fs::create_dir_all(dir)?;
-    let staging = dir.join(format!(".local-server.json.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&staging)?;
-    file.write_all(&serde_json::to_vec_pretty(&info)?)?;
-    file.sync_all()?;
-    std::fs::rename(&staging, &path)?;
+    let path = info.write()?;
     println!("fal-serverless local server listening on {} (credentials in {})", started.address, path.display());
     std::io::stdout().flush()?;
     Ok(())

@@ -1,52 +1,53 @@
 //! A client of the fal-serverless server, for the CLI and the Python SDK's `cloud` host.
 //!
 //! Owns: finding the server and the key ([`Target`]: `FAL_HOST`, `FAL_KEY_ID` / `FAL_KEY_SECRET`, explicit
-//! credentials, or the zero-config local server's credentials file), the connection, and the RPCs with their errors.
-//! Channels are plaintext; they are only used where that is safe or asked for: a loopback host, an `http://` host,
-//! or `ISOLATE_TEST_MODE=1` (as the original client).
+//! credentials, or the zero-config local server's credentials file, see [`LocalServer`]), the connection, and the
+//! RPCs with their errors.
+//!
+//! How a host is reached:
+//! - `https://host:port`: TLS, trusting the system's roots plus the CA file `FAL_SERVERLESS_CA_FILE` names.
+//! - `http://host:port`: plaintext, as asked.
+//! - a bare `host:port`: TLS, unless the host is loopback or `ISOLATE_TEST_MODE=1` is set (as the original client
+//!   does): those start plaintext and switch to TLS when the server answers that it speaks only TLS (one probe call
+//!   on connecting). Plaintext is so only ever used to loopback, `http://` or under `ISOLATE_TEST_MODE`.
+//!
+//! A TLS client at a plaintext server, or the reverse, a certificate the client does not trust or one for another
+//! name: each is a [`ClientError`] saying what to change.
+
+mod credentials;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use fal_proto::controller::isolate_controller_client::IsolateControllerClient;
 use fal_proto::controller::{
     hosted_run_status, CreateUserKeyRequest, HostedRun, ListUserKeysRequest, RevokeUserKeyRequest, UserKeyInfo,
     WorkerStatus, WorkerStatusListRequest,
 };
-use fal_proto::{Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET, CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
-use serde::{Deserialize, Serialize};
+use fal_proto::{
+    Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET, CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    MAX_MESSAGE, STREAM_WINDOW, TLS_PROBE_PATH, TLS_REQUIRED_KIND,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::metadata::AsciiMetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Request;
 
-/// What the zero-config local server writes for its clients (mode 0600).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LocalServer {
-    pub host: String,
-    pub key_id: String,
-    pub key_secret: String,
-    pub pid: u32,
-}
+pub use crate::credentials::{CredentialsError, LocalServer};
 
-impl LocalServer {
-    /// `$XDG_CONFIG_HOME/fal-serverless/local-server.json`, else `~/.config/fal-serverless/local-server.json`.
-    pub fn credentials_path() -> PathBuf {
-        std::env::var_os("FAL_SERVERLESS_CONFIG_DIR")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("XDG_CONFIG_HOME").map(|d| PathBuf::from(d).join("fal-serverless")))
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config").join("fal-serverless")))
-            .unwrap_or_else(|| std::env::temp_dir().join("fal-serverless"))
-            .join("local-server.json")
-    }
-
-    pub fn read() -> Option<Self> {
-        serde_json::from_slice(&std::fs::read(Self::credentials_path()).ok()?).ok()
-    }
-}
+/// The variable naming a CA file (PEM) to trust besides the system's roots.
+pub const CA_FILE_VARIABLE: &str = "FAL_SERVERLESS_CA_FILE";
+/// How long the probes that tell plaintext from TLS wait for an answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where to call and with which key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// `https://host:port` (TLS) or `http://host:port` (plaintext).
     pub uri: String,
+    /// A plaintext `uri` that switches to TLS when the server answers that it speaks only TLS.
+    pub tls_if_offered: bool,
     pub key_id: String,
     pub key_secret: String,
 }
@@ -60,13 +61,30 @@ pub enum ClientError {
     NoServer,
     #[error("no key for {host}: set FAL_KEY_ID and FAL_KEY_SECRET, or pass credentials=CloudKeyCredentials(...)")]
     NoKey { host: String },
-    #[error(
-        "FAL_HOST={host:?} is not a loopback address and this client only speaks plaintext gRPC: write it as \
-         http://{host} if the network to it is trusted, or set ISOLATE_TEST_MODE=1"
-    )]
-    Insecure { host: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
     #[error("cannot reach the fal-serverless server at {uri}: {message}; is it running? (`fal-serverless server`)")]
     Connect { uri: String, message: String },
+    #[error("cannot use {CA_FILE_VARIABLE}={path}: {message}")]
+    CaFile { path: PathBuf, message: String },
+    #[error(
+        "the server at {uri} presented a certificate this client does not trust ({detail}): set \
+         {CA_FILE_VARIABLE} to the CA file that signed it (for a server set up with `fal-serverless server init \
+         --tls-self-signed`, a copy of its <data-dir>/tls/ca.pem)"
+    )]
+    UntrustedCertificate { uri: String, detail: String },
+    #[error(
+        "the server at {uri} presented a certificate for other names ({detail}): connect with a name the \
+         certificate holds, or give the server a certificate for this one (`fal-serverless server init \
+         --tls-self-signed NAME...`)"
+    )]
+    WrongName { uri: String, detail: String },
+    #[error(
+        "the server at {uri} speaks plaintext gRPC, not TLS: write FAL_HOST as http://{host} if the network to it \
+         is trusted, or give the server a certificate (`fal-serverless server --tls-cert FILE --tls-key FILE`, or \
+         `fal-serverless server init --tls-self-signed NAME...`)"
+    )]
+    NotTls { uri: String, host: String },
     #[error("{message}")]
     Server { code: tonic::Code, kind: Option<String>, message: String },
     #[error("the server ended the run without a result")]
@@ -88,6 +106,8 @@ impl From<tonic::Status> for ClientError {
         }
         let kind = status.metadata().get("fal-error-kind").and_then(|v| v.to_str().ok()).map(String::from);
         let message = match status.code() {
+            // A TLS port's answer to a plaintext client says itself what to do.
+            _ if kind.as_deref() == Some(TLS_REQUIRED_KIND) => status.message().to_string(),
             tonic::Code::Unavailable => format!("the server is unavailable: {}", status.message()),
             _ => status.message().to_string(),
         };
@@ -105,30 +125,52 @@ impl Target {
             Some(host) => {
                 let (key_id, key_secret) =
                     credentials.or_else(from_env).ok_or_else(|| ClientError::NoKey { host: host.clone() })?;
-                Ok(Self { uri: plaintext_uri(&host)?, key_id, key_secret })
+                let (uri, tls_if_offered) = connection_uri(&host, test_mode());
+                Ok(Self { uri, tls_if_offered, key_id, key_secret })
             }
             None => {
-                let local = LocalServer::read().ok_or(ClientError::NoServer)?;
+                // The zero-config server listens on loopback, in plaintext, for this user alone.
+                let local = LocalServer::read()?.ok_or(ClientError::NoServer)?;
                 let (key_id, key_secret) = credentials.unwrap_or((local.key_id, local.key_secret));
-                Ok(Self { uri: plaintext_uri(&local.host)?, key_id, key_secret })
+                Ok(Self { uri: format!("http://{}", local.host), tls_if_offered: false, key_id, key_secret })
             }
         }
     }
 }
 
-fn plaintext_uri(host: &str) -> Result<String, ClientError> {
+/// `ISOLATE_TEST_MODE=1`: plaintext to any host, as the original client.
+fn test_mode() -> bool {
+    std::env::var("ISOLATE_TEST_MODE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The URI to connect to for `host` as the user wrote it, and whether it is plaintext that switches to TLS when
+/// the server offers only that (see the crate's doc).
+fn connection_uri(host: &str, test_mode: bool) -> (String, bool) {
     let host = host.trim();
+    if let Some(rest) = host.strip_prefix("https://") {
+        return (format!("https://{rest}"), false);
+    }
     if let Some(rest) = host.strip_prefix("http://") {
-        return Ok(format!("http://{rest}"));
+        return (format!("http://{rest}"), false);
     }
     let bare = host.strip_prefix("grpc://").unwrap_or(host);
-    let name = bare.rsplit_once(':').map(|(h, _)| h).unwrap_or(bare).trim_start_matches('[').trim_end_matches(']');
-    let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
-    if loopback || std::env::var("ISOLATE_TEST_MODE").is_ok_and(|v| !v.is_empty() && v != "0") {
-        Ok(format!("http://{bare}"))
+    if is_loopback(bare) || test_mode {
+        (format!("http://{bare}"), true)
     } else {
-        Err(ClientError::Insecure { host: host.to_string() })
+        (format!("https://{bare}"), false)
     }
+}
+
+fn is_loopback(host_port: &str) -> bool {
+    let name = host_port.rsplit_once(':').map(|(h, _)| h).unwrap_or(host_port);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost" || name.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+}
+
+/// `scheme://host:port/...` -> `host:port`.
+fn authority(uri: &str) -> &str {
+    let rest = uri.split_once("://").map(|(_, rest)| rest).unwrap_or(uri);
+    rest.split('/').next().unwrap_or(rest)
 }
 
 /// A connection to the server, with the key every request carries.
@@ -141,15 +183,6 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(target: &Target) -> Result<Self, ClientError> {
-        let connect_error = |message: String| ClientError::Connect { uri: target.uri.clone(), message };
-        let endpoint = Endpoint::from_shared(target.uri.clone()).map_err(|e| connect_error(e.to_string()))?;
-        let channel = endpoint
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .connect()
-            .await
-            .map_err(|e| connect_error(source_chain(&e)))?;
         let key = |value: &str, what: &str| {
             value.parse::<AsciiMetadataValue>().map_err(|_| ClientError::Server {
                 code: tonic::Code::Unauthenticated,
@@ -157,20 +190,25 @@ impl Client {
                 message: format!("the {what} holds characters a key never has; check it"),
             })
         };
+        let (key_id, key_secret) = (key(&target.key_id, "key id")?, key(&target.key_secret, "key secret")?);
+        let mut grpc = channel(&target.uri).await?;
+        if target.tls_if_offered {
+            let probe = with_key(Request::new(()), &key_id, &key_secret);
+            if speaks_tls_only(grpc.clone(), probe, &target.uri).await? {
+                grpc = channel(&format!("https://{}", authority(&target.uri))).await?;
+            }
+        }
         Ok(Self {
-            grpc: IsolateControllerClient::new(channel)
+            grpc: IsolateControllerClient::new(grpc)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-            key_id: key(&target.key_id, "key id")?,
-            key_secret: key(&target.key_secret, "key secret")?,
+            key_id,
+            key_secret,
         })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request.metadata_mut().insert(AUTH_KEY_ID, self.key_id.clone());
-        request.metadata_mut().insert(AUTH_KEY_SECRET, self.key_secret.clone());
-        request
+        with_key(Request::new(message), &self.key_id, &self.key_secret)
     }
 
     /// Runs a call, handing each log to `on_log` as it arrives; returns the function's serialized outcome.
@@ -213,6 +251,139 @@ impl Client {
     }
 }
 
+fn with_key<T>(mut request: Request<T>, key_id: &AsciiMetadataValue, key_secret: &AsciiMetadataValue) -> Request<T> {
+    request.metadata_mut().insert(AUTH_KEY_ID, key_id.clone());
+    request.metadata_mut().insert(AUTH_KEY_SECRET, key_secret.clone());
+    request
+}
+
+/// A connected channel to `uri`: TLS for `https://`, with HTTP/2 keepalive while calls are open.
+async fn channel(uri: &str) -> Result<Channel, ClientError> {
+    let connect_error = |message: String| ClientError::Connect { uri: uri.to_string(), message };
+    let mut endpoint = Endpoint::from_shared(uri.to_string())
+        .map_err(|e| connect_error(e.to_string()))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        // Finds a server that vanished mid-call (its host gone) in seconds rather than at the call's timeout.
+        // Only while a call is open: an idle connection's pings would count against strict servers' ping policy.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(false);
+    let tls = uri.starts_with("https://");
+    if tls {
+        endpoint = endpoint.tls_config(tls_config()?).map_err(|e| connect_error(source_chain(&e)))?;
+    }
+    match endpoint.connect().await {
+        Ok(channel) => Ok(channel),
+        Err(error) if tls => Err(tls_connect_error(uri, &error).await),
+        Err(error) => Err(connect_error(source_chain(&error))),
+    }
+}
+
+/// The system's roots (where there are any) plus `FAL_SERVERLESS_CA_FILE`.
+fn tls_config() -> Result<ClientTlsConfig, ClientError> {
+    // tonic refuses to build a config with native roots where the system has none (a slim container, say), even
+    // with a CA file given; so they are asked for only where they exist. Looked up once per process.
+    static SYSTEM_ROOTS: OnceLock<bool> = OnceLock::new();
+    let system_roots = *SYSTEM_ROOTS.get_or_init(|| !rustls_native_certs::load_native_certs().certs.is_empty());
+    let mut config = ClientTlsConfig::new();
+    if system_roots {
+        config = config.with_native_roots();
+    }
+    if let Some(path) = std::env::var_os(CA_FILE_VARIABLE).filter(|p| !p.is_empty()).map(PathBuf::from) {
+        let ca_error = |message: String| ClientError::CaFile { path: path.clone(), message };
+        let pem = std::fs::read(&path).map_err(|e| ca_error(e.to_string()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(ca_error("it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        }
+        config = config.ca_certificate(Certificate::from_pem(pem));
+    }
+    Ok(config)
+}
+
+/// What a failed TLS connection means for the user: a certificate not trusted or for another name, a server that
+/// speaks plaintext (checked by asking it in plaintext), or the connection's own trouble.
+async fn tls_connect_error(uri: &str, error: &tonic::transport::Error) -> ClientError {
+    use tokio_rustls::rustls::{CertificateError, Error as TlsError};
+    let chain = source_chain(error);
+    let mut found = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        // An io::Error's source() skips the error it wraps, so that one is looked into by hand.
+        let wrapped = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)));
+        if let Some(tls) = cause.downcast_ref::<TlsError>().or_else(|| wrapped.and_then(|w| w.downcast_ref())) {
+            found = Some(tls.clone());
+            break;
+        }
+        source = cause.source();
+    }
+    let uri_owned = uri.to_string();
+    match &found {
+        Some(TlsError::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => return ClientError::WrongName { uri: uri_owned, detail: chain_tail(&chain) },
+        Some(TlsError::InvalidCertificate(_)) => {
+            return ClientError::UntrustedCertificate { uri: uri_owned, detail: chain_tail(&chain) }
+        }
+        _ => {}
+    }
+    // A plaintext server closes (or resets) a TLS client's connection, or answers bytes that are no TLS record:
+    // asking it in plaintext tells that apart from a server that is down or a network that is broken.
+    let host = authority(uri).to_string();
+    if speaks_plaintext_h2(&host).await {
+        return ClientError::NotTls { uri: uri_owned, host };
+    }
+    ClientError::Connect { uri: uri_owned, message: chain }
+}
+
+/// The last, most specific part of an error chain.
+fn chain_tail(chain: &str) -> String {
+    chain.rsplit(": ").next().unwrap_or(chain).to_string()
+}
+
+/// Whether `host` answers an HTTP/2 client preface in plaintext (with its SETTINGS frame).
+async fn speaks_plaintext_h2(host: &str) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        stream.write_all(PREFACE).await?;
+        let mut frame = [0u8; 9];
+        stream.read_exact(&mut frame).await?;
+        // A frame header: 3 bytes of length, then the type; SETTINGS is 4.
+        Ok::<bool, std::io::Error>(frame[3] == 0x04)
+    };
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, ask).await, Ok(Ok(true)))
+}
+
+/// Asks a server reached in plaintext whether it speaks only TLS: a method no server has is called; a plaintext
+/// server refuses it (UNIMPLEMENTED, or the key): a TLS port answers every plaintext call with `fal-error-kind:
+/// tls-required`.
+async fn speaks_tls_only(channel: Channel, probe: Request<()>, uri: &str) -> Result<bool, ClientError> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let call = async {
+        grpc.ready().await.map_err(|e| tonic::Status::unavailable(source_chain(&e)))?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(TLS_PROBE_PATH);
+        grpc.unary(probe, path, tonic_prost::ProstCodec::<(), ()>::default()).await
+    };
+    let status = match tokio::time::timeout(PROBE_TIMEOUT, call).await {
+        Ok(Ok(_)) => return Ok(false),
+        Ok(Err(status)) => status,
+        // A TLS port's responder answers at once; a server this slow is a busy plaintext one.
+        Err(_) => return Ok(false),
+    };
+    let kind = status.metadata().get("fal-error-kind").and_then(|v| v.to_str().ok());
+    if kind == Some(TLS_REQUIRED_KIND) {
+        return Ok(true);
+    }
+    match ClientError::from(status) {
+        ClientError::ConnectionLost { detail } => Err(ClientError::Connect { uri: uri.to_string(), message: detail }),
+        _ => Ok(false),
+    }
+}
+
 fn source_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -229,13 +400,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plaintext_only_where_safe_or_asked_for() {
-        assert_eq!(plaintext_uri("127.0.0.1:6005").unwrap(), "http://127.0.0.1:6005");
-        assert_eq!(plaintext_uri("localhost:1").unwrap(), "http://localhost:1");
-        assert_eq!(plaintext_uri("[::1]:7").unwrap(), "http://[::1]:7");
-        assert_eq!(plaintext_uri("http://10.0.0.5:6005").unwrap(), "http://10.0.0.5:6005");
-        if std::env::var_os("ISOLATE_TEST_MODE").is_none() {
-            assert!(matches!(plaintext_uri("api.example.com:443"), Err(ClientError::Insecure { .. })));
-        }
+    fn plaintext_only_where_safe_or_asked_for_and_tls_elsewhere() {
+        let plain = |uri: &str| (uri.to_string(), false);
+        let upgradable = |uri: &str| (uri.to_string(), true);
+        assert_eq!(connection_uri("127.0.0.1:6005", false), upgradable("http://127.0.0.1:6005"));
+        assert_eq!(connection_uri("localhost:1", false), upgradable("http://localhost:1"));
+        assert_eq!(connection_uri("[::1]:7", false), upgradable("http://[::1]:7"));
+        assert_eq!(connection_uri("http://10.0.0.5:6005", false), plain("http://10.0.0.5:6005"));
+        assert_eq!(connection_uri("https://127.0.0.1:1", false), plain("https://127.0.0.1:1"));
+        assert_eq!(connection_uri("api.example.com:443", false), plain("https://api.example.com:443"));
+        assert_eq!(connection_uri("grpc://10.0.0.5:6005", false), plain("https://10.0.0.5:6005"));
+        assert_eq!(connection_uri("api.example.com:443", true), upgradable("http://api.example.com:443"));
+        assert_eq!(authority("https://a.b:5/x"), "a.b:5");
     }
 }

@@ -262,11 +262,16 @@ impl Engine {
 fn client_error(error: ClientError) -> PyErr {
     let message = error.to_string();
     match error {
-        ClientError::NoServer | ClientError::Insecure { .. } => NoServerConfiguredError::new_err(message),
-        ClientError::NoKey { .. } => AuthenticationError::new_err(message),
-        ClientError::Connect { .. } | ClientError::NoResult | ClientError::ConnectionLost { .. } => {
-            ServerUnavailableError::new_err(message)
+        ClientError::NoServer | ClientError::Credentials(_) | ClientError::CaFile { .. } => {
+            NoServerConfiguredError::new_err(message)
         }
+        ClientError::NoKey { .. } => AuthenticationError::new_err(message),
+        ClientError::Connect { .. }
+        | ClientError::NoResult
+        | ClientError::ConnectionLost { .. }
+        | ClientError::UntrustedCertificate { .. }
+        | ClientError::WrongName { .. }
+        | ClientError::NotTls { .. } => ServerUnavailableError::new_err(message),
         ClientError::Server { code, kind, .. } => match (kind.as_deref(), code) {
             (Some("invalid"), _) => PyValueError::new_err(message),
             (Some("environment"), _) => EnvironmentBuildError::new_err(message),
@@ -276,6 +281,7 @@ fn client_error(error: ClientError) -> PyErr {
             (Some("payload-too-large"), _) => PayloadTooLargeError::new_err(message),
             (Some("timeout"), _) => CallTimeoutError::new_err(message),
             (Some("busy"), _) => ServerBusyError::new_err(message),
+            (Some(fal_proto::TLS_REQUIRED_KIND), _) => ServerUnavailableError::new_err(message),
             (_, tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => AuthenticationError::new_err(message),
             (_, tonic::Code::Unavailable) => ServerUnavailableError::new_err(message),
             (_, tonic::Code::ResourceExhausted) => PayloadTooLargeError::new_err(message),
@@ -403,6 +409,21 @@ fn local_server_credentials_path() -> PathBuf {
     fal_client::LocalServer::credentials_path()
 }
 
+/// Makes the credentials file's directory (mode 0700) if missing and checks that it is this user's alone; returns
+/// the file's path.
+#[pyfunction]
+fn prepare_local_server_dir() -> PyResult<PathBuf> {
+    fal_client::LocalServer::prepare_dir().map_err(|e| NoServerConfiguredError::new_err(e.to_string()))
+}
+
+/// The local server's `(host, pid)` from its credentials file, `None` without one; refuses a file (or directory)
+/// that could be someone else's.
+#[pyfunction]
+fn read_local_server() -> PyResult<Option<(String, u32)>> {
+    let info = fal_client::LocalServer::read().map_err(|e| NoServerConfiguredError::new_err(e.to_string()))?;
+    Ok(info.map(|info| (info.host, info.pid)))
+}
+
 /// Runs the `fal-serverless` command line (`argv[0]` is the program name); returns its exit code.
 #[pyfunction]
 fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
@@ -450,6 +471,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CloudClient>()?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(local_server_credentials_path, m)?)?;
+    m.add_function(wrap_pyfunction!(prepare_local_server_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(read_local_server, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_requirements, m)?)?;
     m.add_function(wrap_pyfunction!(machine_types, m)?)?;
     m.add_function(wrap_pyfunction!(environment_key, m)?)?;

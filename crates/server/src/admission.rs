@@ -13,11 +13,10 @@ use std::task::{Context, Poll};
 
 use fal_proto::{AUTH_KEY_ID, AUTH_KEY_SECRET};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::Interceptor;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::Connected;
 use tonic::{Request, Status};
 
 use crate::activity::Activity;
@@ -128,14 +127,17 @@ impl Interceptor for Admission {
 
 /// A connection that holds one of the server's `max_connections` places while it is open.
 #[derive(Debug)]
-pub(crate) struct Limited {
-    stream: TcpStream,
+pub(crate) struct Limited<C> {
+    stream: C,
     _place: OwnedSemaphorePermit,
 }
 
-/// Connections from `incoming`, accepted only while fewer than `max` are open: the next waits in the kernel's
+/// Connections from `incoming`, taken only while fewer than `max` are open: the next waits in the kernel's
 /// backlog, as on any busy server, rather than costing memory here.
-pub(crate) fn limited(incoming: TcpIncoming, max: usize) -> impl Stream<Item = std::io::Result<Limited>> {
+pub(crate) fn limited<C, S>(incoming: S, max: usize) -> impl Stream<Item = std::io::Result<Limited<C>>>
+where
+    S: Stream<Item = std::io::Result<C>> + Unpin,
+{
     let places = Arc::new(Semaphore::new(max));
     futures_util::stream::unfold((incoming, places), |(mut incoming, places)| async move {
         let place = places.clone().acquire_owned().await.ok()?;
@@ -144,21 +146,21 @@ pub(crate) fn limited(incoming: TcpIncoming, max: usize) -> impl Stream<Item = s
     })
 }
 
-impl Connected for Limited {
-    type ConnectInfo = TcpConnectInfo;
+impl<C: Connected> Connected for Limited<C> {
+    type ConnectInfo = C::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
     }
 }
 
-impl AsyncRead for Limited {
+impl<C: AsyncRead + Unpin> AsyncRead for Limited<C> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Limited {
+impl<C: AsyncWrite + Unpin> AsyncWrite for Limited<C> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }

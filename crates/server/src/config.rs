@@ -49,9 +49,16 @@
 //! max_per_user = 50                  # a build past it first removes that user's least recently used
 //! disk_per_user_gb = 50              # the same for their disk; default: a quarter of disk_budget_gb
 //! prune_interval_seconds = 3600      # how often the server applies this (and after each build)
+//!
+//! [tls]                              # serve TLS only (paths relative to the config file's directory)
+//! cert = "server.pem"                # the certificate chain, PEM
+//! key = "server.key"                 # its private key, PEM
 //! ```
 //!
-//! `fal-serverless envs list|rm|prune` shows and removes environments by hand; `prune` applies this section.
+//! `fal-serverless envs list|rm|prune` shows and removes environments by hand; `prune` applies `[environments]`.
+//!
+//! Without `[tls]` (or `--tls-cert`/`--tls-key`), a data dir holding the pair `server init --tls-self-signed` made
+//! (`<data-dir>/tls/server.pem`, `server.key`) serves TLS with it; otherwise the port is plaintext.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,6 +74,8 @@ use serde::Deserialize;
 use crate::admission::AdmissionLimits;
 use crate::capacity::Sharing;
 use sha2::{Digest, Sha256};
+
+use crate::tls::TlsFiles;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 /// Where the server listens unless told otherwise: loopback only.
@@ -101,6 +110,8 @@ pub struct ServerConfig {
     /// Names this server's own things on the host (its nftables table, its Slurm jobs): the same for the same data
     /// dir across restarts, different for another.
     pub tag: String,
+    /// The certificate and key the port serves TLS with; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -156,6 +167,7 @@ struct FileConfig {
     limits: LimitsConfig,
     #[serde(default)]
     environments: EnvironmentsConfig,
+    tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +191,13 @@ struct EnvironmentsConfig {
     max_per_user: Option<usize>,
     disk_per_user_gb: Option<f64>,
     prune_interval_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsConfig {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +337,13 @@ impl ServerConfig {
             }
             (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
         };
+        let tls = match file.tls {
+            Some(tls) => {
+                let base = path.as_deref().and_then(Path::parent).unwrap_or(data_dir);
+                Some(TlsFiles { cert: base.join(tls.cert), key: base.join(tls.key) })
+            }
+            None => TlsFiles::in_data_dir(data_dir),
+        };
         Ok(Self {
             listen,
             provider,
@@ -338,6 +364,7 @@ impl ServerConfig {
             prune_interval,
             limits,
             tag,
+            tls,
         })
     }
 }
@@ -618,6 +645,18 @@ mod tests {
             let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_comes_from_the_config_file_else_the_data_dirs_own_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ServerConfig::load(dir.path(), None, None).unwrap().tls, None);
+        crate::tls::self_signed(dir.path(), &["localhost".into()]).unwrap();
+        let made = ServerConfig::load(dir.path(), None, None).unwrap().tls.unwrap();
+        assert_eq!(made.cert, dir.path().join("tls/server.pem"));
+        std::fs::write(dir.path().join("config.toml"), "[tls]\ncert = \"c.pem\"\nkey = \"/k.pem\"\n").unwrap();
+        let named = ServerConfig::load(dir.path(), None, None).unwrap().tls.unwrap();
+        assert_eq!((named.cert, named.key), (dir.path().join("c.pem"), PathBuf::from("/k.pem")));
     }
 
     #[test]

@@ -8,16 +8,18 @@
 //! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
 //!
 //! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments, removed by the
-//! `[environments]` policy),
-//! `layers/dill/<key>` (the dill layer, per Python version), `config.toml`.
+//! `[environments]` policy), `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a
+//! self-signed CA and the server's certificate and key, when `server init --tls-self-signed` made them).
 
 mod activity;
 mod admission;
 mod capacity;
 mod config;
 mod dill;
+mod listener;
 mod service;
 mod store;
+mod tls;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -27,9 +29,8 @@ use std::time::Duration;
 
 use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
-use fal_proto::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
+use fal_proto::{CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, STREAM_WINDOW};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 pub use crate::capacity::Resources;
 
@@ -82,6 +83,7 @@ pub mod fuzzing {
 }
 pub use crate::config::{ConfigError, ServerConfig, UserLimits, DEFAULT_LISTEN};
 pub use crate::store::{KeyInfo, Scope, Store, StoreError};
+pub use crate::tls::{self_signed, SelfSigned, TlsError, TlsFiles};
 
 const STATE_FILE: &str = "state.sqlite3";
 /// How long calls still running when the server is told to stop may take to finish; then they are ended (their
@@ -113,6 +115,8 @@ pub enum ServerError {
          [network] egress = \"none\" and build_egress = \"none\" in the config to give them loopback only"
     )]
     Network(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -125,6 +129,8 @@ pub struct Started {
     pub admin_key: Option<(KeyInfo, String)>,
     /// Why workers are not jailed, when they are not.
     pub unjailed: Option<String>,
+    /// The certificate and key the port serves TLS with, when it does.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Opens the data dir (creating it, mode 0700) and its key store; creates the first admin key if there is none.
@@ -147,6 +153,8 @@ pub async fn serve(
     started: impl FnOnce(&Started),
 ) -> Result<(), ServerError> {
     let (store, admin_key) = init(&config.data_dir)?;
+    // Read before anything starts, so a bad certificate stops the server at once with what is wrong.
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let jail = fal_sandbox::Jail::from_path();
     let root = geteuid() == 0;
     let unjailed = match (&jail, root) {
@@ -214,13 +222,20 @@ pub async fn serve(
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let info = Started { address, admin_key, unjailed };
-    tracing::info!(%address, data_dir = %config.data_dir.display(), cpus = capacity.cpus,
+    let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
+    tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = capacity.cpus,
         memory_bytes = capacity.memory_bytes, gpus = capacity.gpus, jailed = info.unjailed.is_none(), "serving");
     if let Some(reason) = &info.unjailed {
         tracing::warn!(
             "workers and environment builds are NOT jailed ({reason}): every user's code runs as this server's user, \
              with its network"
+        );
+    }
+    if tls.is_none() && !address.ip().is_loopback() {
+        tracing::warn!(
+            "serving plaintext gRPC on {address}, which is not loopback: keys and calls cross the network unencrypted. \
+             Give the server a certificate (--tls-cert/--tls-key, or `fal-serverless server init --tls-self-signed \
+             NAME...`)"
         );
     }
     started(&info);
@@ -255,10 +270,13 @@ pub async fn serve(
     let serving = tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // A client that vanished without closing (host gone, process stopped) stops answering pings: its
+        // connection is closed, which ends its calls and frees their workers and capacity.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(service)
-        // Without TCP_NODELAY a small reply waits for the client's delayed ACK: 40 ms per warm call.
         .serve_with_incoming_shutdown(
-            admission::limited(TcpIncoming::from(listener).with_nodelay(Some(true)), config.admission.max_connections),
+            admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
             stop,
         );
     let grace_over = async {

@@ -36,6 +36,14 @@ const JOB_NAME: &str = "fal-worker";
 const POLL: Duration = Duration::from_millis(500);
 /// How long Slurm may take to record why a job whose worker vanished ended.
 const END_GRACE: Duration = Duration::from_secs(15);
+/// TCP keepalive on worker jobs' streams: a node that vanished (powered off, cut off the network) without closing
+/// them fails its call within about a minute instead of leaving it to its timeout. Idle time before the first
+/// probe, time between probes, probes unanswered before the stream is closed.
+const TCP_KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(15), Duration::from_secs(5), 3);
+/// How long anything sent (data, or those probes) may go unacknowledged before the stream is closed: covers data
+/// in flight to a vanished node, where keepalive does not probe. Linux lets it override keepalive's count, so it
+/// is keepalive's own total (15 s + 3 x 5 s).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a server runs workers on Slurm.
 #[derive(Debug, Clone, Default)]
@@ -501,6 +509,7 @@ async fn accept(listener: TcpListener, callback: std::sync::Weak<Callback>) {
         if callback.strong_count() == 0 {
             return;
         }
+        set_tcp_keepalive(&stream);
         let callback = callback.clone();
         tokio::spawn(async move {
             let greeted = tokio::time::timeout(Duration::from_secs(10), greeting(&mut stream)).await;
@@ -511,6 +520,19 @@ async fn accept(listener: TcpListener, callback: std::sync::Weak<Callback>) {
                 let _ = sender.send((kind, stream));
             }
         });
+    }
+}
+
+/// Sets TCP keepalive and a user timeout on a worker job's stream (the job's end, bash's `/dev/tcp`, cannot; its
+/// agent sets keepalive on the frames stream itself).
+fn set_tcp_keepalive(stream: &TcpStream) {
+    let (idle, interval, retries) = TCP_KEEPALIVE;
+    let keepalive = socket2::TcpKeepalive::new().with_time(idle).with_interval(interval).with_retries(retries);
+    let socket = socket2::SockRef::from(stream);
+    if let Err(error) =
+        socket.set_tcp_keepalive(&keepalive).and_then(|()| socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)))
+    {
+        tracing::debug!(%error, "cannot set TCP keepalive on a worker job's stream");
     }
 }
 
@@ -553,6 +575,21 @@ fn quote(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn worker_job_streams_get_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        let (_client, (stream, _)) = (client.unwrap(), accepted.unwrap());
+        let socket = socket2::SockRef::from(&stream);
+        assert!(!socket.keepalive().unwrap());
+        set_tcp_keepalive(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE.0);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE.2);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
+    }
 
     #[test]
     fn machine_types_map_to_allocations() {

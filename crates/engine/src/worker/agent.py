@@ -145,6 +145,13 @@ def serve():
 
     os.set_inheritable(3, False)  # subprocesses of the function must not hold our end open
     sock = socket.socket(fileno=3)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # A Slurm job's stream to the server: a server host that vanished ends the job (a failed read) rather than
+        # leaving it holding its allocation.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
     def recv_exactly(size):
         buf = bytearray(size)

@@ -152,7 +152,12 @@ impl OutputPipe {
                     match err.kind() {
                         std::io::ErrorKind::WouldBlock => break,
                         std::io::ErrorKind::Interrupted => continue,
-                        _ => self.open = false,
+                        // The stream's end too (a Slurm job's TCP stream timed out by keepalive, say): unless it
+                        // counts as progress, `forward` would wait on a descriptor that stays readable, forever.
+                        _ => {
+                            self.open = false;
+                            progressed = true;
+                        }
                     }
                 }
             }
@@ -240,5 +245,30 @@ mod tests {
         }
         assert!(cutter.partial.capacity() <= 2 * MAX_LINE, "held {} bytes", cutter.partial.capacity());
         assert_eq!(cutter.dropped, (64 << 20) - MAX_LINE as u64);
+    }
+
+    #[test]
+    fn a_stream_that_fails_ends_forwarding() {
+        // A TCP stream (as a Slurm job's) whose peer resets it: reading fails with ECONNRESET, as with ETIMEDOUT
+        // when keepalive gives up on a node.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        socket2::SockRef::from(&peer).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(peer);
+        // On a thread of its own: a forward() that never returns never yields either, so no timeout in its own
+        // runtime could end it; this one is simply left behind when the test fails.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut pipe = OutputPipe::new(OwnedFd::from(ours), LogSource::Stdout).unwrap();
+                pipe.forward(&LogSink::new(|_| {})).await;
+                let _ = done.send(pipe.is_open());
+            });
+        });
+        let open = finished.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(open, Ok(false), "forward() kept waiting on a failed stream");
     }
 }
