@@ -27,10 +27,10 @@ pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// HTTP/2 keepalive, both sides: a PING after this long without a frame from the peer...
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// ...and the connection closed when its answer takes longer than this. A client that vanished without closing (its
-/// host gone, its process stopped) so loses its call, and the call's worker and capacity, within 20 s; a live one
-/// answers at once, however busy. Servers pinging clients this often is allowed by gRPC's keepalive policy (the
-/// policy limits clients' pings); our client pings only while a call is open.
-pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// host gone, its process stopped) so loses its call, and the call's worker and capacity, within 30 s; a live one
+/// answers at once, and 20 s leaves room for a host loaded enough to delay it. Servers pinging clients this often is
+/// allowed by gRPC's keepalive policy (the policy limits clients' pings); our client pings only while a call is open.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// The `fal-error-kind` of the answer a plaintext client gets from a TLS port.
 pub const TLS_REQUIRED_KIND: &str = "tls-required";
 /// A method no server has: what our client calls in plaintext to learn whether a server speaks only TLS.
