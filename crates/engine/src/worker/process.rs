@@ -340,7 +340,9 @@ impl Worker {
         if write_frame(&mut self.frames, CALL, payload).await.is_err() {
             return Err(NoReply::Gone);
         }
-        let mut oom_poll = tokio::time::interval(OOM_POLL);
+        // The first look after OOM_POLL, not at once (an interval's first tick is immediate): a warm call that
+        // returns sooner reads the counter only once, with its reply.
+        let mut oom_poll = tokio::time::interval_at(tokio::time::Instant::now() + OOM_POLL, OOM_POLL);
         oom_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Output first: lines printed before the reply was sent belong to this call.
