@@ -17,9 +17,11 @@ use fal_engine::{
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
-    create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, HostedRun, HostedRunResult, HostedRunStatus,
-    ListUserKeysRequest, ListUserKeysResponse, RevokeUserKeyRequest, RevokeUserKeyResponse, UserKeyInfo, WorkerStatus,
-    WorkerStatusListRequest, WorkerStatusListResponse,
+    create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
+    GetLogsRequest, GetLogsResult, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
+    ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RegisterApplicationResult,
+    RevokeUserKeyRequest, RevokeUserKeyResponse, UserKeyInfo, WorkerStatus, WorkerStatusListRequest,
+    WorkerStatusListResponse,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
@@ -526,6 +528,29 @@ impl IsolateController for Controller {
             })
             .collect();
         Ok(Response::new(WorkerStatusListResponse { worker_status }))
+    }
+
+    type RegisterApplicationStream = Pin<Box<dyn Stream<Item = Result<RegisterApplicationResult, Status>> + Send>>;
+
+    async fn register_application(
+        &self,
+        _request: Request<RegisterApplicationRequest>,
+    ) -> Result<Response<Self::RegisterApplicationStream>, Status> {
+        Err(Status::unimplemented("web endpoints: in progress"))
+    }
+
+    async fn list_aliases(&self, _request: Request<ListAliasesRequest>) -> Result<Response<ListAliasesResult>, Status> {
+        Err(Status::unimplemented("web endpoints: in progress"))
+    }
+
+    type GetLogsStream = Pin<Box<dyn Stream<Item = Result<GetLogsResult, Status>> + Send>>;
+
+    async fn get_logs(&self, _request: Request<GetLogsRequest>) -> Result<Response<Self::GetLogsStream>, Status> {
+        Err(Status::unimplemented("web endpoints: in progress"))
+    }
+
+    async fn delete_alias(&self, _request: Request<DeleteAliasRequest>) -> Result<Response<DeleteAliasResult>, Status> {
+        Err(Status::unimplemented("web endpoints: in progress"))
     }
 }
 
