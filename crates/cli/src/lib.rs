@@ -1,5 +1,6 @@
-//! The `fal-serverless` command. Its arguments are declared here; the work is done by `fal-server` (the server) and
-//! `fal-client` (everything that talks to one). Shipped both as a binary and, through the Python package, as the
+//! The `fal-serverless` command. Its arguments are declared here (and in `apps.rs`, `envs.rs`); the work is done by
+//! `fal-server` (the server), `fal-client` (everything that talks to one) and, for `function serve`, which must run
+//! the user's Python file, the Python package (`python -m fal_serverless._deploy`). Shipped both as a binary and, through the Python package, as the
 //! `fal-serverless` console script.
 
 use std::ffi::OsString;
@@ -15,7 +16,10 @@ use fal_client::{Client, LocalServer, Target};
 use fal_proto::controller::{create_user_key_request, CreateUserKeyRequest};
 use fal_server::{ServerConfig, Started, Store};
 
+mod apps;
 mod envs;
+
+pub use apps::PYTHON_VARIABLE;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +47,14 @@ enum Command {
     /// the server, the local host and this command agree through lock files every user of an environment holds.
     /// Run it as the user the server runs as (root for a server that jails its workers).
     Envs(envs::EnvsArgs),
+    /// Deploy functions as web endpoints (`fal-serverless function serve FILE FUNCTION`).
+    #[command(subcommand, visible_alias = "fn")]
+    Function(apps::FunctionCommand),
+    /// List and delete your web endpoints' aliases.
+    #[command(subcommand)]
+    Apps(apps::AppsCommand),
+    /// Print a web endpoint's logs (its replicas' output), and with --follow new lines as they come.
+    Logs(apps::LogsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +173,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Keys(command) => keys(command).await,
         // Walking and deleting trees: on a blocking thread.
         Command::Envs(args) => tokio::task::spawn_blocking(move || envs::run(args)).await?,
+        Command::Function(apps::FunctionCommand::Serve(args)) => apps::serve(args),
+        Command::Apps(command) => apps::apps(&connect().await?, command).await,
+        Command::Logs(args) => apps::logs(&connect().await?, args).await,
         Command::Workers => {
             let client = connect().await?;
             println!(

@@ -2,7 +2,8 @@
 //!
 //! Owns: finding the server and the key ([`Target`]: `FAL_HOST`, `FAL_KEY_ID` / `FAL_KEY_SECRET`, explicit
 //! credentials, or the zero-config local server's credentials file, see [`LocalServer`]), the connection, and the
-//! RPCs with their errors.
+//! RPCs with their errors: calls, keys, workers, and web endpoints (`apps.rs`: register, list, delete, logs, and an
+//! app's URL).
 //!
 //! How a host is reached:
 //! - `https://host:port`: TLS, trusting the system's roots plus the CA file `FAL_SERVERLESS_CA_FILE` names.
@@ -14,6 +15,7 @@
 //! A TLS client at a plaintext server, or the reverse, a certificate the client does not trust or one for another
 //! name: each is a [`ClientError`] saying what to change.
 
+mod apps;
 mod credentials;
 
 use std::path::PathBuf;
@@ -22,7 +24,8 @@ use std::time::Duration;
 
 use fal_proto::controller::isolate_controller_client::IsolateControllerClient;
 use fal_proto::controller::{
-    hosted_run_status, CreateUserKeyRequest, HostedRun, ListUserKeysRequest, RevokeUserKeyRequest, UserKeyInfo,
+    hosted_run_status, AliasInfo, CreateUserKeyRequest, DeleteAliasRequest, GetLogsRequest, GetLogsResult, HostedRun,
+    ListAliasesRequest, ListUserKeysRequest, LogsFilter, RegisterApplicationRequest, RevokeUserKeyRequest, UserKeyInfo,
     WorkerStatus, WorkerStatusListRequest,
 };
 use fal_proto::{
@@ -34,6 +37,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Request;
 
+pub use crate::apps::{app_url, auth_mode_name, parse_auth_mode, LogsQuery, Registered, AUTH_MODES};
 pub use crate::credentials::{CredentialsError, LocalServer};
 
 /// The variable naming a CA file (PEM) to trust besides the system's roots.
@@ -89,6 +93,10 @@ pub enum ClientError {
     Server { code: tonic::Code, kind: Option<String>, message: String },
     #[error("the server ended the run without a result")]
     NoResult,
+    #[error("the server ended the registration without a revision id; its logs above may say why")]
+    NoRevision,
+    #[error("unknown auth mode {given:?}: use private, public or shared")]
+    UnknownAuthMode { given: String },
     #[error(
         "the connection to the server was lost during the call ({detail}): the server stopped, restarted or crashed. \
          The call may or may not have run; call it again once the server is back"
@@ -177,6 +185,8 @@ fn authority(uri: &str) -> &str {
 #[derive(Debug, Clone)]
 pub struct Client {
     grpc: IsolateControllerClient<Channel>,
+    /// What the connection speaks to: `https://host:port` once a plaintext target switched to TLS.
+    uri: String,
     key_id: AsciiMetadataValue,
     key_secret: AsciiMetadataValue,
 }
@@ -191,20 +201,29 @@ impl Client {
             })
         };
         let (key_id, key_secret) = (key(&target.key_id, "key id")?, key(&target.key_secret, "key secret")?);
-        let mut grpc = channel(&target.uri).await?;
+        let mut uri = target.uri.clone();
+        let mut grpc = channel(&uri).await?;
         if target.tls_if_offered {
             let probe = with_key(Request::new(()), &key_id, &key_secret);
             if speaks_tls_only(grpc.clone(), probe, &target.uri).await? {
-                grpc = channel(&format!("https://{}", authority(&target.uri))).await?;
+                uri = format!("https://{}", authority(&target.uri));
+                grpc = channel(&uri).await?;
             }
         }
         Ok(Self {
+            uri,
             grpc: IsolateControllerClient::new(grpc)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             key_id,
             key_secret,
         })
+    }
+
+    /// `http://host:port` or `https://host:port`: the server as this connection reaches it (an app's URL starts
+    /// with it).
+    pub fn uri(&self) -> &str {
+        &self.uri
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -248,6 +267,48 @@ impl Client {
     pub async fn workers(&self) -> Result<Vec<WorkerStatus>, ClientError> {
         let request = WorkerStatusListRequest::default();
         Ok(self.grpc.clone().worker_status_list(self.request(request)).await?.into_inner().worker_status)
+    }
+
+    /// Deploys a web endpoint: a new revision (under `request.application_name` when given, which then points to
+    /// it), handing each log (its environment's build) to `on_log` as it arrives.
+    pub async fn register_application(
+        &self,
+        request: RegisterApplicationRequest,
+        mut on_log: impl FnMut(Log),
+    ) -> Result<Registered, ClientError> {
+        let mut stream = self.grpc.clone().register_application(self.request(request)).await?.into_inner();
+        while let Some(message) = stream.message().await? {
+            message.logs.into_iter().for_each(&mut on_log);
+            if let Some(result) = message.result.filter(|r| !r.application_id.is_empty()) {
+                return Ok(Registered { revision: result.application_id, user_id: result.user_id });
+            }
+        }
+        Err(ClientError::NoRevision)
+    }
+
+    /// The caller's aliases (every user's, for an admin), with the revision each points to.
+    pub async fn list_aliases(&self) -> Result<Vec<AliasInfo>, ClientError> {
+        Ok(self.grpc.clone().list_aliases(self.request(ListAliasesRequest {})).await?.into_inner().aliases)
+    }
+
+    /// Removes an alias of the caller's; returns the revision it pointed to.
+    pub async fn delete_alias(&self, alias: &str) -> Result<String, ClientError> {
+        let request = DeleteAliasRequest { alias: alias.to_string() };
+        Ok(self.grpc.clone().delete_alias(self.request(request)).await?.into_inner().revision)
+    }
+
+    /// Reads apps' logs, handing each line to `on_line`; with `query.follow`, until the server ends the stream or
+    /// the future is dropped.
+    pub async fn get_logs(&self, query: LogsQuery, mut on_line: impl FnMut(GetLogsResult)) -> Result<(), ClientError> {
+        let request = GetLogsRequest {
+            follow: Some(query.follow),
+            filter: Some(LogsFilter { lines: query.lines, alias: query.app, ..Default::default() }),
+        };
+        let mut stream = self.grpc.clone().get_logs(self.request(request)).await?.into_inner();
+        while let Some(line) = stream.message().await? {
+            on_line(line);
+        }
+        Ok(())
     }
 }
 

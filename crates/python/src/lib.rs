@@ -15,7 +15,7 @@ use fal_client::{Client, ClientError, Target};
 use fal_engine::{
     options, CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion, Serializer,
 };
-use fal_proto::controller::{HostedRun, MachineRequirements};
+use fal_proto::controller::{HostedRun, MachineRequirements, RegisterApplicationRequest};
 use fal_proto::{EnvironmentDefinition, LogLevel, LogSource as LogSourceProto, SerializedObject};
 use prost_types::value::Kind;
 use pyo3::create_exception;
@@ -104,10 +104,8 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     Ok(RUNTIME.get_or_init(|| runtime))
 }
 
-/// Runs `call` on the calling thread with the GIL released, handing each log line to `on_log` as it comes and
-/// checking for Ctrl-C meanwhile. The caller's thread polls the call itself (the runtime's threads drive the
-/// sockets), so a warm call costs no hand-off between threads. Dropping the call (Ctrl-C, a failing `on_log`)
-/// stops whatever it holds.
+/// Runs `call` on the calling thread with the GIL released, handing each log line to `on_log(source, line)` as it
+/// comes and checking for Ctrl-C meanwhile; returns the call's `(raised, payload)`.
 fn run_call<'py, F>(
     py: Python<'py>,
     runtime: &tokio::runtime::Runtime,
@@ -117,35 +115,70 @@ fn run_call<'py, F>(
 where
     F: std::future::Future<Output = Result<(bool, Bytes), PyErr>> + Send,
 {
-    enum Step {
-        Log(&'static str, String),
-        Done(Result<(bool, Bytes), PyErr>),
+    let (raised, payload) = run_logged(py, runtime, on_log, call)?;
+    Ok((raised, PyBytes::new(py, &payload)))
+}
+
+/// [`run_streaming`] for a call whose items are log lines `(source, line)`, handed to `on_log`.
+fn run_logged<'py, T, F>(
+    py: Python<'py>,
+    runtime: &tokio::runtime::Runtime,
+    on_log: &Bound<'py, PyAny>,
+    call: impl FnOnce(Box<dyn Fn(&'static str, String) + Send + Sync>) -> F,
+) -> PyResult<T>
+where
+    T: Send,
+    F: std::future::Future<Output = Result<T, PyErr>> + Send,
+{
+    run_streaming(
+        py,
+        runtime,
+        |(source, line): (&'static str, String)| on_log.call1((source, line)).map(drop),
+        move |items| call(Box::new(move |source, line| drop(items.send((source, line))))),
+    )
+}
+
+/// Runs `call` on the calling thread with the GIL released, handing each item it sends (a log line, say) to
+/// `deliver` as it comes and checking for Ctrl-C meanwhile. The caller's thread polls the call itself (the runtime's
+/// threads drive the sockets), so a warm call costs no hand-off between threads. Dropping the call (Ctrl-C, a
+/// failing `deliver`) stops whatever it holds.
+fn run_streaming<'py, M, T, F>(
+    py: Python<'py>,
+    runtime: &tokio::runtime::Runtime,
+    mut deliver: impl FnMut(M) -> PyResult<()>,
+    call: impl FnOnce(tokio::sync::mpsc::UnboundedSender<M>) -> F,
+) -> PyResult<T>
+where
+    M: Send,
+    T: Send,
+    F: std::future::Future<Output = Result<T, PyErr>> + Send,
+{
+    enum Step<M, T> {
+        Item(M),
+        Done(Result<T, PyErr>),
         CheckSignals,
     }
-    let (log_sender, mut log_receiver) = tokio::sync::mpsc::unbounded_channel();
-    let mut future = std::pin::pin!(call(Box::new(move |source, line| drop(log_sender.send((source, line))))));
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let mut future = std::pin::pin!(call(sender));
     loop {
         let step = py.detach(|| {
             runtime.block_on(async {
                 tokio::select! {
                     biased;
-                    Some((source, line)) = log_receiver.recv() => Step::Log(source, line),
+                    Some(item) = receiver.recv() => Step::Item(item),
                     outcome = &mut future => Step::Done(outcome),
                     () = tokio::time::sleep(SIGNAL_CHECK) => Step::CheckSignals,
                 }
             })
         });
         match step {
-            Step::Log(source, line) => {
-                on_log.call1((source, line))?;
-            }
+            Step::Item(item) => deliver(item)?,
             Step::Done(outcome) => {
-                // Lines logged in the call's last poll are still queued; they come before its outcome.
-                while let Ok((source, line)) = log_receiver.try_recv() {
-                    on_log.call1((source, line))?;
+                // Items sent in the call's last poll are still queued; they come before its outcome.
+                while let Ok(item) = receiver.try_recv() {
+                    deliver(item)?;
                 }
-                let (raised, payload) = outcome?;
-                return Ok((raised, PyBytes::new(py, &payload)));
+                return outcome;
             }
             Step::CheckSignals => py.check_signals()?,
         }
@@ -266,6 +299,8 @@ fn client_error(error: ClientError) -> PyErr {
             NoServerConfiguredError::new_err(message)
         }
         ClientError::NoKey { .. } => AuthenticationError::new_err(message),
+        ClientError::UnknownAuthMode { .. } => PyValueError::new_err(message),
+        ClientError::NoRevision => FalServerlessError::new_err(message),
         ClientError::Connect { .. }
         | ClientError::NoResult
         | ClientError::ConnectionLost { .. }
@@ -297,11 +332,52 @@ type ServerWorker = (String, String, String, String, bool, u64);
 #[pyclass(frozen, module = "fal_serverless._native")]
 struct CloudClient {
     client: Client,
-    uri: String,
 }
 
 fn string_value(s: impl Into<String>) -> prost_types::Value {
     prost_types::Value { kind: Some(Kind::StringValue(s.into())) }
+}
+
+/// The virtualenv of our SDK's calls and apps: its Python, its requirements and the cloudpickle that loads them.
+fn environment(python_version: String, requirements: Vec<String>, serializer: String) -> EnvironmentDefinition {
+    let configuration = prost_types::Struct {
+        fields: [
+            ("python_version".to_string(), string_value(python_version)),
+            ("serializer".to_string(), string_value(serializer)),
+            (
+                "requirements".to_string(),
+                prost_types::Value {
+                    kind: Some(Kind::ListValue(prost_types::ListValue {
+                        values: requirements.into_iter().map(string_value).collect(),
+                    })),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    EnvironmentDefinition { kind: "virtualenv".into(), configuration: Some(configuration), force: false }
+}
+
+/// A server's log as `on_log` names its source: "stdout", "stderr", "build" or "engine".
+fn log_source(entry: &fal_proto::Log) -> &'static str {
+    match (entry.source(), entry.level()) {
+        (LogSourceProto::User, LogLevel::Stderr) => "stderr",
+        (LogSourceProto::User, _) => "stdout",
+        (LogSourceProto::Builder, _) => "build",
+        (LogSourceProto::Bridge, _) => "engine",
+    }
+}
+
+/// An alias as `CloudClient.list_aliases` lists it: `(alias, revision, auth_mode, max_concurrency, min_concurrency,
+/// max_multiplexing, machine_type, replicas, user_id, created_at)` (created_at in seconds since the epoch).
+type AliasRow = (String, String, String, i32, i32, i32, String, i32, String, f64);
+
+/// A line of an app's logs as `CloudClient.logs` hands it over: `(timestamp, source, app, request_id, line)`.
+type LogRow = (f64, &'static str, String, String, String);
+
+fn seconds(timestamp: Option<&prost_types::Timestamp>) -> f64 {
+    timestamp.map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9).unwrap_or(0.0)
 }
 
 #[pymethods]
@@ -314,12 +390,13 @@ impl CloudClient {
         let target = Target::resolve(key_id.zip(key_secret)).map_err(client_error)?;
         let runtime = runtime()?;
         let client = py.detach(|| runtime.block_on(Client::connect(&target))).map_err(client_error)?;
-        Ok(Self { client, uri: target.uri })
+        Ok(Self { client })
     }
 
+    /// `http://host:port` or `https://host:port`: the server as this client reaches it (https when it speaks TLS).
     #[getter]
     fn uri(&self) -> String {
-        self.uri.clone()
+        self.client.uri().to_string()
     }
 
     /// Runs one call on the server; returns `(raised, payload)`, like `Engine.call`.
@@ -339,28 +416,8 @@ impl CloudClient {
         timeout: Option<f64>,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let timeout_seconds = timeout.map(|t| timeout_duration(t).map(|d| d.as_secs_f64())).transpose()?;
-        let configuration = prost_types::Struct {
-            fields: [
-                ("python_version".to_string(), string_value(python_version)),
-                ("serializer".to_string(), string_value(serializer)),
-                (
-                    "requirements".to_string(),
-                    prost_types::Value {
-                        kind: Some(Kind::ListValue(prost_types::ListValue {
-                            values: requirements.into_iter().map(string_value).collect(),
-                        })),
-                    },
-                ),
-            ]
-            .into_iter()
-            .collect(),
-        };
         let run = HostedRun {
-            environments: vec![EnvironmentDefinition {
-                kind: "virtualenv".into(),
-                configuration: Some(configuration),
-                force: false,
-            }],
+            environments: vec![environment(python_version, requirements, serializer)],
             machine_requirements: Some(MachineRequirements {
                 machine_type,
                 keep_alive: Some(keep_alive),
@@ -378,20 +435,137 @@ impl CloudClient {
         };
         let client = self.client.clone();
         run_call(py, runtime()?, &on_log, move |log| async move {
-            let value = client
-                .run(run, move |entry| {
-                    let source = match (entry.source(), entry.level()) {
-                        (LogSourceProto::User, LogLevel::Stderr) => "stderr",
-                        (LogSourceProto::User, _) => "stdout",
-                        (LogSourceProto::Builder, _) => "build",
-                        (LogSourceProto::Bridge, _) => "engine",
-                    };
-                    log(source, entry.message)
-                })
-                .await
-                .map_err(client_error)?;
+            let value =
+                client.run(run, move |entry| log(log_source(&entry), entry.message)).await.map_err(client_error)?;
             Ok((value.was_it_raised, value.definition))
         })
+    }
+
+    /// Deploys a web endpoint: `payload` is the call that serves it on port `exposed_port` (pickled as for `run`).
+    /// Build logs go to `on_log(source, line)` as for `run`. Returns `(revision_id, user_id)`.
+    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, alias, auth_mode, max_concurrency, min_concurrency, max_multiplexing, exposed_port, on_log))]
+    #[allow(clippy::too_many_arguments)]
+    fn register_application<'py>(
+        &self,
+        py: Python<'py>,
+        python_version: String,
+        requirements: Vec<String>,
+        serializer: String,
+        machine_type: String,
+        keep_alive: i32,
+        payload: PyBackedBytes,
+        function_name: String,
+        alias: Option<String>,
+        auth_mode: &str,
+        max_concurrency: Option<i32>,
+        min_concurrency: Option<i32>,
+        max_multiplexing: Option<i32>,
+        exposed_port: i32,
+        on_log: Bound<'py, PyAny>,
+    ) -> PyResult<(String, String)> {
+        let auth_mode = fal_client::parse_auth_mode(auth_mode).map_err(client_error)?;
+        let request = RegisterApplicationRequest {
+            environments: vec![environment(python_version, requirements, serializer)],
+            machine_requirements: Some(MachineRequirements {
+                machine_type,
+                keep_alive: Some(keep_alive),
+                exposed_port: Some(exposed_port),
+                ..Default::default()
+            }),
+            function: Some(SerializedObject {
+                method: "cloudpickle".into(),
+                definition: Bytes::from_owner(payload),
+                was_it_raised: false,
+                stringized_traceback: None,
+            }),
+            setup_func: None,
+            application_name: alias,
+            auth_mode: Some(auth_mode as i32),
+            max_concurrency,
+            min_concurrency,
+            max_multiplexing,
+            function_name: Some(function_name),
+        };
+        let client = self.client.clone();
+        run_logged(py, runtime()?, &on_log, move |log| async move {
+            let registered = client
+                .register_application(request, move |entry| log(log_source(&entry), entry.message))
+                .await
+                .map_err(client_error)?;
+            Ok((registered.revision, registered.user_id))
+        })
+    }
+
+    /// The aliases of this key's user (every user's, for an admin), as `AliasRow`s.
+    fn list_aliases(&self, py: Python<'_>) -> PyResult<Vec<AliasRow>> {
+        let runtime = runtime()?;
+        let client = self.client.clone();
+        let aliases = py.detach(|| runtime.block_on(client.list_aliases())).map_err(client_error)?;
+        Ok(aliases
+            .into_iter()
+            .map(|a| {
+                let created_at = seconds(a.created_at.as_ref());
+                (
+                    a.alias,
+                    a.revision,
+                    fal_client::auth_mode_name(a.auth_mode),
+                    a.max_concurrency,
+                    a.min_concurrency,
+                    a.max_multiplexing,
+                    a.machine_type,
+                    a.replicas,
+                    a.user_id,
+                    created_at,
+                )
+            })
+            .collect())
+    }
+
+    /// Removes an alias; returns the revision it pointed to.
+    fn delete_alias(&self, py: Python<'_>, alias: String) -> PyResult<String> {
+        let runtime = runtime()?;
+        let client = self.client.clone();
+        py.detach(|| runtime.block_on(client.delete_alias(&alias))).map_err(client_error)
+    }
+
+    /// Reads apps' logs (of `alias`, an alias or revision id, else of every app of this user's): the last `lines`
+    /// lines, then, with `follow`, new ones until Ctrl-C. Each goes to `on_line(timestamp, source, app,
+    /// request_id, line)` as it arrives.
+    #[pyo3(signature = (*, alias, lines, follow, on_line))]
+    fn logs(
+        &self,
+        py: Python<'_>,
+        alias: Option<String>,
+        lines: Option<i32>,
+        follow: bool,
+        on_line: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        if lines.is_some_and(|n| n < 0) {
+            return Err(PyValueError::new_err(format!("lines must be 0 or more, got {}", lines.unwrap_or(0))));
+        }
+        let query = fal_client::LogsQuery { app: alias, lines, follow };
+        let client = self.client.clone();
+        run_streaming(
+            py,
+            runtime()?,
+            |row: LogRow| on_line.call1(row).map(drop),
+            move |rows| async move {
+                client
+                    .get_logs(query, move |line| {
+                        let entry = line.log_entry.unwrap_or_default();
+                        let row = (
+                            seconds(entry.timestamp.as_ref()),
+                            log_source(&entry),
+                            line.app,
+                            line.request_id,
+                            entry.message,
+                        );
+                        drop(rows.send(row));
+                    })
+                    .await
+                    .map_err(client_error)
+            },
+        )
     }
 
     /// Live workers of this key's user (all, for an admin) as `(pid, user, env_key, machine_type, busy, calls)`.
