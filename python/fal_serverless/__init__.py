@@ -8,15 +8,17 @@ def get_joke():
     return pyjokes.get_joke()
 
 print(get_joke())
+
+A function with `serve=True` is deployed as a web endpoint with `fn.serve(alias=..., auth=...)`, which returns its URL.
 """
 
 from __future__ import annotations
 
 from ._cached import cached
 from ._credentials import CloudKeyCredentials, Credentials, FalServerlessKeyCredentials
-from ._hosts import CloudHost, Host, LocalHost, cloud, local
+from ._hosts import AUTH_MODES, CloudHost, Deployment, Host, LocalHost, cloud, local
 from ._isolated import IsolatedFunction, isolated
-from ._options import MACHINE_TYPES, MachineTypeInfo
+from ._options import MACHINE_TYPES, SERVE_REQUIREMENTS, MachineTypeInfo
 from .exceptions import (
     AuthenticationError,
     CallTimeoutError,
@@ -33,12 +35,15 @@ from .exceptions import (
 )
 
 __all__ = [
+    "AUTH_MODES",
     "MACHINE_TYPES",
+    "SERVE_REQUIREMENTS",
     "AuthenticationError",
     "CallTimeoutError",
     "CloudHost",
     "CloudKeyCredentials",
     "Credentials",
+    "Deployment",
     "EnvironmentBuildError",
     "FalServerlessError",
     "FalServerlessKeyCredentials",

@@ -13,4 +13,6 @@ def main() -> None:
 
     # The server builds environments with the uv that came with this package.
     os.environ.setdefault("FAL_SERVERLESS_UV", find_uv())
+    # `function serve` runs the user's file in Python: in this Python, which has this package.
+    os.environ[_native.PYTHON_VARIABLE] = sys.executable
     sys.exit(_native.cli_main(["fal-serverless", *sys.argv[1:]]))

@@ -1,4 +1,5 @@
-"""Hosts: where an isolated function runs. `local` is this machine; `cloud` is a fal-serverless server."""
+"""Hosts: where an isolated function runs. `local` is this machine; `cloud` is a fal-serverless server, the only one
+a function can be deployed to as a web endpoint."""
 
 from __future__ import annotations
 
@@ -8,13 +9,28 @@ import os
 import sys
 import threading
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from . import _local_server, _native, _serialization
 from ._credentials import CloudKeyCredentials, Credentials
+from ._webapp import SERVE_PORT
+from .exceptions import FalServerlessError
 
 if TYPE_CHECKING:
     from ._options import Options
+
+
+class Deployment(NamedTuple):
+    """A web endpoint's new revision: its id, its owner, and the URL that reaches it (by alias where it has one)."""
+
+    revision: str
+    user_id: str
+    alias: Optional[str]
+    url: str
+
+
+#: Who may call an app: its owner's keys (or an admin's), anyone without a key, or any valid key.
+AUTH_MODES = ("private", "public", "shared")
 
 
 class Host(ABC):
@@ -25,6 +41,16 @@ class Host(ABC):
     @abstractmethod
     def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """Run `func(*args, **kwargs)` under `options` and return its result (or raise its exception)."""
+
+    def deploy(
+        self, app: Callable[[], Any], options: Options, alias: Optional[str], auth: str, function_name: str
+    ) -> Deployment:
+        """Register `app` (a call that serves HTTP on port 8080 and does not return) as a new revision of a web
+        endpoint, under `alias` when given."""
+        raise FalServerlessError(
+            f"deploying {function_name} as a web endpoint needs a server, and the {self.name} host is none: deploy "
+            f"it with fn.on(cloud).serve(...) (the server FAL_HOST names, or one on this machine)"
+        )
 
     def __repr__(self) -> str:
         return f"<host {self.name}>"
@@ -56,7 +82,7 @@ class LocalHost(Host):
         raised, reply = self.engine.call(
             python_version=options.python_version,
             interpreter=_base_interpreter(),
-            requirements=list(options.requirements),
+            requirements=list(options.environment_requirements),
             serializer=_serialization.SERIALIZER,
             machine_type=options.machine_type,
             keep_alive=float(options.keep_alive),
@@ -103,7 +129,7 @@ class CloudHost(Host):
         call = _serialization.dump_call(func, args, kwargs)
         raised, reply = client.run(
             python_version=options.python_version,
-            requirements=list(options.requirements),
+            requirements=list(options.environment_requirements),
             serializer=_serialization.SERIALIZER,
             machine_type=options.machine_type,
             keep_alive=math.ceil(options.keep_alive),
@@ -113,6 +139,35 @@ class CloudHost(Host):
             timeout=options.timeout,
         )
         return _serialization.load_reply(raised, reply, func, call)
+
+    def deploy(
+        self, app: Callable[[], Any], options: Options, alias: Optional[str], auth: str, function_name: str
+    ) -> Deployment:
+        client = self.client(options.credentials)
+        call = _serialization.dump_call(app, (), {})
+        revision, user_id = client.register_application(
+            python_version=options.python_version,
+            requirements=list(options.environment_requirements),
+            serializer=_serialization.SERIALIZER,
+            machine_type=options.machine_type,
+            keep_alive=math.ceil(options.keep_alive),
+            payload=call.payload,
+            function_name=function_name,
+            alias=alias,
+            auth_mode=auth,
+            max_concurrency=options.max_concurrency,
+            min_concurrency=options.min_concurrency,
+            max_multiplexing=options.max_multiplexing,
+            exposed_port=SERVE_PORT,
+            on_log=show_log,
+        )
+        return Deployment(revision, user_id, alias, app_url(client.uri, user_id, alias or revision))
+
+
+def app_url(server_uri: str, user_id: str, app: str) -> str:
+    """The URL of an app on the server at `server_uri` (`http(s)://host:port`): its gateway answers on the same
+    port, at `/apps/<user>/<alias or revision id>`."""
+    return f"{server_uri.rstrip('/')}/apps/{user_id}/{app}"
 
 
 local = LocalHost()

@@ -53,7 +53,42 @@ class CloudClient:
         on_log: Callable[[str, str], None],
         timeout: Optional[float] = None,
     ) -> Tuple[bool, bytes]: ...
+    def register_application(
+        self,
+        *,
+        python_version: str,
+        requirements: List[str],
+        serializer: str,
+        machine_type: str,
+        keep_alive: int,
+        payload: bytes,
+        function_name: str,
+        alias: Optional[str],
+        auth_mode: str,
+        max_concurrency: Optional[int],
+        min_concurrency: Optional[int],
+        max_multiplexing: Optional[int],
+        exposed_port: int,
+        on_log: Callable[[str, str], None],
+    ) -> Tuple[str, str]:
+        """Deploys a web endpoint; returns `(revision_id, user_id)`."""
+    def list_aliases(self) -> List[AliasRow]: ...
+    def delete_alias(self, alias: str) -> str:
+        """Removes an alias; returns the revision it pointed to."""
+    def logs(
+        self,
+        *,
+        alias: Optional[str],
+        lines: Optional[int],
+        follow: bool,
+        on_line: Callable[[float, str, str, str, str], None],
+    ) -> None:
+        """`on_line(timestamp, source, app, request_id, line)` for each line."""
     def workers(self) -> List[Tuple[str, str, str, str, bool, int]]: ...
+
+#: (alias, revision, auth_mode, max_concurrency, min_concurrency, max_multiplexing, machine_type, replicas, user_id,
+#: created_at in seconds since the epoch)
+AliasRow = Tuple[str, str, str, int, int, int, str, int, str, float]
 
 def cli_main(argv: List[str]) -> int: ...
 def local_server_credentials_path() -> Path: ...
@@ -65,3 +100,5 @@ def environment_key(python_version: str, requirements: List[str], serializer: st
 
 #: The most seconds keep_alive and a call's timeout may be (what the wire's int32 keep_alive carries).
 MAX_SECONDS: int
+#: The variable naming the Python that `fal-serverless function serve` runs the user's file with.
+PYTHON_VARIABLE: str

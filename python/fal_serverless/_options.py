@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 from . import _native
 from ._credentials import Credentials
 from ._hosts import Host, cloud, local
+from ._webapp import SERVE_PORT
 
 
 class MachineTypeInfo(NamedTuple):
@@ -34,6 +35,17 @@ DEFAULT_TIMEOUT = 3600.0
 DEFAULT_HOST_VARIABLE = "FAL_SERVERLESS_HOST"
 
 
+#: What `serve=True` adds to a function's requirements (as the original 0.6.41 does) unless the user names the
+#: package already: FastAPI pinned as the original pins it, and uvicorn pinned too, so that an app's environment is the
+#: same on every deploy. uvicorn 0.33.0 is the last release for Python 3.8 (0.34.0 needs 3.9) and lists 3.8 to 3.13;
+#: it depends on neither FastAPI nor Starlette (only click and h11), so it installs beside fastapi 0.99.1 (Starlette
+#: 0.27, pydantic 1) on every Python this package supports.
+SERVE_REQUIREMENTS = ("fastapi==0.99.1", "uvicorn==0.33.0")
+
+#: The most an int32 on the wire carries: the bound of max_concurrency, min_concurrency and max_multiplexing.
+MAX_INT32 = 2**31 - 1
+
+
 def running_python_version() -> str:
     return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
@@ -47,6 +59,25 @@ class Options:
     credentials: Optional[Credentials]
     python_version: str
     timeout: float
+    serve: bool = False
+    exposed_port: Optional[int] = None
+    max_concurrency: Optional[int] = None
+    min_concurrency: Optional[int] = None
+    max_multiplexing: Optional[int] = None
+
+    @property
+    def environment_requirements(self) -> Tuple[str, ...]:
+        """The requirements the function's environment is built with: its own, plus FastAPI and uvicorn with
+        `serve=True` (for its plain calls too, so that both run in one environment and pydantic models its
+        parameters use load there)."""
+        if not self.serve:
+            return self.requirements
+        named = {_requirement_name(r) for r in self.requirements}
+        return self.requirements + tuple(r for r in SERVE_REQUIREMENTS if _requirement_name(r) not in named)
+
+    @property
+    def is_web_endpoint(self) -> bool:
+        return self.serve or self.exposed_port is not None
 
     @classmethod
     def defaults(cls) -> Options:
@@ -66,7 +97,14 @@ class Options:
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options are: {', '.join(OPTION_NAMES)}")
         validated = {name: _VALIDATORS[name](value) for name, value in changes.items()}
-        return replace(self, **validated)
+        changed = replace(self, **validated)
+        low, high = changed.min_concurrency, changed.max_concurrency
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"min_concurrency ({low}) is more than max_concurrency ({high}): the replicas kept warm must fit in "
+                f"the most that may run"
+            )
+        return changed
 
 
 def default_host() -> Host:
@@ -147,6 +185,45 @@ def _python_version(value: Any) -> str:
     return requested
 
 
+def _requirement_name(requirement: str) -> str:
+    """A requirement's package name, normalized as PEP 503 compares names."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    name = match.group(1) if match else requirement
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _serve(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"serve must be True or False, got {value!r}")
+    return value
+
+
+def _exposed_port(value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or value != SERVE_PORT:
+        raise ValueError(
+            f"exposed_port must be {SERVE_PORT}, the port an app's server listens on in its worker (other ports are "
+            f"not supported), or None; got {value!r}"
+        )
+    return SERVE_PORT
+
+
+def _count(option: str, minimum: int, meaning: str) -> Callable[[Any], Optional[int]]:
+    """A validator of an optional whole number from `minimum` to MAX_INT32."""
+
+    def validate(value: Any) -> Optional[int]:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT32:
+            raise ValueError(
+                f"{option} ({meaning}) must be a whole number from {minimum} to {MAX_INT32}, got {value!r}"
+            )
+        return value
+
+    return validate
+
+
 # Each option and what checks it; `isolated` and `.on` accept exactly these.
 _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "requirements": _requirements,
@@ -156,5 +233,10 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "credentials": _credentials,
     "python_version": _python_version,
     "timeout": _timeout,
+    "serve": _serve,
+    "exposed_port": _exposed_port,
+    "max_concurrency": _count("max_concurrency", 1, "the most replicas the app runs at once"),
+    "min_concurrency": _count("min_concurrency", 0, "replicas kept running when idle"),
+    "max_multiplexing": _count("max_multiplexing", 1, "requests one replica takes at once"),
 }
 OPTION_NAMES = tuple(_VALIDATORS)

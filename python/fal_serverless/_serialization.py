@@ -12,15 +12,17 @@ from typing import Any, Callable, Dict, List, NoReturn, Set, Tuple
 
 import cloudpickle
 
-from . import _cached
+from . import _cached, _webapp
 from .exceptions import RemoteError, RemoteTraceback, SerializationError
 
 #: What every environment installs so its worker can load what we send: the client's own cloudpickle.
 SERIALIZER = f"cloudpickle=={cloudpickle.__version__}"
 PROTOCOL = 5
 
-# `@cached` must work where fal_serverless is not installed: its code travels with the function.
+# `@cached` and a web endpoint's FastAPI wrapper must work where fal_serverless is not installed: their code travels
+# with the function.
 cloudpickle.register_pickle_by_value(_cached)
+cloudpickle.register_pickle_by_value(_webapp)
 
 _INSTALLED_PATHS = tuple(
     p for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")} if p

@@ -76,7 +76,7 @@ pub struct LogsArgs {
     /// Keep printing new lines as the app's replicas write them, until Ctrl-C.
     #[arg(long, short)]
     pub follow: bool,
-    /// Show the last N lines first [default: the server's, 100].
+    /// Show the last N lines first [default: the server's].
     #[arg(long, short = 'n', value_name = "N", value_parser = clap::value_parser!(i32).range(0..))]
     pub lines: Option<i32>,
 }

@@ -540,8 +540,8 @@ impl CloudClient {
         follow: bool,
         on_line: Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        if lines.is_some_and(|n| n < 0) {
-            return Err(PyValueError::new_err(format!("lines must be 0 or more, got {}", lines.unwrap_or(0))));
+        if let Some(n) = lines.filter(|n| *n < 0) {
+            return Err(PyValueError::new_err(format!("lines must be 0 or more, got {n}")));
         }
         let query = fal_client::LogsQuery { app: alias, lines, follow };
         let client = self.client.clone();
@@ -651,6 +651,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(machine_types, m)?)?;
     m.add_function(wrap_pyfunction!(environment_key, m)?)?;
     m.add("MAX_SECONDS", options::MAX_SECONDS)?;
+    m.add("PYTHON_VARIABLE", fal_cli::PYTHON_VARIABLE)?;
     m.add("FalServerlessError", py.get_type::<FalServerlessError>())?;
     m.add("EnvironmentBuildError", py.get_type::<EnvironmentBuildError>())?;
     m.add("WorkerDiedError", py.get_type::<WorkerDiedError>())?;
