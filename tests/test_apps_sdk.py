@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FAL_SERVERLESS, script_env
 from fal_serverless import SERVE_REQUIREMENTS, FalServerlessError, cloud, isolated, local
 from fal_serverless._deploy import describe, load_function
 from fal_serverless._hosts import Deployment
 from fal_serverless._webapp import create_webapp
-
-from conftest import FAL_SERVERLESS, script_env
 
 
 def f(x: int = 1) -> int:

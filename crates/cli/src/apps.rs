@@ -62,7 +62,7 @@ pub enum AppsCommand {
     /// List your aliases (every user's, with an admin key): the revision each points to, who may call it, its
     /// replicas and limits, and its URL.
     List,
-    /// Remove an alias: its URL stops answering; the revision it pointed to stays reachable by its id.
+    /// Delete an alias: its URL stops answering and its replicas stop.
     Delete {
         /// The alias to remove (see `fal-serverless apps list`).
         alias: String,
@@ -136,7 +136,7 @@ pub async fn apps(client: &Client, command: AppsCommand) -> anyhow::Result<()> {
                 );
             }
             let revision = client.delete_alias(&alias).await?;
-            println!("deleted alias {alias} (it pointed to revision {revision}, which stays reachable by its id)");
+            println!("deleted alias {alias} (it pointed to revision {revision})");
         }
     }
     Ok(())

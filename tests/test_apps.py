@@ -1,0 +1,230 @@
+"""Web endpoints end to end, from the SDK and CLI side: deploying with `fn.serve` and `fal-serverless function serve`
+against the real server, calling the URL they print with a real HTTP client (httpx), `apps list|delete` and `logs`.
+The gateway's and the queue's own behaviour (auth modes, scaling, streaming, failures) is tested in test_gateway*.py
+and test_queue*.py."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import httpx
+import pytest
+from conftest import FAL_SERVERLESS, Server, run_script, script_env
+
+#: A first request starts a replica (a worker of the app's environment, then uvicorn's own start).
+REQUEST_TIMEOUT = 120.0
+
+
+def key_header(key: Tuple[str, str]) -> Dict[str, str]:
+    return {"Authorization": f"Key {key[0]}:{key[1]}"}
+
+
+def cli(server: Server, key: Tuple[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`fal-serverless ARGS` against `server` with `key` (with room for an environment build)."""
+    env = script_env(server.env(*key))
+    return subprocess.run([FAL_SERVERLESS, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def url_in(output: str) -> str:
+    match = re.search(r"^URL: (\S+)$", output, re.MULTILINE)
+    assert match, output
+    return match.group(1)
+
+
+def apps_list(server: Server, key: Tuple[str, str]) -> List[Dict[str, str]]:
+    proc = cli(server, key, "apps", "list", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.splitlines()
+    names = [name.lower() for name in header.split()]
+    return [dict(zip(names, row.split())) for row in rows]
+
+
+SERVED = """
+from fal_serverless import isolated, _native
+
+@isolated(serve=True, keep_alive=30, max_concurrency=2)
+def add(x: int) -> dict:
+    print("handled", x, flush=True)
+    return {"sum": x + 1}
+
+print("direct", add(1)["sum"])
+print("url", add.serve(alias="adder"))
+deployment = add.deploy(alias="adder")
+print("second", deployment.revision, deployment.url)
+print("aliases", [(a[0], a[2], a[3]) for a in _native.CloudClient().list_aliases()])
+"""
+
+
+@pytest.fixture(scope="module")
+def served(server: Server) -> Tuple[Tuple[str, str], Dict[str, str]]:
+    """`SERVED` run as a user's script: a serve=True function called directly, then deployed twice under one alias.
+    Returns the user's key and what the script printed, by first word."""
+    key = server.create_key("apps-sdk")
+    proc = run_script(SERVED, server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    printed = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    return key, printed
+
+
+def test_a_served_function_is_a_plain_call_when_called_directly(served: Tuple[Tuple[str, str], Dict[str, str]]) -> None:
+    assert served[1]["direct"] == "2"
+
+
+def test_fn_serve_returns_a_url_that_answers_with_the_function(
+    server: Server, served: Tuple[Tuple[str, str], Dict[str, str]]
+) -> None:
+    key, printed = served
+    url = printed["url"]
+    assert url == f"{server.host if '://' in server.host else 'http://' + server.host}/apps/apps-sdk/adder", url
+    # FastAPI binds the simple parameter from the query string, as in the original.
+    reply = httpx.post(url, params={"x": 41}, headers=key_header(key), timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"sum": 42}
+    # The FastAPI app the wrapper builds has permissive CORS.
+    preflight = httpx.options(
+        url,
+        headers={**key_header(key), "Origin": "https://example.com", "Access-Control-Request-Method": "POST"},
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert preflight.headers.get("access-control-allow-origin") == "https://example.com", preflight.headers
+
+
+def test_deploying_again_makes_a_new_revision_and_both_answer(
+    server: Server, served: Tuple[Tuple[str, str], Dict[str, str]]
+) -> None:
+    key, printed = served
+    revision, url = printed["second"].split()
+    assert url == printed["url"]
+    by_revision = url.rsplit("/", 1)[0] + "/" + revision
+    reply = httpx.post(by_revision, params={"x": 1}, headers=key_header(key), timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 200 and reply.json() == {"sum": 2}, reply.text
+    assert printed["aliases"] == "[('adder', 'private', 2)]"
+    rows = [row for row in apps_list(server, key) if row["alias"] == "adder"]
+    assert len(rows) == 1 and rows[0]["revision"] == revision and rows[0]["url"] == url, rows
+    assert (rows[0]["auth"], rows[0]["max"], rows[0]["machine"]) == ("private", "2", "XS"), rows
+
+
+def test_logs_show_what_the_app_printed_and_follow_new_lines(
+    server: Server, served: Tuple[Tuple[str, str], Dict[str, str]]
+) -> None:
+    key, printed = served
+    url = printed["url"]
+    reply = httpx.post(url, params={"x": 100}, headers=key_header(key), timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 200, reply.text
+    deadline = time.time() + 30
+    while True:
+        proc = cli(server, key, "logs", "adder", "--lines", "1000", timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        if "handled 100" in proc.stdout or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    line = next((line for line in proc.stdout.splitlines() if line.endswith("handled 100")), None)
+    assert line is not None, proc.stdout
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[adder[^\]]*\] handled 100$", line), line
+
+    follower = subprocess.Popen(
+        [FAL_SERVERLESS, "logs", "adder", "--follow", "--lines", "0"],
+        env=script_env(server.env(*key)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen: List[str] = []
+        found = threading.Event()
+
+        def read() -> None:
+            assert follower.stdout is not None
+            for line in follower.stdout:
+                seen.append(line)
+                if "handled 7" in line:
+                    found.set()
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(1)  # the follower's stream is open before the request prints
+        reply = httpx.post(url, params={"x": 7}, headers=key_header(key), timeout=REQUEST_TIMEOUT)
+        assert reply.status_code == 200, reply.text
+        assert found.wait(30), seen
+        assert all("handled 100" not in line for line in seen), seen
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+
+
+OWN_SERVER = """
+from fal_serverless import isolated
+
+@isolated(exposed_port=8080, keep_alive=30)
+def web():
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"hello from my own server"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+
+if __name__ == "__main__":
+    raise SystemExit("the deploy must not run the file's main part")
+"""
+
+
+def test_function_serve_deploys_a_file_and_prints_the_url_and_a_call(server: Server, tmp_path: Path) -> None:
+    key = server.create_key("apps-cli")
+    path = tmp_path / "own.py"
+    path.write_text(textwrap.dedent(OWN_SERVER))
+    proc = cli(server, key, "function", "serve", str(path), "web", "--alias", "own", "--auth", "public")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(
+        r"^Registered a new revision for function 'own' \(revision='[0-9a-f-]{36}'\)\.$", proc.stdout, re.M
+    )
+    url = url_in(proc.stdout)
+    assert url.endswith("/apps/apps-cli/own"), url
+    # A public app's call needs no key, and the example says none.
+    assert f"curl -X POST {url} -H 'Content-Type: application/json'" in proc.stdout, proc.stdout
+    reply = httpx.get(url, timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 200 and reply.text == "hello from my own server", reply.text
+
+    # An anonymous deploy (`fn` is the verb's alias) is reachable by its revision id.
+    proc = cli(server, key, "fn", "serve", str(path), "web", "--auth", "shared")
+    assert proc.returncode == 0, proc.stderr
+    revision = re.search(r"^Registered anonymous function '([0-9a-f-]{36})'\.$", proc.stdout, re.M)
+    assert revision, proc.stdout
+    assert url_in(proc.stdout).endswith(f"/apps/apps-cli/{revision.group(1)}")
+    assert '-H "Authorization: Key $FAL_KEY_ID:$FAL_KEY_SECRET"' in proc.stdout
+    reply = httpx.get(url_in(proc.stdout), headers=key_header(key), timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 200 and reply.text == "hello from my own server", reply.text
+
+    rows = apps_list(server, key)
+    assert [(r["alias"], r["auth"], r["url"]) for r in rows] == [("own", "public", url)], rows
+
+    proc = cli(server, key, "apps", "delete", "own", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("deleted alias own"), proc.stdout
+    assert apps_list(server, key) == []
+    assert httpx.get(url, timeout=REQUEST_TIMEOUT).status_code == 404
+    proc = cli(server, key, "apps", "delete", "own", timeout=60)
+    assert proc.returncode != 0 and "own" in proc.stderr, proc.stderr
+
+
+def test_function_serve_reports_a_function_that_is_no_web_endpoint(server: Server, tmp_path: Path) -> None:
+    key = server.create_key("apps-cli-errors")
+    path = tmp_path / "plain.py"
+    path.write_text("from fal_serverless import isolated\n\n@isolated()\ndef f():\n    return 1\n")
+    proc = cli(server, key, "function", "serve", str(path), "f", timeout=60)
+    assert proc.returncode == 1 and "set serve=True" in proc.stderr and "exposed_port=8080" in proc.stderr, proc
+    proc = cli(server, key, "function", "serve", str(path), "missing", timeout=60)
+    assert proc.returncode == 1 and "'missing' is not defined" in proc.stderr, proc
+    proc = cli(server, key, "logs", "nothing-here", timeout=60)
+    assert proc.returncode != 0 and "nothing-here" in proc.stderr, proc
