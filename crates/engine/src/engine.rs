@@ -122,6 +122,17 @@ pub struct CallRequest {
     /// Where the call gets room to run, and a new worker room to live (the server's capacity); `None`: it needs
     /// none.
     pub room: Option<Arc<dyn Room>>,
+    /// Told which worker runs the call once it has one, before the call is sent: how a call that serves (a web
+    /// endpoint's replica, which listens on a port until stopped) is found.
+    pub on_worker: Option<tokio::sync::mpsc::UnboundedSender<CallWorker>>,
+}
+
+/// The worker a call runs on, as [`CallRequest::on_worker`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallWorker {
+    pub pid: u32,
+    /// Its address in its own network namespace (jailed workers): where the server reaches a port it listens on.
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The function's outcome, still pickled: its return value, or (`raised`) a description of its exception.
@@ -262,6 +273,10 @@ impl Engine {
                 inner.pool.lease_new(&key, worker)
             }
         };
+        if let Some(on_worker) = &request.on_worker {
+            let worker = leased.worker();
+            let _ = on_worker.send(CallWorker { pid: worker.pid(), address: worker.address() });
+        }
         let outcome = match timeout {
             None => leased.worker().call(&request.payload, logs).await,
             Some(limit) => match tokio::time::timeout(limit, leased.worker().call(&request.payload, logs)).await {

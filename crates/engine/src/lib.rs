@@ -24,7 +24,7 @@ mod provider;
 mod room;
 mod worker;
 
-pub use crate::engine::{BuildLimits, CallReply, CallRequest, Engine, EngineConfig, WorkerInfo};
+pub use crate::engine::{BuildLimits, CallReply, CallRequest, CallWorker, Engine, EngineConfig, WorkerInfo};
 pub use crate::environment::{
     normalize_requirements, EnvSpec, EnvironmentInfo, EnvironmentPolicy, EnvironmentStore, Eviction, EvictionReason,
     PruneReport, PythonVersion, Removal, RemoveError, Serializer, DILL_LAYER,

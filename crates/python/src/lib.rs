@@ -267,6 +267,7 @@ impl Engine {
             payload: Bytes::from_owner(payload),
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
+            on_worker: None,
         };
 
         let engine = self.engine.clone();

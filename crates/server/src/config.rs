@@ -72,6 +72,7 @@ use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
 
 use crate::admission::AdmissionLimits;
+use crate::apps::AppsConfig;
 use crate::capacity::Sharing;
 use sha2::{Digest, Sha256};
 
@@ -112,6 +113,8 @@ pub struct ServerConfig {
     pub tag: String,
     /// The certificate and key the port serves TLS with; `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// Web endpoints and their queue (`[apps]`).
+    pub apps: AppsConfig,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -168,6 +171,19 @@ struct FileConfig {
     #[serde(default)]
     environments: EnvironmentsConfig,
     tls: Option<TlsConfig>,
+    #[serde(default)]
+    apps: AppsFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppsFileConfig {
+    request_timeout_seconds: Option<u64>,
+    default_max_concurrency: Option<u32>,
+    max_concurrency: Option<u32>,
+    start_timeout_seconds: Option<u64>,
+    result_retention_hours: Option<f64>,
+    webhook_attempts: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -365,8 +381,38 @@ impl ServerConfig {
             limits,
             tag,
             tls,
+            apps: apps_config(&file.apps).map_err(invalid)?,
         })
     }
+}
+
+fn apps_config(file: &AppsFileConfig) -> Result<AppsConfig, String> {
+    let default = AppsConfig::default();
+    let seconds = |name: &str, value: Option<u64>, default: Duration| match value {
+        None => Ok(default),
+        Some(0) => Err(format!("[apps] {name} must be at least 1")),
+        Some(n) => Ok(Duration::from_secs(n)),
+    };
+    let max_concurrency = file.max_concurrency.unwrap_or(default.max_concurrency);
+    let default_max_concurrency = file.default_max_concurrency.unwrap_or(default.default_max_concurrency);
+    if max_concurrency == 0 || default_max_concurrency == 0 || default_max_concurrency > max_concurrency {
+        return Err("[apps] max_concurrency and default_max_concurrency must be at least 1, the default no more than \
+                    the maximum"
+            .into());
+    }
+    let result_retention = match file.result_retention_hours {
+        None => default.result_retention,
+        Some(hours) if positive(hours) => Duration::from_secs_f64(hours * 3600.0),
+        Some(hours) => return Err(format!("[apps] result_retention_hours = {hours}: must be a positive number")),
+    };
+    Ok(AppsConfig {
+        request_timeout: seconds("request_timeout_seconds", file.request_timeout_seconds, default.request_timeout)?,
+        default_max_concurrency,
+        max_concurrency,
+        start_timeout: seconds("start_timeout_seconds", file.start_timeout_seconds, default.start_timeout)?,
+        result_retention,
+        webhook_attempts: file.webhook_attempts.unwrap_or(default.webhook_attempts).max(1),
+    })
 }
 
 fn admission_limits(file: &LimitsConfig) -> Result<AdmissionLimits, String> {

@@ -6,16 +6,21 @@
 //! itself: that is `fal-engine`, with `fal-sandbox`'s jail.
 //!
 //! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
+//! The same port serves HTTP (`http.rs` routes by content type): the gateway to apps, functions deployed as web
+//! endpoints (`apps/`, `gateway/`), and their queue (`queue/`).
 //!
-//! Data dir (mode 0700): `state.sqlite3` (keys; mode 0600), `envs/<user>/<key>` (environments, removed by the
+//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests; mode 0600), `envs/<user>/<key>` (environments, removed by the
 //! `[environments]` policy), `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a
 //! self-signed CA and the server's certificate and key, when `server init --tls-self-signed` made them).
 
 mod activity;
 mod admission;
+mod apps;
 mod capacity;
 mod config;
 mod dill;
+mod gateway;
+mod http;
 mod listener;
 mod service;
 mod store;
@@ -29,7 +34,7 @@ use std::time::Duration;
 
 use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
-use fal_proto::{CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE, STREAM_WINDOW};
+use fal_proto::MAX_MESSAGE;
 use tonic::service::interceptor::InterceptedService;
 
 pub use crate::capacity::Resources;
@@ -117,8 +122,8 @@ pub enum ServerError {
     Network(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Apps(#[from] apps::AppStoreError),
 }
 
 /// What a starting server tells whoever started it.
@@ -199,7 +204,7 @@ pub async fn serve(
         ProviderConfig::Local => Resources::of_host(engine.gpus()),
         ProviderConfig::Slurm(_) => Resources::unbounded(),
     };
-    let capacity = Resources {
+    let resources = Resources {
         cpus: config.cpus.unwrap_or(host.cpus),
         memory_bytes: config.memory_bytes.unwrap_or(host.memory_bytes),
         gpus: config.gpus.unwrap_or(host.gpus),
@@ -208,23 +213,36 @@ pub async fn serve(
     let store = Arc::new(store);
     let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
     let (end_calls, ending) = tokio::sync::watch::channel(false);
+    let capacity = Arc::new(capacity::Capacity::new(resources, config.sharing));
+    let apps = apps::Apps::new(apps::AppsParts {
+        store: Arc::new(apps::AppStore::open(&config.data_dir.join(STATE_FILE))?),
+        keys: store.clone(),
+        engine: engine.clone(),
+        capacity: capacity.clone(),
+        uids: (config.first_uid, config.uid_count),
+        max_keep_alive: config.limits.max_keep_alive,
+        config: config.apps,
+        unjailed: unjailed.clone(),
+    });
     let controller = service::Controller {
         ending,
         uids: (config.first_uid, config.uid_count),
         engine: engine.clone(),
-        store,
-        capacity: Arc::new(capacity::Capacity::new(capacity, config.sharing)),
+        store: store.clone(),
+        capacity: capacity.clone(),
         activity: activity.clone(),
         limits: config.limits,
+        apps: apps.clone(),
     };
+    let gateway = Arc::new(gateway::Gateway { apps: apps.clone(), keys: store, client: gateway::proxy::client() });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
-    tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = capacity.cpus,
-        memory_bytes = capacity.memory_bytes, gpus = capacity.gpus, jailed = info.unjailed.is_none(), "serving");
+    tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = resources.cpus,
+        memory_bytes = resources.memory_bytes, gpus = resources.gpus, jailed = info.unjailed.is_none(), "serving");
     if let Some(reason) = &info.unjailed {
         tracing::warn!(
             "workers and environment builds are NOT jailed ({reason}): every user's code runs as this server's user, \
@@ -267,18 +285,16 @@ pub async fn serve(
         }
         let _ = stopping.send(());
     };
-    let serving = tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        // A client that vanished without closing (host gone, process stopped) stops answering pings: its
-        // connection is closed, which ends its calls and frees their workers and capacity.
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
-            stop,
-        );
+    // gRPC and HTTP share the port (`http.rs`): the service's routes, and the gateway's with a JSON 404 for the rest.
+    let grpc = tonic::service::Routes::new(service).prepare().into_axum_router();
+    let gateway = gateway::routes(gateway).fallback(gateway::not_found);
+    apps.start_kept_warm().await;
+    let serving = http::serve(
+        admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
+        grpc,
+        gateway,
+        stop,
+    );
     let grace_over = async {
         let _ = stopped.await;
         tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());
@@ -286,13 +302,13 @@ pub async fn serve(
     };
     tokio::pin!(serving);
     let result = tokio::select! {
-        result = &mut serving => result,
+        () = &mut serving => (),
         () = grace_over => {
             tracing::warn!("calls still running after {}s: ending them", STOP_GRACE.as_secs());
             // Each call ends itself (its connection's task runs it, which dropping `serving` would not stop): its
             // client is told, its worker stopped. Then the connections close.
             let _ = end_calls.send(true);
-            tokio::time::timeout(CLOSE_GRACE, &mut serving).await.unwrap_or(Ok(()))
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut serving).await;
         }
     };
     evicting.abort();
@@ -301,7 +317,7 @@ pub async fn serve(
         let _ = tokio::task::spawn_blocking(move || network.close()).await;
     }
     tracing::info!("stopped");
-    Ok(result?)
+    Ok(result)
 }
 
 fn geteuid() -> u32 {

@@ -18,10 +18,9 @@ use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
     create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
-    GetLogsRequest, GetLogsResult, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
-    ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RegisterApplicationResult,
-    RevokeUserKeyRequest, RevokeUserKeyResponse, UserKeyInfo, WorkerStatus, WorkerStatusListRequest,
-    WorkerStatusListResponse,
+    GetLogsRequest, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
+    ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RevokeUserKeyRequest, RevokeUserKeyResponse,
+    UserKeyInfo, WorkerStatus, WorkerStatusListRequest, WorkerStatusListResponse,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
@@ -58,19 +57,21 @@ pub struct Controller {
     pub limits: UserLimits,
     /// Becomes true when the server's stop grace is over: calls still running end.
     pub ending: tokio::sync::watch::Receiver<bool>,
+    /// Functions deployed as web endpoints.
+    pub apps: Arc<crate::apps::Apps>,
 }
 
-fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
+pub(crate) fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
     let mut metadata = MetadataMap::new();
     metadata.insert("fal-error-kind", tonic::metadata::MetadataValue::from_static(kind));
     Status::with_metadata(code, message, metadata)
 }
 
-fn invalid(message: impl Into<String>) -> Status {
+pub(crate) fn invalid(message: impl Into<String>) -> Status {
     error_status(tonic::Code::InvalidArgument, "invalid", message)
 }
 
-fn call_error_status(error: &CallError) -> Status {
+pub(crate) fn call_error_status(error: &CallError) -> Status {
     use tonic::Code;
     let (code, kind) = match error {
         CallError::UnknownMachineType(_) => (Code::InvalidArgument, "invalid"),
@@ -102,7 +103,7 @@ pub(crate) fn store_status(error: StoreError) -> Status {
 }
 
 /// Who made `request`, as [`crate::admission::Admission`] found before its body was read, and its place in flight.
-fn admitted<T>(request: &Request<T>) -> Result<Admitted, Status> {
+pub(crate) fn admitted<T>(request: &Request<T>) -> Result<Admitted, Status> {
     request
         .extensions()
         .get::<Admitted>()
@@ -163,6 +164,7 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         timeout: Some(timeout),
         // The server gives it its capacity (`Controller::run`).
         room: None,
+        on_worker: None,
     })
 }
 
@@ -200,7 +202,7 @@ fn environment(definitions: &[EnvironmentDefinition]) -> Result<(Vec<String>, Py
     Ok((requirements, python, serializer))
 }
 
-fn log_message(line: LogLine) -> Log {
+pub(crate) fn log_message(line: LogLine) -> Log {
     use fal_proto::{LogLevel, LogSource as Source};
     let (source, level) = match line.source {
         LogSource::Stdout => (Source::User, LogLevel::Stdout),
@@ -245,11 +247,11 @@ impl Drop for NoticeOnDrop {
 /// A new worker's room on this server: its share of the capacity, for the caller; while the call waits, idle
 /// workers are stopped to make room.
 #[derive(Debug)]
-struct CapacityRoom {
-    capacity: Arc<Capacity>,
-    engine: Engine,
-    user: String,
-    payload_bytes: usize,
+pub(crate) struct CapacityRoom {
+    pub capacity: Arc<Capacity>,
+    pub engine: Engine,
+    pub user: String,
+    pub payload_bytes: usize,
 }
 
 impl Room for CapacityRoom {
@@ -530,27 +532,32 @@ impl IsolateController for Controller {
         Ok(Response::new(WorkerStatusListResponse { worker_status }))
     }
 
-    type RegisterApplicationStream = Pin<Box<dyn Stream<Item = Result<RegisterApplicationResult, Status>> + Send>>;
+    type RegisterApplicationStream = crate::apps::rpc::RegisterStream;
 
     async fn register_application(
         &self,
-        _request: Request<RegisterApplicationRequest>,
+        request: Request<RegisterApplicationRequest>,
     ) -> Result<Response<Self::RegisterApplicationStream>, Status> {
-        Err(Status::unimplemented("web endpoints: in progress"))
+        let Admitted { caller, .. } = admitted(&request)?;
+        let _busy = self.activity.busy();
+        Ok(Response::new(crate::apps::rpc::register(&self.apps, &caller, request.into_inner()).await?))
     }
 
-    async fn list_aliases(&self, _request: Request<ListAliasesRequest>) -> Result<Response<ListAliasesResult>, Status> {
-        Err(Status::unimplemented("web endpoints: in progress"))
+    async fn list_aliases(&self, request: Request<ListAliasesRequest>) -> Result<Response<ListAliasesResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::apps::rpc::list(&self.apps, &caller).await?))
     }
 
-    type GetLogsStream = Pin<Box<dyn Stream<Item = Result<GetLogsResult, Status>> + Send>>;
+    type GetLogsStream = crate::apps::rpc::LogStream;
 
-    async fn get_logs(&self, _request: Request<GetLogsRequest>) -> Result<Response<Self::GetLogsStream>, Status> {
-        Err(Status::unimplemented("web endpoints: in progress"))
+    async fn get_logs(&self, request: Request<GetLogsRequest>) -> Result<Response<Self::GetLogsStream>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::apps::rpc::logs(&self.apps, &caller, request.into_inner()).await?))
     }
 
-    async fn delete_alias(&self, _request: Request<DeleteAliasRequest>) -> Result<Response<DeleteAliasResult>, Status> {
-        Err(Status::unimplemented("web endpoints: in progress"))
+    async fn delete_alias(&self, request: Request<DeleteAliasRequest>) -> Result<Response<DeleteAliasResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::apps::rpc::delete(&self.apps, &caller, &request.into_inner().alias).await?))
     }
 }
 

@@ -201,7 +201,8 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(config_error)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC speaks HTTP/2; the gateway's clients (fal-client, curl, browsers) often HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

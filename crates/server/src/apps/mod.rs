@@ -1,0 +1,456 @@
+//! Applications: functions deployed as web endpoints.
+//!
+//! `RegisterApplication` stores a revision (`store.rs`); the gateway finds it by alias or revision id and takes one
+//! of its replicas for each request (`replicas.rs`), started on demand as warm workers of the app's machine type
+//! whose call serves HTTP on port 8080 of the worker's own network namespace, holding the same capacity as plain
+//! calls. What replicas print is kept per app and per request (`logs.rs`).
+
+pub mod logs;
+pub mod replicas;
+pub mod rpc;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fal_engine::{options, CallError, CallReply, Engine, LogSink, LogSource};
+use fal_proto::controller::{HostedRun, RegisterApplicationRequest};
+use prost::Message;
+
+use self::logs::AppLogs;
+use self::replicas::{Launch, ReplicaSet, Scaling};
+pub use self::store::{AppStore, AppStoreError, AuthMode, Revision};
+use crate::capacity::Capacity;
+use crate::service::{call_request, CapacityRoom};
+use crate::store::{Caller, Scope, Store, StoreError};
+
+/// The port a replica serves on, in its own network namespace (the original's `exposed_port`, which it fixes too).
+pub const APP_PORT: u16 = 8080;
+/// An alias: what fits in a URL path segment and a log line.
+const MAX_ALIAS: usize = 64;
+const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// `[apps]` in the server's config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AppsConfig {
+    /// How long a request waits for a replica when it names no timeout (`X-Fal-Request-Timeout`): an app's first
+    /// request builds its environment.
+    pub request_timeout: Duration,
+    /// Replicas an app runs at most when it names no `max_concurrency`.
+    pub default_max_concurrency: u32,
+    /// The most replicas any app may ask for.
+    pub max_concurrency: u32,
+    /// How long a replica may take to answer on its port from its start (its environment's build included).
+    pub start_timeout: Duration,
+    /// How long the queue keeps a finished request's result.
+    pub result_retention: Duration,
+    /// Attempts at delivering a webhook, with backoff between them.
+    pub webhook_attempts: u32,
+}
+
+impl Default for AppsConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(300),
+            default_max_concurrency: 2,
+            max_concurrency: 64,
+            start_timeout: Duration::from_secs(900),
+            result_retention: Duration::from_secs(24 * 3600),
+            webhook_attempts: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "user {user:?} has no app {name:?} (no such alias or revision id); `fal-serverless apps list` lists yours"
+    )]
+    NotFound { user: String, name: String },
+    #[error(
+        "web endpoints need jailed workers, each with a network namespace of its own where its replica listens on port \
+         8080, and this server does not jail them ({0}). Run the server as root with bubblewrap installed"
+    )]
+    NotJailed(String),
+    #[error(transparent)]
+    Store(#[from] AppStoreError),
+    #[error(transparent)]
+    Keys(#[from] StoreError),
+}
+
+/// Everything the server knows of apps: their records, replicas and logs.
+#[derive(Debug)]
+pub struct Apps {
+    pub store: Arc<AppStore>,
+    keys: Arc<Store>,
+    engine: Engine,
+    capacity: Arc<Capacity>,
+    uids: (u32, u32),
+    max_keep_alive: Duration,
+    pub config: AppsConfig,
+    /// Why workers are not jailed, if they are not: apps cannot run then.
+    unjailed: Option<String>,
+    /// Replica sets and logs by revision id, made on first use.
+    running: Mutex<HashMap<String, Running>>,
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    replicas: Arc<ReplicaSet>,
+    logs: Arc<AppLogs>,
+}
+
+/// An alias with its revision and how many replicas it runs now.
+#[derive(Debug, Clone)]
+pub struct AliasState {
+    pub revision: Revision,
+    pub replicas: replicas::ReplicaCounts,
+}
+
+/// What [`Apps`] is made of.
+pub struct AppsParts {
+    pub store: Arc<AppStore>,
+    pub keys: Arc<Store>,
+    pub engine: Engine,
+    pub capacity: Arc<Capacity>,
+    pub uids: (u32, u32),
+    pub max_keep_alive: Duration,
+    pub config: AppsConfig,
+    pub unjailed: Option<String>,
+}
+
+impl Apps {
+    pub fn new(parts: AppsParts) -> Arc<Self> {
+        Arc::new(Self {
+            store: parts.store,
+            keys: parts.keys,
+            engine: parts.engine,
+            capacity: parts.capacity,
+            uids: parts.uids,
+            max_keep_alive: parts.max_keep_alive,
+            config: parts.config,
+            unjailed: parts.unjailed,
+            running: Mutex::default(),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks and stores a new revision for `caller`; its alias (if any) moves to it. Says what it did in `logs`.
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        mut request: RegisterApplicationRequest,
+        logs: &LogSink,
+    ) -> Result<Revision, AppError> {
+        if let Some(reason) = &self.unjailed {
+            return Err(AppError::NotJailed(reason.clone()));
+        }
+        let alias = request.application_name.take().filter(|a| !a.is_empty());
+        if let Some(alias) = &alias {
+            validate_alias(alias)?;
+        }
+        let auth = match request.auth_mode {
+            None => AuthMode::Private,
+            Some(mode) => AuthMode::from_wire(mode).ok_or_else(|| {
+                AppError::Invalid(format!("auth_mode {mode} is not one of PRIVATE (0), PUBLIC (1), SHARED (2)"))
+            })?,
+        };
+        let machine = request.machine_requirements.clone().unwrap_or_default();
+        match machine.exposed_port {
+            Some(port) if port == i32::from(APP_PORT) => {}
+            Some(port) => return Err(AppError::Invalid(format!(
+                "exposed_port {port}: an app serves on port {APP_PORT} (serve=True does); use exposed_port={APP_PORT}"
+            ))),
+            None => {
+                return Err(AppError::Invalid(format!(
+                    "the function does not serve: deploy it with @isolated(serve=True), or start a web server on port \
+                     {APP_PORT} in it and set exposed_port={APP_PORT}"
+                )))
+            }
+        }
+        let cap = self.config.max_concurrency;
+        let max_concurrency = match request.max_concurrency {
+            None => self.config.default_max_concurrency.min(cap),
+            Some(n) if n >= 1 && n as u32 <= cap => n as u32,
+            Some(n) => {
+                return Err(AppError::Invalid(format!(
+                    "max_concurrency {n} is out of range: from 1 to {cap} on this server ([apps] max_concurrency)"
+                )))
+            }
+        };
+        let min_concurrency = match request.min_concurrency {
+            None => 0,
+            Some(n) if n >= 0 && n as u32 <= max_concurrency => n as u32,
+            Some(n) => {
+                return Err(AppError::Invalid(format!(
+                    "min_concurrency {n} is out of range: from 0 to max_concurrency ({max_concurrency})"
+                )))
+            }
+        };
+        let max_multiplexing = match request.max_multiplexing {
+            None => 1,
+            Some(n) if (1..=1000).contains(&n) => n as u32,
+            Some(n) => return Err(AppError::Invalid(format!("max_multiplexing {n} is out of range: from 1 to 1000"))),
+        };
+        let mut keep_alive = match machine.keep_alive {
+            None => DEFAULT_KEEP_ALIVE,
+            Some(seconds) => options::whole_keep_alive(seconds).map_err(|e| AppError::Invalid(e.to_string()))?,
+        };
+        if keep_alive > self.max_keep_alive {
+            logs.send(
+                LogSource::Engine,
+                format!(
+                    "keep_alive {} s is more than this server keeps a replica up; idle replicas stop after {} s \
+                     ([limits] max_keep_alive_seconds)",
+                    keep_alive.as_secs(),
+                    self.max_keep_alive.as_secs()
+                ),
+            );
+            keep_alive = self.max_keep_alive;
+        }
+        // The serving call is checked now as a plain call would be (environment, serializer, machine type), so a
+        // bad one fails the registration, not the first request.
+        let call = call_request(caller, &mut hosted_run(request.clone()))
+            .map_err(|status| AppError::Invalid(status.message().to_string()))?;
+        let machine_type =
+            self.engine.machine_types().get(&call.machine_type).map_err(|e| AppError::Invalid(e.to_string()))?.clone();
+        if let Some(reason) = self.capacity.never_fits(&machine_type) {
+            return Err(AppError::Invalid(reason));
+        }
+        let function_name = request.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
+        let mut revision = Revision {
+            id: uuid::Uuid::new_v4().to_string(),
+            user_id: caller.user_id.clone(),
+            alias,
+            auth,
+            min_concurrency,
+            max_concurrency,
+            max_multiplexing,
+            machine_type: machine_type.name.clone(),
+            keep_alive,
+            function_name,
+            definition: request.encode_to_vec(),
+            created_at: 0,
+        };
+        let stored = {
+            let mut revision = revision.clone();
+            self.store.blocking(move |store| store.insert(&mut revision).map(|()| revision)).await?
+        };
+        revision.created_at = stored.created_at;
+        logs.send(
+            LogSource::Engine,
+            format!(
+                "registered revision {} of {} ({} auth, machine type {}, up to {} replicas)",
+                revision.id,
+                revision.name(),
+                revision.auth.name(),
+                revision.machine_type,
+                revision.max_concurrency
+            ),
+        );
+        tracing::info!(user = %revision.user_id, app = %revision.name(), revision = %revision.id, "app registered");
+        if revision.min_concurrency > 0 {
+            self.replicas(&revision);
+        }
+        Ok(revision)
+    }
+
+    /// The revision `owner`'s `name` (an alias, or a revision id) stands for.
+    pub async fn resolve(&self, owner: &str, name: &str) -> Result<Revision, AppError> {
+        let (user, app) = (owner.to_string(), name.to_string());
+        self.store
+            .blocking(move |store| store.resolve(&user, &app))
+            .await?
+            .ok_or_else(|| AppError::NotFound { user: owner.to_string(), name: name.to_string() })
+    }
+
+    /// `caller`'s aliases (everyone's for an admin), with their replicas now.
+    pub async fn aliases(&self, caller: &Caller) -> Result<Vec<AliasState>, AppError> {
+        let user = (caller.scope != Scope::Admin).then(|| caller.user_id.clone());
+        let revisions = self.store.blocking(move |store| store.aliases(user.as_deref())).await?;
+        let running = self.running();
+        Ok(revisions
+            .into_iter()
+            .map(|revision| {
+                let replicas = running.get(&revision.id).map(|r| r.replicas.counts()).unwrap_or_default();
+                AliasState { revision, replicas }
+            })
+            .collect())
+    }
+
+    /// Deletes `caller`'s `alias` and its revisions, stopping their replicas; returns the revision it pointed to.
+    pub async fn delete(&self, caller: &Caller, alias: &str) -> Result<String, AppError> {
+        let (user, name) = (caller.user_id.clone(), alias.to_string());
+        let deleted = self.store.blocking(move |store| store.delete_alias(&user, &name)).await?;
+        let Some((current, ids)) = deleted else {
+            return Err(AppError::NotFound { user: caller.user_id.clone(), name: alias.to_string() });
+        };
+        let mut running = self.running();
+        for id in ids {
+            if let Some(gone) = running.remove(&id) {
+                gone.replicas.close();
+            }
+        }
+        tracing::info!(user = %caller.user_id, app = %alias, "app deleted");
+        Ok(current)
+    }
+
+    /// The replicas of `revision`, made on first use (and its log with them).
+    pub fn replicas(&self, revision: &Revision) -> Arc<ReplicaSet> {
+        self.running_of(revision).replicas
+    }
+
+    /// What `revision`'s replicas printed.
+    pub fn logs(&self, revision: &Revision) -> Arc<AppLogs> {
+        self.running_of(revision).logs
+    }
+
+    fn running_of(&self, revision: &Revision) -> Running {
+        let mut running = self.running();
+        if let Some(found) = running.get(&revision.id) {
+            return found.clone();
+        }
+        let logs = Arc::new(AppLogs::default());
+        let scaling = Scaling {
+            min: revision.min_concurrency,
+            max: revision.max_concurrency,
+            multiplexing: revision.max_multiplexing,
+            keep_alive: revision.keep_alive,
+            start_timeout: self.config.start_timeout,
+        };
+        let replicas = ReplicaSet::new(revision.name().to_string(), scaling, self.launcher(revision), logs.clone());
+        let made = Running { replicas, logs };
+        running.insert(revision.id.clone(), made.clone());
+        made
+    }
+
+    /// How a replica of `revision` starts: its serving call, run by the engine with the owner's capacity, on a
+    /// worker of its own (no keep_alive: a replica's worker serves nothing else).
+    fn launcher(&self, revision: &Revision) -> Launch {
+        let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
+        let (definition, owner) = (Arc::new(revision.definition.clone()), revision.user_id.clone());
+        Arc::new(move |logs: LogSink, address| {
+            let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
+            let (definition, owner) = (definition.clone(), owner.clone());
+            Box::pin(async move {
+                let request = match RegisterApplicationRequest::decode(definition.as_slice()) {
+                    Ok(request) => request,
+                    Err(e) => return format!("its stored definition cannot be read ({e}): register it again"),
+                };
+                let caller = Caller { user_id: owner.clone(), key_id: String::new(), scope: Scope::Api };
+                let mut call = match call_request(&caller, &mut hosted_run(request)) {
+                    Ok(call) => call,
+                    Err(status) => return status.message().to_string(),
+                };
+                let user = owner.clone();
+                call.uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
+                    Ok(uid) => Some(uid),
+                    Err(e) => return e.to_string(),
+                };
+                call.keep_alive = Duration::ZERO;
+                call.timeout = None;
+                call.room = Some(Arc::new(CapacityRoom {
+                    capacity,
+                    engine: engine.clone(),
+                    user: owner,
+                    payload_bytes: call.payload.len(),
+                }));
+                let (worker_sender, mut worker) = tokio::sync::mpsc::unbounded_channel();
+                call.on_worker = Some(worker_sender);
+                let calling = engine.call(call, &logs);
+                tokio::pin!(calling);
+                let mut address = Some(address);
+                loop {
+                    tokio::select! {
+                        outcome = &mut calling => return ended(outcome),
+                        Some(started) = worker.recv(), if address.is_some() => {
+                            let Some(ip) = started.address else {
+                                return "its worker has no network namespace of its own, so its port cannot be \
+                                        reached"
+                                    .into();
+                            };
+                            if let Some(address) = address.take() {
+                                let _ = address.send(SocketAddr::new(ip, APP_PORT));
+                            }
+                        }
+                    }
+                }
+            })
+        })
+    }
+
+    /// Starts the replicas apps keep up when idle (`min_concurrency`), after a restart.
+    pub async fn start_kept_warm(&self) {
+        if self.unjailed.is_some() {
+            return;
+        }
+        match self.store.blocking(|store| store.kept_warm()).await {
+            Ok(revisions) => {
+                for revision in revisions {
+                    self.replicas(&revision);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the apps to start"),
+        }
+    }
+}
+
+/// The serving call of a registration, as a `HostedRun`.
+fn hosted_run(request: RegisterApplicationRequest) -> HostedRun {
+    HostedRun {
+        environments: request.environments,
+        machine_requirements: request.machine_requirements,
+        function: request.function,
+        setup_func: request.setup_func,
+        function_name: request.function_name,
+        timeout_seconds: None,
+    }
+}
+
+/// Why a replica's call ended, as its requests and its log say it.
+fn ended(outcome: Result<CallReply, CallError>) -> String {
+    match outcome {
+        Ok(reply) if reply.raised => {
+            "the app's function raised an exception (its traceback is in the app's logs: `fal-serverless logs`)".into()
+        }
+        Ok(_) => format!(
+            "the app's function returned; it must keep serving on port {APP_PORT} (serve=True runs uvicorn until \
+             stopped)"
+        ),
+        Err(error) => error.to_string(),
+    }
+}
+
+fn validate_alias(alias: &str) -> Result<(), AppError> {
+    let valid = !alias.is_empty()
+        && alias.len() <= MAX_ALIAS
+        && alias.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !alias.starts_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(AppError::Invalid(format!(
+            "alias {alias:?} is not valid: use letters, digits, '-' and '_' (at most {MAX_ALIAS}, not starting with '-')"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_are_url_path_segments() {
+        assert!(validate_alias("my-app_2").is_ok());
+        for bad in ["", "a/b", "a b", "-x", "é", &"x".repeat(65)] {
+            assert!(validate_alias(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The gateway: the HTTP side of the server's port (gRPC shares it; `crate::http` tells them apart).
+//!
+//! * `ANY /apps/<user>/<alias or revision>[/path]`: the request goes to a replica of the app (`proxy.rs`), once
+//!   the caller is allowed: `private` apps take their owner's key (or an admin's) in `Authorization: Key
+//!   <key_id>:<key_secret>`, `shared` ones any valid key, `public` ones none.
+//! * `/queue/<user>/<alias>[/path]` and its request routes: the queue (`crate::queue`).
+//! * `GET /billing/user_details`: who the key is, as the original 0.6.41 CLI asks before it deploys.
+//!
+//! Every error is JSON, `{"detail": ..., "error": ...}`, saying what went wrong and what to do.
+
+pub mod proxy;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::IntoResponse;
+use axum::routing::{any, get};
+use axum::Router;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::apps::replicas::NoReplica;
+use crate::apps::{AppError, Apps, AuthMode, Revision};
+use crate::store::{Caller, Scope, Store};
+
+/// The header fal-client sends a request's timeout in (seconds, waiting for a replica included).
+pub const REQUEST_TIMEOUT: &str = "x-fal-request-timeout";
+/// What a 503 asks the client to wait before trying again.
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+#[derive(Debug)]
+pub struct Gateway {
+    pub apps: Arc<Apps>,
+    pub keys: Arc<Store>,
+    pub client: proxy::Client,
+}
+
+/// A JSON error response.
+pub fn json_error(status: StatusCode, error: &str, detail: impl Into<String>) -> Response<Body> {
+    let body = serde_json::json!({ "detail": detail.into(), "error": error });
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Key"));
+    }
+    response
+}
+
+/// The routes of the gateway (the queue's are merged in by the caller).
+pub fn routes(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/billing/user_details", get(user_details))
+        .route("/apps/{user}/{app}", any(app_root))
+        .route("/apps/{user}/{app}/", any(app_root))
+        .route("/apps/{user}/{app}/{*path}", any(app_path))
+        .with_state(gateway)
+}
+
+/// What answers a path nothing else does.
+pub async fn not_found(request: Request) -> Response<Body> {
+    json_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "nothing is served at {}: apps are at /apps/<user>/<alias>[/path], their queue at /queue/<user>/<alias>",
+            request.uri().path()
+        ),
+    )
+}
+
+impl Gateway {
+    /// The caller named by `Authorization: Key <key_id>:<key_secret>`; `Ok(None)` without that header.
+    pub fn caller(&self, headers: &HeaderMap) -> Result<Option<Caller>, Response<Body>> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+        let malformed = || {
+            json_error(
+                StatusCode::UNAUTHORIZED,
+                "wrong_key",
+                "the Authorization header must be `Key <key_id>:<key_secret>` (a key `fal-serverless keys create` made)",
+            )
+        };
+        let text = value.to_str().map_err(|_| malformed())?;
+        let (scheme, key) = text.trim().split_once(' ').ok_or_else(malformed)?;
+        if !scheme.eq_ignore_ascii_case("key") {
+            return Err(malformed());
+        }
+        let (id, secret) = key.trim().split_once(':').ok_or_else(malformed)?;
+        self.keys
+            .verify(id, secret)
+            .map(Some)
+            .map_err(|e| json_error(StatusCode::UNAUTHORIZED, "wrong_key", e.to_string()))
+    }
+
+    /// The revision `user`'s `app` stands for, if the caller (by `headers`) may call it.
+    pub async fn admit(&self, headers: &HeaderMap, user: &str, app: &str) -> Result<Revision, Response<Body>> {
+        let revision = match self.apps.resolve(user, app).await {
+            Ok(revision) => revision,
+            Err(error @ AppError::NotFound { .. }) => {
+                return Err(json_error(StatusCode::NOT_FOUND, "unknown_app", error.to_string()))
+            }
+            Err(error) => return Err(json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())),
+        };
+        let caller = self.caller(headers)?;
+        let allowed = match (revision.auth, &caller) {
+            (AuthMode::Public, _) => true,
+            (AuthMode::Shared, Some(_)) => true,
+            (AuthMode::Private, Some(caller)) => caller.user_id == revision.user_id || caller.scope == Scope::Admin,
+            (_, None) => false,
+        };
+        if allowed {
+            return Ok(revision);
+        }
+        let (error, detail) = match (&caller, revision.auth) {
+            (None, AuthMode::Shared) => (
+                "missing_key",
+                format!(
+                    "app {user}/{app} is shared: send `Authorization: Key <key_id>:<key_secret>` with a key of this \
+                     server"
+                ),
+            ),
+            (None, _) => (
+                "missing_key",
+                format!(
+                    "app {user}/{app} is private: send `Authorization: Key <key_id>:<key_secret>` with a key of its \
+                     owner"
+                ),
+            ),
+            (Some(caller), _) => (
+                "wrong_key",
+                format!(
+                    "app {user}/{app} is private to its owner; key {} is user {:?}'s. Use a key of {user:?} (or have \
+                     the app deployed with --auth shared)",
+                    caller.key_id, caller.user_id
+                ),
+            ),
+        };
+        Err(json_error(StatusCode::UNAUTHORIZED, error, detail))
+    }
+
+    /// How long a request waits for a replica: its `X-Fal-Request-Timeout`, else the server's default.
+    pub fn wait(&self, headers: &HeaderMap) -> Duration {
+        headers
+            .get(REQUEST_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
+            .map(|seconds| Duration::from_secs_f64(seconds.min(self.apps.config.request_timeout.as_secs_f64())))
+            .unwrap_or(self.apps.config.request_timeout)
+    }
+}
+
+/// The answer for a request that got no replica.
+pub fn no_replica(error: NoReplica) -> Response<Body> {
+    match error {
+        NoReplica::Timeout { .. } => {
+            let mut response = json_error(StatusCode::SERVICE_UNAVAILABLE, "no_replica", error.to_string());
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            response
+        }
+        NoReplica::StartFailed(_) => json_error(StatusCode::BAD_GATEWAY, "replica_failed", error.to_string()),
+        NoReplica::Closed => json_error(StatusCode::NOT_FOUND, "unknown_app", error.to_string()),
+    }
+}
+
+async fn app_root(
+    State(gateway): State<Arc<Gateway>>,
+    Path((user, app)): Path<(String, String)>,
+    request: Request,
+) -> Response<Body> {
+    serve(gateway, user, app, String::new(), request).await
+}
+
+async fn app_path(
+    State(gateway): State<Arc<Gateway>>,
+    Path((user, app, path)): Path<(String, String, String)>,
+    request: Request,
+) -> Response<Body> {
+    serve(gateway, user, app, path, request).await
+}
+
+/// One request to an app, through a replica.
+async fn serve(gateway: Arc<Gateway>, user: String, app: String, path: String, request: Request) -> Response<Body> {
+    let revision = match gateway.admit(request.headers(), &user, &app).await {
+        Ok(revision) => revision,
+        Err(response) => return response,
+    };
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let wait = gateway.wait(request.headers());
+    let replicas = gateway.apps.replicas(&revision);
+    let lease = match replicas.acquire(request_id, crate::apps::logs::RequestLogs::new(), wait).await {
+        Ok(lease) => lease,
+        Err(error) => return no_replica(error),
+    };
+    let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    proxy::forward(&gateway.client, lease, request, &format!("/{path}{query}")).await
+}
+
+/// `GET /billing/user_details`: the key's user, shaped as the original's REST API answers (`provider|id`).
+async fn user_details(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response<Body> {
+    match gateway.caller(&headers) {
+        Ok(Some(caller)) => {
+            axum::Json(serde_json::json!({ "user_id": format!("fal-serverless|{}", caller.user_id) })).into_response()
+        }
+        Ok(None) => json_error(
+            StatusCode::UNAUTHORIZED,
+            "missing_key",
+            "send `Authorization: Key <key_id>:<key_secret>` (FAL_KEY_ID and FAL_KEY_SECRET for the original client)",
+        ),
+        Err(response) => response,
+    }
+}
