@@ -27,7 +27,7 @@ HOSTNAME = "api.fal-serverless.test"
 REST_ADDRESS = "127.0.0.3"
 WITH_HOSTS = 'mount --bind "$0" /etc/hosts && exec "$@"'
 
-APPS = '''
+APPS = """
 import time
 
 from fal_serverless import isolated
@@ -84,6 +84,19 @@ def version_two():
     return {"version": 2}
 
 
+@isolated(exposed_port=8080, keep_alive=5, requirements=["websockets==13.1"])
+def echo_socket():
+    # A websocket server of its own.
+    from websockets.sync.server import serve
+
+    def echo(websocket):
+        for message in websocket:
+            websocket.send("echo: " + message)
+
+    with serve(echo, "0.0.0.0", 8080) as server:
+        server.serve_forever()
+
+
 @isolated(exposed_port=8080, keep_alive=5)
 def events():
     # Its own server (exposed_port): server-sent events, one every 0.4 s, each flushed as it is written.
@@ -108,7 +121,7 @@ def events():
         do_POST = do_GET
 
     http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-'''
+"""
 
 
 class Relay:
@@ -370,3 +383,64 @@ def test_a_bad_alias_is_refused_with_what_to_use(gateway: Gateway) -> None:
     # (The original prints the server's error and exits 0.)
     assert "Registered" not in proc.stdout
     assert "letters, digits" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def websocket_echo(host: str, path: str, headers: Dict[str, str], messages: List[str]) -> List[str]:
+    """Opens a websocket at `path` (RFC 6455, by hand: the handshake, masked text frames out, frames in) and returns
+    what the server answers to each of `messages`."""
+    import base64
+    import os
+    import struct
+
+    address, port = host.rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=300) as connection:
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade"]
+        lines += [f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reader = connection.makefile("rb")
+        status = reader.readline()
+        assert b" 101 " in status, status + reader.read(2000)
+        while reader.readline() not in (b"\r\n", b""):
+            pass
+        answers = []
+        for message in messages:
+            payload, mask = message.encode(), os.urandom(4)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            connection.sendall(struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked)
+            first, length = reader.read(2)
+            assert first & 0x0F == 1, first
+            answers.append(reader.read(length & 0x7F).decode())
+        return answers
+
+
+def test_a_websocket_passes_through_the_gateway(gateway: Gateway) -> None:
+    gateway.deploy("alice", "echo_socket", "sockets")
+    answers = websocket_echo(gateway.server.host, "/apps/alice/sockets/", gateway.headers("alice"), ["one", "two"])
+    assert answers == ["echo: one", "echo: two"]
+
+
+def test_apps_survive_a_server_restart(gateway: Gateway, tmp_path: Path) -> None:
+    server = start_server()
+    host, port = server.host.rsplit(":", 1)
+    relay = Relay("127.0.0.4", (host, int(port)))
+    try:
+        hosts = tmp_path / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {HOSTNAME}\n127.0.0.4 rest.fal-serverless.test\n")
+        key = server.create_key("grace")
+        revision = Gateway(server, gateway.python, hosts, gateway.apps, {"grace": key}).deploy(
+            "grace", "hello", "kept", auth="shared"
+        )
+        server.stop()
+        server = start_server(data_dir=server.data_dir)
+        headers = {"Authorization": f"Key {key[0]}:{key[1]}"}
+        for app in ("kept", revision):
+            response = httpx.post(
+                f"http://{server.host}/apps/grace/{app}", params={"name": app}, headers=headers, timeout=300
+            )
+            assert response.status_code == 200, response.text
+            assert response.json() == {"hello": app}
+    finally:
+        relay.close()
+        server.stop()
