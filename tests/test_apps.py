@@ -290,3 +290,46 @@ def test_the_url_is_https_when_the_client_speaks_tls_to_the_server(tmp_path: Pat
         assert reply.status_code == 200 and reply.text == "hello from my own server", reply.text
     finally:
         server.stop()
+
+
+PYDANTIC_APP = """
+from fal_serverless import isolated
+from pydantic import BaseModel
+
+
+class Order(BaseModel):
+    item: str
+    count: int = 1
+
+
+@isolated(serve=True, keep_alive=10)
+def shop(order: Order, discount: float = 0.0) -> dict:
+    return {"item": order.item, "total": order.count * 10 * (1 - discount)}
+
+
+print(shop(Order(item="pen", count=2))["total"])
+print(shop.serve(alias="shop"))
+"""
+
+
+def test_a_pydantic_body_and_a_query_parameter_bind_through_our_sdk(server: Server) -> None:
+    """The model is defined in the user's script: it travels by value, as its definition, and FastAPI in the worker
+    binds the JSON body to it."""
+    pydantic = pytest.importorskip("pydantic")
+    if not pydantic.VERSION.startswith("1."):
+        pytest.skip("FastAPI 0.99.1 (serve=True) takes pydantic 1")
+    key = server.create_key("apps-pydantic")
+    proc = run_script(PYDANTIC_APP, server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    direct, url = proc.stdout.split()
+    assert direct == "20.0"
+    reply = httpx.post(
+        url,
+        params={"discount": 0.5},
+        json={"item": "pen", "count": 3},
+        headers=key_header(key),
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert reply.status_code == 200 and reply.json() == {"item": "pen", "total": 15.0}, reply.text
+    reply = httpx.post(url, json={"count": 3}, headers=key_header(key), timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 422 and reply.json()["detail"][0]["loc"] == ["body", "item"], reply.text
