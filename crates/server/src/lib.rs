@@ -287,7 +287,7 @@ pub async fn serve(
     };
     // gRPC and HTTP share the port (`http.rs`): the service's routes, and the gateway's with a JSON 404 for the rest.
     let grpc = tonic::service::Routes::new(service).prepare().into_axum_router();
-    let gateway = gateway::routes(gateway).fallback(gateway::not_found);
+    let gateway = gateway::routes(gateway);
     apps.start_kept_warm().await;
     let serving = http::serve(
         admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
