@@ -10,7 +10,8 @@ Measures: warm calls (local, cloud), cold calls (environment built), the first c
 throughput at 1/4/16/64 callers, payload round trips (1 KB, 1 MB, 100 MB; bytes and numpy), warm latency across
 1/10/100 environments and the server's memory; and the floors that explain them (the smallest RPC, joining a cgroup,
 one 100 MB copy); and web endpoints (bench/gateway.py: a request through the gateway against the replica's own
-uvicorn, requests/s, the first request from zero replicas). What the figures mean is written by hand in bench/RESULTS.md, below a marker --write keeps.
+uvicorn, requests/s, the first request from zero replicas). What the figures mean is written by hand in
+bench/RESULTS.md, below a marker --write keeps.
 """
 
 from __future__ import annotations
