@@ -222,7 +222,19 @@ pub async fn serve(
         uids: (config.first_uid, config.uid_count),
         max_keep_alive: config.limits.max_keep_alive,
         config: config.apps,
-        unjailed: unjailed.clone(),
+        unavailable: match (&config.provider, &unjailed) {
+            (ProviderConfig::Slurm(_), _) => Some(
+                "web endpoints run on this server's own workers, and its workers run on Slurm (provider = \"slurm\"): \
+                 deploy to a server whose provider is local"
+                    .into(),
+            ),
+            (_, Some(reason)) => Some(format!(
+                "web endpoints need jailed workers, each with a network namespace of its own where its replica \
+                 listens on port 8080, and this server does not jail them ({reason}). Run the server as root with \
+                 bubblewrap installed"
+            )),
+            (_, None) => None,
+        },
     });
     let controller = service::Controller {
         ending,
