@@ -233,6 +233,11 @@ def test_the_original_cli_deploys_an_app_lists_it_and_shows_its_logs(gateway: Ga
     assert response.status_code == 200, response.text
     assert response.json() == {"hello": "bob"}
     assert response.headers["x-fal-request-id"]
+    # The URL the original CLI prints, `https://<user>-<alias>.gateway.<host>`, reaches it too (for a wildcard DNS
+    # name pointing at the server): here, by its Host header.
+    by_host = {"Host": "alice-hello.gateway.fal-serverless.test"}
+    response = httpx.post(f"{gateway.base}/", params={"name": "host"}, headers=by_host, timeout=60)
+    assert response.status_code == 200 and response.json() == {"hello": "host"}, response.text
 
     listed = gateway.original("alice", "alias", "list")
     assert listed.returncode == 0, listed.stderr

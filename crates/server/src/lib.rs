@@ -222,7 +222,19 @@ pub async fn serve(
         uids: (config.first_uid, config.uid_count),
         max_keep_alive: config.limits.max_keep_alive,
         config: config.apps,
-        unjailed: unjailed.clone(),
+        unavailable: match (&config.provider, &unjailed) {
+            (ProviderConfig::Slurm(_), _) => Some(
+                "web endpoints run on this server's own workers, and its workers run on Slurm (provider = \"slurm\"): \
+                 deploy to a server whose provider is local"
+                    .into(),
+            ),
+            (_, Some(reason)) => Some(format!(
+                "web endpoints need jailed workers, each with a network namespace of its own where its replica \
+                 listens on port 8080, and this server does not jail them ({reason}). Run the server as root with \
+                 bubblewrap installed"
+            )),
+            (_, None) => None,
+        },
     });
     let controller = service::Controller {
         ending,
@@ -287,7 +299,7 @@ pub async fn serve(
     };
     // gRPC and HTTP share the port (`http.rs`): the service's routes, and the gateway's with a JSON 404 for the rest.
     let grpc = tonic::service::Routes::new(service).prepare().into_axum_router();
-    let gateway = gateway::routes(gateway).fallback(gateway::not_found);
+    let gateway = gateway::routes(gateway);
     apps.start_kept_warm().await;
     let serving = http::serve(
         admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
