@@ -313,8 +313,8 @@ pub async fn serve(
         tokio::time::sleep(STOP_GRACE).await;
     };
     tokio::pin!(serving);
-    let result = tokio::select! {
-        () = &mut serving => (),
+    tokio::select! {
+        () = &mut serving => {},
         () = grace_over => {
             tracing::warn!("calls still running after {}s: ending them", STOP_GRACE.as_secs());
             // Each call ends itself (its connection's task runs it, which dropping `serving` would not stop): its
@@ -329,7 +329,7 @@ pub async fn serve(
         let _ = tokio::task::spawn_blocking(move || network.close()).await;
     }
     tracing::info!("stopped");
-    Ok(result)
+    Ok(())
 }
 
 fn geteuid() -> u32 {
