@@ -405,3 +405,35 @@ def test_an_app_that_raises_answers_500_with_its_error_and_keeps_serving(scaling
     assert reply.json() == {"detail": "KeyError: 'no such order'", "error": "app_raised"}
     reply = httpx.post(url, params={"fail": False}, timeout=REQUEST_TIMEOUT)
     assert reply.status_code == 200 and reply.json() == {"ok": True}
+
+
+def test_a_server_stopped_with_replicas_running_leaves_nothing_behind() -> None:
+    from conftest import descendants, pid_alive, slot_links, slot_namespaces
+
+    # A subnet of its own, so the namespaces counted are this server's.
+    server = start_server(config='[network]\nsubnet = "10.252.0.0/24"\n')
+    try:
+        key = server.create_key("apps-stop")
+        source = textwrap.dedent(
+            """
+            from fal_serverless import isolated
+
+            @isolated(serve=True, keep_alive=600, min_concurrency=1)
+            def up() -> dict:
+                return {"up": True}
+
+            print(up.serve(alias="up", auth="public"))
+            """
+        )
+        proc = run_script(source, server.env(*key), timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert httpx.post(proc.stdout.strip(), timeout=REQUEST_TIMEOUT).json() == {"up": True}
+        replicas = [int(w["pid"]) for w in server.workers() if w["user"] == "apps-stop"]
+        assert replicas, "the replica runs"
+        assert slot_namespaces("0afc00"), "in a network namespace of its own"
+        tree = [*replicas, *(p for r in replicas for p in descendants(r))]
+    finally:
+        server.stop()
+    assert not any(map(pid_alive, tree)), "a replica outlived its server"
+    assert not server.cgroups() and not descendants(server.process.pid)
+    assert not slot_namespaces("0afc00") and not slot_links("0afc00"), "a stopped server left namespaces or veths"

@@ -324,6 +324,7 @@ pub async fn serve(
         }
     };
     evicting.abort();
+    apps.shutdown().await;
     engine.shutdown().await;
     if let Some(network) = network {
         let _ = tokio::task::spawn_blocking(move || network.close()).await;

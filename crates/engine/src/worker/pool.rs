@@ -24,7 +24,19 @@ struct State {
 }
 
 #[derive(Debug, Clone, Default)]
-pub(crate) struct WorkerPool(Arc<Mutex<State>>);
+pub(crate) struct WorkerPool(Arc<Mutex<State>>, Arc<Stopping>);
+
+/// Workers being stopped in tasks of their own (a dropped lease's, an expired one's): what shutdown waits for, so a
+/// server's stop leaves no worker, cgroup or namespace behind, busy workers included (a cancelled call's, a web
+/// endpoint's replica's).
+#[derive(Debug, Default)]
+struct Stopping {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// How long shutdown waits for workers being stopped.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 /// A worker taken from the pool for one call. Dropped without [`WorkerPool::release`] (a cancelled call), it is
 /// stopped and forgotten.
@@ -51,7 +63,7 @@ impl Drop for Leased {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
             self.pool.state().live.remove(&self.id);
-            spawn_stop(worker);
+            self.pool.spawn_stop(worker);
         }
     }
 }
@@ -81,7 +93,7 @@ impl WorkerPool {
             }
             found
         };
-        dead.into_iter().for_each(spawn_stop);
+        dead.into_iter().for_each(|worker| self.spawn_stop(worker));
         leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone() })
     }
 
@@ -139,7 +151,7 @@ impl WorkerPool {
                 return;
             }
         }
-        spawn_stop(worker);
+        self.spawn_stop(worker);
     }
 
     fn expire(&self, key: &PoolKey, idle_id: u64) {
@@ -157,7 +169,7 @@ impl WorkerPool {
             expired
         };
         if let Some(worker) = expired {
-            spawn_stop(worker);
+            self.spawn_stop(worker);
         }
     }
 
@@ -195,16 +207,41 @@ impl WorkerPool {
         for worker in idle {
             worker.stop().await;
         }
+        self.stopped().await;
     }
 }
 
-fn spawn_stop(worker: Worker) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(worker.stop());
+impl WorkerPool {
+    /// Stops `worker` in a task of its own, counted until it is gone.
+    fn spawn_stop(&self, worker: Worker) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let stopping = self.1.clone();
+                stopping.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                handle.spawn(async move {
+                    worker.stop().await;
+                    if stopping.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                        stopping.done.notify_waiters();
+                    }
+                });
+            }
+            // Outside a runtime (process teardown): dropping kills the process (kill_on_drop); the cgroup is removed
+            // by the next engine that starts and finds it empty.
+            Err(_) => drop(worker),
         }
-        // Outside a runtime (process teardown): dropping kills the process (kill_on_drop); the cgroup is removed
-        // by the next engine that starts and finds it empty.
-        Err(_) => drop(worker),
+    }
+
+    /// Waits (at most SHUTDOWN_WAIT) until no worker is being stopped.
+    async fn stopped(&self) {
+        let wait = async {
+            loop {
+                let done = self.1.done.notified();
+                if self.1.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
     }
 }

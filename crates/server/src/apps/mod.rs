@@ -324,7 +324,8 @@ impl Apps {
         let mut running = self.running();
         for id in ids {
             if let Some(gone) = running.remove(&id) {
-                gone.replicas.close();
+                // Its tasks end as their workers start stopping; nothing waits on them here.
+                drop(gone.replicas.close());
             }
         }
         tracing::info!(user = %caller.user_id, app = %alias, "app deleted");
@@ -413,6 +414,16 @@ impl Apps {
                 }
             })
         })
+    }
+
+    /// Stops every app's replicas, for the server's stop: returns once each replica's worker is being stopped (the
+    /// engine's shutdown then waits until they are gone).
+    pub async fn shutdown(&self) {
+        let sets: Vec<Running> = self.running().drain().map(|(_, running)| running).collect();
+        let tasks: Vec<_> = sets.iter().flat_map(|running| running.replicas.close()).collect();
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 
     /// Starts the replicas apps keep up when idle (`min_concurrency`), after a restart.

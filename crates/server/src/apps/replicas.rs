@@ -79,6 +79,8 @@ type Waiter = oneshot::Sender<Result<Lease, NoReplica>>;
 struct State {
     replicas: BTreeMap<u64, Replica>,
     starting: BTreeMap<u64, AbortHandle>,
+    /// Every replica's task, starting or ready, for waiting on them at close.
+    tasks: BTreeMap<u64, tokio::task::JoinHandle<()>>,
     /// Requests waiting, in arrival order, each with its id and its log.
     waiters: VecDeque<(Waiter, String, Arc<RequestLogs>)>,
     next_id: u64,
@@ -242,6 +244,7 @@ impl ReplicaSet {
         let id = state.next_id;
         let task = tokio::spawn(run_replica(self.clone(), id));
         state.starting.insert(id, task.abort_handle());
+        state.tasks.insert(id, task);
     }
 
     fn release(self: &Arc<Self>, replica: u64, request_id: &str) {
@@ -371,9 +374,10 @@ impl ReplicaSet {
         }
     }
 
-    /// Stops every replica and fails every waiting request: the app is gone.
-    pub fn close(&self) {
-        let waiters = {
+    /// Stops every replica and fails every waiting request: the app is gone. Returns the replicas' tasks, which end
+    /// once their workers are being stopped.
+    pub fn close(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let (waiters, tasks) = {
             let mut state = self.state();
             state.closed = true;
             for (_, replica) in std::mem::take(&mut state.replicas) {
@@ -383,11 +387,12 @@ impl ReplicaSet {
             for (_, task) in std::mem::take(&mut state.starting) {
                 task.abort();
             }
-            std::mem::take(&mut state.waiters)
+            (std::mem::take(&mut state.waiters), std::mem::take(&mut state.tasks).into_values().collect())
         };
         for (waiter, ..) in waiters {
             let _ = waiter.send(Err(NoReplica::Closed));
         }
+        tasks
     }
 }
 
@@ -411,8 +416,13 @@ async fn answers(address: SocketAddr) -> bool {
 
 /// Runs replica `id` of `set` from its start to its end.
 async fn run_replica(set: Arc<ReplicaSet>, id: u64) {
+    run(&set, id).await;
+    set.state().tasks.remove(&id);
+}
+
+async fn run(set: &Arc<ReplicaSet>, id: u64) {
     let (address_sender, address) = oneshot::channel();
-    let printed_by = Arc::downgrade(&set);
+    let printed_by = Arc::downgrade(set);
     let logs = LogSink::new(move |line| {
         if let Some(set) = printed_by.upgrade() {
             set.printed(id, line);
