@@ -165,9 +165,11 @@ impl Apps {
         let machine = request.machine_requirements.clone().unwrap_or_default();
         match machine.exposed_port {
             Some(port) if port == i32::from(APP_PORT) => {}
-            Some(port) => return Err(AppError::Invalid(format!(
+            Some(port) => {
+                return Err(AppError::Invalid(format!(
                 "exposed_port {port}: an app serves on port {APP_PORT} (serve=True does); use exposed_port={APP_PORT}"
-            ))),
+            )))
+            }
             None => {
                 return Err(AppError::Invalid(format!(
                     "the function does not serve: deploy it with @isolated(serve=True), or start a web server on port \
