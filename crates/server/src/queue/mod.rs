@@ -88,6 +88,8 @@ pub struct Queue {
     tls: bool,
     retention: Duration,
     lines: Mutex<Lines>,
+    /// Set when the server stops: nothing more is handed over, and what ends now is not stored (see [`Queue::stop`]).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +124,7 @@ impl Queue {
             tls,
             retention: config.result_retention,
             lines: Mutex::default(),
+            stopping: Default::default(),
         });
         match queue.store.blocking(|store| store.unfinished()).await {
             Ok(unfinished) => {
@@ -134,6 +137,21 @@ impl Queue {
         queue.webhooks.resume().await;
         tokio::spawn(sweep(Arc::downgrade(&queue)));
         queue
+    }
+
+    /// The server stops: the requests handed to replicas are dropped where they are (still queued or running in
+    /// SQLite, so the next start runs them), before the replicas stop, so that a replica killed by the stop is not
+    /// taken for the request's failure.
+    pub fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let tasks: Vec<_> = self.lines().active.values_mut().filter_map(|active| active.task.take()).collect();
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn lines(&self) -> MutexGuard<'_, Lines> {
@@ -183,6 +201,9 @@ impl Queue {
     /// Stores `outcome` as how request `id` ended (unless it had already ended) and starts its webhook.
     /// Returns whether this was the outcome stored.
     async fn finish(&self, id: &str, webhook: Option<&str>, outcome: Outcome) -> bool {
+        if self.is_stopping() {
+            return false;
+        }
         let payload = webhook.map(|url| (url.to_string(), webhook::payload(id, &outcome)));
         let (key, stored_payload) = (id.to_string(), payload.clone());
         let finished = self
@@ -380,6 +401,9 @@ async fn dispatch(queue: Arc<Queue>, owner: String, revision_id: String, line: A
     let room = Arc::new(Semaphore::new(room));
     loop {
         let Ok(permit) = room.clone().acquire_owned().await else { return };
+        if queue.is_stopping() {
+            return;
+        }
         let (_seq, id) = loop {
             let next = line.waiting.lock().unwrap_or_else(|e| e.into_inner()).pop_first();
             match next {
