@@ -9,7 +9,9 @@ loopback for the cloud figures, measures, and prints a markdown table: metric, t
 Measures: warm calls (local, cloud), cold calls (environment built), the first call with new requirements,
 throughput at 1/4/16/64 callers, payload round trips (1 KB, 1 MB, 100 MB; bytes and numpy), warm latency across
 1/10/100 environments and the server's memory; and the floors that explain them (the smallest RPC, joining a cgroup,
-one 100 MB copy). What the figures mean is written by hand in bench/RESULTS.md, below a marker --write keeps.
+one 100 MB copy); and web endpoints (bench/gateway.py: a request through the gateway against the replica's own
+uvicorn, requests/s, the first request from zero replicas). What the figures mean is written by hand in
+bench/RESULTS.md, below a marker --write keeps.
 """
 
 from __future__ import annotations
@@ -343,13 +345,30 @@ def row(
     return f"| {metric} | {ms(mine)} | {ms(anchor)} | {ms(floor)} | {'; '.join(ratios)} | {goal}: {verdict} |"
 
 
+def gateway_rows(warm_runs: int, calls: int, cold_runs: int) -> List[str]:
+    """The web endpoint rows (bench/gateway.py), on a server of their own."""
+    import gateway
+
+    server, env = start_server(Path(tempfile.mkdtemp(prefix="fal-bench-gateway-")))
+    try:
+        results = gateway.measure(env, warm_runs // 3, calls, max(3, cold_runs // 5))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return gateway.rows(results, row, median)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test of the benchmark itself)")
     parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
+    parser.add_argument("--gateway", action="store_true", help="only the web endpoint rows, printed (not written)")
     args = parser.parse_args()
     warm_runs, cold_runs, build_runs, calls = (200, 5, 2, 400) if args.quick else (3000, 30, 5, 4000)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+    if args.gateway:
+        print("\n".join(gateway_rows(warm_runs, calls, cold_runs)))
+        return 0
 
     anchor_run = subprocess.run(
         [str(anchor_python()), str(HERE / "anchor.py"), *map(str, (warm_runs // 3, cold_runs, build_runs, calls // 4))],
@@ -480,6 +499,7 @@ def main() -> int:
             f"| server RSS, idle / 100 warm workers | {idle / 2**20:.1f} MB / {full / 2**20:.1f} MB | - | - | - "
             f"| < 50 MB with 100 workers: {'met' if full < 50 * 2**20 else 'NOT met'} |"
         )
+    lines += gateway_rows(warm_runs, calls, cold_runs)
     table = "\n".join(lines)
     print(table)
     if args.write:

@@ -294,7 +294,7 @@ pub async fn serve(
     // serve.
     let queue_store = Arc::new(queue::store::QueueStore::open(&config.data_dir.join(STATE_FILE))?);
     let queue = queue::Queue::start(gateway.clone(), queue_store, tls.is_some()).await;
-    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone())).fallback(gateway::not_found);
+    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone()));
     apps.start_kept_warm().await;
     let serving = http::serve(
         admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),

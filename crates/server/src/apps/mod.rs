@@ -96,7 +96,13 @@ pub struct Apps {
     unjailed: Option<String>,
     /// Replica sets and logs by revision id, made on first use.
     running: Mutex<HashMap<String, Running>>,
+    /// What (user, alias or revision id) stood for when last asked: a warm request reads no SQLite. Emptied for a
+    /// user whenever their aliases change.
+    resolved: Mutex<HashMap<(String, String), Revision>>,
 }
+
+/// Entries `Apps::resolved` holds before it starts again.
+const RESOLVED_CACHE: usize = 10_000;
 
 #[derive(Debug, Clone)]
 struct Running {
@@ -135,6 +141,7 @@ impl Apps {
             config: parts.config,
             unjailed: parts.unjailed,
             running: Mutex::default(),
+            resolved: Mutex::default(),
         })
     }
 
@@ -238,7 +245,7 @@ impl Apps {
             machine_type: machine_type.name.clone(),
             keep_alive,
             function_name,
-            definition: request.encode_to_vec(),
+            definition: request.encode_to_vec().into(),
             created_at: 0,
         };
         let stored = {
@@ -246,6 +253,7 @@ impl Apps {
             self.store.blocking(move |store| store.insert(&mut revision).map(|()| revision)).await?
         };
         revision.created_at = stored.created_at;
+        self.forget(&revision.user_id);
         logs.send(
             LogSource::Engine,
             format!(
@@ -266,11 +274,31 @@ impl Apps {
 
     /// The revision `owner`'s `name` (an alias, or a revision id) stands for.
     pub async fn resolve(&self, owner: &str, name: &str) -> Result<Revision, AppError> {
-        let (user, app) = (owner.to_string(), name.to_string());
-        self.store
+        let key = (owner.to_string(), name.to_string());
+        if let Some(found) = self.resolved().get(&key) {
+            return Ok(found.clone());
+        }
+        let (user, app) = key.clone();
+        let found = self
+            .store
             .blocking(move |store| store.resolve(&user, &app))
             .await?
-            .ok_or_else(|| AppError::NotFound { user: owner.to_string(), name: name.to_string() })
+            .ok_or_else(|| AppError::NotFound { user: owner.to_string(), name: name.to_string() })?;
+        let mut resolved = self.resolved();
+        if resolved.len() >= RESOLVED_CACHE {
+            resolved.clear();
+        }
+        resolved.insert(key, found.clone());
+        Ok(found)
+    }
+
+    fn resolved(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Revision>> {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets what `user`'s names stood for (their aliases changed).
+    fn forget(&self, user: &str) {
+        self.resolved().retain(|(owner, _), _| owner != user);
     }
 
     /// `caller`'s aliases (everyone's for an admin), with their replicas now.
@@ -294,6 +322,7 @@ impl Apps {
         let Some((current, ids)) = deleted else {
             return Err(AppError::NotFound { user: caller.user_id.clone(), name: alias.to_string() });
         };
+        self.forget(&caller.user_id);
         let mut running = self.running();
         for id in ids {
             if let Some(gone) = running.remove(&id) {
@@ -337,12 +366,12 @@ impl Apps {
     /// worker of its own (no keep_alive: a replica's worker serves nothing else).
     fn launcher(&self, revision: &Revision) -> Launch {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
-        let (definition, owner) = (Arc::new(revision.definition.clone()), revision.user_id.clone());
+        let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
         Arc::new(move |logs: LogSink, address| {
             let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
-                let request = match RegisterApplicationRequest::decode(definition.as_slice()) {
+                let request = match RegisterApplicationRequest::decode(definition.as_ref()) {
                     Ok(request) => request,
                     Err(e) => return format!("its stored definition cannot be read ({e}): register it again"),
                 };

@@ -1,8 +1,8 @@
 //! The replicas of one revision, and the requests waiting for one.
 //!
 //! A replica is a worker running the app's serving call (a web server on port 8080 of its own network namespace);
-//! it is ready once that port accepts connections and `GET /health` does not answer an error other than 404/405
-//! (an app without that route). Requests take a replica in arrival order: each replica serves `multiplexing`
+//! it is ready once that port accepts connections and `GET /health` answers other than a server error (an app
+//! without that route answers 404). Requests take a replica in arrival order: each replica serves `multiplexing`
 //! requests at once (1 unless the app says more). When every replica is full and fewer than `max` run, another is
 //! started for the requests that wait; an idle replica stops after `keep_alive`, down to `min`. A replica whose call
 //! ends (its function returned, raised, or its worker died) is gone, and the requests it was serving are told why.
@@ -12,9 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fal_engine::{BoxFuture, LogLine, LogSink, LogSource};
-use http_body_util::Empty;
 use tokio::sync::{oneshot, watch};
 use tokio::task::AbortHandle;
 
@@ -95,7 +93,6 @@ pub struct ReplicaSet {
     launch: Launch,
     logs: Arc<AppLogs>,
     state: Mutex<State>,
-    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
 }
 
 impl std::fmt::Debug for ReplicaSet {
@@ -135,9 +132,7 @@ impl Drop for Lease {
 
 impl ReplicaSet {
     pub fn new(name: String, scaling: Scaling, launch: Launch, logs: Arc<AppLogs>) -> Arc<Self> {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<Empty<Bytes>>();
-        let set = Arc::new(Self { name, scaling, launch, logs, state: Mutex::default(), client });
+        let set = Arc::new(Self { name, scaling, launch, logs, state: Mutex::default() });
         let weak = Arc::downgrade(&set);
         tokio::spawn(reap(weak));
         set
@@ -404,23 +399,24 @@ impl ReplicaSet {
             let _ = waiter.send(Err(NoReplica::Closed));
         }
     }
+}
 
-    /// Whether `address` serves: its port accepts connections and `GET /health` answers 2xx, 404 or 405.
-    async fn answers(&self, address: SocketAddr) -> bool {
-        if tokio::net::TcpStream::connect(address).await.is_err() {
-            return false;
-        }
-        let Ok(uri) = format!("http://{address}/health").parse::<http::Uri>() else { return false };
-        match tokio::time::timeout(Duration::from_secs(5), self.client.get(uri)).await {
-            Ok(Ok(response)) => {
-                let status = response.status();
-                status.is_success()
-                    || status == http::StatusCode::NOT_FOUND
-                    || status == http::StatusCode::METHOD_NOT_ALLOWED
-            }
-            _ => false,
-        }
-    }
+/// Whether `address` serves: its port accepts connections and `GET /health` answers other than a server error (an
+/// app with that route says 200 once ready, 503 while it loads; one without answers 404 or another 4xx). Asked in
+/// plain HTTP/1.1 by hand: only the status line matters, whatever else the app's server sends.
+async fn answers(address: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request = format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        // "HTTP/1.1 200"
+        let status: u16 = std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()?;
+        Some(status)
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), probe).await, Ok(Some(status)) if status < 500)
 }
 
 /// Runs replica `id` of `set` from its start to its end.
@@ -442,7 +438,7 @@ async fn run_replica(set: Arc<ReplicaSet>, id: u64) {
         reason = &mut running => return set.start_failed(id, reason),
     };
     let ready = async {
-        while !set.answers(address).await {
+        while !answers(address).await {
             tokio::time::sleep(READY_POLL).await;
         }
     };
@@ -477,6 +473,9 @@ async fn reap(set: Weak<ReplicaSet>) {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
 
     use super::*;
 

@@ -107,9 +107,20 @@ fn named_app(caller: &Caller, alias: Option<&str>, url: Option<&str>) -> Result<
     )))
 }
 
+/// A line as a `Log`: the server's own notes about an app (registered, a replica ready or stopped) are news, not
+/// warnings as they are in a call's logs.
+fn app_log_message(line: LogLine) -> Log {
+    let engine = line.source == fal_engine::LogSource::Engine;
+    let mut message = log_message(line);
+    if engine {
+        message.level = fal_proto::LogLevel::Info as i32;
+    }
+    message
+}
+
 fn log_result(app: &str, line: AppLogLine) -> GetLogsResult {
     let request_id = line.request_id.clone();
-    let mut entry = log_message(LogLine { source: line.source, line: line.line });
+    let mut entry = app_log_message(LogLine { source: line.source, line: line.line });
     entry.timestamp = Some(prost_types::Timestamp::from(line.time));
     GetLogsResult { log_entry: Some(entry), app: app.to_string(), request_id }
 }

@@ -57,8 +57,9 @@ pub struct Revision {
     /// How long an idle replica stays up.
     pub keep_alive: Duration,
     pub function_name: String,
-    /// The `RegisterApplicationRequest` it was made from, protobuf-encoded: what a replica runs.
-    pub definition: Vec<u8>,
+    /// The `RegisterApplicationRequest` it was made from, protobuf-encoded: what a replica runs (shared: a revision
+    /// is cloned per request).
+    pub definition: Arc<[u8]>,
     /// Seconds since the epoch.
     pub created_at: i64,
 }
@@ -126,7 +127,7 @@ fn revision(row: &Row<'_>) -> rusqlite::Result<Revision> {
         machine_type: row.get(7)?,
         keep_alive: Duration::from_millis(row.get::<_, i64>(8)?.max(0) as u64),
         function_name: row.get(9)?,
-        definition: row.get(10)?,
+        definition: Arc::from(row.get::<_, Vec<u8>>(10)?),
         created_at: row.get(11)?,
     })
 }
@@ -173,7 +174,7 @@ impl AppStore {
                 revision.machine_type,
                 revision.keep_alive.as_millis() as i64,
                 revision.function_name,
-                revision.definition,
+                revision.definition.as_ref(),
                 revision.created_at,
             ],
         )?;
@@ -289,7 +290,7 @@ mod tests {
             machine_type: "XS".into(),
             keep_alive: Duration::from_secs(10),
             function_name: "f".into(),
-            definition: vec![1, 2, 3],
+            definition: Arc::from(vec![1, 2, 3]),
             created_at: 0,
         }
     }

@@ -50,6 +50,7 @@ pub fn json_error(status: StatusCode, error: &str, detail: impl Into<String>) ->
 /// The routes of the gateway (the queue's are merged in by the caller).
 pub fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
+        .fallback(by_host_or_not_found)
         .route("/billing/user_details", get(user_details))
         .route("/apps/{user}/{app}", any(app_root))
         .route("/apps/{user}/{app}/", any(app_root))
@@ -57,8 +58,22 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .with_state(gateway)
 }
 
-/// What answers a path nothing else does.
-pub async fn not_found(request: Request) -> Response<Body> {
+/// What answers a path nothing else does: an app named by the host, as the original client prints its URLs
+/// (`https://<user>-<alias>.gateway.<host>/[path]`, for a wildcard DNS name pointing here), else a 404.
+pub async fn by_host_or_not_found(State(gateway): State<Arc<Gateway>>, request: Request) -> Response<Body> {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+    let mut labels = host.split('.');
+    if let (Some(label), Some("gateway")) = (labels.next(), labels.next()) {
+        // User names may hold '-' too: each split is tried, the first that names an app wins.
+        let splits = label.match_indices('-').map(|(at, _)| (&label[..at], &label[at + 1..]));
+        for (user, app) in splits {
+            if !app.is_empty() && gateway.apps.resolve(user, app).await.is_ok() {
+                let (user, app) = (user.to_string(), app.to_string());
+                let path = request.uri().path().trim_start_matches('/').to_string();
+                return serve(gateway, user, app, path, request).await;
+            }
+        }
+    }
     json_error(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -101,6 +116,10 @@ impl Gateway {
             }
             Err(error) => return Err(json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())),
         };
+        // A public app takes anyone: a key it is sent (even a wrong one) is not its business.
+        if revision.auth == AuthMode::Public {
+            return Ok(revision);
+        }
         let caller = self.caller(headers)?;
         let allowed = match (revision.auth, &caller) {
             (AuthMode::Public, _) => true,
