@@ -6,7 +6,10 @@ and test_queue*.py."""
 from __future__ import annotations
 
 import re
+import signal
+import ssl
 import subprocess
+import tempfile
 import textwrap
 import threading
 import time
@@ -15,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import httpx
 import pytest
-from conftest import FAL_SERVERLESS, Server, run_script, script_env
+from conftest import FAL_SERVERLESS, Server, run_script, script_env, start_server
 
 #: A first request starts a replica (a worker of the app's environment, then uvicorn's own start).
 REQUEST_TIMEOUT = 120.0
@@ -126,7 +129,17 @@ def test_logs_show_what_the_app_printed_and_follow_new_lines(
         time.sleep(0.5)
     line = next((line for line in proc.stdout.splitlines() if line.endswith("handled 100")), None)
     assert line is not None, proc.stdout
-    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[adder[^\]]*\] handled 100$", line), line
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[adder [0-9a-f-]+\] handled 100$", line), line
+    # The same lines from Python: (timestamp, source, app, request_id, line).
+    source = (
+        "from fal_serverless import _native\n"
+        "rows = []\n"
+        "_native.CloudClient().logs(alias='adder', lines=1000, follow=False, on_line=lambda *r: rows.append(r))\n"
+        "print([r[:3] + (bool(r[3]),) for r in rows if r[4] == 'handled 100'])\n"
+    )
+    proc = run_script(source, server.env(*key))
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"\[\(\d+\.\d+, 'stdout', 'adder', True\)\]\n", proc.stdout), proc.stdout
 
     follower = subprocess.Popen(
         [FAL_SERVERLESS, "logs", "adder", "--follow", "--lines", "0"],
@@ -153,9 +166,14 @@ def test_logs_show_what_the_app_printed_and_follow_new_lines(
         assert reply.status_code == 200, reply.text
         assert found.wait(30), seen
         assert all("handled 100" not in line for line in seen), seen
+        # Ctrl-C ends --follow (the console script's Python would otherwise keep it for its own handler).
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=10) in (0, 130)
+        assert follower.stderr is not None and "Traceback" not in follower.stderr.read()
     finally:
-        follower.terminate()
-        follower.wait(timeout=10)
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(timeout=10)
 
 
 OWN_SERVER = """
@@ -228,3 +246,47 @@ def test_function_serve_reports_a_function_that_is_no_web_endpoint(server: Serve
     assert proc.returncode == 1 and "'missing' is not defined" in proc.stderr, proc
     proc = cli(server, key, "logs", "nothing-here", timeout=60)
     assert proc.returncode != 0 and "nothing-here" in proc.stderr, proc
+
+
+def test_the_url_is_https_when_the_client_speaks_tls_to_the_server(tmp_path: Path) -> None:
+    """A bare loopback FAL_HOST starts plaintext and switches to TLS when the server speaks only that: the URL the
+    deploy prints is then https://, and answers with the server's certificate."""
+    data_dir = Path(tempfile.mkdtemp(prefix="fal-serverless-test-apps-tls-"))
+    init = subprocess.run(
+        [FAL_SERVERLESS, "server", "init", "--data-dir", str(data_dir), "--tls-self-signed", "127.0.0.1"],
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert init.returncode == 0, init.stderr
+    admin = dict(line.split("=", 1) for line in init.stdout.splitlines() if line.startswith("FAL_KEY_"))
+    server = start_server(data_dir=data_dir)
+    try:
+        assert server.host.startswith("https://127.0.0.1:"), server.host
+        port = server.host.rsplit(":", 1)[1]
+        path = tmp_path / "own.py"
+        path.write_text(textwrap.dedent(OWN_SERVER))
+        ca = str(data_dir / "tls" / "ca.pem")
+        env = script_env(
+            {
+                "FAL_HOST": f"127.0.0.1:{port}",
+                "FAL_KEY_ID": admin["FAL_KEY_ID"],
+                "FAL_KEY_SECRET": admin["FAL_KEY_SECRET"],
+                "FAL_SERVERLESS_CA_FILE": ca,
+            }
+        )
+        proc = subprocess.run(
+            [FAL_SERVERLESS, "function", "serve", str(path), "web", "--alias", "secure", "--auth", "public"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        url = url_in(proc.stdout)
+        assert url == f"https://127.0.0.1:{port}/apps/admin/secure", url
+        reply = httpx.get(url, verify=ssl.create_default_context(cafile=ca), timeout=REQUEST_TIMEOUT)
+        assert reply.status_code == 200 and reply.text == "hello from my own server", reply.text
+    finally:
+        server.stop()

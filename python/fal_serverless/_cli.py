@@ -15,4 +15,10 @@ def main() -> None:
     os.environ.setdefault("FAL_SERVERLESS_UV", find_uv())
     # `function serve` runs the user's file in Python: in this Python, which has this package.
     os.environ[_native.PYTHON_VARIABLE] = sys.executable
-    sys.exit(_native.cli_main(["fal-serverless", *sys.argv[1:]]))
+    try:
+        code = _native.cli_main(["fal-serverless", *sys.argv[1:]])
+    except KeyboardInterrupt:
+        # Ctrl-C the command handled itself (`logs --follow` ends on it) still reaches Python's handler once the
+        # command returns: no traceback for it.
+        code = 130
+    sys.exit(code)

@@ -75,10 +75,6 @@ class Options:
         named = {_requirement_name(r) for r in self.requirements}
         return self.requirements + tuple(r for r in SERVE_REQUIREMENTS if _requirement_name(r) not in named)
 
-    @property
-    def is_web_endpoint(self) -> bool:
-        return self.serve or self.exposed_port is not None
-
     @classmethod
     def defaults(cls) -> Options:
         return cls(

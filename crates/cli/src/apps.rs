@@ -146,17 +146,21 @@ pub async fn logs(client: &Client, args: LogsArgs) -> anyhow::Result<()> {
     let query = LogsQuery { app: Some(args.alias), lines: args.lines, follow: args.follow };
     let stdout = std::io::stdout();
     let mut failure = None;
-    client
-        .get_logs(query, |line| {
-            // A closed pipe (`| head`) ends the command quietly at the next line.
-            if failure.is_none() {
-                let mut out = stdout.lock();
-                if let Err(error) = writeln!(out, "{}", log_line(&line)).and_then(|()| out.flush()) {
-                    failure = Some(error);
-                }
+    let read = client.get_logs(query, |line| {
+        // A closed pipe (`| head`) ends the command quietly at the next line.
+        if failure.is_none() {
+            let mut out = stdout.lock();
+            if let Err(error) = writeln!(out, "{}", log_line(&line)).and_then(|()| out.flush()) {
+                failure = Some(error);
             }
-        })
-        .await?;
+        }
+    });
+    // Ctrl-C ends `--follow`: watched here, since in the console script Python's own SIGINT handler would only set
+    // a flag nobody reads while this runs.
+    tokio::select! {
+        result = read => result?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
     match failure {
         Some(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
         _ => Ok(()),
