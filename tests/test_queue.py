@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -62,9 +63,8 @@ class Deployed:
 
     def client(self, key: Optional[Tuple[str, str]] = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Key {key[0]}:{key[1]}"} if key else {}
-        return httpx.Client(
-            base_url=self.base, headers=headers, verify=str(self.ca) if self.ca else True, timeout=60, **kwargs
-        )
+        verify: Any = ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+        return httpx.Client(base_url=self.base, headers=headers, verify=verify, **{"timeout": 60, **kwargs})
 
     def env(self, key: Optional[Tuple[str, str]] = None) -> Dict[str, str]:
         env = self.server.env(*(key or self.key))
@@ -109,6 +109,7 @@ def wait_status(client: httpx.Client, url: str, wanted: str, timeout: float = ST
         assert reply.status_code in (200, 202), reply.text
         if reply.json()["status"] == wanted:
             return dict(reply.json())
+        assert reply.json()["status"] != "COMPLETED", f"{url} completed before it was {wanted}: {reply.json()}"
         assert time.time() < deadline, f"{url} is still {reply.json()} after {timeout}s, not {wanted}"
         time.sleep(0.2)
 
@@ -275,7 +276,8 @@ def test_the_queue_answers_errors_and_keeps_requests_to_their_submitter(tls_app:
         assert owner.post(f"/queue/{USER}/nothing", json={}).status_code == 404
         reply = owner.post(f"/queue/{USER}/worker", params={"fal_webhook": "ftp://x/"}, json={})
         assert reply.status_code == 400 and "http://" in reply.json()["detail"], reply.text
-        reply = owner.post(f"/queue/{USER}/worker", content=b"x" * (33 * 1024 * 1024))
+        with tls_app.client(tls_app.key, timeout=30) as fresh:
+            reply = fresh.post(f"/queue/{USER}/worker", content=b"x" * (33 * 1024 * 1024))
         assert reply.status_code == 413 and "MiB" in reply.json()["detail"], reply.text
 
         submitted = owner.post(f"/queue/{USER}/worker", json={"n": 3}).json()
@@ -284,7 +286,7 @@ def test_the_queue_answers_errors_and_keeps_requests_to_their_submitter(tls_app:
             submitted["status_url"] == f"{tls_app.base}/queue/{USER}/worker/requests/{submitted['request_id']}/status"
         )
         status = submitted["status_url"]
-        with owner.stream("GET", f"{status}/stream", params={"logs": "1"}) as stream:
+        with owner.stream("GET", f"{status}/stream", params={"logs": "1"}, timeout=START) as stream:
             assert stream.headers["content-type"] == "text/event-stream"
             events = [json.loads(line[len("data: ") :]) for line in stream.iter_lines() if line.startswith("data: ")]
         assert events[-1]["status"] == "COMPLETED", events
@@ -341,5 +343,30 @@ def test_a_restart_loses_no_queued_request_and_runs_the_running_one_again(tmp_pa
                 assert "error" not in done, done
                 result = client.get(path[: -len("/status")])
                 assert result.json() == {"n": n, "doubled": 2 * n}, result.text
+    finally:
+        server.stop()
+
+
+def test_requests_queued_for_an_app_that_is_deleted_fail_saying_so(tmp_path: Path) -> None:
+    server = start_server(log=tmp_path / "server.log")
+    try:
+        app = deploy(server, None)
+        with app.client(app.key) as client:
+            running = client.post(f"/queue/{USER}/worker", json={"n": 1, "sleep": 20}).json()
+            queued = client.post(f"/queue/{USER}/worker", json={"n": 2}).json()
+            wait_status(client, urllib.parse.urlsplit(running["status_url"]).path, "IN_PROGRESS")
+            env = script_env(app.env())
+            proc = subprocess.run(
+                [FAL_SERVERLESS, "apps", "delete", "worker"], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert proc.returncode == 0, proc.stderr
+            # The running request may finish (a deleted app's replicas end what they serve); the queued one is
+            # never sent.
+            for submitted in (running, queued):
+                wait_status(client, urllib.parse.urlsplit(submitted["status_url"]).path, "COMPLETED", timeout=60)
+            done = client.get(urllib.parse.urlsplit(queued["status_url"]).path).json()
+            assert done.get("error_type") == "app_deleted" and "deleted" in done["error"], done
+            result = client.get(urllib.parse.urlsplit(queued["response_url"]).path)
+            assert result.status_code == 410 and "deleted" in result.json()["detail"], result.text
     finally:
         server.stop()

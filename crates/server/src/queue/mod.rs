@@ -412,8 +412,16 @@ async fn dispatch(queue: Arc<Queue>, owner: String, revision_id: String, line: A
             }
         };
         let key = id.clone();
-        let deadline =
-            queue.store.blocking(move |s| s.get(&key)).await.ok().flatten().and_then(|s| s.request.deadline_ms);
+        let stored = queue.store.blocking(move |s| s.get(&key)).await.ok().flatten();
+        let deadline = stored.as_ref().and_then(|s| s.request.deadline_ms);
+        // Looked up again for each request (the lookup is cached): an app deleted while requests wait must not get
+        // replicas started for them.
+        if let Err(crate::apps::AppError::NotFound { .. }) = queue.gateway.apps.resolve(&owner, &revision_id).await {
+            let webhook = stored.and_then(|s| s.request.webhook);
+            let outcome = failure("app_deleted", "the app was deleted before this request ran".into());
+            queue.finish(&id, webhook.as_deref(), outcome).await;
+            continue;
+        }
         let wait = match deadline {
             Some(deadline) => Duration::from_millis((deadline - now_ms()).max(0) as u64),
             None => QUEUE_WAIT,

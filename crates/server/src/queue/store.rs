@@ -1,12 +1,16 @@
 //! The queue's tables, in SQLite beside the keys and apps (`state.sqlite3`, its own connection, WAL): every request
 //! submitted (what to send the app, and once done what it answered), each request's webhook delivery and every
 //! attempt at it. This is what a restart of the server finds again.
+//!
+//! Three connections write to that file (keys, apps, queue): every transaction that reads then writes begins
+//! IMMEDIATE, taking the write lock first, since a deferred one that another connection wrote under cannot upgrade
+//! and fails at once with "database is locked", without waiting out the busy timeout.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueStoreError {
@@ -240,7 +244,7 @@ impl QueueStore {
         let headers =
             serde_json::to_string(&request.headers).map_err(|e| QueueStoreError::Corrupt(format!("headers: {e}")))?;
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO queue_requests (id, owner, app, revision, submitter, method, path, query, headers, body, \
              webhook, deadline_ms, state, submitted_ms) \
@@ -309,7 +313,7 @@ impl QueueStore {
     /// and its webhook, if it has one, with `payload`. Returns whether this outcome was the one stored.
     pub fn finish(&self, id: &str, outcome: &Outcome, webhook: Option<(&str, &[u8])>) -> Result<bool, QueueStoreError> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let changed = tx.execute(
             "UPDATE queue_requests SET state = 'done', finished_ms = ?2, status_code = ?3, content_type = ?4, \
@@ -367,7 +371,7 @@ impl QueueStore {
         next_ms: Option<i64>,
     ) -> Result<(), QueueStoreError> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT OR REPLACE INTO queue_webhook_attempts (request_id, attempt, at_ms, status_code, error) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -407,7 +411,7 @@ impl QueueStore {
     /// are no longer pending. Returns how many requests it deleted.
     pub fn sweep(&self, before_ms: i64) -> Result<usize, QueueStoreError> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let expired = "SELECT id FROM queue_requests WHERE state = 'done' AND finished_ms < ?1 AND id NOT IN \
                        (SELECT request_id FROM queue_webhooks WHERE state = 'pending')";
         tx.execute(&format!("DELETE FROM queue_webhook_attempts WHERE request_id IN ({expired})"), [before_ms])?;
