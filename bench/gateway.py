@@ -97,8 +97,9 @@ def measure(env: Dict[str, str], warm_runs: int, requests: int, cold_runs: int) 
         return {"x": x}
 
     results: Dict[str, object] = {}
-    # One replica that takes many requests at once: the throughput rows measure the gateway, not replica count.
-    warm = isolated(serve=True, keep_alive=600, max_concurrency=1, max_multiplexing=64)(echo)
+    # One replica that takes many requests at once, on machine type M (2 CPUs: XS's quarter of a CPU would throttle
+    # the floor itself): the throughput rows measure the gateway, not replica count.
+    warm = isolated(serve=True, keep_alive=600, max_concurrency=1, max_multiplexing=64, machine_type="M")(echo)
     url = warm.serve(alias="bench-warm", auth="public")
     results["gateway"] = _latencies(lambda c: c.post(url, params={"x": 1}).raise_for_status(), warm_runs)
     replica = next(w for w in _workers(env) if w["busy"] == "true")

@@ -290,3 +290,118 @@ def test_the_url_is_https_when_the_client_speaks_tls_to_the_server(tmp_path: Pat
         assert reply.status_code == 200 and reply.text == "hello from my own server", reply.text
     finally:
         server.stop()
+
+
+PYDANTIC_APP = """
+from fal_serverless import isolated
+from pydantic import BaseModel
+
+
+class Order(BaseModel):
+    item: str
+    count: int = 1
+
+
+@isolated(serve=True, keep_alive=10)
+def shop(order: Order, discount: float = 0.0) -> dict:
+    return {"item": order.item, "total": order.count * 10 * (1 - discount)}
+
+
+print(shop(Order(item="pen", count=2))["total"])
+print(shop.serve(alias="shop"))
+"""
+
+
+def test_a_pydantic_body_and_a_query_parameter_bind_through_our_sdk(server: Server) -> None:
+    """The model is defined in the user's script: it travels by value, as its definition, and FastAPI in the worker
+    binds the JSON body to it."""
+    pydantic = pytest.importorskip("pydantic")
+    if not pydantic.VERSION.startswith("1."):
+        pytest.skip("FastAPI 0.99.1 (serve=True) takes pydantic 1")
+    key = server.create_key("apps-pydantic")
+    proc = run_script(PYDANTIC_APP, server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    direct, url = proc.stdout.split()
+    assert direct == "20.0"
+    reply = httpx.post(
+        url,
+        params={"discount": 0.5},
+        json={"item": "pen", "count": 3},
+        headers=key_header(key),
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert reply.status_code == 200 and reply.json() == {"item": "pen", "total": 15.0}, reply.text
+    reply = httpx.post(url, json={"count": 3}, headers=key_header(key), timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 422 and reply.json()["detail"][0]["loc"] == ["body", "item"], reply.text
+
+
+SCALING = """
+import time
+from fal_serverless import isolated
+
+@isolated(serve=True, keep_alive=2, max_concurrency=1, max_multiplexing=4)
+def together(n: int = 4) -> dict:
+    # Returns once n requests are in this replica at the same time (FastAPI runs a sync function in its thread
+    # pool); a replica that takes fewer at once breaks the barrier: 500.
+    import os, sys, threading, types
+    holder = sys.modules.setdefault("together_barrier", types.ModuleType("together_barrier"))
+    barrier = holder.__dict__.setdefault("barrier", threading.Barrier(n))
+    barrier.wait(timeout=30)
+    return {"pid": os.getpid()}
+
+@isolated(serve=True, keep_alive=1, min_concurrency=1, max_concurrency=2)
+def ready() -> dict:
+    import os
+    return {"pid": os.getpid()}
+
+@isolated(serve=True, keep_alive=5)
+def fails(fail: bool = True) -> dict:
+    if fail:
+        raise KeyError("no such order")
+    return {"ok": True}
+
+print("together", together.serve(alias="together", auth="public"))
+print("ready", ready.serve(alias="ready", auth="public"))
+print("fails", fails.serve(alias="fails", auth="public"))
+"""
+
+
+@pytest.fixture(scope="module")
+def scaling(server: Server) -> Dict[str, str]:
+    """`SCALING`'s apps, deployed by user apps-scaling; their URLs by name."""
+    key = server.create_key("apps-scaling")
+    proc = run_script(SCALING, server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+
+
+def test_max_multiplexing_lets_one_replica_take_several_requests_at_once(scaling: Dict[str, str]) -> None:
+    results: List[httpx.Response] = []
+
+    def call() -> None:
+        results.append(httpx.post(scaling["together"], timeout=REQUEST_TIMEOUT))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    # One replica (max_concurrency=1) held the four at once.
+    assert len({r.json()["pid"] for r in results}) == 1
+
+
+def test_min_concurrency_keeps_a_replica_up_past_keep_alive(server: Server, scaling: Dict[str, str]) -> None:
+    first = httpx.post(scaling["ready"], timeout=REQUEST_TIMEOUT).json()["pid"]
+    time.sleep(4)  # keep_alive=1: without min_concurrency=1 the app would be back to zero replicas by now
+    assert [w for w in server.workers() if w["user"] == "apps-scaling"], "no replica is up"
+    assert httpx.post(scaling["ready"], timeout=REQUEST_TIMEOUT).json()["pid"] == first, "the replica was replaced"
+
+
+def test_an_app_that_raises_answers_500_with_its_error_and_keeps_serving(scaling: Dict[str, str]) -> None:
+    url = scaling["fails"]
+    reply = httpx.post(url, timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 500
+    assert reply.json() == {"detail": "KeyError: 'no such order'", "error": "app_raised"}
+    reply = httpx.post(url, params={"fail": False}, timeout=REQUEST_TIMEOUT)
+    assert reply.status_code == 200 and reply.json() == {"ok": True}

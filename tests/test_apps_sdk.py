@@ -217,3 +217,71 @@ def test_function_serve_runs_the_file_in_python_and_reports_its_errors(tmp_path:
         timeout=60,
     )
     assert proc.returncode != 0 and "possible values: private, public, shared" in proc.stderr, proc.stderr
+
+
+MODEL_SCRIPT = """
+import sys
+from pydantic import BaseModel, Field, PrivateAttr, validator
+from fal_serverless._serialization import dump_call
+
+
+class Item(BaseModel):
+    name: str
+
+
+class Order(BaseModel):
+    '''An order.'''
+
+    item: Item
+    count: int = Field(1, ge=1)
+    note: str = "none"
+    _secret: int = PrivateAttr(5)
+
+    class Config:
+        extra = "forbid"
+
+    @validator("note")
+    def shout(cls, value):
+        return value.upper()
+
+    def total(self):
+        return self.count * 10 + self._secret
+
+
+def take(order: Order) -> int:
+    return order.total()
+
+
+sys.stdout.buffer.write(dump_call(take, (Order(item=Item(name="pen"), count=2),), {}).payload)
+"""
+
+LOAD_SCRIPT = """
+import pickle, sys
+sys.modules["fal_serverless"] = None  # as in a worker: the package is not there
+fn, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+Order = fn.__annotations__["order"]
+print(fn(*args), Order.__doc__, Order(item={"name": "x"}, note="hi").note)
+for bad in ({"item": {"name": "x"}, "count": 0}, {"item": {"name": "x"}, "other": 1}, {}):
+    try:
+        Order(**bad)
+    except Exception as error:
+        print(type(error).__name__, len(error.errors()))
+"""
+
+
+def test_pydantic_1_models_of_the_script_travel_as_their_definition() -> None:
+    """A web endpoint's JSON body is a pydantic model (FastAPI 0.99.1 takes pydantic 1): one defined in the user's
+    script is rebuilt in the worker with its fields, defaults, constraints, validators, Config and methods."""
+    pydantic = pytest.importorskip("pydantic")
+    if not pydantic.VERSION.startswith("1."):
+        pytest.skip("FastAPI 0.99.1 (serve=True) takes pydantic 1")
+    made = subprocess.run([sys.executable, "-c", MODEL_SCRIPT], capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr.decode()
+    loaded = subprocess.run([sys.executable, "-c", LOAD_SCRIPT], input=made.stdout, capture_output=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr.decode()
+    assert loaded.stdout.decode().splitlines() == [
+        "25 An order. HI",
+        "ValidationError 1",
+        "ValidationError 1",
+        "ValidationError 1",
+    ]

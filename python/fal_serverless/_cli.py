@@ -13,8 +13,8 @@ def main() -> None:
 
     # The server builds environments with the uv that came with this package.
     os.environ.setdefault("FAL_SERVERLESS_UV", find_uv())
-    # `function serve` runs the user's file in Python: in this Python, which has this package.
-    os.environ[_native.PYTHON_VARIABLE] = sys.executable
+    # `function serve` runs the user's file in Python: this one, which has this package, unless another is named.
+    os.environ.setdefault(_native.PYTHON_VARIABLE, sys.executable)
     try:
         code = _native.cli_main(["fal-serverless", *sys.argv[1:]])
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Set, Tuple
 
 import cloudpickle
 
-from . import _cached, _webapp
+from . import _cached, _pydantic_v1, _webapp
 from .exceptions import RemoteError, RemoteTraceback, SerializationError
 
 #: What every environment installs so its worker can load what we send: the client's own cloudpickle.
@@ -23,6 +23,7 @@ PROTOCOL = 5
 # with the function.
 cloudpickle.register_pickle_by_value(_cached)
 cloudpickle.register_pickle_by_value(_webapp)
+cloudpickle.register_pickle_by_value(_pydantic_v1)
 
 _INSTALLED_PATHS = tuple(
     p for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")} if p
@@ -52,6 +53,10 @@ class _RecordingPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is CodeType:
             self._codes.setdefault((obj.co_name, obj.co_firstlineno), obj)
+        elif isinstance(obj, type):
+            model = _pydantic_v1.reduce_model(obj)
+            if model is not None:
+                return model
         return super().reducer_override(obj)
 
 

@@ -36,6 +36,16 @@ def create_webapp(func: Callable[..., Any]) -> Callable[[], None]:
 
         app.add_api_route("/", func, name=func.__name__, methods=["POST"])
 
+        # Beyond the original: a function that raises answers 500 with its error, not a bare "Internal Server
+        # Error" (the traceback is still printed, in the app's logs).
+        from fastapi.responses import JSONResponse
+
+        async def raised(request: Any, error: Exception) -> Any:
+            detail = f"{type(error).__name__}: {error}"
+            return JSONResponse(status_code=500, content={"detail": detail, "error": "app_raised"})
+
+        app.add_exception_handler(Exception, raised)
+
         run(app, host="0.0.0.0", port=SERVE_PORT)
 
     return wrapper

@@ -21,8 +21,10 @@ pub enum FunctionCommand {
     ///
     /// The function must be decorated with `@isolated(serve=True)` (a FastAPI app with `POST /` bound to it is
     /// made for you) or `@isolated(exposed_port=8080)` (the function starts its own server on port 8080). The file
-    /// is run (as `python FILE`) to find the function; deploying again under the same --alias makes a new revision
-    /// and moves the alias to it, while the old revision stays reachable by its id.
+    /// is run to find the function, as `python FILE` would run it but not as `__main__`, by the Python of the
+    /// `fal-serverless` console script (FAL_SERVERLESS_PYTHON names another; the plain binary's default is
+    /// `python3`). Deploying again under the same --alias makes a new revision and moves the alias to it, while the
+    /// old revision stays reachable by its id.
     Serve(ServeArgs),
 }
 

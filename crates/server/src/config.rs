@@ -50,6 +50,14 @@
 //! disk_per_user_gb = 50              # the same for their disk; default: a quarter of disk_budget_gb
 //! prune_interval_seconds = 3600      # how often the server applies this (and after each build)
 //!
+//! [apps]                             # web endpoints and their queue
+//! request_timeout_seconds = 300      # how long a request waits for a replica (the first builds the environment)
+//! default_max_concurrency = 2        # replicas an app runs at most when it names no max_concurrency
+//! max_concurrency = 64               # the most any app may ask for
+//! start_timeout_seconds = 900        # from a replica's start to its port answering
+//! result_retention_hours = 24        # how long the queue keeps finished requests' results
+//! webhook_attempts = 5               # deliveries of a webhook before it is given up
+//!
 //! [tls]                              # serve TLS only (paths relative to the config file's directory)
 //! cert = "server.pem"                # the certificate chain, PEM
 //! key = "server.key"                 # its private key, PEM

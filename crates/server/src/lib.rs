@@ -225,7 +225,19 @@ pub async fn serve(
         uids: (config.first_uid, config.uid_count),
         max_keep_alive: config.limits.max_keep_alive,
         config: config.apps,
-        unjailed: unjailed.clone(),
+        unavailable: match (&config.provider, &unjailed) {
+            (ProviderConfig::Slurm(_), _) => Some(
+                "web endpoints run on this server's own workers, and its workers run on Slurm (provider = \"slurm\"): \
+                 deploy to a server whose provider is local"
+                    .into(),
+            ),
+            (_, Some(reason)) => Some(format!(
+                "web endpoints need jailed workers, each with a network namespace of its own where its replica \
+                 listens on port 8080, and this server does not jail them ({reason}). Run the server as root with \
+                 bubblewrap installed"
+            )),
+            (_, None) => None,
+        },
     });
     let controller = service::Controller {
         ending,
@@ -308,8 +320,8 @@ pub async fn serve(
         tokio::time::sleep(STOP_GRACE).await;
     };
     tokio::pin!(serving);
-    let result = tokio::select! {
-        () = &mut serving => (),
+    tokio::select! {
+        () = &mut serving => {},
         () = grace_over => {
             tracing::warn!("calls still running after {}s: ending them", STOP_GRACE.as_secs());
             // Each call ends itself (its connection's task runs it, which dropping `serving` would not stop): its
@@ -325,7 +337,7 @@ pub async fn serve(
         let _ = tokio::task::spawn_blocking(move || network.close()).await;
     }
     tracing::info!("stopped");
-    Ok(result)
+    Ok(())
 }
 
 fn geteuid() -> u32 {

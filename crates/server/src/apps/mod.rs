@@ -71,11 +71,9 @@ pub enum AppError {
         "user {user:?} has no app {name:?} (no such alias or revision id); `fal-serverless apps list` lists yours"
     )]
     NotFound { user: String, name: String },
-    #[error(
-        "web endpoints need jailed workers, each with a network namespace of its own where its replica listens on port \
-         8080, and this server does not jail them ({0}). Run the server as root with bubblewrap installed"
-    )]
-    NotJailed(String),
+    /// Why this server cannot run apps.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] AppStoreError),
     #[error(transparent)]
@@ -92,8 +90,8 @@ pub struct Apps {
     uids: (u32, u32),
     max_keep_alive: Duration,
     pub config: AppsConfig,
-    /// Why workers are not jailed, if they are not: apps cannot run then.
-    unjailed: Option<String>,
+    /// Why this server cannot run apps, if it cannot (its workers are not jailed, or run on a cluster).
+    unavailable: Option<String>,
     /// Replica sets and logs by revision id, made on first use.
     running: Mutex<HashMap<String, Running>>,
     /// What (user, alias or revision id) stood for when last asked: a warm request reads no SQLite. Emptied for a
@@ -126,7 +124,7 @@ pub struct AppsParts {
     pub uids: (u32, u32),
     pub max_keep_alive: Duration,
     pub config: AppsConfig,
-    pub unjailed: Option<String>,
+    pub unavailable: Option<String>,
 }
 
 impl Apps {
@@ -139,7 +137,7 @@ impl Apps {
             uids: parts.uids,
             max_keep_alive: parts.max_keep_alive,
             config: parts.config,
-            unjailed: parts.unjailed,
+            unavailable: parts.unavailable,
             running: Mutex::default(),
             resolved: Mutex::default(),
         })
@@ -156,8 +154,8 @@ impl Apps {
         mut request: RegisterApplicationRequest,
         logs: &LogSink,
     ) -> Result<Revision, AppError> {
-        if let Some(reason) = &self.unjailed {
-            return Err(AppError::NotJailed(reason.clone()));
+        if let Some(reason) = &self.unavailable {
+            return Err(AppError::Unavailable(reason.clone()));
         }
         let alias = request.application_name.take().filter(|a| !a.is_empty());
         if let Some(alias) = &alias {
@@ -419,7 +417,7 @@ impl Apps {
 
     /// Starts the replicas apps keep up when idle (`min_concurrency`), after a restart.
     pub async fn start_kept_warm(&self) {
-        if self.unjailed.is_some() {
+        if self.unavailable.is_some() {
             return;
         }
         match self.store.blocking(|store| store.kept_warm()).await {

@@ -29,7 +29,7 @@ pub fn app_status(error: AppError) -> Status {
     match error {
         AppError::Invalid(message) => invalid(message),
         AppError::NotFound { .. } => Status::not_found(error.to_string()),
-        AppError::NotJailed(_) => error_status(tonic::Code::FailedPrecondition, "invalid", error.to_string()),
+        AppError::Unavailable(_) => error_status(tonic::Code::FailedPrecondition, "invalid", error.to_string()),
         AppError::Store(_) | AppError::Keys(_) => Status::internal(error.to_string()),
     }
 }
