@@ -239,7 +239,6 @@ impl Queue {
         self: Arc<Self>,
         id: String,
         acquiring: impl std::future::Future<Output = Result<crate::apps::replicas::Lease, NoReplica>>,
-        logs: Arc<RequestLogs>,
     ) {
         let key = id.clone();
         let stored = match self.store.blocking(move |store| store.get(&key)).await {
@@ -287,6 +286,7 @@ impl Queue {
         };
         let target =
             if request.query.is_empty() { request.path.clone() } else { format!("{}?{}", request.path, request.query) };
+        let logs = lease.logs.clone();
         let response = proxy::forward(&self.gateway.client, lease, outbound, &target).await;
         let (parts, body) = response.into_parts();
         let mut outcome = match axum::body::to_bytes(body, MAX_RESULT).await {
@@ -434,7 +434,7 @@ async fn dispatch(queue: Arc<Queue>, owner: String, revision_id: String, line: A
         let task_id = id.clone();
         let task = tokio::spawn(async move {
             let _permit = permit;
-            running.run(task_id, acquiring, logs).await;
+            running.run(task_id, acquiring).await;
         });
         if let Some(active) = queue.lines().active.get_mut(&id) {
             active.task = Some(task.abort_handle());
