@@ -206,6 +206,7 @@ class Receiver:
 
     def __init__(self, fail: int) -> None:
         self.posts: List[Dict[str, Any]] = []
+        self.times: List[float] = []
         self.fail = fail
         self.lock = threading.Condition()
         receiver = self
@@ -215,6 +216,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
                     receiver.posts.append(json.loads(body))
+                    receiver.times.append(time.time())
                     failing = len(receiver.posts) <= receiver.fail
                     receiver.lock.notify_all()
                 self.send_response(500 if failing else 200)
@@ -311,11 +313,15 @@ def test_the_queue_answers_errors_and_keeps_requests_to_their_submitter(tls_app:
 
 
 def test_a_restart_loses_no_queued_request_and_runs_the_running_one_again(tmp_path: Path) -> None:
+    receiver = Receiver(fail=1000)
     server = start_server(log=tmp_path / "server.log")
     data_dir = server.data_dir
     try:
         app = deploy(server, None)
         with app.client(app.key) as client:
+            # A webhook whose receiver always fails: its first attempts are made before the stop, the rest after.
+            hooked = client.post(f"/queue/{USER}/worker", params={"fal_webhook": receiver.url}, json={"n": 0})
+            hook = urllib.parse.urlsplit(hooked.json()["status_url"]).path.replace("/status", "/webhook")
             urls = []
             for n, sleep in ((1, 30), (2, 0), (3, 0)):
                 reply = client.post(f"/queue/{USER}/worker", json={"n": n, "sleep": sleep})
@@ -324,8 +330,10 @@ def test_a_restart_loses_no_queued_request_and_runs_the_running_one_again(tmp_pa
             wait_status(client, urls[0], "IN_PROGRESS")
             positions = [client.get(url).json().get("queue_position") for url in urls[1:]]
             assert positions == [0, 1], positions
+            before_stop = len(receiver.wait(1))
     finally:
         server.stop()
+    stopped_at = time.time()
     server = start_server(data_dir=data_dir, log=tmp_path / "server.log")
     try:
         admin = {"admin_id": app.server.admin_id, "admin_secret": app.server.admin_secret}
@@ -343,6 +351,12 @@ def test_a_restart_loses_no_queued_request_and_runs_the_running_one_again(tmp_pa
                 assert "error" not in done, done
                 result = client.get(path[: -len("/status")])
                 assert result.json() == {"n": n, "doubled": 2 * n}, result.text
+            # The webhook's delivery went on after the restart, to its last attempt, every one recorded.
+            record = client.get(hook).json()
+            assert record["state"] == "failed" and [a["attempt"] for a in record["attempts"]] == [1, 2, 3, 4, 5]
+            assert all(a["status_code"] == 500 for a in record["attempts"]), record
+            assert before_stop < 5 and len(receiver.posts) == 5, (before_stop, receiver.posts)
+            assert max(receiver.times) > stopped_at, "attempts were made after the restart"
     finally:
         server.stop()
 
