@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import httpx
 import pytest
-from conftest import Server, script_env, start_server, venv_with
+from conftest import Server, cloud_call, script_env, start_server, venv_with
 
 HOSTNAME = "api.fal-serverless.test"
 REST_ADDRESS = "127.0.0.3"
@@ -449,3 +449,23 @@ def test_apps_survive_a_server_restart(gateway: Gateway, tmp_path: Path) -> None
     finally:
         relay.close()
         server.stop()
+
+
+def test_another_users_worker_cannot_reach_a_replica_except_through_the_gateway(gateway: Gateway) -> None:
+    gateway.deploy("alice", "hello", "private-hello")
+    response = httpx.post(gateway.url("alice", "private-hello"), headers=gateway.headers("alice"), timeout=300)
+    assert response.status_code == 200, response.text
+    replica = next(w for w in gateway.workers("alice") if w["busy"] == "true")
+    # The server's side (the host) reaches it: it listens.
+    socket.create_connection((replica["address"], 8080), timeout=3).close()
+    body = f"""
+import socket
+try:
+    socket.create_connection(({replica["address"]!r}, 8080), timeout=3).close()
+    return "reached"
+except OSError as error:
+    return "refused: " + type(error).__name__
+"""
+    proc = cloud_call(gateway.server, body, gateway.users["bob"])
+    assert proc.returncode == 0, proc.stderr
+    assert "refused" in proc.stdout, proc.stdout
