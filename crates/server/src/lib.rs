@@ -22,6 +22,7 @@ mod dill;
 mod gateway;
 mod http;
 mod listener;
+mod queue;
 mod service;
 mod store;
 mod tls;
@@ -124,6 +125,8 @@ pub enum ServerError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Apps(#[from] apps::AppStoreError),
+    #[error(transparent)]
+    Queue(#[from] queue::QueueStoreError),
 }
 
 /// What a starting server tells whoever started it.
@@ -299,7 +302,11 @@ pub async fn serve(
     };
     // gRPC and HTTP share the port (`http.rs`): the service's routes, and the gateway's with a JSON 404 for the rest.
     let grpc = tonic::service::Routes::new(service).prepare().into_axum_router();
-    let gateway = gateway::routes(gateway);
+    // The queue (its requests survive restarts) dispatches what a stopped server left once the port is about to
+    // serve.
+    let queue_store = Arc::new(queue::store::QueueStore::open(&config.data_dir.join(STATE_FILE))?);
+    let queue = queue::Queue::start(gateway.clone(), queue_store, tls.is_some()).await;
+    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone()));
     apps.start_kept_warm().await;
     let serving = http::serve(
         admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
@@ -324,6 +331,9 @@ pub async fn serve(
         }
     };
     evicting.abort();
+    // Requests the queue runs are dropped first (they stay in SQLite, to run again): a replica stopped under one
+    // must not read as its failure.
+    queue.stop();
     apps.shutdown().await;
     engine.shutdown().await;
     if let Some(network) = network {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -134,7 +134,7 @@ impl Store {
         if let Some(uid) = known(&db)? {
             return Ok(uid);
         }
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let last = first as i64 + count as i64 - 1;
         let next: i64 = tx.query_row(
             "SELECT COALESCE(MAX(uid) + 1, ?1) FROM uids WHERE uid BETWEEN ?1 AND ?2",
@@ -187,7 +187,7 @@ impl Store {
         let created_at = now();
         let mut db = self.db();
         // Counted and inserted in one transaction, so that keys made at once cannot pass the cap together.
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some(cap) = max_keys {
             let held: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM keys WHERE user_id = ?1 AND revoked_at IS NULL",

@@ -155,33 +155,43 @@ impl ReplicaSet {
     }
 
     /// A replica for request `request_id`, waiting at most `wait` for one (in arrival order), starting one if the
-    /// app may run another.
-    pub async fn acquire(
+    /// app may run another. The request takes its place in line when this is called, not when the future is first
+    /// polled: the queue's dispatcher hands several requests over in their order before it awaits any of them.
+    pub fn acquire(
         self: &Arc<Self>,
         request_id: String,
         logs: Arc<RequestLogs>,
         wait: Duration,
-    ) -> Result<Lease, NoReplica> {
-        let receiver = {
+    ) -> impl std::future::Future<Output = Result<Lease, NoReplica>> + Send + 'static {
+        let max = self.scaling.max;
+        let registered = {
             let mut state = self.state();
             if state.closed {
-                return Err(NoReplica::Closed);
-            }
-            state.waiters.retain(|(w, ..)| !w.is_closed());
-            if state.waiters.is_empty() {
-                if let Some(lease) = self.lease_locked(&mut state, request_id.clone(), logs.clone()) {
-                    return Ok(lease);
+                Err(Err(NoReplica::Closed))
+            } else {
+                state.waiters.retain(|(w, ..)| !w.is_closed());
+                match state.waiters.is_empty().then(|| self.lease_locked(&mut state, request_id.clone(), logs.clone()))
+                {
+                    Some(Some(lease)) => Err(Ok(lease)),
+                    _ => {
+                        let (sender, receiver) = oneshot::channel();
+                        state.waiters.push_back((sender, request_id, logs));
+                        self.scale_up_locked(&mut state);
+                        Ok(receiver)
+                    }
                 }
             }
-            let (sender, receiver) = oneshot::channel();
-            state.waiters.push_back((sender, request_id, logs));
-            self.scale_up_locked(&mut state);
-            receiver
         };
-        match tokio::time::timeout(wait, receiver).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(NoReplica::Closed),
-            Err(_) => Err(NoReplica::Timeout { seconds: wait.as_secs(), max: self.scaling.max }),
+        async move {
+            let receiver = match registered {
+                Ok(receiver) => receiver,
+                Err(outcome) => return outcome,
+            };
+            match tokio::time::timeout(wait, receiver).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => Err(NoReplica::Closed),
+                Err(_) => Err(NoReplica::Timeout { seconds: wait.as_secs(), max }),
+            }
         }
     }
 
@@ -534,6 +544,24 @@ mod tests {
         assert_eq!(addresses.len(), 3, "and every one served");
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(set.counts(), ReplicaCounts::default(), "idle replicas stop after keep_alive");
+    }
+
+    #[tokio::test]
+    async fn a_request_takes_its_place_in_line_when_acquire_is_called_not_when_it_is_polled() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let set = ReplicaSet::new("app".into(), scaling(0, 1, 1000), listeners(started.clone()), Arc::default());
+        let held = set.acquire("a".into(), RequestLogs::new(), Duration::from_secs(5)).await.unwrap();
+        let first = set.acquire("b".into(), RequestLogs::new(), Duration::from_secs(5));
+        let second = set.acquire("c".into(), RequestLogs::new(), Duration::from_secs(5));
+        // Polled in the other order: the second waits while the first, called first, gets the replica.
+        let second = tokio::spawn(second);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        let first = first.await.unwrap();
+        assert_eq!(first.request_id, "b");
+        assert!(!second.is_finished(), "the later request still waits");
+        drop(first);
+        assert_eq!(second.await.unwrap().unwrap().request_id, "c");
     }
 
     #[tokio::test]

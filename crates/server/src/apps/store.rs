@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 /// Who may call an app (isolate-proto's `ApplicationAuthMode`, same numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +158,7 @@ impl AppStore {
     pub fn insert(&self, revision: &mut Revision) -> Result<(), AppStoreError> {
         revision.created_at = now();
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO app_revisions (id, user_id, alias, auth_mode, min_concurrency, max_concurrency, \
              max_multiplexing, machine_type, keep_alive_ms, function_name, definition, created_at) \
@@ -236,7 +236,7 @@ impl AppStore {
     /// and the ids of every revision deleted, or `None` if there is no such alias.
     pub fn delete_alias(&self, user: &str, alias: &str) -> Result<Option<(String, Vec<String>)>, AppStoreError> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: Option<String> = tx
             .query_row(
                 "SELECT revision FROM app_aliases WHERE user_id = ?1 AND alias = ?2",

@@ -86,6 +86,8 @@ pub async fn by_host_or_not_found(State(gateway): State<Arc<Gateway>>, request: 
 
 impl Gateway {
     /// The caller named by `Authorization: Key <key_id>:<key_secret>`; `Ok(None)` without that header.
+    // The error is the response to send as it is, made once per refused request: boxing it gains nothing.
+    #[allow(clippy::result_large_err)]
     pub fn caller(&self, headers: &HeaderMap) -> Result<Option<Caller>, Response<Body>> {
         let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
         let malformed = || {
