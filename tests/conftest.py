@@ -440,10 +440,13 @@ http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Handler).serve_fo
 """
 
 
+# Relays connections to argv[1]:argv[2], listening on argv[3]:argv[4] (default: any address, a free port); prints the
+# port it listens on.
 _RELAY = """
 import socket, sys, threading
 target = (sys.argv[1], int(sys.argv[2]))
-listener = socket.create_server(("0.0.0.0", 0))
+listen = (sys.argv[3], int(sys.argv[4])) if len(sys.argv) > 4 else ("0.0.0.0", 0)
+listener = socket.create_server(listen)
 print(listener.getsockname()[1], flush=True)
 def pipe(source, sink):
     try:
@@ -465,6 +468,18 @@ while True:
     threading.Thread(target=pipe, args=(inbound, outbound), daemon=True).start()
     threading.Thread(target=pipe, args=(outbound, inbound), daemon=True).start()
 """
+
+
+def relay(target: Tuple[str, int], listen: Tuple[str, int]) -> subprocess.Popen[str]:
+    """A process relaying TCP connections to `target`, listening on `listen` (once this returns)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RELAY, target[0], str(target[1]), listen[0], str(listen[1])],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    return process
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import httpx
 import pytest
-from conftest import Server, cloud_call, script_env, start_server, venv_with
+from conftest import Server, cloud_call, relay, script_env, start_server, venv_with
 
 HOSTNAME = "api.fal-serverless.test"
 REST_ADDRESS = "127.0.0.3"
@@ -128,38 +127,11 @@ class Relay:
     """Port 80 of `address`, relayed to `target`: the REST host the original CLI asks."""
 
     def __init__(self, address: str, target: Tuple[str, int]) -> None:
-        self.listener = socket.create_server((address, 80), reuse_port=True)
-        self.target = target
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                inbound, _ = self.listener.accept()
-            except OSError:
-                return
-            outbound = socket.create_connection(self.target)
-            for source, sink in ((inbound, outbound), (outbound, inbound)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for end in (source, sink):
-            try:
-                end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.process = relay(target, (address, 80))
 
     def close(self) -> None:
-        self.listener.close()
+        self.process.kill()
+        self.process.wait()
 
 
 @dataclass

@@ -18,6 +18,7 @@ mod admission;
 mod apps;
 mod capacity;
 mod config;
+mod db;
 mod dill;
 mod gateway;
 mod http;

@@ -2,7 +2,7 @@
 //! so a fast hash is enough) and compared in constant time.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
@@ -75,12 +75,12 @@ pub enum StoreError {
     TooManyKeys { user: String, cap: u32 },
     #[error("the key store failed: {0}")]
     Database(#[from] rusqlite::Error),
-    #[error("the key store's task failed: {0}")]
-    Task(String),
+    #[error(transparent)]
+    Task(#[from] crate::db::TaskFailed),
 }
 
 #[derive(Debug)]
-pub struct Store(Mutex<Connection>);
+pub struct Store(crate::db::Database);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -101,14 +101,11 @@ CREATE TABLE IF NOT EXISTS uids (
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let connection = Connection::open(path)?;
-        connection.pragma_update(None, "journal_mode", "WAL")?;
-        connection.execute_batch(SCHEMA)?;
-        Ok(Self(Mutex::new(connection)))
+        Ok(Self(crate::db::Database::open(path, SCHEMA)?))
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock()
     }
 
     /// Runs `work` on the store on a blocking thread, for async callers: SQLite waits for the disk, and for the
@@ -117,8 +114,7 @@ impl Store {
         self: &Arc<Self>,
         work: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store)).await.map_err(|e| StoreError::Task(e.to_string()))?
+        crate::db::blocking(self, work).await
     }
 
     /// The uid of `user_id`'s jailed processes: the one assigned before, else the next free one of the `count`

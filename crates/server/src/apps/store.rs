@@ -6,7 +6,7 @@
 //! id. Deleting an alias deletes the revisions registered under its name.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
@@ -75,8 +75,8 @@ impl Revision {
 pub enum AppStoreError {
     #[error("the app store failed: {0}")]
     Database(#[from] rusqlite::Error),
-    #[error("the app store's task failed: {0}")]
-    Task(String),
+    #[error(transparent)]
+    Task(#[from] crate::db::TaskFailed),
 }
 
 const SCHEMA: &str = "
@@ -109,7 +109,7 @@ const REVISION_COLUMNS: &str = "r.id, r.user_id, r.alias, r.auth_mode, r.min_con
                                 r.created_at";
 
 #[derive(Debug)]
-pub struct AppStore(Mutex<Connection>);
+pub struct AppStore(crate::db::Database);
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -134,15 +134,11 @@ fn revision(row: &Row<'_>) -> rusqlite::Result<Revision> {
 
 impl AppStore {
     pub fn open(path: &Path) -> Result<Self, AppStoreError> {
-        let connection = Connection::open(path)?;
-        connection.pragma_update(None, "journal_mode", "WAL")?;
-        connection.busy_timeout(Duration::from_secs(10))?;
-        connection.execute_batch(SCHEMA)?;
-        Ok(Self(Mutex::new(connection)))
+        Ok(Self(crate::db::Database::open(path, SCHEMA)?))
     }
 
-    fn db(&self) -> MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0.lock()
     }
 
     /// Runs `work` on a blocking thread: SQLite waits for the disk, which no async task may.
@@ -150,8 +146,7 @@ impl AppStore {
         self: &Arc<Self>,
         work: impl FnOnce(&AppStore) -> Result<T, AppStoreError> + Send + 'static,
     ) -> Result<T, AppStoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store)).await.map_err(|e| AppStoreError::Task(e.to_string()))?
+        crate::db::blocking(self, work).await
     }
 
     /// Stores `revision` (its `created_at` set now) and, if it has an alias, points the alias at it.

@@ -7,8 +7,8 @@
 //! and fails at once with "database is locked", without waiting out the busy timeout.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
@@ -18,8 +18,8 @@ pub enum QueueStoreError {
     Database(#[from] rusqlite::Error),
     #[error("the queue's store failed: a stored value cannot be read ({0})")]
     Corrupt(String),
-    #[error("the queue's store's task failed: {0}")]
-    Task(String),
+    #[error(transparent)]
+    Task(#[from] crate::db::TaskFailed),
 }
 
 /// Where a request is.
@@ -215,19 +215,15 @@ fn finish_row(row: (Stored, String, String)) -> Result<Stored, QueueStoreError> 
 }
 
 #[derive(Debug)]
-pub struct QueueStore(Mutex<Connection>);
+pub struct QueueStore(crate::db::Database);
 
 impl QueueStore {
     pub fn open(path: &Path) -> Result<Self, QueueStoreError> {
-        let connection = Connection::open(path)?;
-        connection.pragma_update(None, "journal_mode", "WAL")?;
-        connection.busy_timeout(Duration::from_secs(10))?;
-        connection.execute_batch(SCHEMA)?;
-        Ok(Self(Mutex::new(connection)))
+        Ok(Self(crate::db::Database::open(path, SCHEMA)?))
     }
 
-    fn db(&self) -> MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0.lock()
     }
 
     /// Runs `work` on a blocking thread: SQLite waits for the disk, which no async task may.
@@ -235,8 +231,7 @@ impl QueueStore {
         self: &Arc<Self>,
         work: impl FnOnce(&QueueStore) -> Result<T, QueueStoreError> + Send + 'static,
     ) -> Result<T, QueueStoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store)).await.map_err(|e| QueueStoreError::Task(e.to_string()))?
+        crate::db::blocking(self, work).await
     }
 
     /// Stores a new request, queued; returns its place in its app's line (0: next) and its sequence number.
