@@ -58,6 +58,14 @@ def slow(seconds: float = 0.5):
     return {"host": socket.gethostname()}
 
 
+@isolated(serve=True, keep_alive=5, max_concurrency=1)
+def single(seconds: float = 0.0):
+    import time
+
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
 @isolated(serve=True, keep_alive=5)
 def boom(fail: bool = True):
     if fail:
@@ -441,3 +449,19 @@ except OSError as error:
     proc = cloud_call(gateway.server, body, gateway.users["bob"])
     assert proc.returncode == 0, proc.stderr
     assert "refused" in proc.stdout, proc.stdout
+
+
+def test_no_replica_within_the_requests_timeout_is_a_503_with_retry_after(gateway: Gateway) -> None:
+    gateway.deploy("bob", "single", "single")
+    url, headers = gateway.url("bob", "single"), gateway.headers("bob")
+    assert httpx.post(url, headers=headers, timeout=300).status_code == 200
+    with ThreadPoolExecutor(1) as pool:
+        # Its one replica (max_concurrency=1) is held for 5 s...
+        held = pool.submit(httpx.post, url, params={"seconds": 5}, headers=headers, timeout=300)
+        time.sleep(1)
+        # ...so a request that waits at most 1 s for one is told to come back.
+        response = httpx.post(url, headers={**headers, "X-Fal-Request-Timeout": "1"}, timeout=60)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"] == "no_replica"
+        assert held.result().status_code == 200
