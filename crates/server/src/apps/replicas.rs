@@ -368,6 +368,8 @@ impl ReplicaSet {
                 }
                 if let Some(replica) = state.replicas.remove(&id) {
                     replica.task.abort();
+                    // An aborted task never reaches its own end, where it would forget its handle.
+                    state.tasks.remove(&id);
                     stopped.push(id);
                 }
             }
@@ -544,6 +546,7 @@ mod tests {
         assert_eq!(addresses.len(), 3, "and every one served");
         tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(set.counts(), ReplicaCounts::default(), "idle replicas stop after keep_alive");
+        assert!(set.state().tasks.is_empty(), "and their tasks are forgotten");
     }
 
     #[tokio::test]
