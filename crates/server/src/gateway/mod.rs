@@ -27,6 +27,8 @@ use crate::store::{Caller, Scope, Store};
 
 /// The header fal-client sends a request's timeout in (seconds, waiting for a replica included).
 pub const REQUEST_TIMEOUT: &str = "x-fal-request-timeout";
+/// How many ways a `<user>-<alias>` host label is split at most.
+const MAX_HOST_SPLITS: usize = 4;
 /// What a 503 asks the client to wait before trying again.
 const RETRY_AFTER_SECONDS: u64 = 5;
 
@@ -65,7 +67,8 @@ pub async fn by_host_or_not_found(State(gateway): State<Arc<Gateway>>, request: 
     let mut labels = host.split('.');
     if let (Some(label), Some("gateway")) = (labels.next(), labels.next()) {
         // User names may hold '-' too: each split is tried, the first that names an app wins.
-        let splits = label.match_indices('-').map(|(at, _)| (&label[..at], &label[at + 1..]));
+        // At most MAX_HOST_SPLITS: a crafted name cannot make one request cost many lookups.
+        let splits = label.match_indices('-').take(MAX_HOST_SPLITS).map(|(at, _)| (&label[..at], &label[at + 1..]));
         for (user, app) in splits {
             if !app.is_empty() && gateway.apps.resolve(user, app).await.is_ok() {
                 let (user, app) = (user.to_string(), app.to_string());
