@@ -246,12 +246,23 @@ impl Apps {
             definition: request.encode_to_vec().into(),
             created_at: 0,
         };
+        // The revision the alias leaves, if any: it keeps answering by id, but no longer keeps replicas up.
+        let previous = match &revision.alias {
+            Some(alias) => {
+                let (user, alias) = (revision.user_id.clone(), alias.clone());
+                self.store.blocking(move |store| store.resolve(&user, &alias)).await?.map(|r| r.id)
+            }
+            None => None,
+        };
         let stored = {
             let mut revision = revision.clone();
             self.store.blocking(move |store| store.insert(&mut revision).map(|()| revision)).await?
         };
         revision.created_at = stored.created_at;
         self.forget(&revision.user_id);
+        if let Some(running) = previous.and_then(|id| self.running().get(&id).cloned()) {
+            running.replicas.supersede();
+        }
         logs.send(
             LogSource::Engine,
             format!(
@@ -356,6 +367,14 @@ impl Apps {
             start_timeout: self.config.start_timeout,
         };
         let replicas = ReplicaSet::new(revision.name().to_string(), scaling, self.launcher(revision), logs.clone());
+        // A revision kept up when idle that its alias has left (before a restart, say) keeps nothing up: asked once,
+        // when its set is made (one indexed read; the set is made once per revision).
+        if let (true, Some(alias)) = (revision.min_concurrency > 0, &revision.alias) {
+            let current = self.store.resolve(&revision.user_id, alias).ok().flatten().map(|r| r.id);
+            if current.as_deref() != Some(revision.id.as_str()) {
+                replicas.supersede();
+            }
+        }
         let made = Running { replicas, logs };
         running.insert(revision.id.clone(), made.clone());
         made

@@ -95,6 +95,9 @@ pub struct ReplicaSet {
     launch: Launch,
     logs: Arc<AppLogs>,
     state: Mutex<State>,
+    /// A newer revision took the alias: this one keeps no replica up when idle (its `min` no longer holds), though
+    /// its id still answers.
+    superseded: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ReplicaSet {
@@ -134,7 +137,8 @@ impl Drop for Lease {
 
 impl ReplicaSet {
     pub fn new(name: String, scaling: Scaling, launch: Launch, logs: Arc<AppLogs>) -> Arc<Self> {
-        let set = Arc::new(Self { name, scaling, launch, logs, state: Mutex::default() });
+        let superseded = std::sync::atomic::AtomicBool::new(false);
+        let set = Arc::new(Self { name, scaling, launch, logs, state: Mutex::default(), superseded });
         let weak = Arc::downgrade(&set);
         tokio::spawn(reap(weak));
         set
@@ -354,7 +358,8 @@ impl ReplicaSet {
             if state.closed {
                 return;
             }
-            let keep = self.scaling.min as usize;
+            let keep =
+                if self.superseded.load(std::sync::atomic::Ordering::Relaxed) { 0 } else { self.scaling.min as usize };
             let mut stopped = Vec::new();
             let idle: Vec<u64> = state
                 .replicas
@@ -384,6 +389,11 @@ impl ReplicaSet {
         for id in stopped {
             self.note(format!("replica {id} stopped: idle for {}s (keep_alive)", self.scaling.keep_alive.as_secs()));
         }
+    }
+
+    /// A newer revision took this one's alias: its idle replicas stop after keep_alive, `min` or not.
+    pub fn supersede(&self) {
+        self.superseded.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops every replica and fails every waiting request: the app is gone. Returns the replicas' tasks, which end
@@ -473,7 +483,8 @@ async fn run(set: &Arc<ReplicaSet>, id: u64) {
 }
 
 async fn reap(set: Weak<ReplicaSet>) {
-    let mut every = tokio::time::interval(REAP_EVERY);
+    // The first look after REAP_EVERY, not at once: whoever made the set may still be telling it it is superseded.
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REAP_EVERY, REAP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
@@ -579,6 +590,19 @@ mod tests {
         drop(held);
         assert!(set.acquire("c".into(), RequestLogs::new(), Duration::from_secs(5)).await.is_ok());
         assert_eq!(started.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_superseded_revision_keeps_no_replica_up() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let set = ReplicaSet::new("app".into(), scaling(1, 1, 0), listeners(started.clone()), Arc::default());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(set.counts().ready, 1, "min_concurrency keeps one up");
+        set.supersede();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(set.counts(), ReplicaCounts::default());
+        // Its id still answers: a request starts one again.
+        assert!(set.acquire("a".into(), RequestLogs::new(), Duration::from_secs(5)).await.is_ok());
     }
 
     #[tokio::test]
