@@ -465,3 +465,23 @@ def test_no_replica_within_the_requests_timeout_is_a_503_with_retry_after(gatewa
         assert response.headers["retry-after"] == "5"
         assert response.json()["error"] == "no_replica"
         assert held.result().status_code == 200
+
+
+def test_hostile_paths_get_json_errors_and_reach_no_app(gateway: Gateway) -> None:
+    headers = gateway.headers("carol")
+    cases = [
+        "/apps/carol/%2e%2e/%2e%2e/billing/user_details",
+        "/apps/carol/<script>alert(1)</script>",
+        "/apps/" + "x" * 5000 + "/app",
+        "/apps/../billing/user_details",
+    ]
+    with httpx.Client(base_url=gateway.base, timeout=60) as client:
+        for path in cases:
+            # Sent as written: httpx would resolve `..` itself.
+            request = client.build_request("POST", path, headers=headers)
+            request.url = request.url.copy_with(raw_path=path.encode())
+            response = client.send(request)
+            assert response.status_code in (400, 404, 405), (path, response.status_code, response.text)
+            assert response.headers["content-type"].startswith("application/json"), (path, response.headers)
+        # The server still serves.
+        assert client.get("/billing/user_details", headers=headers).status_code == 200

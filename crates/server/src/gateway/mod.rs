@@ -53,7 +53,7 @@ pub fn json_error(status: StatusCode, error: &str, detail: impl Into<String>) ->
 pub fn routes(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .fallback(by_host_or_not_found)
-        .route("/billing/user_details", get(user_details))
+        .route("/billing/user_details", get(user_details).fallback(only_get))
         .route("/apps/{user}/{app}", any(app_root))
         .route("/apps/{user}/{app}/", any(app_root))
         .route("/apps/{user}/{app}/{*path}", any(app_path))
@@ -218,6 +218,17 @@ async fn serve(gateway: Arc<Gateway>, user: String, app: String, path: String, r
     };
     let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
     proxy::forward(&gateway.client, lease, request, &format!("/{path}{query}")).await
+}
+
+/// Another method than GET on a GET route: said in JSON, as every answer of the gateway's own.
+async fn only_get(request: Request) -> Response<Body> {
+    let mut response = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} takes GET, not {}", request.uri().path(), request.method()),
+    );
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    response
 }
 
 /// `GET /billing/user_details`: the key's user, shaped as the original's REST API answers (`provider|id`).
