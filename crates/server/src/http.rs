@@ -57,8 +57,7 @@ pub(crate) async fn serve<C>(
         router.oneshot(request)
     });
     let graceful = GracefulShutdown::new();
-    let incoming = std::pin::pin!(incoming);
-    let mut incoming = incoming;
+    let mut incoming = std::pin::pin!(incoming);
     let mut stop = std::pin::pin!(stop);
     loop {
         let connection = tokio::select! {

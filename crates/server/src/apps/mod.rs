@@ -92,8 +92,11 @@ pub struct Apps {
     pub config: AppsConfig,
     /// Why this server cannot run apps, if it cannot (its workers are not jailed, or run on a cluster).
     unavailable: Option<String>,
-    /// Replica sets and logs by revision id, made on first use.
-    running: Mutex<HashMap<String, Running>>,
+    /// Replica sets by revision id, made on the first request.
+    running: Mutex<HashMap<String, Arc<ReplicaSet>>>,
+    /// Logs by revision id, made on first use (a follower's, before any replica runs): kept apart from the sets, so
+    /// that reading an app's logs starts nothing.
+    logs: Mutex<HashMap<String, Arc<AppLogs>>>,
     /// What (user, alias or revision id) stood for when last asked: a warm request reads no SQLite. Emptied for a
     /// user whenever their aliases change.
     resolved: Mutex<HashMap<(String, String), Revision>>,
@@ -101,12 +104,6 @@ pub struct Apps {
 
 /// Entries `Apps::resolved` holds before it starts again.
 const RESOLVED_CACHE: usize = 10_000;
-
-#[derive(Debug, Clone)]
-struct Running {
-    replicas: Arc<ReplicaSet>,
-    logs: Arc<AppLogs>,
-}
 
 /// An alias with its revision and how many replicas it runs now.
 #[derive(Debug, Clone)]
@@ -139,11 +136,12 @@ impl Apps {
             config: parts.config,
             unavailable: parts.unavailable,
             running: Mutex::default(),
+            logs: Mutex::default(),
             resolved: Mutex::default(),
         })
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ReplicaSet>>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -260,8 +258,8 @@ impl Apps {
         };
         revision.created_at = stored.created_at;
         self.forget(&revision.user_id);
-        if let Some(running) = previous.and_then(|id| self.running().get(&id).cloned()) {
-            running.replicas.supersede();
+        if let Some(replicas) = previous.and_then(|id| self.running().get(&id).cloned()) {
+            replicas.supersede();
         }
         logs.send(
             LogSource::Engine,
@@ -318,7 +316,7 @@ impl Apps {
         Ok(revisions
             .into_iter()
             .map(|revision| {
-                let replicas = running.get(&revision.id).map(|r| r.replicas.counts()).unwrap_or_default();
+                let replicas = running.get(&revision.id).map(|r| r.counts()).unwrap_or_default();
                 AliasState { revision, replicas }
             })
             .collect())
@@ -334,31 +332,32 @@ impl Apps {
         self.forget(&caller.user_id);
         let mut running = self.running();
         for id in ids {
+            self.logs_map().remove(&id);
             if let Some(gone) = running.remove(&id) {
                 // Its tasks end as their workers start stopping; nothing waits on them here.
-                drop(gone.replicas.close());
+                drop(gone.close());
             }
         }
         tracing::info!(user = %caller.user_id, app = %alias, "app deleted");
         Ok(current)
     }
 
-    /// The replicas of `revision`, made on first use (and its log with them).
-    pub fn replicas(&self, revision: &Revision) -> Arc<ReplicaSet> {
-        self.running_of(revision).replicas
+    fn logs_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AppLogs>>> {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What `revision`'s replicas printed.
+    /// What `revision`'s replicas printed (and will print: followers subscribe here).
     pub fn logs(&self, revision: &Revision) -> Arc<AppLogs> {
-        self.running_of(revision).logs
+        self.logs_map().entry(revision.id.clone()).or_default().clone()
     }
 
-    fn running_of(&self, revision: &Revision) -> Running {
+    /// The replicas of `revision`, made on first use.
+    pub fn replicas(&self, revision: &Revision) -> Arc<ReplicaSet> {
         let mut running = self.running();
         if let Some(found) = running.get(&revision.id) {
             return found.clone();
         }
-        let logs = Arc::new(AppLogs::default());
+        let logs = self.logs(revision);
         let scaling = Scaling {
             min: revision.min_concurrency,
             max: revision.max_concurrency,
@@ -375,9 +374,8 @@ impl Apps {
                 replicas.supersede();
             }
         }
-        let made = Running { replicas, logs };
-        running.insert(revision.id.clone(), made.clone());
-        made
+        running.insert(revision.id.clone(), replicas.clone());
+        replicas
     }
 
     /// How a replica of `revision` starts: its serving call, run by the engine with the owner's capacity, on a
@@ -438,8 +436,8 @@ impl Apps {
     /// Stops every app's replicas, for the server's stop: returns once each replica's worker is being stopped (the
     /// engine's shutdown then waits until they are gone).
     pub async fn shutdown(&self) {
-        let sets: Vec<Running> = self.running().drain().map(|(_, running)| running).collect();
-        let tasks: Vec<_> = sets.iter().flat_map(|running| running.replicas.close()).collect();
+        let sets: Vec<Arc<ReplicaSet>> = self.running().drain().map(|(_, set)| set).collect();
+        let tasks: Vec<_> = sets.iter().flat_map(|set| set.close()).collect();
         for task in tasks {
             let _ = task.await;
         }
