@@ -233,9 +233,18 @@ mod tests {
         (root, provider, spec)
     }
 
+    /// The worker's environment variables. `/proc/PID/environ` reads empty while the process is inside `execve`
+    /// (the spawn returns once the exec is past its point of no return, before the new image's environment is laid
+    /// out; and the fake python execs `sleep` in turn), so an empty read is retried.
     fn environ(pid: u32) -> Vec<String> {
-        let bytes = std::fs::read(format!("/proc/{pid}/environ")).expect("the worker's environment");
-        bytes.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+        for _ in 0..200 {
+            let bytes = std::fs::read(format!("/proc/{pid}/environ")).expect("the worker's environment");
+            if !bytes.is_empty() {
+                return bytes.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("worker {pid} showed no environment in 2 s")
     }
 
     #[tokio::test]
