@@ -58,6 +58,15 @@
 //! result_retention_hours = 24        # how long the queue keeps finished requests' results
 //! webhook_attempts = 5               # deliveries of a webhook before it is given up
 //!
+//! [runs]                             # the run history (calls, web requests, activations)
+//! retention_days = 30                # runs older than this are deleted (checked every prune_interval_seconds)
+//! log_limit_kb = 64                  # log bytes kept per run; past it the run's logs say they were cut
+//! prune_interval_seconds = 3600
+//!
+//! [schedules]                        # cron schedules of functions
+//! activation_timeout_seconds = 3600  # the longest one activation may run
+//! max_per_user = 100                 # active schedules of one user
+//!
 //! [tls]                              # serve TLS only (paths relative to the config file's directory)
 //! cert = "server.pem"                # the certificate chain, PEM
 //! key = "server.key"                 # its private key, PEM
@@ -81,6 +90,8 @@ use serde::Deserialize;
 
 use crate::admission::AdmissionLimits;
 use crate::apps::AppsConfig;
+use crate::runs::RunsConfig;
+use crate::schedules::SchedulesConfig;
 use crate::capacity::Sharing;
 use sha2::{Digest, Sha256};
 
@@ -123,6 +134,10 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Web endpoints and their queue (`[apps]`).
     pub apps: AppsConfig,
+    /// The run history (`[runs]`).
+    pub runs: RunsConfig,
+    /// Schedules (`[schedules]`).
+    pub schedules: SchedulesConfig,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -181,6 +196,25 @@ struct FileConfig {
     tls: Option<TlsConfig>,
     #[serde(default)]
     apps: AppsFileConfig,
+    #[serde(default)]
+    runs: RunsFileConfig,
+    #[serde(default)]
+    schedules: SchedulesFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsFileConfig {
+    retention_days: Option<f64>,
+    log_limit_kb: Option<u64>,
+    prune_interval_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulesFileConfig {
+    activation_timeout_seconds: Option<u64>,
+    max_per_user: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,8 +424,40 @@ impl ServerConfig {
             tag,
             tls,
             apps: apps_config(&file.apps).map_err(invalid)?,
+            runs: runs_config(&file.runs).map_err(invalid)?,
+            schedules: schedules_config(&file.schedules).map_err(invalid)?,
         })
     }
+}
+
+fn runs_config(file: &RunsFileConfig) -> Result<RunsConfig, String> {
+    let default = RunsConfig::default();
+    let retention = match file.retention_days {
+        None => default.retention,
+        Some(days) if positive(days) && days < 1e6 => Duration::from_secs_f64(days * 86400.0),
+        Some(days) => return Err(format!("[runs] retention_days = {days}: must be a positive number of days")),
+    };
+    let log_limit = match file.log_limit_kb {
+        None => default.log_limit,
+        Some(kb) if (1..=1 << 20).contains(&kb) => (kb as usize) * 1024,
+        Some(kb) => return Err(format!("[runs] log_limit_kb = {kb}: must be from 1 to 1048576")),
+    };
+    let prune_interval = match file.prune_interval_seconds {
+        None => default.prune_interval,
+        Some(0) => return Err("[runs] prune_interval_seconds must be at least 1".into()),
+        Some(n) => Duration::from_secs(n),
+    };
+    Ok(RunsConfig { retention, log_limit, prune_interval })
+}
+
+fn schedules_config(file: &SchedulesFileConfig) -> Result<SchedulesConfig, String> {
+    let default = SchedulesConfig::default();
+    let activation_timeout = match file.activation_timeout_seconds {
+        None => default.activation_timeout,
+        Some(n) if (1..=i32::MAX as u64).contains(&n) => Duration::from_secs(n),
+        Some(n) => return Err(format!("[schedules] activation_timeout_seconds = {n}: must be from 1 to 2147483647")),
+    };
+    Ok(SchedulesConfig { activation_timeout, max_per_user: file.max_per_user.unwrap_or(default.max_per_user) })
 }
 
 fn apps_config(file: &AppsFileConfig) -> Result<AppsConfig, String> {

@@ -9,7 +9,9 @@
 //! The same port serves HTTP (`http.rs` routes by content type): the gateway to apps, functions deployed as web
 //! endpoints (`apps/`, `gateway/`), and their queue (`queue/`).
 //!
-//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests; mode 0600), `envs/<user>/<key>` (environments, removed by the
+//! Runs are recorded in a history (`runs/`), and functions run on cron schedules (`schedules/`).
+//!
+//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests, runs, schedules; mode 0600), `envs/<user>/<key>` (environments, removed by the
 //! `[environments]` policy), `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a
 //! self-signed CA and the server's certificate and key, when `server init --tls-self-signed` made them).
 
@@ -24,6 +26,8 @@ mod gateway;
 mod http;
 mod listener;
 mod queue;
+mod runs;
+mod schedules;
 mod service;
 mod store;
 mod tls;
@@ -128,6 +132,10 @@ pub enum ServerError {
     Apps(#[from] apps::AppStoreError),
     #[error(transparent)]
     Queue(#[from] queue::QueueStoreError),
+    #[error(transparent)]
+    Runs(#[from] runs::RunStoreError),
+    #[error(transparent)]
+    Schedules(#[from] schedules::ScheduleStoreError),
 }
 
 /// What a starting server tells whoever started it.
@@ -240,6 +248,15 @@ pub async fn serve(
             (_, None) => None,
         },
     });
+    // The run history's writer, and the schedules (whose missed activations run once, now).
+    let runs = runs::Runs::start(Arc::new(runs::RunStore::open(&config.data_dir.join(STATE_FILE))?), config.runs);
+    let schedules = schedules::Schedules::start(
+        Arc::new(schedules::ScheduleStore::open(&config.data_dir.join(STATE_FILE))?),
+        apps.clone(),
+        runs.clone(),
+        config.schedules,
+    )
+    .await;
     let controller = service::Controller {
         ending,
         uids: (config.first_uid, config.uid_count),
@@ -249,8 +266,15 @@ pub async fn serve(
         activity: activity.clone(),
         limits: config.limits,
         apps: apps.clone(),
+        runs: runs.clone(),
+        schedules: schedules.clone(),
     };
-    let gateway = Arc::new(gateway::Gateway { apps: apps.clone(), keys: store, client: gateway::proxy::client() });
+    let gateway = Arc::new(gateway::Gateway {
+        apps: apps.clone(),
+        keys: store,
+        client: gateway::proxy::client(),
+        runs: runs.clone(),
+    });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -335,8 +359,11 @@ pub async fn serve(
     // Requests the queue runs are dropped first (they stay in SQLite, to run again): a replica stopped under one
     // must not read as its failure.
     queue.stop();
+    schedules.shutdown().await;
     apps.shutdown().await;
     engine.shutdown().await;
+    // Last: what the stop ended is in the history too.
+    runs.close().await;
     if let Some(network) = network {
         let _ = tokio::task::spawn_blocking(move || network.close()).await;
     }

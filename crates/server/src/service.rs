@@ -17,10 +17,15 @@ use fal_engine::{
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
-    create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
+    create_user_key_request, CancelCronRequest, CancelCronResult, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
     GetLogsRequest, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
     ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RevokeUserKeyRequest, RevokeUserKeyResponse,
     UserKeyInfo, WorkerStatus, WorkerStatusListRequest, WorkerStatusListResponse,
+};
+use fal_proto::controller::{
+    GetActivationLogsRequest, GetActivationLogsResult, GetRunLogsRequest, GetRunLogsResult, ListActivationsRequest,
+    ListActivationsResult, ListCronsRequest, ListCronsResult, ListRunsRequest, ListRunsResult, RegisterCronRequest,
+    RegisterCronResult,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
@@ -59,6 +64,9 @@ pub struct Controller {
     pub ending: tokio::sync::watch::Receiver<bool>,
     /// Functions deployed as web endpoints.
     pub apps: Arc<crate::apps::Apps>,
+    /// The run history every call is recorded in.
+    pub runs: Arc<crate::runs::Runs>,
+    pub schedules: Arc<crate::schedules::Schedules>,
 }
 
 pub(crate) fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -72,8 +80,14 @@ pub(crate) fn invalid(message: impl Into<String>) -> Status {
 }
 
 pub(crate) fn call_error_status(error: &CallError) -> Status {
+    let (code, kind) = call_error_kind(error);
+    error_status(code, kind, error.to_string())
+}
+
+/// The status code and `fal-error-kind` of a failed call.
+pub(crate) fn call_error_kind(error: &CallError) -> (tonic::Code, &'static str) {
     use tonic::Code;
-    let (code, kind) = match error {
+    match error {
         CallError::UnknownMachineType(_) => (Code::InvalidArgument, "invalid"),
         CallError::NoGpu { .. } | CallError::Allocation { .. } => {
             (Code::FailedPrecondition, "machine-type-unavailable")
@@ -87,8 +101,7 @@ pub(crate) fn call_error_status(error: &CallError) -> Status {
         }
         CallError::Timeout { .. } | CallError::GpuWait { .. } => (Code::DeadlineExceeded, "timeout"),
         CallError::Busy(_) => (Code::ResourceExhausted, "busy"),
-    };
-    error_status(code, kind, error.to_string())
+    }
 }
 
 pub(crate) fn store_status(error: StoreError) -> Status {
@@ -364,6 +377,17 @@ impl IsolateController for Controller {
         let stream_budget = budget.clone();
         let this = self.clone();
         let run_id = format!("{:016x}", rand::random::<u64>());
+        // Recorded in the run history without waiting for it (`crate::runs`); dropped with the call, it records
+        // the call as cancelled.
+        let recording = self.runs.begin(crate::runs::NewRun {
+            id: run_id.clone(),
+            user_id: caller.user_id.clone(),
+            kind: "call",
+            function: function_name.clone(),
+            machine_type: machine.name.clone(),
+            queued_ms: crate::runs::now_ms(),
+            ..Default::default()
+        });
         let call = async move {
             // The call holds its place in flight (its key's and the server's) until it ends.
             let _place = place;
@@ -372,8 +396,10 @@ impl IsolateController for Controller {
             let mut call = call;
             let env_key = call.env.key();
             let log_run_id = run_id.clone();
+            let kept = recording.logs.clone();
             let logs = LogSink::with_budget(
                 move |line| {
+                    kept.push(line.source, &line.line);
                     let bytes = line.line.len();
                     let message = run_message(&log_run_id, vec![log_message(line)], State::InProgress);
                     let _ = log_sender.send((message, bytes));
@@ -397,19 +423,31 @@ impl IsolateController for Controller {
                 payload_bytes: call.payload.len(),
             }));
             let mut ending = this.ending.clone();
+            let (workers, watched) = mpsc::unbounded_channel();
+            call.on_worker = Some(workers);
             let outcome = tokio::select! {
-                outcome = this.engine.call(call, &logs) => match outcome {
+                outcome = crate::runs::watching(this.engine.call(call, &logs), watched, &recording) => match outcome {
                     // The engine saw what was left of it; the caller knows the timeout it asked for.
                     Err(CallError::Timeout { .. }) => Err(CallError::Timeout { seconds: timeout.as_secs_f64() }),
                     outcome => outcome,
                 },
                 _ = ending.wait_for(|ended| *ended) => {
                     cancelled.defuse();
+                    recording.finish(crate::runs::Outcome::cancelled("server-stopped", SERVER_STOPPED));
                     tracing::warn!(user = %caller.user_id, function = %function_name, "call ended: the server stopped");
                     return Err(error_status(tonic::Code::Unavailable, "server-stopped", SERVER_STOPPED));
                 }
             };
             cancelled.defuse();
+            recording.finish(match &outcome {
+                Ok(reply) if reply.raised => crate::runs::Outcome::error("raised", "the function raised an exception"),
+                Ok(_) => crate::runs::Outcome::Success,
+                Err(CallError::Timeout { .. }) => crate::runs::Outcome::Timeout(format!(
+                    "the call ran past its timeout of {} s",
+                    timeout.as_secs_f64()
+                )),
+                Err(error) => crate::runs::Outcome::error(call_error_kind(error).1, error.to_string()),
+            });
             let summary = match &outcome {
                 Ok(reply) if reply.raised => "raised".to_string(),
                 Ok(_) => "returned".to_string(),
@@ -558,6 +596,47 @@ impl IsolateController for Controller {
     async fn delete_alias(&self, request: Request<DeleteAliasRequest>) -> Result<Response<DeleteAliasResult>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
         Ok(Response::new(crate::apps::rpc::delete(&self.apps, &caller, &request.into_inner().alias).await?))
+    }
+
+    async fn register_cron(&self, request: Request<RegisterCronRequest>) -> Result<Response<RegisterCronResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::schedules::rpc::register(&self.schedules, &caller, request.into_inner()).await?))
+    }
+
+    async fn cancel_cron(&self, request: Request<CancelCronRequest>) -> Result<Response<CancelCronResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::schedules::rpc::cancel(&self.schedules, &caller, request.into_inner()).await?))
+    }
+
+    async fn list_crons(&self, request: Request<ListCronsRequest>) -> Result<Response<ListCronsResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::schedules::rpc::list(&self.schedules, &caller).await?))
+    }
+
+    async fn list_activations(
+        &self,
+        request: Request<ListActivationsRequest>,
+    ) -> Result<Response<ListActivationsResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::schedules::rpc::activations(&self.schedules, &caller, request.into_inner()).await?))
+    }
+
+    async fn get_activation_logs(
+        &self,
+        request: Request<GetActivationLogsRequest>,
+    ) -> Result<Response<GetActivationLogsResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::schedules::rpc::logs(&self.schedules, &caller, request.into_inner()).await?))
+    }
+
+    async fn list_runs(&self, request: Request<ListRunsRequest>) -> Result<Response<ListRunsResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::runs::rpc::list(&self.runs, &caller, request.into_inner()).await?))
+    }
+
+    async fn get_run_logs(&self, request: Request<GetRunLogsRequest>) -> Result<Response<GetRunLogsResult>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(crate::runs::rpc::logs(&self.runs, &caller, request.into_inner()).await?))
     }
 }
 

@@ -166,7 +166,11 @@ impl Apps {
             })?,
         };
         let machine = request.machine_requirements.clone().unwrap_or_default();
+        // An anonymous registration of a function that does not serve is a plain function, for a schedule (the
+        // 0.6.41 client's `function schedule` registers so, then calls RegisterCron with the revision id).
+        let serves = machine.exposed_port.is_some() || alias.is_some();
         match machine.exposed_port {
+            None if !serves => {}
             Some(port) if port == i32::from(APP_PORT) => {}
             Some(port) => {
                 return Err(AppError::Invalid(format!(
@@ -235,7 +239,7 @@ impl Apps {
             user_id: caller.user_id.clone(),
             alias,
             auth,
-            min_concurrency,
+            min_concurrency: if serves { min_concurrency } else { 0 },
             max_concurrency,
             max_multiplexing,
             machine_type: machine_type.name.clone(),
@@ -243,6 +247,7 @@ impl Apps {
             function_name,
             definition: request.encode_to_vec().into(),
             created_at: 0,
+            serves,
         };
         // The revision the alias leaves, if any: it keeps answering by id, but no longer keeps replicas up.
         let previous = match &revision.alias {
@@ -260,6 +265,18 @@ impl Apps {
         self.forget(&revision.user_id);
         if let Some(replicas) = previous.and_then(|id| self.running().get(&id).cloned()) {
             replicas.supersede();
+        }
+        if !serves {
+            logs.send(
+                LogSource::Engine,
+                format!(
+                    "registered function revision {} (machine type {}): it is not a web endpoint (it does not serve \
+                     on port {APP_PORT}); schedules run it (RegisterCron, `fal-serverless function schedule`)",
+                    revision.id, revision.machine_type
+                ),
+            );
+            tracing::info!(user = %revision.user_id, revision = %revision.id, "function registered");
+            return Ok(revision);
         }
         logs.send(
             LogSource::Engine,
@@ -431,6 +448,31 @@ impl Apps {
                 }
             })
         })
+    }
+
+    /// The engine that runs apps' calls.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine's call of `revision`'s function, run once as a plain call by its owner (a schedule's activation):
+    /// its environment, machine type and keep_alive as registered, the owner's uid and capacity. `Err`: why it
+    /// cannot run.
+    pub async fn plain_call(&self, revision: &Revision) -> Result<fal_engine::CallRequest, String> {
+        let request = RegisterApplicationRequest::decode(revision.definition.as_ref())
+            .map_err(|e| format!("its stored definition cannot be read ({e}): register it again"))?;
+        let caller = Caller { user_id: revision.user_id.clone(), key_id: String::new(), scope: Scope::Api };
+        let mut call = call_request(&caller, &mut hosted_run(request)).map_err(|s| s.message().to_string())?;
+        let (user, uids) = (revision.user_id.clone(), self.uids);
+        call.uid = Some(self.keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await.map_err(|e| e.to_string())?);
+        call.keep_alive = call.keep_alive.min(self.max_keep_alive);
+        call.room = Some(Arc::new(CapacityRoom {
+            capacity: self.capacity.clone(),
+            engine: self.engine.clone(),
+            user: revision.user_id.clone(),
+            payload_bytes: call.payload.len(),
+        }));
+        Ok(call)
     }
 
     /// Stops every app's replicas, for the server's stop: returns once each replica's worker is being stopped (the

@@ -62,6 +62,9 @@ pub struct Revision {
     pub definition: Arc<[u8]>,
     /// Seconds since the epoch.
     pub created_at: i64,
+    /// Whether it is a web endpoint (its function serves on the app port); else a plain function, registered
+    /// anonymously to be run by a schedule (the 0.6.41 client's `function schedule`).
+    pub serves: bool,
 }
 
 impl Revision {
@@ -92,7 +95,8 @@ CREATE TABLE IF NOT EXISTS app_revisions (
     keep_alive_ms    INTEGER NOT NULL,
     function_name    TEXT NOT NULL,
     definition       BLOB NOT NULL,
-    created_at       INTEGER NOT NULL
+    created_at       INTEGER NOT NULL,
+    serves           INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS app_revisions_by_user_alias ON app_revisions (user_id, alias);
 CREATE TABLE IF NOT EXISTS app_aliases (
@@ -106,7 +110,7 @@ CREATE TABLE IF NOT EXISTS app_aliases (
 
 const REVISION_COLUMNS: &str = "r.id, r.user_id, r.alias, r.auth_mode, r.min_concurrency, r.max_concurrency, \
                                 r.max_multiplexing, r.machine_type, r.keep_alive_ms, r.function_name, r.definition, \
-                                r.created_at";
+                                r.created_at, r.serves";
 
 #[derive(Debug)]
 pub struct AppStore(crate::db::Database);
@@ -129,12 +133,24 @@ fn revision(row: &Row<'_>) -> rusqlite::Result<Revision> {
         function_name: row.get(9)?,
         definition: Arc::from(row.get::<_, Vec<u8>>(10)?),
         created_at: row.get(11)?,
+        serves: row.get(12)?,
     })
 }
 
 impl AppStore {
     pub fn open(path: &Path) -> Result<Self, AppStoreError> {
-        Ok(Self(crate::db::Database::open(path, SCHEMA)?))
+        let database = crate::db::Database::open(path, SCHEMA)?;
+        {
+            // A data dir from before plain-function revisions: all its revisions serve.
+            let db = database.lock();
+            let has_serves = db
+                .prepare("SELECT 1 FROM pragma_table_info('app_revisions') WHERE name = 'serves'")?
+                .exists([])?;
+            if !has_serves {
+                db.execute_batch("ALTER TABLE app_revisions ADD COLUMN serves INTEGER NOT NULL DEFAULT 1")?;
+            }
+        }
+        Ok(Self(database))
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -156,8 +172,8 @@ impl AppStore {
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO app_revisions (id, user_id, alias, auth_mode, min_concurrency, max_concurrency, \
-             max_multiplexing, machine_type, keep_alive_ms, function_name, definition, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             max_multiplexing, machine_type, keep_alive_ms, function_name, definition, created_at, serves) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 revision.id,
                 revision.user_id,
@@ -171,6 +187,7 @@ impl AppStore {
                 revision.function_name,
                 revision.definition.as_ref(),
                 revision.created_at,
+                revision.serves,
             ],
         )?;
         if let Some(alias) = &revision.alias {
@@ -221,7 +238,7 @@ impl AppStore {
         let rows = statement.query_map(params![user], |row| {
             let mut found = revision(row)?;
             // The alias's own name (a revision made under another alias name cannot be pointed to, but be exact).
-            found.alias = Some(row.get(12)?);
+            found.alias = Some(row.get(13)?);
             Ok(found)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -287,6 +304,7 @@ mod tests {
             function_name: "f".into(),
             definition: Arc::from(vec![1, 2, 3]),
             created_at: 0,
+            serves: true,
         }
     }
 

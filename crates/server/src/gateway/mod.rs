@@ -37,6 +37,8 @@ pub struct Gateway {
     pub apps: Arc<Apps>,
     pub keys: Arc<Store>,
     pub client: proxy::Client,
+    /// The run history each request is recorded in (as its app's owner's run).
+    pub runs: Arc<crate::runs::Runs>,
 }
 
 /// A JSON error response.
@@ -121,6 +123,16 @@ impl Gateway {
             }
             Err(error) => return Err(json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())),
         };
+        if !revision.serves {
+            return Err(json_error(
+                StatusCode::NOT_FOUND,
+                "not_an_app",
+                format!(
+                    "{user}/{app} is a function registered for a schedule, not a web endpoint; deploy one with \
+                     @isolated(serve=True) and `fal-serverless function serve`"
+                ),
+            ));
+        }
         // A public app takes anyone: a key it is sent (even a wrong one) is not its business.
         if revision.auth == AuthMode::Public {
             return Ok(revision);
@@ -212,12 +224,34 @@ async fn serve(gateway: Arc<Gateway>, user: String, app: String, path: String, r
     let request_id = uuid::Uuid::new_v4().to_string();
     let wait = gateway.wait(request.headers());
     let replicas = gateway.apps.replicas(&revision);
-    let lease = match replicas.acquire(request_id, crate::apps::logs::RequestLogs::new(), wait).await {
+    let recording = gateway.runs.begin(crate::runs::NewRun {
+        id: request_id.clone(),
+        user_id: revision.user_id.clone(),
+        kind: "web",
+        function: revision.function_name.clone(),
+        app: revision.name().to_string(),
+        revision: revision.id.clone(),
+        machine_type: revision.machine_type.clone(),
+        queued_ms: crate::runs::now_ms(),
+        ..Default::default()
+    });
+    let request_logs = crate::apps::logs::RequestLogs::new();
+    let lease = match replicas.acquire(request_id, request_logs.clone(), wait).await {
         Ok(lease) => lease,
-        Err(error) => return no_replica(error),
+        Err(error) => {
+            let kind = match &error {
+                NoReplica::Timeout { .. } => "no_replica",
+                NoReplica::StartFailed(_) => "replica_failed",
+                NoReplica::Closed => "app_deleted",
+            };
+            recording.finish(crate::runs::Outcome::error(kind, error.to_string()));
+            return no_replica(error);
+        }
     };
+    recording.started(format!("replica {}", lease.address));
     let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
-    proxy::forward(&gateway.client, lease, request, &format!("/{path}{query}")).await
+    let response = proxy::forward(&gateway.client, lease, request, &format!("/{path}{query}")).await;
+    crate::runs::web::recorded(response, recording, request_logs)
 }
 
 /// Another method than GET on a GET route: said in JSON, as every answer of the gateway's own.

@@ -206,6 +206,7 @@ impl Queue {
         }
         let payload = webhook.map(|url| (url.to_string(), webhook::payload(id, &outcome)));
         let (key, stored_payload) = (id.to_string(), payload.clone());
+        let recorded = (outcome.error_type.clone(), outcome.error.clone(), outcome.logs.clone());
         let finished = self
             .store
             .blocking(move |store| {
@@ -215,6 +216,7 @@ impl Queue {
         self.lines().active.remove(id);
         match finished {
             Ok(true) => {
+                self.record(id, recorded);
                 if let Some((url, payload)) = payload {
                     self.webhooks.spawn(store::Delivery {
                         request_id: id.to_string(),
@@ -232,6 +234,46 @@ impl Queue {
                 false
             }
         }
+    }
+
+    /// Records request `id`, just ended with `(error kind, error, logs)`, in the run history (off this path).
+    fn record(&self, id: &str, (kind, error, logs): (Option<String>, Option<String>, String)) {
+        let (store, apps, runs, key) =
+            (self.store.clone(), self.gateway.apps.clone(), self.gateway.runs.clone(), id.to_string());
+        tokio::spawn(async move {
+            let Ok(Some(stored)) = store.blocking(move |store| store.get(&key)).await else { return };
+            let request = &stored.request;
+            let revision = apps.resolve(&request.owner, &request.revision).await.ok();
+            let outcome = match (kind, error) {
+                (None, _) => crate::runs::Outcome::Success,
+                (Some(kind), error) if kind == "cancelled" => {
+                    crate::runs::Outcome::cancelled(kind, error.unwrap_or_default())
+                }
+                (Some(kind), error) => crate::runs::Outcome::error(kind, error.unwrap_or_default()),
+            };
+            let capture = crate::runs::LogCapture::new(runs.config.log_limit);
+            capture.push_values(serde_json::from_str(&logs).unwrap_or_default());
+            let (logs, logs_truncated) = capture.json();
+            runs.ended(crate::runs::Ended {
+                run: crate::runs::NewRun {
+                    id: request.id.clone(),
+                    user_id: request.owner.clone(),
+                    kind: "queue",
+                    function: revision.as_ref().map(|r| r.function_name.clone()).unwrap_or_default(),
+                    app: request.app.clone(),
+                    revision: request.revision.clone(),
+                    machine_type: revision.map(|r| r.machine_type).unwrap_or_default(),
+                    queued_ms: stored.submitted_ms,
+                    ..Default::default()
+                },
+                started_ms: stored.started_ms,
+                finished_ms: stored.finished_ms.unwrap_or_else(crate::runs::now_ms),
+                worker: String::new(),
+                outcome,
+                logs,
+                logs_truncated,
+            });
+        });
     }
 
     /// Runs one request handed to the replicas: waits for its replica, sends it, stores the answer.

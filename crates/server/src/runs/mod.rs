@@ -1,0 +1,471 @@
+//! Run history: every call (`Run`), web request (the gateway), queued request (the queue) and schedule activation
+//! is a run, recorded with its user, what ran, its machine type, its queued/started/finished times, its outcome, its
+//! worker and its logs (capped per run at `[runs] log_limit_kb`, marked when cut), kept `[runs] retention_days`.
+//!
+//! Recording never waits for SQLite on the path of a call: each run sends its start and its end over a bounded
+//! channel ([`QUEUE`] events) to one writer task, which writes what has arrived in one transaction. When the channel
+//! is full (the disk fell that far behind), the event is dropped and counted, and the writer says how many it lost
+//! in the server's log: a run may then be missing, or stay "running" in the history until the next start, which
+//! marks such runs as ended by the server's stop. The writer also prunes old runs every `prune_interval`.
+
+pub mod rpc;
+pub mod store;
+pub mod web;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fal_engine::{CallWorker, LogSource};
+use fal_proto::controller::RunInfo;
+use fal_proto::Log;
+use tokio::sync::{mpsc, Notify};
+
+pub use self::store::{RunRow, RunStore, RunStoreError};
+
+/// Events the channel to the writer holds; past it, events are dropped (see the module's doc).
+pub const QUEUE: usize = 16_384;
+/// Events the writer takes into one transaction at most.
+const BATCH: usize = 1024;
+
+/// `[runs]` in the server's config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunsConfig {
+    /// Runs older than this (by their arrival) are deleted.
+    pub retention: Duration,
+    /// The log bytes one run keeps; past it its logs say they were cut.
+    pub log_limit: usize,
+    /// How often old runs are deleted.
+    pub prune_interval: Duration,
+}
+
+impl Default for RunsConfig {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(30 * 24 * 3600),
+            log_limit: 64 * 1024,
+            prune_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What a run is, known when it arrives.
+#[derive(Debug, Clone, Default)]
+pub struct NewRun {
+    pub id: String,
+    pub user_id: String,
+    /// "call", "web", "queue" or "activation".
+    pub kind: &'static str,
+    pub function: String,
+    pub app: String,
+    pub revision: String,
+    pub cron_id: String,
+    pub machine_type: String,
+    pub queued_ms: i64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success,
+    /// It failed: a short kind (the `fal-error-kind` of calls, "raised", "http-502", ...) and what happened.
+    Error { kind: String, message: String },
+    Timeout(String),
+    /// It was stopped before it ended: its client went away, it was cancelled, the server stopped.
+    Cancelled { kind: String, message: String },
+}
+
+impl Outcome {
+    pub fn error(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Error { kind: kind.into(), message: message.into() }
+    }
+
+    pub fn cancelled(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Cancelled { kind: kind.into(), message: message.into() }
+    }
+
+    /// Its name, its error's kind and its message, as stored.
+    pub fn parts(&self) -> (&'static str, &str, &str) {
+        match self {
+            Self::Success => ("success", "", ""),
+            Self::Error { kind, message } => ("error", kind, message),
+            Self::Timeout(message) => ("timeout", "timeout", message),
+            Self::Cancelled { kind, message } => ("cancelled", kind, message),
+        }
+    }
+}
+
+/// A run's end, with everything known of it (the writer stores it whole, whether or not its start arrived).
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub run: NewRun,
+    pub started_ms: Option<i64>,
+    pub finished_ms: i64,
+    pub worker: String,
+    pub outcome: Outcome,
+    /// Its log lines as JSON (see [`LogCapture`]) and whether they were cut.
+    pub logs: String,
+    pub logs_truncated: bool,
+}
+
+#[derive(Debug)]
+enum Event {
+    Started(NewRun),
+    Ended(Box<Ended>),
+}
+
+/// The run history: where runs are sent, and the store they are read from.
+#[derive(Debug)]
+pub struct Runs {
+    sender: mpsc::Sender<Event>,
+    dropped: Arc<AtomicU64>,
+    stop: Arc<Notify>,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub store: Arc<RunStore>,
+    pub config: RunsConfig,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Runs {
+    /// Marks the runs a stopped server left running as ended by that stop, then starts the writer.
+    pub fn start(store: Arc<RunStore>, config: RunsConfig) -> Arc<Self> {
+        match store.end_interrupted(now_ms()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("{n} runs were still running when the server last stopped: marked cancelled"),
+            Err(error) => tracing::warn!(%error, "cannot mark the runs a stopped server left"),
+        }
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        let (dropped, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(Notify::new()));
+        let writer = tokio::spawn(write(store.clone(), config, receiver, dropped.clone(), stop.clone()));
+        Arc::new(Self { sender, dropped, stop, writer: Mutex::new(Some(writer)), store, config })
+    }
+
+    fn send(&self, event: Event) {
+        if self.sender.try_send(event).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that `run` arrived (it is listed as running), and returns its recording, which records its end.
+    pub fn begin(self: &Arc<Self>, run: NewRun) -> Recording {
+        self.send(Event::Started(run.clone()));
+        Recording {
+            runs: self.clone(),
+            run,
+            state: Mutex::new(RecordingState::default()),
+            logs: LogCapture::new(self.config.log_limit),
+            done: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Records a run whose start was not recorded (the queue's, which records its requests itself until they end).
+    pub fn ended(&self, ended: Ended) {
+        self.send(Event::Ended(Box::new(ended)));
+    }
+
+    /// Writes what was sent so far and stops the writer (the server stops).
+    pub async fn close(&self) {
+        self.stop.notify_one();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct RecordingState {
+    started_ms: Option<i64>,
+    worker: String,
+}
+
+/// One run being recorded: its end is recorded once, by [`Recording::finish`], or when dropped unfinished (its
+/// caller went away) as cancelled.
+#[derive(Debug)]
+pub struct Recording {
+    runs: Arc<Runs>,
+    run: NewRun,
+    state: Mutex<RecordingState>,
+    pub logs: Arc<LogCapture>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Recording {
+    /// It started on `worker` (a pid, or a replica's address).
+    pub fn started(&self, worker: impl Into<String>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.started_ms = Some(now_ms());
+        state.worker = worker.into();
+    }
+
+    /// It started on the engine's worker `worker`.
+    pub fn on_worker(&self, worker: CallWorker) {
+        self.started(worker.pid.to_string());
+    }
+
+    pub fn finish(&self, outcome: Outcome) {
+        if self.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (logs, logs_truncated) = self.logs.json();
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.runs.ended(Ended {
+            run: self.run.clone(),
+            started_ms: state.started_ms,
+            finished_ms: now_ms(),
+            worker: state.worker.clone(),
+            outcome,
+            logs,
+            logs_truncated,
+        });
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.finish(Outcome::cancelled("client-gone", "the client went away before the run ended"));
+    }
+}
+
+/// Runs `call` (an engine call whose `on_worker` sends to `workers`), telling `recording` when it gets its worker.
+pub async fn watching<T>(
+    call: impl std::future::Future<Output = T>,
+    mut workers: mpsc::UnboundedReceiver<CallWorker>,
+    recording: &Recording,
+) -> T {
+    tokio::pin!(call);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            outcome = &mut call => return outcome,
+            worker = workers.recv(), if open => match worker {
+                Some(worker) => recording.on_worker(worker),
+                None => open = false,
+            },
+        }
+    }
+}
+
+/// One kept log line, as JSON: fal's log object (`message`, `level`, `source`, `timestamp`), the queue's shape.
+pub fn log_value(time: SystemTime, source: LogSource, line: &str) -> serde_json::Value {
+    let (level, source) = match source {
+        LogSource::Stdout => ("STDOUT", "stdout"),
+        LogSource::Stderr => ("STDERR", "stderr"),
+        LogSource::Build => ("INFO", "build"),
+        LogSource::Engine => ("INFO", "server"),
+    };
+    serde_json::json!({ "message": line, "level": level, "source": source, "timestamp": rfc3339(time) })
+}
+
+/// RFC 3339 in UTC, to the microsecond.
+pub fn rfc3339(time: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// The log lines of one run, kept up to a number of bytes: later lines are left out, and a last line says so.
+#[derive(Debug)]
+pub struct LogCapture {
+    limit: usize,
+    kept: Mutex<Captured>,
+}
+
+#[derive(Debug, Default)]
+struct Captured {
+    lines: Vec<serde_json::Value>,
+    bytes: usize,
+    left_out: usize,
+}
+
+impl LogCapture {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { limit, kept: Mutex::default() })
+    }
+
+    pub fn push(&self, source: LogSource, line: &str) {
+        self.push_at(SystemTime::now(), source, line);
+    }
+
+    pub fn push_at(&self, time: SystemTime, source: LogSource, line: &str) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.left_out > 0 || kept.bytes + line.len() > self.limit {
+            kept.left_out += 1;
+            return;
+        }
+        kept.bytes += line.len();
+        kept.lines.push(log_value(time, source, line));
+    }
+
+    /// Adds lines already in fal's JSON shape (the queue's), as many as fit.
+    pub fn push_values(&self, values: Vec<serde_json::Value>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        for value in values {
+            let bytes = value.get("message").and_then(|m| m.as_str()).map_or(0, str::len);
+            if kept.left_out > 0 || kept.bytes + bytes > self.limit {
+                kept.left_out += 1;
+                continue;
+            }
+            kept.bytes += bytes;
+            kept.lines.push(value);
+        }
+    }
+
+    /// The lines as a JSON array, with a last line saying how many were left out, and whether any were.
+    pub fn json(&self) -> (String, bool) {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = kept.lines.clone();
+        if kept.left_out > 0 {
+            let note = format!(
+                "... {} more lines left out: a run keeps {} KiB of logs ([runs] log_limit_kb)",
+                kept.left_out,
+                self.limit / 1024
+            );
+            lines.push(log_value(SystemTime::now(), LogSource::Engine, &note));
+        }
+        (serde_json::Value::Array(lines).to_string(), kept.left_out > 0)
+    }
+}
+
+/// Stored log lines (a JSON array of fal's log objects) as the wire's `Log`s.
+pub fn proto_logs(json: &str) -> Vec<Log> {
+    use fal_proto::{LogLevel, LogSource as Source};
+    let values: Vec<serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+    values
+        .iter()
+        .map(|value| {
+            let text = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+            let (source, level) = match text("source") {
+                "stdout" => (Source::User, LogLevel::Stdout),
+                "stderr" => (Source::User, LogLevel::Stderr),
+                "build" => (Source::Builder, LogLevel::Info),
+                _ => (Source::Bridge, LogLevel::Info),
+            };
+            let timestamp = chrono::DateTime::parse_from_rfc3339(text("timestamp"))
+                .ok()
+                .map(|t| prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 });
+            Log { message: text("message").to_string(), source: source as i32, level: level as i32, timestamp }
+        })
+        .collect()
+}
+
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+/// A stored run on the wire.
+pub fn run_info(row: &RunRow) -> RunInfo {
+    RunInfo {
+        run_id: row.id.clone(),
+        user_id: row.user_id.clone(),
+        kind: row.kind.clone(),
+        function: row.function.clone(),
+        app: row.app.clone(),
+        revision: row.revision.clone(),
+        cron_id: row.cron_id.clone(),
+        machine_type: row.machine_type.clone(),
+        queued_at: Some(timestamp(row.queued_ms)),
+        started_at: row.started_ms.map(timestamp),
+        finished_at: row.finished_ms.map(timestamp),
+        outcome: row.outcome.clone(),
+        error_kind: row.error_kind.clone(),
+        error: row.error.clone(),
+        worker: row.worker.clone(),
+        logs_truncated: row.logs_truncated,
+    }
+}
+
+/// The writer: takes what the channel holds, writes it in one transaction; prunes every `prune_interval`; on stop,
+/// writes what is left and ends.
+async fn write(
+    store: Arc<RunStore>,
+    config: RunsConfig,
+    mut receiver: mpsc::Receiver<Event>,
+    dropped: Arc<AtomicU64>,
+    stop: Arc<Notify>,
+) {
+    let mut prune = tokio::time::interval(config.prune_interval);
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let stopping = tokio::select! {
+            n = receiver.recv_many(&mut batch, BATCH) => n == 0,
+            () = stop.notified() => true,
+            _ = prune.tick() => {
+                let (store, before) = (store.clone(), now_ms() - config.retention.as_millis() as i64);
+                match tokio::task::spawn_blocking(move || store.prune(before)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!("deleted {n} runs older than the retention ([runs] retention_days)"),
+                    Ok(Err(error)) => tracing::warn!(%error, "cannot delete old runs"),
+                    Err(error) => tracing::warn!(%error, "the run pruning task failed"),
+                }
+                false
+            }
+        };
+        if stopping {
+            receiver.close();
+            while let Ok(event) = receiver.try_recv() {
+                batch.push(event);
+            }
+        }
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            tracing::warn!(
+                "{lost} run history events were dropped: the history's writer fell {QUEUE} events behind (a slow \
+                 disk?); those runs may be missing or shown running"
+            );
+        }
+        if !batch.is_empty() {
+            let events = std::mem::take(&mut batch);
+            let store = store.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let (started, ended): (Vec<_>, Vec<_>) = events.into_iter().partition(|e| matches!(e, Event::Started(_)));
+                let started: Vec<NewRun> =
+                    started.into_iter().filter_map(|e| if let Event::Started(r) = e { Some(r) } else { None }).collect();
+                let ended: Vec<Ended> =
+                    ended.into_iter().filter_map(|e| if let Event::Ended(r) = e { Some(*r) } else { None }).collect();
+                store.write(&started, &ended)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "cannot write runs to the history"),
+                Err(error) => tracing::warn!(%error, "the run history's writer task failed"),
+            }
+            batch = Vec::with_capacity(BATCH);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_keeps_its_limit_and_says_what_it_left_out() {
+        let capture = LogCapture::new(10);
+        capture.push(LogSource::Stdout, "12345");
+        capture.push(LogSource::Stderr, "67890");
+        capture.push(LogSource::Stdout, "x");
+        capture.push(LogSource::Stdout, "y");
+        let (json, cut) = capture.json();
+        assert!(cut);
+        let logs = proto_logs(&json);
+        assert_eq!(logs.len(), 3);
+        assert_eq!(logs[0].message, "12345");
+        assert_eq!(logs[1].level, fal_proto::LogLevel::Stderr as i32);
+        assert!(logs[2].message.contains("2 more lines left out"), "{}", logs[2].message);
+        assert!(logs[0].timestamp.is_some());
+        let (json, cut) = LogCapture::new(10).json();
+        assert_eq!((json.as_str(), cut), ("[]", false));
+    }
+
+    #[test]
+    fn milliseconds_are_timestamps() {
+        assert_eq!(timestamp(1_500), prost_types::Timestamp { seconds: 1, nanos: 500_000_000 });
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_500)), "1970-01-01T00:00:01.500000Z");
+    }
+}
