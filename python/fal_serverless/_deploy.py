@@ -1,6 +1,7 @@
 """`fal-serverless function serve FILE FUNCTION`: the deploy, run by the Rust command line as
 `python -m fal_serverless._deploy FILE FUNCTION --auth MODE [--alias NAME]` (it must run the user's file; clap owns
-the command's arguments and --help, so these are checked there first)."""
+the command's arguments and --help, so these are checked there first). `function schedule CRON FILE FUNCTION` runs
+`python -m fal_serverless._deploy FILE FUNCTION --cron CRON`: the function is registered and scheduled."""
 
 from __future__ import annotations
 
@@ -17,7 +18,26 @@ from .exceptions import FalServerlessError
 
 def load_function(path: str, name: str) -> IsolatedFunction[object]:
     """Runs the file at `path` (as `python FILE` would, its directory first on sys.path, but not as `__main__`, so
-    its `if __name__ == "__main__":` part does not run) and returns its isolated function `name`."""
+    its `def schedule(path: str, name: str, cron: str) -> int:
+    """Registers function `name` of `path` and schedules it at `cron`; prints the schedule's id."""
+    try:
+        function = load_function(path, name)
+        if function.options.serve or function.options.exposed_port is not None:
+            raise FalServerlessError(
+                f"{name} is a web endpoint (serve=True or exposed_port): a schedule runs a function that returns; "
+                f"schedule a function without them"
+            )
+        # The command schedules on the server (FAL_HOST's, or the local one) whatever host the function runs on.
+        cron_id = cloud.schedule(function.func, function.options, cron, function._qualified_name())
+    except (FalServerlessError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Scheduled {name} at {cron!r} (UTC): schedule {cron_id}", file=sys.stderr, flush=True)
+    print(cron_id, flush=True)
+    return 0
+
+
+if __name__ == "__main__":` part does not run) and returns its isolated function `name`."""
     if not os.path.isfile(path):
         raise FalServerlessError(f"{path}: no such file; name the Python file that defines the function")
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
@@ -50,7 +70,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("function")
     parser.add_argument("--alias")
     parser.add_argument("--auth", choices=AUTH_MODES, default="private")
+    parser.add_argument("--cron")
     args = parser.parse_args(argv)
+    if args.cron is not None:
+        return schedule(args.file, args.function, args.cron)
     try:
         function = load_function(args.file, args.function)
         # The command deploys to the server (FAL_HOST's, or the local one) whatever host the function runs on.

@@ -52,6 +52,14 @@ class Host(ABC):
             f"it with fn.on(cloud).serve(...) (the server FAL_HOST names, or one on this machine)"
         )
 
+    def schedule(self, func: Callable[[], Any], options: Options, cron: str, function_name: str) -> str:
+        """Register `func` (a call of no arguments) and run it at the times of `cron` (UTC); returns the
+        schedule's id."""
+        raise FalServerlessError(
+            f"scheduling {function_name} needs a server, and the {self.name} host is none: schedule it on the cloud "
+            f"host (the server FAL_HOST names, or one on this machine)"
+        )
+
     def __repr__(self) -> str:
         return f"<host {self.name}>"
 
@@ -162,6 +170,27 @@ class CloudHost(Host):
             on_log=show_log,
         )
         return Deployment(revision, user_id, alias, app_url(client.uri, user_id, alias or revision))
+
+    def schedule(self, func: Callable[[], Any], options: Options, cron: str, function_name: str) -> str:
+        client = self.client(options.credentials)
+        call = _serialization.dump_call(func, (), {})
+        revision, _ = client.register_application(
+            python_version=options.python_version,
+            requirements=list(options.environment_requirements),
+            serializer=_serialization.SERIALIZER,
+            machine_type=options.machine_type,
+            keep_alive=math.ceil(options.keep_alive),
+            payload=call.payload,
+            function_name=function_name,
+            alias=None,
+            auth_mode="private",
+            max_concurrency=None,
+            min_concurrency=None,
+            max_multiplexing=None,
+            exposed_port=None,
+            on_log=show_log,
+        )
+        return client.register_cron(revision, cron)
 
 
 def app_url(server_uri: str, user_id: str, app: str) -> str:

@@ -68,10 +68,13 @@ class CloudClient:
         max_concurrency: Optional[int],
         min_concurrency: Optional[int],
         max_multiplexing: Optional[int],
-        exposed_port: int,
+        exposed_port: Optional[int],
         on_log: Callable[[str, str], None],
     ) -> Tuple[str, str]:
-        """Deploys a web endpoint; returns `(revision_id, user_id)`."""
+        """Deploys a web endpoint (or, with no `exposed_port` and no alias, a plain function for a schedule);
+        returns `(revision_id, user_id)`."""
+    def register_cron(self, revision: str, cron: str) -> str:
+        """Schedules the registered function `revision` at the times of `cron` (UTC); returns the schedule's id."""
     def list_aliases(self) -> List[AliasRow]: ...
     def delete_alias(self, alias: str) -> str:
         """Removes an alias; returns the revision it pointed to."""

@@ -26,6 +26,13 @@ pub enum FunctionCommand {
     /// `python3`). Deploying again under the same --alias makes a new revision and moves the alias to it, while the
     /// old revision stays reachable by its id.
     Serve(ServeArgs),
+    /// Run a function of a Python file on a schedule (a cron expression, in UTC); prints the schedule's id.
+    ///
+    /// Registers the function (not as a web endpoint) and schedules it: each activation runs it once, as your call
+    /// would, with its logs and outcome kept (`fal-serverless cron activations CRON_ID`, `cron logs`). An activation
+    /// still running when the next is due is not started twice (that time is recorded as skipped); times missed
+    /// while the server was down run once when it starts again.
+    Schedule(crate::schedules::ScheduleArgs),
 }
 
 #[derive(Debug, Args)]
@@ -178,7 +185,7 @@ fn log_line(line: &GetLogsResult) -> String {
 }
 
 /// A UTC time as `YYYY-MM-DD HH:MM:SS.mmm`.
-fn utc(seconds: i64, nanos: i32) -> String {
+pub(crate) fn utc(seconds: i64, nanos: i32) -> String {
     let nanos = i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
     match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
         Ok(t) => format!(
@@ -196,7 +203,7 @@ fn utc(seconds: i64, nanos: i32) -> String {
 }
 
 /// Columns padded to their widest cell, two spaces apart; the last column unpadded.
-fn table<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
     let mut widths = header.clone().map(|h| h.chars().count());
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -18,6 +18,7 @@ use fal_server::{ServerConfig, Started, Store};
 
 mod apps;
 mod envs;
+mod schedules;
 
 pub use apps::PYTHON_VARIABLE;
 
@@ -47,7 +48,8 @@ enum Command {
     /// the server, the local host and this command agree through lock files every user of an environment holds.
     /// Run it as the user the server runs as (root for a server that jails its workers).
     Envs(envs::EnvsArgs),
-    /// Deploy functions as web endpoints (`fal-serverless function serve FILE FUNCTION`).
+    /// Deploy functions as web endpoints (`function serve FILE FUNCTION`) or run them on a schedule (`function
+    /// schedule CRON FILE FUNCTION`).
     #[command(subcommand, visible_alias = "fn")]
     Function(apps::FunctionCommand),
     /// List and delete your web endpoints' aliases.
@@ -55,6 +57,12 @@ enum Command {
     Apps(apps::AppsCommand),
     /// Print a web endpoint's logs (its replicas' output), and with --follow new lines as they come.
     Logs(apps::LogsArgs),
+    /// List and cancel your schedules, and see their activations and logs.
+    #[command(subcommand, visible_alias = "crons")]
+    Cron(schedules::CronCommand),
+    /// The run history: your calls, web requests and schedule activations, and their logs.
+    #[command(subcommand)]
+    Runs(schedules::RunsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +182,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         // Walking and deleting trees: on a blocking thread.
         Command::Envs(args) => tokio::task::spawn_blocking(move || envs::run(args)).await?,
         Command::Function(apps::FunctionCommand::Serve(args)) => apps::serve(args),
+        Command::Function(apps::FunctionCommand::Schedule(args)) => schedules::schedule(args),
+        Command::Cron(command) => schedules::cron(&connect().await?, command).await,
+        Command::Runs(command) => schedules::runs(&connect().await?, command).await,
         Command::Apps(command) => apps::apps(&connect().await?, command).await,
         Command::Logs(args) => apps::logs(&connect().await?, args).await,
         Command::Workers => {

@@ -17,6 +17,7 @@
 
 mod apps;
 mod credentials;
+mod schedules;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

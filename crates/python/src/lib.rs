@@ -442,7 +442,8 @@ impl CloudClient {
         })
     }
 
-    /// Deploys a web endpoint: `payload` is the call that serves it on port `exposed_port` (pickled as for `run`).
+    /// Deploys a web endpoint: `payload` is the call that serves it on port `exposed_port` (pickled as for `run`);
+    /// with no `exposed_port` and no alias, registers a plain function for a schedule (`register_cron`).
     /// Build logs go to `on_log(source, line)` as for `run`. Returns `(revision_id, user_id)`.
     #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, alias, auth_mode, max_concurrency, min_concurrency, max_multiplexing, exposed_port, on_log))]
     #[allow(clippy::too_many_arguments)]
@@ -461,7 +462,7 @@ impl CloudClient {
         max_concurrency: Option<i32>,
         min_concurrency: Option<i32>,
         max_multiplexing: Option<i32>,
-        exposed_port: i32,
+        exposed_port: Option<i32>,
         on_log: Bound<'py, PyAny>,
     ) -> PyResult<(String, String)> {
         let auth_mode = fal_client::parse_auth_mode(auth_mode).map_err(client_error)?;
@@ -470,7 +471,7 @@ impl CloudClient {
             machine_requirements: Some(MachineRequirements {
                 machine_type,
                 keep_alive: Some(keep_alive),
-                exposed_port: Some(exposed_port),
+                exposed_port,
                 ..Default::default()
             }),
             function: Some(SerializedObject {
@@ -495,6 +496,13 @@ impl CloudClient {
                 .map_err(client_error)?;
             Ok((registered.revision, registered.user_id))
         })
+    }
+
+    /// Schedules the registered function `revision` at the times of `cron` (UTC); returns the schedule's id.
+    fn register_cron(&self, py: Python<'_>, revision: String, cron: String) -> PyResult<String> {
+        let runtime = runtime()?;
+        let client = self.client.clone();
+        py.detach(|| runtime.block_on(client.register_cron(&revision, &cron))).map_err(client_error)
     }
 
     /// The aliases of this key's user (every user's, for an admin), as `AliasRow`s.
