@@ -152,9 +152,6 @@ impl Apps {
         mut request: RegisterApplicationRequest,
         logs: &LogSink,
     ) -> Result<Revision, AppError> {
-        if let Some(reason) = &self.unavailable {
-            return Err(AppError::Unavailable(reason.clone()));
-        }
         let alias = request.application_name.take().filter(|a| !a.is_empty());
         if let Some(alias) = &alias {
             validate_alias(alias)?;
@@ -169,6 +166,10 @@ impl Apps {
         // An anonymous registration of a function that does not serve is a plain function, for a schedule (the
         // 0.6.41 client's `function schedule` registers so, then calls RegisterCron with the revision id).
         let serves = machine.exposed_port.is_some() || alias.is_some();
+        // A plain function runs as plain calls do, on any server; a web endpoint needs its replicas' namespaces.
+        if let (true, Some(reason)) = (serves, &self.unavailable) {
+            return Err(AppError::Unavailable(reason.clone()));
+        }
         match machine.exposed_port {
             None if !serves => {}
             Some(port) if port == i32::from(APP_PORT) => {}
