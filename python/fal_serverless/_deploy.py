@@ -18,26 +18,7 @@ from .exceptions import FalServerlessError
 
 def load_function(path: str, name: str) -> IsolatedFunction[object]:
     """Runs the file at `path` (as `python FILE` would, its directory first on sys.path, but not as `__main__`, so
-    its `def schedule(path: str, name: str, cron: str) -> int:
-    """Registers function `name` of `path` and schedules it at `cron`; prints the schedule's id."""
-    try:
-        function = load_function(path, name)
-        if function.options.serve or function.options.exposed_port is not None:
-            raise FalServerlessError(
-                f"{name} is a web endpoint (serve=True or exposed_port): a schedule runs a function that returns; "
-                f"schedule a function without them"
-            )
-        # The command schedules on the server (FAL_HOST's, or the local one) whatever host the function runs on.
-        cron_id = cloud.schedule(function.func, function.options, cron, function._qualified_name())
-    except (FalServerlessError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Scheduled {name} at {cron!r} (UTC): schedule {cron_id}", file=sys.stderr, flush=True)
-    print(cron_id, flush=True)
-    return 0
-
-
-if __name__ == "__main__":` part does not run) and returns its isolated function `name`."""
+    its `if __name__ == "__main__":` part does not run) and returns its isolated function `name`."""
     if not os.path.isfile(path):
         raise FalServerlessError(f"{path}: no such file; name the Python file that defines the function")
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
@@ -84,6 +65,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print("\n".join(describe(deployment, args.auth)), flush=True)
+    return 0
+
+
+def schedule(path: str, name: str, cron: str) -> int:
+    """Registers function `name` of `path` and schedules it at `cron`; prints the schedule's id."""
+    try:
+        function = load_function(path, name)
+        if function.options.serve or function.options.exposed_port is not None:
+            raise FalServerlessError(
+                f"{name} is a web endpoint (serve=True or exposed_port): a schedule runs a function that returns; "
+                f"schedule a function without them"
+            )
+        # The command schedules on the server (FAL_HOST's, or the local one) whatever host the function runs on.
+        cron_id = cloud.schedule(function.func, function.options, cron, function._qualified_name())
+    except (FalServerlessError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Scheduled {name} at {cron!r} (UTC): schedule {cron_id}", file=sys.stderr, flush=True)
+    print(cron_id, flush=True)
     return 0
 
 
