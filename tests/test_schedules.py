@@ -173,15 +173,15 @@ def test_a_schedule_with_seconds_fires_keeps_logs_and_runs_and_stops_when_cancel
 def test_an_activation_still_running_is_not_started_twice(scheduled: Scheduled) -> None:
     cron_id = scheduled.schedule("sid", "* * * * * *", "slow")
     rows = scheduled.wait_for(
-        "sid", cron_id, lambda rows: len(successes(rows)) >= 2 and any(r["outcome"] == "skipped" for r in rows)
+        "sid", cron_id, lambda rows: len(successes(rows)) >= 2 and any(r["outcome"].startswith("skipped") for r in rows)
     )
     scheduled.cli("sid", "cron", "cancel", cron_id)
     ran = sorted(successes(rows), key=lambda row: utc(row["started"]))
     # Each ran about 3.5 s: none started before the one before it finished.
     for before, after in zip(ran, ran[1:]):
         assert utc(after["started"]) >= utc(before["finished"]), (before, after)
-    skipped = [row for row in rows if row["outcome"] == "skipped"]
-    assert "still running" in skipped[0]["error"], skipped[0]
+    skipped = [row for row in rows if row["outcome"].startswith("skipped")]
+    assert skipped[0]["outcome"] == "skipped (still-running)" and "still running" in skipped[0]["error"], skipped[0]
     assert "still running" in scheduled.logs("sid", cron_id, skipped[0]["activation id"])
 
 
@@ -274,9 +274,10 @@ def test_the_original_cli_schedules_lists_activations_logs_and_cancels(
 
     proc = original("function", "schedule", "* * * * *", str(job), "every_minute")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = re.search(r"[0-9a-f]{8}-[0-9a-f-]{27}", proc.stdout)
+    # Its last line: the schedule's id (the register's log before it names the function's revision).
+    found = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", proc.stdout)
     assert found, proc.stdout
-    cron_id = found.group(0)
+    cron_id = found[-1]
     listed = original("cron", "list")
     assert listed.returncode == 0, listed.stderr
     assert cron_id[:8] in listed.stdout and "Active" in listed.stdout, listed.stdout

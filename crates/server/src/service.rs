@@ -440,7 +440,12 @@ impl IsolateController for Controller {
             };
             cancelled.defuse();
             recording.finish(match &outcome {
-                Ok(reply) if reply.raised => crate::runs::Outcome::error("raised", "the function raised an exception"),
+                Ok(reply) if reply.raised => {
+                    if let Some(traceback) = crate::runs::raised_traceback(&serializer, &reply.payload) {
+                        recording.logs.push(LogSource::Engine, &traceback);
+                    }
+                    crate::runs::Outcome::error("raised", "the function raised an exception")
+                }
                 Ok(_) => crate::runs::Outcome::Success,
                 Err(CallError::Timeout { .. }) => crate::runs::Outcome::Timeout(format!(
                     "the call ran past its timeout of {} s",

@@ -328,6 +328,35 @@ impl LogCapture {
     }
 }
 
+/// The traceback of a raised call, from the worker's description of its exception (see the engine's `agent.py`):
+/// for dill, its JSON line; for cloudpickle, the `traceback` string of the pickled dict, found without unpickling
+/// (the history keeps it as the run's last log line; the caller gets the whole exception as before).
+pub fn raised_traceback(serializer: &fal_engine::Serializer, payload: &[u8]) -> Option<String> {
+    match serializer {
+        fal_engine::Serializer::Dill => {
+            let line = &payload[..payload.iter().position(|&b| b == b'\n')?];
+            let value: serde_json::Value = serde_json::from_slice(line).ok()?;
+            value.get("traceback")?.as_str().map(str::to_string)
+        }
+        fal_engine::Serializer::Cloudpickle(_) => {
+            const KEY: &[u8] = b"\x8c\x09traceback";
+            let at = payload.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+            let mut rest = payload.get(at..)?;
+            if rest.first() == Some(&0x94) {
+                rest = &rest[1..];
+            }
+            let (len, start): (usize, usize) = match *rest.first()? {
+                0x8c => (usize::from(*rest.get(1)?), 2),
+                b'X' => (u32::from_le_bytes(rest.get(1..5)?.try_into().ok()?) as usize, 5),
+                0x8d => (usize::try_from(u64::from_le_bytes(rest.get(1..9)?.try_into().ok()?)).ok()?, 9),
+                _ => return None,
+            };
+            let text = rest.get(start..start.checked_add(len)?)?;
+            Some(String::from_utf8_lossy(text).into_owned())
+        }
+    }
+}
+
 /// Stored log lines (a JSON array of fal's log objects) as the wire's `Log`s.
 pub fn proto_logs(json: &str) -> Vec<Log> {
     use fal_proto::{LogLevel, LogSource as Source};
@@ -461,6 +490,24 @@ mod tests {
         assert!(logs[0].timestamp.is_some());
         let (json, cut) = LogCapture::new(10).json();
         assert_eq!((json.as_str(), cut), ("[]", false));
+    }
+
+    #[test]
+    fn a_raised_calls_traceback_is_found_in_either_description() {
+        use fal_engine::Serializer;
+        let dill = b"{\"stage\": \"call\", \"traceback\": \"Traceback: boom\"}\n\x80\x04junk";
+        assert_eq!(raised_traceback(&Serializer::Dill, dill).as_deref(), Some("Traceback: boom"));
+        let cloudpickle = Serializer::Cloudpickle("cloudpickle==3.1.1".into());
+        // `{"traceback": "Trace"}` as pickle protocol 5 writes it (a memoized short string), and a long one.
+        let short = b"\x80\x05\x95\x00}\x94(\x8c\x09traceback\x94\x8c\x05Trace\x94u.";
+        assert_eq!(raised_traceback(&cloudpickle, short).as_deref(), Some("Trace"));
+        let mut long = b"\x8c\x09traceback\x94X\x2c\x01\x00\x00".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 300));
+        assert_eq!(raised_traceback(&cloudpickle, &long).map(|t| t.len()), Some(300));
+        for garbage in [&b""[..], b"\x8c\x09traceback", b"\x8c\x09traceback\x94X\xff\xff\xff\xff", b"\n"] {
+            assert_eq!(raised_traceback(&cloudpickle, garbage), None);
+            assert_eq!(raised_traceback(&Serializer::Dill, garbage), None);
+        }
     }
 
     #[test]

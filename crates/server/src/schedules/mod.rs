@@ -372,10 +372,12 @@ impl Schedules {
                 let (workers, watched) = tokio::sync::mpsc::unbounded_channel();
                 call.on_worker = Some(workers);
                 let engine = self.apps.engine().clone();
+                let serializer = call.env.serializer.clone();
                 tokio::select! {
                     outcome = crate::runs::watching(engine.call(call, &logs), watched, &recording) => match outcome {
                         Ok(reply) if reply.raised => {
-                            logs.send(LogSource::Engine, "the function raised an exception");
+                            let traceback = crate::runs::raised_traceback(&serializer, &reply.payload);
+                            logs.send(LogSource::Engine, traceback.unwrap_or_else(|| "the function raised an exception".into()));
                             Outcome::error("raised", "the function raised an exception (its traceback is in the logs)")
                         }
                         Ok(_) => Outcome::Success,
