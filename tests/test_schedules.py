@@ -192,7 +192,9 @@ def test_a_schedule_survives_a_restart_and_what_it_missed_runs_once(scheduled: S
     scheduled.restart(down=7)
     started = time.time()
     # Three or four due times passed while it was down: one activation for them, saying so.
-    rows = scheduled.wait_for("sue", cron_id, lambda rows: len([r for r in successes(rows) if utc(r["started"]) > started]) >= 2)
+    rows = scheduled.wait_for(
+        "sue", cron_id, lambda rows: len([r for r in successes(rows) if utc(r["started"]) > started]) >= 2
+    )
     during = [row for row in rows if stopped < utc(row["due"]) < started]
     assert len(during) == 1, during
     logs = scheduled.logs("sue", cron_id, during[0]["activation id"])

@@ -99,7 +99,11 @@ fn time(t: Option<&prost_types::Timestamp>) -> String {
 }
 
 fn or_dash(text: &str) -> String {
-    if text.is_empty() { "-".into() } else { text.to_string() }
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_string()
+    }
 }
 
 fn print_logs(logs: &[Log]) {

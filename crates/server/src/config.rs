@@ -90,9 +90,9 @@ use serde::Deserialize;
 
 use crate::admission::AdmissionLimits;
 use crate::apps::AppsConfig;
+use crate::capacity::Sharing;
 use crate::runs::RunsConfig;
 use crate::schedules::SchedulesConfig;
-use crate::capacity::Sharing;
 use sha2::{Digest, Sha256};
 
 use crate::tls::TlsFiles;

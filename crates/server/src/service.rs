@@ -17,10 +17,11 @@ use fal_engine::{
 use fal_proto::controller::hosted_run_status::State;
 use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
-    create_user_key_request, CancelCronRequest, CancelCronResult, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
-    GetLogsRequest, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
-    ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RevokeUserKeyRequest, RevokeUserKeyResponse,
-    UserKeyInfo, WorkerStatus, WorkerStatusListRequest, WorkerStatusListResponse,
+    create_user_key_request, CancelCronRequest, CancelCronResult, CreateUserKeyRequest, CreateUserKeyResponse,
+    DeleteAliasRequest, DeleteAliasResult, GetLogsRequest, HostedRun, HostedRunResult, HostedRunStatus,
+    ListAliasesRequest, ListAliasesResult, ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest,
+    RevokeUserKeyRequest, RevokeUserKeyResponse, UserKeyInfo, WorkerStatus, WorkerStatusListRequest,
+    WorkerStatusListResponse,
 };
 use fal_proto::controller::{
     GetActivationLogsRequest, GetActivationLogsResult, GetRunLogsRequest, GetRunLogsResult, ListActivationsRequest,
@@ -603,7 +604,10 @@ impl IsolateController for Controller {
         Ok(Response::new(crate::apps::rpc::delete(&self.apps, &caller, &request.into_inner().alias).await?))
     }
 
-    async fn register_cron(&self, request: Request<RegisterCronRequest>) -> Result<Response<RegisterCronResult>, Status> {
+    async fn register_cron(
+        &self,
+        request: Request<RegisterCronRequest>,
+    ) -> Result<Response<RegisterCronResult>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
         Ok(Response::new(crate::schedules::rpc::register(&self.schedules, &caller, request.into_inner()).await?))
     }

@@ -465,7 +465,8 @@ impl Apps {
         let caller = Caller { user_id: revision.user_id.clone(), key_id: String::new(), scope: Scope::Api };
         let mut call = call_request(&caller, &mut hosted_run(request)).map_err(|s| s.message().to_string())?;
         let (user, uids) = (revision.user_id.clone(), self.uids);
-        call.uid = Some(self.keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await.map_err(|e| e.to_string())?);
+        call.uid =
+            Some(self.keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await.map_err(|e| e.to_string())?);
         call.keep_alive = call.keep_alive.min(self.max_keep_alive);
         call.room = Some(Arc::new(CapacityRoom {
             capacity: self.capacity.clone(),

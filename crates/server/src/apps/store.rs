@@ -143,9 +143,8 @@ impl AppStore {
         {
             // A data dir from before plain-function revisions: all its revisions serve.
             let db = database.lock();
-            let has_serves = db
-                .prepare("SELECT 1 FROM pragma_table_info('app_revisions') WHERE name = 'serves'")?
-                .exists([])?;
+            let has_serves =
+                db.prepare("SELECT 1 FROM pragma_table_info('app_revisions') WHERE name = 'serves'")?.exists([])?;
             if !has_serves {
                 db.execute_batch("ALTER TABLE app_revisions ADD COLUMN serves INTEGER NOT NULL DEFAULT 1")?;
             }

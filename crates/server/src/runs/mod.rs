@@ -69,10 +69,16 @@ pub struct NewRun {
 pub enum Outcome {
     Success,
     /// It failed: a short kind (the `fal-error-kind` of calls, "raised", "http-502", ...) and what happened.
-    Error { kind: String, message: String },
+    Error {
+        kind: String,
+        message: String,
+    },
     Timeout(String),
     /// It was stopped before it ended: its client went away, it was cancelled, the server stopped.
-    Cancelled { kind: String, message: String },
+    Cancelled {
+        kind: String,
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -448,9 +454,12 @@ async fn write(
             let events = std::mem::take(&mut batch);
             let store = store.clone();
             let written = tokio::task::spawn_blocking(move || {
-                let (started, ended): (Vec<_>, Vec<_>) = events.into_iter().partition(|e| matches!(e, Event::Started(_)));
-                let started: Vec<NewRun> =
-                    started.into_iter().filter_map(|e| if let Event::Started(r) = e { Some(r) } else { None }).collect();
+                let (started, ended): (Vec<_>, Vec<_>) =
+                    events.into_iter().partition(|e| matches!(e, Event::Started(_)));
+                let started: Vec<NewRun> = started
+                    .into_iter()
+                    .filter_map(|e| if let Event::Started(r) = e { Some(r) } else { None })
+                    .collect();
                 let ended: Vec<Ended> =
                     ended.into_iter().filter_map(|e| if let Event::Ended(r) = e { Some(*r) } else { None }).collect();
                 store.write(&started, &ended)

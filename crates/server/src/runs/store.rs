@@ -274,14 +274,19 @@ mod tests {
         let (_dir, store) = store();
         let started: Vec<_> = (0..5).map(|i| run(&format!("a{i}"), "alice", 1000 + i)).collect();
         store.write(&started, &[]).unwrap();
-        store.write(&[run("b0", "bob", 1002)], &[ended(run("a3", "alice", 1003), Outcome::error("raised", "x"))]).unwrap();
+        store
+            .write(&[run("b0", "bob", 1002)], &[ended(run("a3", "alice", 1003), Outcome::error("raised", "x"))])
+            .unwrap();
         let page = |user: Option<&str>, before, failed_only| {
             let query = RunQuery { user: user.map(Into::into), before, failed_only, limit: 2, ..Default::default() };
             store.list(&query).unwrap()
         };
         let first = page(Some("alice"), None, false);
         assert_eq!(first.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a4", "a3"]);
-        assert_eq!((first[1].outcome.as_str(), first[1].error_kind.as_str(), first[1].worker.as_str()), ("error", "raised", "42"));
+        assert_eq!(
+            (first[1].outcome.as_str(), first[1].error_kind.as_str(), first[1].worker.as_str()),
+            ("error", "raised", "42")
+        );
         let second = page(Some("alice"), parse_cursor(&first[1].cursor()), false);
         assert_eq!(second.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a2", "a1"]);
         assert_eq!(page(None, None, false).iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["a4", "a3"]);
@@ -299,7 +304,10 @@ mod tests {
         assert!(store.logs("old").unwrap().is_none());
         assert_eq!(store.end_interrupted(2000).unwrap(), 1);
         let (row, logs) = store.logs("new").unwrap().unwrap();
-        assert_eq!((row.outcome.as_str(), row.error_kind.as_str(), row.finished_ms), ("cancelled", "server-stopped", Some(2000)));
+        assert_eq!(
+            (row.outcome.as_str(), row.error_kind.as_str(), row.finished_ms),
+            ("cancelled", "server-stopped", Some(2000))
+        );
         assert_eq!(logs, "[]");
     }
 

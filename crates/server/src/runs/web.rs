@@ -38,10 +38,7 @@ impl Recorded {
 
     fn answered(&self) -> Outcome {
         if self.status.is_server_error() {
-            Outcome::error(
-                format!("http-{}", self.status.as_u16()),
-                format!("the app answered {}", self.status),
-            )
+            Outcome::error(format!("http-{}", self.status.as_u16()), format!("the app answered {}", self.status))
         } else {
             Outcome::Success
         }

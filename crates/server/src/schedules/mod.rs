@@ -189,7 +189,9 @@ impl Schedules {
         for row in rows {
             match parse(&row.cron) {
                 Ok(cron) => schedules.add(row, cron, false),
-                Err(error) => tracing::warn!(cron = %row.id, %error, "a stored schedule cannot be read; it does not run"),
+                Err(error) => {
+                    tracing::warn!(cron = %row.id, %error, "a stored schedule cannot be read; it does not run")
+                }
             }
         }
         let task = tokio::spawn(schedules.clone().run());
@@ -443,9 +445,15 @@ mod tests {
     #[test]
     fn five_and_six_fields_parse_and_bad_ones_say_why() {
         let every_minute = parse("* * * * *").unwrap();
-        assert_eq!(every_minute.find_next_occurrence(&at("2026-01-01T10:00:30Z"), false).unwrap(), at("2026-01-01T10:01:00Z"));
+        assert_eq!(
+            every_minute.find_next_occurrence(&at("2026-01-01T10:00:30Z"), false).unwrap(),
+            at("2026-01-01T10:01:00Z")
+        );
         let every_two_seconds = parse("*/2 * * * * *").unwrap();
-        assert_eq!(every_two_seconds.find_next_occurrence(&at("2026-01-01T10:00:01Z"), false).unwrap(), at("2026-01-01T10:00:02Z"));
+        assert_eq!(
+            every_two_seconds.find_next_occurrence(&at("2026-01-01T10:00:01Z"), false).unwrap(),
+            at("2026-01-01T10:00:02Z")
+        );
         for bad in ["", "* * *", "61 * * * *", "* * * * * * *", "not a cron", "0 0 31 2 *"] {
             let error = parse(bad).unwrap_err();
             assert!(error.contains(&format!("{bad:?}")), "{error}");
@@ -457,30 +465,32 @@ mod tests {
     #[test]
     fn the_next_run_is_the_first_time_after_the_last_dealt_with() {
         let cron = parse("0 * * * *").unwrap();
-        assert_eq!(plan(&cron, at("2026-01-01T10:00:00Z"), at("2026-01-01T10:30:00Z")), Plan::Wait {
-            next: at("2026-01-01T11:00:00Z")
-        });
-        assert_eq!(plan(&cron, at("2026-01-01T10:00:00Z"), at("2026-01-01T11:00:00Z")), Plan::Run {
-            due: at("2026-01-01T11:00:00Z"),
-            missed: 1,
-            next: Some(at("2026-01-01T12:00:00Z"))
-        });
+        assert_eq!(
+            plan(&cron, at("2026-01-01T10:00:00Z"), at("2026-01-01T10:30:00Z")),
+            Plan::Wait { next: at("2026-01-01T11:00:00Z") }
+        );
+        assert_eq!(
+            plan(&cron, at("2026-01-01T10:00:00Z"), at("2026-01-01T11:00:00Z")),
+            Plan::Run { due: at("2026-01-01T11:00:00Z"), missed: 1, next: Some(at("2026-01-01T12:00:00Z")) }
+        );
     }
 
     #[test]
     fn times_missed_while_down_run_once_for_the_latest() {
         let cron = parse("*/10 * * * *").unwrap();
         // Down from 10:05 to 11:02: 10:10, 10:20, ..., 11:00 passed (six), one run for 11:00, then 11:10.
-        assert_eq!(plan(&cron, at("2026-01-01T10:00:00Z"), at("2026-01-01T11:02:00Z")), Plan::Run {
-            due: at("2026-01-01T11:00:00Z"),
-            missed: 6,
-            next: Some(at("2026-01-01T11:10:00Z"))
-        });
+        assert_eq!(
+            plan(&cron, at("2026-01-01T10:00:00Z"), at("2026-01-01T11:02:00Z")),
+            Plan::Run { due: at("2026-01-01T11:00:00Z"), missed: 6, next: Some(at("2026-01-01T11:10:00Z")) }
+        );
         // Every second for a week: counted up to the cap, the latest still found.
         let cron = parse("* * * * * *").unwrap();
         match plan(&cron, at("2026-01-01T00:00:00Z"), at("2026-01-08T00:00:00.500Z")) {
             Plan::Run { due, missed, next } => {
-                assert_eq!((due, missed, next), (at("2026-01-08T00:00:00Z"), MAX_COUNTED, Some(at("2026-01-08T00:00:01Z"))));
+                assert_eq!(
+                    (due, missed, next),
+                    (at("2026-01-08T00:00:00Z"), MAX_COUNTED, Some(at("2026-01-08T00:00:01Z")))
+                );
             }
             other => panic!("{other:?}"),
         }

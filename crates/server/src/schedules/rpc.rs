@@ -163,7 +163,11 @@ pub async fn logs(
     }
 }
 
-pub async fn cancel(schedules: &Schedules, caller: &Caller, request: CancelCronRequest) -> Result<CancelCronResult, Status> {
+pub async fn cancel(
+    schedules: &Schedules,
+    caller: &Caller,
+    request: CancelCronRequest,
+) -> Result<CancelCronResult, Status> {
     let row = owned(schedules, caller, &request.cron_id).await?;
     let id = row.id.clone();
     let cancelled = blocking(schedules, move |store| store.cancel(&id, now_ms())).await?;

@@ -132,10 +132,11 @@ impl ScheduleStore {
 
     /// Active schedules of `user` (everyone's for `None`).
     pub fn count_active(&self, user: &str) -> Result<usize, ScheduleStoreError> {
-        let n: i64 =
-            self.0.lock().query_row("SELECT COUNT(*) FROM crons WHERE user_id = ?1 AND active = 1", params![user], |r| {
-                r.get(0)
-            })?;
+        let n: i64 = self.0.lock().query_row(
+            "SELECT COUNT(*) FROM crons WHERE user_id = ?1 AND active = 1",
+            params![user],
+            |r| r.get(0),
+        )?;
         Ok(n as usize)
     }
 
@@ -181,12 +182,20 @@ impl ScheduleStore {
     }
 
     /// Records that cron `id` dealt with its due time `due_ms`, with `activation` (a new one, run or skipped).
-    pub fn activate(&self, id: &str, due_ms: i64, activation: &ActivationRow, logs: &str) -> Result<(), ScheduleStoreError> {
+    pub fn activate(
+        &self,
+        id: &str,
+        due_ms: i64,
+        activation: &ActivationRow,
+        logs: &str,
+    ) -> Result<(), ScheduleStoreError> {
         let mut db = self.0.lock();
         let tx = db.transaction()?;
         tx.execute("UPDATE crons SET last_due_ms = MAX(last_due_ms, ?2) WHERE id = ?1", params![id, due_ms])?;
         tx.execute(
-            &format!("INSERT INTO cron_activations ({ACTIVATION_COLUMNS}, logs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            &format!(
+                "INSERT INTO cron_activations ({ACTIVATION_COLUMNS}, logs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+            ),
             params![
                 activation.id,
                 activation.cron_id,
@@ -247,16 +256,17 @@ impl ScheduleStore {
         Ok(self
             .0
             .lock()
-            .query_row(
-                "SELECT logs FROM cron_activations WHERE cron_id = ?1 AND id = ?2",
-                params![cron_id, id],
-                |r| r.get(0),
-            )
+            .query_row("SELECT logs FROM cron_activations WHERE cron_id = ?1 AND id = ?2", params![cron_id, id], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
     /// Deletes activations due before `before_ms` (the run history's retention). Returns how many.
     pub fn prune(&self, before_ms: i64) -> Result<usize, ScheduleStoreError> {
-        Ok(self.0.lock().execute("DELETE FROM cron_activations WHERE due_ms < ?1 AND outcome != 'running'", params![before_ms])?)
+        Ok(self
+            .0
+            .lock()
+            .execute("DELETE FROM cron_activations WHERE due_ms < ?1 AND outcome != 'running'", params![before_ms])?)
     }
 }
