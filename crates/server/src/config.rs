@@ -786,4 +786,39 @@ mod tests {
         let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
         assert!(err.contains("config.toml") && err.contains("cores"), "{err}");
     }
+
+    #[test]
+    fn the_runs_and_schedules_sections_set_retention_log_limit_and_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |text: &str| {
+            std::fs::write(dir.path().join("config.toml"), text).unwrap();
+            ServerConfig::load(dir.path(), None, None)
+        };
+        let loaded = config("").unwrap();
+        assert_eq!((loaded.runs, loaded.schedules), (RunsConfig::default(), SchedulesConfig::default()));
+        let loaded = config(
+            "[runs]\nretention_days = 0.5\nlog_limit_kb = 8\nprune_interval_seconds = 60\n\
+             [schedules]\nactivation_timeout_seconds = 30\nmax_per_user = 3\n",
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.runs,
+            RunsConfig {
+                retention: Duration::from_secs(43200),
+                log_limit: 8192,
+                prune_interval: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(loaded.schedules, SchedulesConfig { activation_timeout: Duration::from_secs(30), max_per_user: 3 });
+        for (bad, says) in [
+            ("[runs]\nretention_days = 0\n", "[runs] retention_days"),
+            ("[runs]\nlog_limit_kb = 0\n", "[runs] log_limit_kb"),
+            ("[runs]\nprune_interval_seconds = 0\n", "[runs] prune_interval_seconds"),
+            ("[schedules]\nactivation_timeout_seconds = 0\n", "[schedules] activation_timeout_seconds"),
+            ("[schedules]\nevery = 1\n", "every"),
+        ] {
+            let error = config(bad).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
 }
