@@ -19,7 +19,7 @@ use crate::provider::local::LocalProvider;
 use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
 use crate::room::{Granted, Room};
-use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerPool, WorkerSpec};
+use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerLink, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
@@ -125,6 +125,9 @@ pub struct CallRequest {
     /// Told which worker runs the call once it has one, before the call is sent: how a call that serves (a web
     /// endpoint's replica, which listens on a port until stopped) is found.
     pub on_worker: Option<tokio::sync::mpsc::UnboundedSender<CallWorker>>,
+    /// Given to each new worker of this call (the server's way back to itself, for calls the function makes); its
+    /// class keeps workers with different links apart in the pool.
+    pub link: Option<Arc<dyn WorkerLink>>,
 }
 
 /// The worker a call runs on, as [`CallRequest::on_worker`] is told.
@@ -239,8 +242,12 @@ impl Engine {
                 limit: inner.config.max_payload_bytes,
             });
         }
-        let key =
-            PoolKey { tenant: request.tenant.clone(), env_key: request.env.key(), machine_type: machine.name.clone() };
+        let key = PoolKey {
+            tenant: request.tenant.clone(),
+            env_key: request.env.key(),
+            machine_type: machine.name.clone(),
+            link_class: request.link.as_ref().map(|link| link.class()).unwrap_or_default(),
+        };
         let mut timeout = request.timeout;
         let waiting = Instant::now();
         // Room to run (and, for a new worker, room for it), waited for within the call's timeout. A warm worker is
@@ -377,6 +384,8 @@ impl Engine {
             visible_gpus: None,
             gpus: None,
             max_payload: inner.config.max_payload_bytes,
+            link: request.link.clone(),
+            granted: None,
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
         let mut worker = inner.provider.start(spec, machine, request.timeout, logs).await?;

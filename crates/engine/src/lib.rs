@@ -34,7 +34,7 @@ pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
 pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
 pub use crate::room::{Granted, Hold, Room};
-pub use crate::worker::BoxFuture;
+pub use crate::worker::{BoxFuture, LinkGrant, WorkerLink};
 
 /// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the engine's API.
 #[doc(hidden)]

@@ -268,6 +268,7 @@ impl Engine {
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
             on_worker: None,
+            link: None,
         };
 
         let engine = self.engine.clone();

@@ -41,6 +41,7 @@
 //! max_queued_gb_per_user = 1         # payloads of one user's calls waiting for capacity
 //! max_keep_alive_seconds = 3600      # a longer keep_alive is cut to this (the call's logs say so)
 //! max_keys_per_user = 50             # keys (not revoked) of one user; more are refused
+//! max_call_depth = 4                 # nested calls: a function calling a function ... at most this deep
 //!
 //! [environments]                     # when environments are removed (never one in use: a live worker's, or one a
 //!                                    # build or call is starting on); least recently used first
@@ -132,14 +133,19 @@ pub struct UserLimits {
     pub max_keep_alive: Duration,
     /// Keys of one user that are not revoked.
     pub max_keys_per_user: u32,
+    /// How deep calls may nest (a function calling an isolated function is depth 1); deeper ones are refused.
+    pub max_call_depth: u32,
 }
 
 impl Default for UserLimits {
-    /// An hour of keep_alive, 50 keys.
+    /// An hour of keep_alive, 50 keys, calls nested 4 deep.
     fn default() -> Self {
-        Self { max_keep_alive: Duration::from_secs(3600), max_keys_per_user: 50 }
+        Self { max_keep_alive: Duration::from_secs(3600), max_keys_per_user: 50, max_call_depth: 4 }
     }
 }
+
+/// The deepest `[limits] max_call_depth` may allow.
+const MAX_CALL_DEPTH: u32 = 64;
 
 /// uids from 200000 on: above the ranges distributions give people and services, below 2^31.
 const DEFAULT_FIRST_UID: u32 = 200_000;
@@ -204,6 +210,7 @@ struct LimitsConfig {
     max_queued_gb_per_user: Option<f64>,
     max_keep_alive_seconds: Option<u32>,
     max_keys_per_user: Option<u32>,
+    max_call_depth: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -526,7 +533,14 @@ fn user_limits(file: &LimitsConfig) -> Result<UserLimits, String> {
     if max_keys_per_user == 0 {
         return Err("[limits] max_keys_per_user = 0: at least 1 (a user with no key cannot call)".into());
     }
-    Ok(UserLimits { max_keep_alive: keep_alive, max_keys_per_user })
+    let max_call_depth = file.max_call_depth.unwrap_or(default.max_call_depth);
+    if max_call_depth > MAX_CALL_DEPTH {
+        return Err(format!(
+            "[limits] max_call_depth = {max_call_depth}: at most {MAX_CALL_DEPTH} (each level holds a worker while the \
+             next runs); 0 refuses every call made from inside a function"
+        ));
+    }
+    Ok(UserLimits { max_keep_alive: keep_alive, max_keys_per_user, max_call_depth })
 }
 
 fn network_policy(file: &NetworkConfig) -> Result<NetworkPolicy, String> {
@@ -661,6 +675,7 @@ mod tests {
             ("[machine_types.X]\ncpus = nan\nmemory_gb = 1\n", "must be positive numbers"),
             ("[capacity]\nmemory_gb = inf\n", "must be positive numbers"),
             ("[limits]\nmax_keep_alive_seconds = 4000000000\n", "at most 2147483647"),
+            ("[limits]\nmax_call_depth = 65\n", "at most 64"),
             ("[limits]\nmax_keys_per_user = 0\n", "at least 1"),
         ] {
             write(bad);

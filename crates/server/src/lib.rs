@@ -7,7 +7,8 @@
 //!
 //! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
 //! The same port serves HTTP (`http.rs` routes by content type): the gateway to apps, functions deployed as web
-//! endpoints (`apps/`, `gateway/`), and their queue (`queue/`).
+//! endpoints (`apps/`, `gateway/`), and their queue (`queue/`). Workers reach the server back for the calls their
+//! functions make (`nested/`).
 //!
 //! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests; mode 0600), `envs/<user>/<key>` (environments, removed by the
 //! `[environments]` policy), `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a
@@ -23,6 +24,7 @@ mod dill;
 mod gateway;
 mod http;
 mod listener;
+mod nested;
 mod queue;
 mod service;
 mod store;
@@ -37,6 +39,7 @@ use std::time::Duration;
 use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
 use fal_proto::MAX_MESSAGE;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 pub use crate::capacity::Resources;
@@ -52,7 +55,7 @@ pub mod fuzzing {
     /// would be run.
     pub fn validate_run(bytes: &[u8]) -> bool {
         let Ok(mut run) = fal_proto::controller::HostedRun::decode(bytes) else { return false };
-        let caller = Caller { user_id: "fuzz".into(), key_id: "fuzz".into(), scope: Scope::Api };
+        let caller = Caller { user_id: "fuzz".into(), key_id: "fuzz".into(), scope: Scope::Api, depth: 0 };
         crate::service::call_request(&caller, &mut run).is_ok()
     }
 
@@ -218,6 +221,19 @@ pub async fn serve(
     let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
     let (end_calls, ending) = tokio::sync::watch::channel(false);
     let capacity = Arc::new(capacity::Capacity::new(resources, config.sharing));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let (nested, worker_connections) = nested::Nested::new(nested::NestedParts {
+        keys: store.worker_keys().clone(),
+        run_dir: &config.data_dir.join("run"),
+        layers_dir: &config.data_dir.join("layers"),
+        sdk_package: std::env::var_os(nested::SDK_VARIABLE).map(Into::into),
+        address,
+        plaintext: tls.is_none(),
+        jailed: unjailed.is_none(),
+    });
     let apps = apps::Apps::new(apps::AppsParts {
         store: Arc::new(apps::AppStore::open(&config.data_dir.join(STATE_FILE))?),
         keys: store.clone(),
@@ -239,6 +255,7 @@ pub async fn serve(
             )),
             (_, None) => None,
         },
+        nested: nested.clone(),
     });
     let controller = service::Controller {
         ending,
@@ -249,13 +266,10 @@ pub async fn serve(
         activity: activity.clone(),
         limits: config.limits,
         apps: apps.clone(),
+        nested,
     };
     let gateway = Arc::new(gateway::Gateway { apps: apps.clone(), keys: store, client: gateway::proxy::client() });
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
     tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = resources.cpus,
         memory_bytes = resources.memory_bytes, gpus = resources.gpus, jailed = info.unjailed.is_none(), "serving");
@@ -309,12 +323,11 @@ pub async fn serve(
     let queue = queue::Queue::start(gateway.clone(), queue_store, tls.is_some()).await;
     let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone()));
     apps.start_kept_warm().await;
-    let serving = http::serve(
-        admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
-        grpc,
-        gateway,
-        stop,
-    );
+    // Connections from workers' own namespaces (`nested/`) are served as the port's are.
+    let worker_connections =
+        tokio_stream::wrappers::UnboundedReceiverStream::new(worker_connections).map(|c| Ok(listener::Conn::Plain(c)));
+    let incoming = listener::Incoming::new(listener, tls).merge(worker_connections);
+    let serving = http::serve(admission::limited(incoming, config.admission.max_connections), grpc, gateway, stop);
     let grace_over = async {
         let _ = stopped.await;
         tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());

@@ -59,6 +59,8 @@ pub struct Controller {
     pub ending: tokio::sync::watch::Receiver<bool>,
     /// Functions deployed as web endpoints.
     pub apps: Arc<crate::apps::Apps>,
+    /// How workers reach the server, for the calls their functions make.
+    pub nested: Arc<crate::nested::Nested>,
 }
 
 pub(crate) fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -103,6 +105,18 @@ pub(crate) fn store_status(error: StoreError) -> Status {
 }
 
 /// Who made `request`, as [`crate::admission::Admission`] found before its body was read, and its place in flight.
+/// Keys are managed with keys of the store: a worker's key (a function's, valid while its worker lives) must not
+/// outlive it by making a lasting one.
+fn refuse_worker_key(caller: &Caller, what: &str) -> Result<(), Status> {
+    if caller.depth == 0 {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "a function cannot {what} with its worker's key (FAL_KEY_ID in a worker is valid only while the worker \
+         lives): manage keys from outside, with `fal-serverless keys`"
+    )))
+}
+
 pub(crate) fn admitted<T>(request: &Request<T>) -> Result<Admitted, Status> {
     request
         .extensions()
@@ -165,6 +179,8 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         // The server gives it its capacity (`Controller::run`).
         room: None,
         on_worker: None,
+        // The server links it back to itself (`Controller::run`, the apps' launcher).
+        link: None,
     })
 }
 
@@ -336,9 +352,23 @@ impl IsolateController for Controller {
 
     async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
         let Admitted { caller, place } = admitted(&request)?;
+        let authority = request.extensions().get::<crate::http::ClientAuthority>().map(|a| a.0.clone());
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
+        if caller.depth > self.limits.max_call_depth {
+            return Err(error_status(
+                tonic::Code::FailedPrecondition,
+                "call-depth",
+                format!(
+                    "this call would be {} nested calls deep (a function calling an isolated function that calls \
+                     another...), past this server's limit of {} ([limits] max_call_depth): call the function \
+                     directly instead of through another, or ask the server's admin to raise the limit",
+                    caller.depth, self.limits.max_call_depth
+                ),
+            ));
+        }
         let mut call = call_request(&caller, &mut run)?;
+        call.link = Some(self.nested.link(&caller.user_id, caller.depth, authority.as_deref()));
         let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
         call.uid =
             Some(self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?);
@@ -448,6 +478,7 @@ impl IsolateController for Controller {
         request: Request<CreateUserKeyRequest>,
     ) -> Result<Response<CreateUserKeyResponse>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
+        refuse_worker_key(&caller, "create keys")?;
         let request = request.into_inner();
         let scope = match request.scope() {
             create_user_key_request::Scope::Admin => Scope::Admin,
@@ -497,6 +528,7 @@ impl IsolateController for Controller {
         request: Request<RevokeUserKeyRequest>,
     ) -> Result<Response<RevokeUserKeyResponse>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
+        refuse_worker_key(&caller, "revoke keys")?;
         let key_id = request.into_inner().key_id;
         let (by, revoked) = (caller.clone(), key_id.clone());
         self.store.blocking(move |store| store.revoke(&by, &revoked)).await.map_err(store_status)?;
@@ -586,7 +618,7 @@ mod tests {
 
     #[test]
     fn out_of_range_seconds_are_invalid_arguments_naming_the_range() {
-        let caller = Caller { user_id: "u".into(), key_id: "k".into(), scope: Scope::Api };
+        let caller = Caller { user_id: "u".into(), key_id: "k".into(), scope: Scope::Api, depth: 0 };
         let call = call_request(&caller, &mut run(i32::MAX, Some(1.5))).unwrap();
         assert_eq!(
             (call.keep_alive, call.timeout),

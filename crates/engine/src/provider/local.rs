@@ -187,6 +187,15 @@ impl Provider for LocalProvider {
                 }
                 jail.namespace = Some(namespace);
             }
+            if let Some(link) = spec.link.clone() {
+                let netns =
+                    spec.jail.as_ref().and_then(|j| j.namespace.as_ref()).and_then(|n| n.path()).map(Path::to_path_buf);
+                let granted = tokio::task::spawn_blocking(move || link.attach(netns.as_deref()))
+                    .await
+                    .map_err(|e| CallError::Spawn(format!("the task linking the worker to its caller failed: {e}")))?
+                    .map_err(CallError::Spawn)?;
+                spec.granted = Some(granted);
+            }
             // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as
             // long as the runtime, never from a caller's thread (which polls its call itself, and may end first).
             tokio::spawn(async move { Worker::spawn(spec) })
@@ -229,6 +238,8 @@ mod tests {
             visible_gpus: None,
             gpus: None,
             max_payload: 1024,
+            link: None,
+            granted: None,
         };
         (root, provider, spec)
     }

@@ -615,6 +615,8 @@ mod tests {
             visible_gpus: None,
             gpus: None,
             max_payload: 1024,
+            link: None,
+            granted: None,
         };
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
         let script = provider.script(&spec, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc").unwrap();

@@ -12,6 +12,8 @@ pub(crate) struct PoolKey {
     pub tenant: String,
     pub env_key: String,
     pub machine_type: String,
+    /// The class of the call's [`WorkerLink`](super::WorkerLink) (empty without one).
+    pub link_class: String,
 }
 
 #[derive(Debug, Default)]

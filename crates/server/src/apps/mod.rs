@@ -23,6 +23,7 @@ use self::logs::AppLogs;
 use self::replicas::{Launch, ReplicaSet, Scaling};
 pub use self::store::{AppStore, AppStoreError, AuthMode, Revision};
 use crate::capacity::Capacity;
+use crate::nested::Nested;
 use crate::service::{call_request, CapacityRoom};
 use crate::store::{Caller, Scope, Store, StoreError};
 
@@ -92,6 +93,7 @@ pub struct Apps {
     pub config: AppsConfig,
     /// Why this server cannot run apps, if it cannot (its workers are not jailed, or run on a cluster).
     unavailable: Option<String>,
+    nested: Arc<Nested>,
     /// Replica sets by revision id, made on the first request.
     running: Mutex<HashMap<String, Arc<ReplicaSet>>>,
     /// Logs by revision id, made on first use (a follower's, before any replica runs): kept apart from the sets, so
@@ -122,6 +124,8 @@ pub struct AppsParts {
     pub max_keep_alive: Duration,
     pub config: AppsConfig,
     pub unavailable: Option<String>,
+    /// How replicas' workers reach the server, for the calls they make.
+    pub nested: Arc<Nested>,
 }
 
 impl Apps {
@@ -135,6 +139,7 @@ impl Apps {
             max_keep_alive: parts.max_keep_alive,
             config: parts.config,
             unavailable: parts.unavailable,
+            nested: parts.nested,
             running: Mutex::default(),
             logs: Mutex::default(),
             resolved: Mutex::default(),
@@ -382,20 +387,22 @@ impl Apps {
     /// worker of its own (no keep_alive: a replica's worker serves nothing else).
     fn launcher(&self, revision: &Revision) -> Launch {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
-        let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
+        let (definition, owner, nested) = (revision.definition.clone(), revision.user_id.clone(), self.nested.clone());
         Arc::new(move |logs: LogSink, address| {
-            let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
+            let (engine, capacity, keys, nested) = (engine.clone(), capacity.clone(), keys.clone(), nested.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
                 let request = match RegisterApplicationRequest::decode(definition.as_ref()) {
                     Ok(request) => request,
                     Err(e) => return format!("its stored definition cannot be read ({e}): register it again"),
                 };
-                let caller = Caller { user_id: owner.clone(), key_id: String::new(), scope: Scope::Api };
+                let caller = Caller { user_id: owner.clone(), key_id: String::new(), scope: Scope::Api, depth: 0 };
                 let mut call = match call_request(&caller, &mut hosted_run(request)) {
                     Ok(call) => call,
                     Err(status) => return status.message().to_string(),
                 };
+                // A replica is started for requests, not by a function: the calls it makes are one level deep.
+                call.link = Some(nested.link(&owner, 0, None));
                 let user = owner.clone();
                 call.uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
                     Ok(uid) => Some(uid),
