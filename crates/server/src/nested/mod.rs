@@ -3,7 +3,7 @@
 //!
 //! Each new worker of a call gets, from the call's [`CallerLink`] (an engine [`WorkerLink`]):
 //! * in a jailed worker's network namespace, a listener of this server on the namespace's own loopback, on the
-//!   server's own port number, made by a short-lived thread that enters the namespace only to create the socket (a socket
+//!   server's own port number (6005 if that is 8080, where apps serve), made by a short-lived thread that enters the namespace only to create the socket (a socket
 //!   stays in the namespace it was made in). Its connections are served as the port's are (`lib.rs` merges them).
 //!   The namespace's rules stay as they were (`fal-sandbox`'s `network.rs`): this listener is the one way to the
 //!   server, and it is plaintext because the namespace's loopback carries nothing but that worker's own traffic;
@@ -38,9 +38,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use self::keys::WorkerKeys;
+use crate::apps::APP_PORT;
 
 /// The name a jailed worker reaches its server by (`/etc/hosts` in its jail).
 pub(crate) const SERVER_NAME: &str = "api.fal-serverless.internal";
+/// The worker-side port when the server's own is [`APP_PORT`].
+const FALLBACK_WORKER_PORT: u16 = 6005;
 /// The SDK's package dir, as the `fal-serverless` console script names it for the server it starts.
 pub(crate) const SDK_VARIABLE: &str = "FAL_SERVERLESS_SDK";
 
@@ -196,7 +199,7 @@ impl WorkerLink for CallerLink {
         let mut grant = LinkGrant::default();
         let accepting = match (netns, nested.jailed) {
             (Some(netns), _) => {
-                let port = nested.address.port();
+                let port = worker_port(nested.address.port());
                 let listener = listen_in(netns, port).map_err(|e| {
                     format!(
                         "cannot open the server's listener in the worker's network namespace {}: {e}",
@@ -281,6 +284,16 @@ fn sdk_layer(layers_dir: &Path, package: &Path) -> std::io::Result<PathBuf> {
     Ok(layer)
 }
 
+/// The port of the server's listener in a worker's namespace: the server's own, so that `<name>:<port>` a client
+/// used means the server inside the worker too, unless that is the port apps serve on there.
+fn worker_port(server_port: u16) -> u16 {
+    if server_port == APP_PORT {
+        FALLBACK_WORKER_PORT
+    } else {
+        server_port
+    }
+}
+
 /// The host of `authority` (`host:port`) if it is a plain DNS name (no IP address, nothing a hosts file or a file
 /// name could be confused by).
 fn host_name(authority: &str) -> Option<&str> {
@@ -333,6 +346,12 @@ mod tests {
         for refused in ["127.0.0.1:6005", "[::1]:6005", "localhost:1", "a b:1", "../x:1", "-x:1", "a..b", ":1", ""] {
             assert_eq!(host_name(refused), None, "{refused}");
         }
+    }
+
+    #[test]
+    fn the_workers_listener_keeps_clear_of_the_port_apps_serve_on() {
+        assert_eq!(worker_port(7000), 7000);
+        assert_eq!(worker_port(APP_PORT), FALLBACK_WORKER_PORT);
     }
 
     #[test]
