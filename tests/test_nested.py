@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Tuple
 
+import httpx
 from conftest import Server, run_script, start_server
 
 NESTED = """
@@ -109,3 +110,28 @@ def test_a_call_chain_deeper_than_the_limit_is_refused_clearly() -> None:
         assert again.returncode == 0 and again.stdout.strip() == "bottom", again.stderr
     finally:
         limited.stop()
+
+
+SERVED_CALLER = """
+from fal_serverless import isolated, cloud
+
+@isolated(host=cloud)
+def double(x):
+    return x * 2
+
+@isolated(host=cloud, serve=True, keep_alive=30)
+def doubler(x: int) -> dict:
+    return {"doubled": double(x)}
+
+print(doubler.serve(alias="doubler"))
+"""
+
+
+def test_a_web_endpoints_replica_calls_another_function(server: Server) -> None:
+    key = server.create_key("nested-app")
+    proc = run_script(SERVED_CALLER, server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    url = proc.stdout.strip().splitlines()[-1]
+    response = httpx.post(url, params={"x": 21}, headers={"Authorization": f"Key {key[0]}:{key[1]}"}, timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"doubled": 42}
