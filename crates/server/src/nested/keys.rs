@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::store::{Caller, Scope};
+use crate::store::{random_hex, Caller, Scope};
 
 /// Every worker key's id starts with this, so an id that is not in the key store is told apart from a worker's
 /// key that has expired.
@@ -67,13 +67,6 @@ impl WorkerKeys {
         }
         Ok(found.caller.clone())
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    use rand::RngCore;
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut buf);
-    hex::encode(buf)
 }
 
 #[cfg(test)]
