@@ -1,4 +1,4 @@
-//! Warm workers, kept per (tenant, environment, machine type) for `keep_alive` after each call.
+//! Warm workers, kept per (tenant, environment, machine type, worker variables) for `keep_alive` after each call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,6 +12,9 @@ pub(crate) struct PoolKey {
     pub tenant: String,
     pub env_key: String,
     pub machine_type: String,
+    /// The [digest](crate::WorkerVariables::digest) of the variables the worker was started with: a call with other
+    /// ones (a user's changed secret) never gets it.
+    pub variables: String,
 }
 
 #[derive(Debug, Default)]
@@ -21,6 +24,9 @@ struct State {
     /// Every live worker, idle or busy, for listings.
     live: BTreeMap<u64, WorkerInfo>,
     next_id: u64,
+    /// Per tenant, how many times its workers were replaced ([`WorkerPool::replace`]): a lease taken before the
+    /// last time is not kept warm when its call ends.
+    generations: HashMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,6 +51,8 @@ pub(crate) struct Leased {
     id: u64,
     worker: Option<Worker>,
     pool: WorkerPool,
+    /// Its tenant's generation when it was leased.
+    generation: u64,
 }
 
 impl Leased {
@@ -94,7 +102,8 @@ impl WorkerPool {
             found
         };
         dead.into_iter().for_each(|worker| self.spawn_stop(worker));
-        leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone() })
+        let generation = self.generation(&key.tenant);
+        leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone(), generation })
     }
 
     /// Whether `key` has an idle worker now (living or not: [`WorkerPool::checkout`] says).
@@ -118,7 +127,8 @@ impl WorkerPool {
             address: worker.address(),
         };
         state.live.insert(id, info);
-        Leased { id, worker: Some(worker), pool: self.clone() }
+        let generation = state.generations.get(&key.tenant).copied().unwrap_or(0);
+        Leased { id, worker: Some(worker), pool: self.clone(), generation }
     }
 
     /// Returns a worker after a successful call. It stays warm for `keep_alive` (each call restarts the timer:
@@ -132,7 +142,8 @@ impl WorkerPool {
                 info.calls += 1;
                 info.busy = false;
             }
-            if keep_alive.is_zero() {
+            let replaced = state.generations.get(&key.tenant).copied().unwrap_or(0) != leased.generation;
+            if keep_alive.is_zero() || replaced {
                 state.live.remove(&id);
             } else {
                 // A fresh id per idle period: a timer of an earlier period finds nothing to remove.
@@ -190,6 +201,27 @@ impl WorkerPool {
         }
         state.live.remove(&id);
         Some(worker)
+    }
+
+    fn generation(&self, tenant: &str) -> u64 {
+        self.state().generations.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Takes every idle worker of `tenant` out of the pool, for the caller to stop, and marks the tenant's busy ones
+    /// to be stopped when their calls end rather than kept warm: for when what its workers were started with
+    /// changed.
+    pub fn replace(&self, tenant: &str) -> Vec<Worker> {
+        let mut state = self.state();
+        *state.generations.entry(tenant.to_string()).or_default() += 1;
+        let keys: Vec<PoolKey> = state.idle.keys().filter(|key| key.tenant == tenant).cloned().collect();
+        let mut taken = Vec::new();
+        for key in keys {
+            for (id, worker) in state.idle.remove(&key).unwrap_or_default() {
+                state.live.remove(&id);
+                taken.push(worker);
+            }
+        }
+        taken
     }
 
     pub fn workers(&self) -> Vec<WorkerInfo> {

@@ -20,6 +20,7 @@ use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::provider::gpus::GpuLease;
 use crate::room::Hold;
+use crate::variables::WorkerVariables;
 
 const AGENT: &str = include_str!("agent.py");
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
@@ -45,6 +46,8 @@ pub(crate) struct WorkerSpec {
     /// The GPUs this worker holds (the local provider's): given back once its processes are gone.
     pub gpus: Option<GpuLease>,
     pub max_payload: usize,
+    /// Set in the worker's environment before the engine's own variables (which win over one of the same name).
+    pub variables: WorkerVariables,
 }
 
 /// What a jailed worker runs as and sees, beyond its environment.
@@ -252,7 +255,12 @@ impl Worker {
         command.args(&agent.args);
         if spec.jail.is_some() {
             // A jailed worker inherits nothing of the server's environment (its secrets included).
-            command.env_clear().env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
+            command.env_clear();
+        }
+        // The caller's variables first: the engine's own, set after them, win.
+        command.envs(spec.variables.iter());
+        if spec.jail.is_some() {
+            command.env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
         } else {
             // Unjailed (the local host), the user's own tools stay reachable after the environment's.
             let mut path = spec.env_root.join("bin").into_os_string();

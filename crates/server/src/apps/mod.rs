@@ -23,7 +23,8 @@ use self::logs::AppLogs;
 use self::replicas::{Launch, ReplicaSet, Scaling};
 pub use self::store::{AppStore, AppStoreError, AuthMode, Revision};
 use crate::capacity::Capacity;
-use crate::service::{call_request, CapacityRoom};
+use crate::secrets::Secrets;
+use crate::service::{call_request, for_user, CapacityRoom};
 use crate::store::{Caller, Scope, Store, StoreError};
 
 /// The port a replica serves on, in its own network namespace (the original's `exposed_port`, which it fixes too).
@@ -85,6 +86,7 @@ pub enum AppError {
 pub struct Apps {
     pub store: Arc<AppStore>,
     keys: Arc<Store>,
+    secrets: Arc<Secrets>,
     engine: Engine,
     capacity: Arc<Capacity>,
     uids: (u32, u32),
@@ -100,6 +102,8 @@ pub struct Apps {
     /// What (user, alias or revision id) stood for when last asked: a warm request reads no SQLite. Emptied for a
     /// user whenever their aliases change.
     resolved: Mutex<HashMap<(String, String), Revision>>,
+    /// The owner of each revision in `running`.
+    owners: Mutex<HashMap<String, String>>,
 }
 
 /// Entries `Apps::resolved` holds before it starts again.
@@ -116,6 +120,7 @@ pub struct AliasState {
 pub struct AppsParts {
     pub store: Arc<AppStore>,
     pub keys: Arc<Store>,
+    pub secrets: Arc<Secrets>,
     pub engine: Engine,
     pub capacity: Arc<Capacity>,
     pub uids: (u32, u32),
@@ -129,6 +134,7 @@ impl Apps {
         Arc::new(Self {
             store: parts.store,
             keys: parts.keys,
+            secrets: parts.secrets,
             engine: parts.engine,
             capacity: parts.capacity,
             uids: parts.uids,
@@ -138,6 +144,7 @@ impl Apps {
             running: Mutex::default(),
             logs: Mutex::default(),
             resolved: Mutex::default(),
+            owners: Mutex::default(),
         })
     }
 
@@ -351,6 +358,24 @@ impl Apps {
         self.logs_map().entry(revision.id.clone()).or_default().clone()
     }
 
+    /// After `user` changed what their workers start with (a secret): each of their apps' replicas is replaced
+    /// ([`ReplicaSet::replace`]).
+    pub fn replace_replicas(&self, user: &str) {
+        let sets: Vec<Arc<ReplicaSet>> = {
+            // In the order `replicas` takes them.
+            let running = self.running();
+            let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            running
+                .iter()
+                .filter(|(id, _)| owners.get(*id).is_some_and(|o| o == user))
+                .map(|(_, s)| s.clone())
+                .collect()
+        };
+        for set in sets {
+            set.replace();
+        }
+    }
+
     /// The replicas of `revision`, made on first use.
     pub fn replicas(&self, revision: &Revision) -> Arc<ReplicaSet> {
         let mut running = self.running();
@@ -375,6 +400,7 @@ impl Apps {
             }
         }
         running.insert(revision.id.clone(), replicas.clone());
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).insert(revision.id.clone(), revision.user_id.clone());
         replicas
     }
 
@@ -382,9 +408,10 @@ impl Apps {
     /// worker of its own (no keep_alive: a replica's worker serves nothing else).
     fn launcher(&self, revision: &Revision) -> Launch {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
+        let secrets = self.secrets.clone();
         let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
         Arc::new(move |logs: LogSink, address| {
-            let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
+            let (engine, capacity, keys, secrets) = (engine.clone(), capacity.clone(), keys.clone(), secrets.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
                 let request = match RegisterApplicationRequest::decode(definition.as_ref()) {
@@ -396,11 +423,9 @@ impl Apps {
                     Ok(call) => call,
                     Err(status) => return status.message().to_string(),
                 };
-                let user = owner.clone();
-                call.uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
-                    Ok(uid) => Some(uid),
-                    Err(e) => return e.to_string(),
-                };
+                if let Err(status) = for_user(&mut call, &owner, &keys, &secrets, uids).await {
+                    return status.message().to_string();
+                }
                 call.keep_alive = Duration::ZERO;
                 call.timeout = None;
                 call.room = Some(Arc::new(CapacityRoom {
