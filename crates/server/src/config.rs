@@ -62,7 +62,7 @@
 //! key_file = "/etc/fal/secrets.key"  # the key they are encrypted with (mode 0600, made on first start; keep it
 //!                                    # apart from the database and back it up); default: <data-dir>/secrets.key
 //! max_per_user = 50                  # secrets one user may hold
-//! max_value_kb = 32                  # the largest value
+//! max_value_kb = 16                  # the largest value (max_per_user x this: at most 1 MiB)
 //!
 //! [tls]                              # serve TLS only (paths relative to the config file's directory)
 //! cert = "server.pem"                # the certificate chain, PEM
@@ -427,7 +427,8 @@ fn secrets_config(file: &SecretsFileConfig, base: Option<&Path>) -> Result<Secre
     // user could start.
     if max_per_user as usize * max_value_bytes > 1 << 20 {
         return Err(format!(
-            "[secrets] max_per_user = {max_per_user} secrets of max_value_kb = {} KiB may come to more than 1 MiB,              more than a worker's environment can hold; lower one of them",
+            "[secrets] max_per_user = {max_per_user} secrets of max_value_kb = {} KiB may come to more than 1 MiB, \
+             more than a worker's environment can hold; lower one of them",
             max_value_bytes / 1024
         ));
     }

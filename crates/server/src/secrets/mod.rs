@@ -37,10 +37,10 @@ pub struct SecretsConfig {
 }
 
 impl Default for SecretsConfig {
-    /// 50 secrets of at most 32 KiB each: together well within what `execve` takes (about 2 MiB of arguments and
+    /// 50 secrets of at most 16 KiB each: together well within what `execve` takes (about 2 MiB of arguments and
     /// environment, the agent's own source included).
     fn default() -> Self {
-        Self { key_file: None, max_per_user: 50, max_value_bytes: 32 << 10 }
+        Self { key_file: None, max_per_user: 50, max_value_bytes: 16 << 10 }
     }
 }
 
@@ -71,7 +71,7 @@ pub enum SecretsError {
     #[error("{0}")]
     InvalidName(String),
     #[error(
-        "the value of secret {name} is {size} bytes; this server takes at most {limit} ([secrets] max_value_bytes)"
+        "the value of secret {name} is {size} bytes; this server takes at most {limit} bytes ([secrets] max_value_kb)"
     )]
     ValueTooLarge { name: String, size: usize, limit: usize },
     #[error(
