@@ -155,9 +155,7 @@ def test_a_changed_secret_reaches_the_next_call_and_the_stale_warm_worker_is_sto
         ("A" * 129, "at most 128 characters"),
     ],
 )
-def test_bad_names_are_refused_saying_why(
-    secrets_server: Server, alice: Tuple[str, str], name: str, says: str
-) -> None:
+def test_bad_names_are_refused_saying_why(secrets_server: Server, alice: Tuple[str, str], name: str, says: str) -> None:
     secret = value("refused")
     proc = secrets(secrets_server, alice, "set", name, secret)
     assert proc.returncode != 0
@@ -253,9 +251,7 @@ print("token", token())
 """
 
 
-def test_the_original_clients_secrets_commands_work_unchanged(
-    secrets_server: Server, original: OriginalClient
-) -> None:
+def test_the_original_clients_secrets_commands_work_unchanged(secrets_server: Server, original: OriginalClient) -> None:
     secret = value("original")
     proc = original.cli("secrets", "set", "ORIGINAL_TOKEN", secret)
     assert proc.returncode == 0 and "Secret 'ORIGINAL_TOKEN' has set" in proc.stdout, proc.stdout + proc.stderr

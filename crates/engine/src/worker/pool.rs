@@ -277,3 +277,81 @@ impl WorkerPool {
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::error::CallError;
+    use crate::worker::{BoxFuture, Placement};
+
+    /// A placement that counts its stops.
+    #[derive(Debug)]
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Placement for Counted {
+        fn id(&self) -> u32 {
+            1
+        }
+        fn has_ended(&mut self) -> bool {
+            false
+        }
+        fn ended<'a>(&'a mut self, _: &'a str, _: &'a str) -> BoxFuture<'a, CallError> {
+            Box::pin(async { CallError::WorkerDied { how: "ended".into() } })
+        }
+        fn stop(&mut self) -> BoxFuture<'_, ()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    /// A worker whose agent end is returned with it (dropping that end would make the worker look dead).
+    fn worker(stops: &Arc<AtomicUsize>) -> (Worker, tokio::net::UnixStream) {
+        let (ours, agent) = tokio::net::UnixStream::pair().expect("socket pair");
+        let (stdout, _) = super::super::output::pipe().expect("pipe");
+        let (stderr, _) = super::super::output::pipe().expect("pipe");
+        let placement = Box::new(Counted(stops.clone()));
+        (Worker::connected(placement, Box::new(ours), stdout, stderr, 1024).expect("worker"), agent)
+    }
+
+    fn key(tenant: &str, variables: &str) -> PoolKey {
+        PoolKey { tenant: tenant.into(), env_key: "e".into(), machine_type: "XS".into(), variables: variables.into() }
+    }
+
+    #[tokio::test]
+    async fn replacing_a_tenants_workers_stops_its_idle_ones_and_its_busy_ones_when_released() {
+        let stops = Arc::new(AtomicUsize::new(0));
+        let pool = WorkerPool::default();
+        let keep = Duration::from_secs(3600);
+        let (idle, _a) = worker(&stops);
+        let (busy, _b) = worker(&stops);
+        let (other, _c) = worker(&stops);
+        let (idle_lease, busy_lease) = (pool.lease_new(&key("t", "v1"), idle), pool.lease_new(&key("t", "v1"), busy));
+        pool.release(key("t", "v1"), idle_lease, keep);
+        let other_lease = pool.lease_new(&key("u", "v1"), other);
+        pool.release(key("u", "v1"), other_lease, keep);
+        // Other variables, another key: the warm worker is not handed out.
+        assert!(pool.checkout(&key("t", "v2")).is_none());
+        assert!(pool.has_idle(&key("t", "v1")));
+
+        let taken = pool.replace("t");
+        assert_eq!(taken.len(), 1);
+        for worker in taken {
+            worker.stop().await;
+        }
+        assert!(!pool.has_idle(&key("t", "v1")));
+        // The busy one, leased before, is stopped when its call ends instead of kept warm.
+        pool.release(key("t", "v1"), busy_lease, keep);
+        pool.stopped().await;
+        assert_eq!(stops.load(Ordering::SeqCst), 2);
+        assert!(!pool.has_idle(&key("t", "v1")));
+        assert_eq!(pool.workers().iter().filter(|w| w.tenant == "t").count(), 0);
+        // Another tenant's warm worker stays; a worker leased after the replacement is kept warm again.
+        assert!(pool.has_idle(&key("u", "v1")));
+        let (fresh, _d) = worker(&stops);
+        let fresh_lease = pool.lease_new(&key("t", "v2"), fresh);
+        pool.release(key("t", "v2"), fresh_lease, keep);
+        assert!(pool.checkout(&key("t", "v2")).is_some());
+    }
+}
