@@ -7,6 +7,7 @@ can be searched for the values."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -78,7 +79,8 @@ def env_of(server: Server, key: Tuple[str, str], *names: str, keep_alive: int = 
     body = f"import os\nreturn [os.environ.get(n) for n in {list(names)!r}]"
     proc = cloud_call(server, body, key, keep_alive=keep_alive)
     assert proc.returncode == 0, proc.stderr
-    return eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - the repr of a list of str/None we printed
+    result: List[str | None] = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def test_a_secret_set_with_our_cli_is_an_environment_variable_of_the_owners_calls_only(
