@@ -18,6 +18,7 @@ use fal_server::{ServerConfig, Started, Store};
 
 mod apps;
 mod envs;
+mod secrets;
 
 pub use apps::PYTHON_VARIABLE;
 
@@ -55,6 +56,9 @@ enum Command {
     Apps(apps::AppsCommand),
     /// Print a web endpoint's logs (its replicas' output), and with --follow new lines as they come.
     Logs(apps::LogsArgs),
+    /// Set, list and delete your secrets: environment variables of all your workers, stored encrypted.
+    #[command(subcommand, visible_alias = "secret")]
+    Secrets(secrets::SecretsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +180,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Function(apps::FunctionCommand::Serve(args)) => apps::serve(args),
         Command::Apps(command) => apps::apps(&connect().await?, command).await,
         Command::Logs(args) => apps::logs(&connect().await?, args).await,
+        Command::Secrets(command) => secrets::secrets(&connect().await?, command).await,
         Command::Workers => {
             let client = connect().await?;
             println!(

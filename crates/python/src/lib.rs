@@ -269,6 +269,7 @@ impl Engine {
             room: None,
             on_worker: None,
             link: None,
+            variables: Default::default(),
         };
 
         let engine = self.engine.clone();

@@ -59,6 +59,12 @@
 //! result_retention_hours = 24        # how long the queue keeps finished requests' results
 //! webhook_attempts = 5               # deliveries of a webhook before it is given up
 //!
+//! [secrets]                          # users' secrets (`fal-serverless secrets`), their workers' variables
+//! key_file = "/etc/fal/secrets.key"  # the key they are encrypted with (mode 0600, made on first start; keep it
+//!                                    # apart from the database and back it up); default: <data-dir>/secrets.key
+//! max_per_user = 50                  # secrets one user may hold
+//! max_value_kb = 16                  # the largest value (max_per_user x this: at most 1 MiB)
+//!
 //! [tls]                              # serve TLS only (paths relative to the config file's directory)
 //! cert = "server.pem"                # the certificate chain, PEM
 //! key = "server.key"                 # its private key, PEM
@@ -83,6 +89,7 @@ use serde::Deserialize;
 use crate::admission::AdmissionLimits;
 use crate::apps::AppsConfig;
 use crate::capacity::Sharing;
+use crate::secrets::SecretsConfig;
 use sha2::{Digest, Sha256};
 
 use crate::tls::TlsFiles;
@@ -124,6 +131,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Web endpoints and their queue (`[apps]`).
     pub apps: AppsConfig,
+    /// Users' secrets (`[secrets]`).
+    pub secrets: SecretsConfig,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -187,6 +196,16 @@ struct FileConfig {
     tls: Option<TlsConfig>,
     #[serde(default)]
     apps: AppsFileConfig,
+    #[serde(default)]
+    secrets: SecretsFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretsFileConfig {
+    key_file: Option<PathBuf>,
+    max_per_user: Option<u32>,
+    max_value_kb: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +387,7 @@ impl ServerConfig {
             }
             (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
         };
+        let secrets = secrets_config(&file.secrets, path.as_deref().and_then(Path::parent)).map_err(invalid)?;
         let tls = match file.tls {
             Some(tls) => {
                 let base = path.as_deref().and_then(Path::parent).unwrap_or(data_dir);
@@ -397,8 +417,30 @@ impl ServerConfig {
             tag,
             tls,
             apps: apps_config(&file.apps).map_err(invalid)?,
+            secrets,
         })
     }
+}
+
+/// `[secrets]`; a relative `key_file` is relative to the config file's directory.
+fn secrets_config(file: &SecretsFileConfig, base: Option<&Path>) -> Result<SecretsConfig, String> {
+    let default = SecretsConfig::default();
+    let max_per_user = file.max_per_user.unwrap_or(default.max_per_user);
+    let max_value_bytes = file.max_value_kb.map(|kb| kb as usize * 1024).unwrap_or(default.max_value_bytes);
+    if max_per_user == 0 || max_value_bytes == 0 {
+        return Err("[secrets] max_per_user and max_value_kb must be at least 1".into());
+    }
+    // A worker's environment and arguments share what `execve` takes (about 2 MiB); past that no worker of the
+    // user could start.
+    if max_per_user as usize * max_value_bytes > 1 << 20 {
+        return Err(format!(
+            "[secrets] max_per_user = {max_per_user} secrets of max_value_kb = {} KiB may come to more than 1 MiB, \
+             more than a worker's environment can hold; lower one of them",
+            max_value_bytes / 1024
+        ));
+    }
+    let key_file = file.key_file.as_ref().map(|path| base.map(|b| b.join(path)).unwrap_or_else(|| path.clone()));
+    Ok(SecretsConfig { key_file, max_per_user, max_value_bytes })
 }
 
 fn apps_config(file: &AppsFileConfig) -> Result<AppsConfig, String> {
@@ -621,6 +663,27 @@ mod tests {
         assert_eq!(config.gpus, Some(2));
         assert_eq!(config.machine_types.get("XXL").unwrap().memory_bytes, 64 << 30);
         assert!(config.machine_types.get("XS").is_ok());
+    }
+
+    #[test]
+    fn secrets_section_names_its_key_file_relative_to_the_config_and_bounds_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        let defaults = ServerConfig::load(dir.path(), None, None).unwrap().secrets;
+        assert_eq!(defaults, SecretsConfig::default());
+        write("[secrets]\nkey_file = \"keys/secrets.key\"\nmax_per_user = 10\nmax_value_kb = 4\n");
+        let secrets = ServerConfig::load(dir.path(), None, None).unwrap().secrets;
+        assert_eq!(secrets.key_file, Some(dir.path().join("keys/secrets.key")));
+        assert_eq!((secrets.max_per_user, secrets.max_value_bytes), (10, 4096));
+        for (bad, says) in [
+            ("[secrets]\nmax_per_user = 0\n", "at least 1"),
+            ("[secrets]\nmax_per_user = 1000\nmax_value_kb = 64\n", "more than 1 MiB"),
+            ("[secrets]\nkeyfile = \"x\"\n", "unknown field"),
+        ] {
+            write(bad);
+            let error = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! endpoints (`apps/`, `gateway/`), and their queue (`queue/`). Workers reach the server back for the calls their
 //! functions make (`nested/`).
 //!
-//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests; mode 0600), `envs/<user>/<key>` (environments, removed by the
+//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests, users' secrets encrypted; mode 0600),
+//! `secrets.key` (the key of those secrets, mode 0600, unless `[secrets] key_file` keeps it elsewhere), `envs/<user>/<key>` (environments, removed by the
 //! `[environments]` policy), `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a
 //! self-signed CA and the server's certificate and key, when `server init --tls-self-signed` made them).
 
@@ -26,6 +27,7 @@ mod http;
 mod listener;
 mod nested;
 mod queue;
+mod secrets;
 mod service;
 mod store;
 mod tls;
@@ -96,6 +98,8 @@ pub use crate::store::{KeyInfo, Scope, Store, StoreError};
 pub use crate::tls::{self_signed, SelfSigned, TlsError, TlsFiles};
 
 const STATE_FILE: &str = "state.sqlite3";
+/// The key users' secrets are encrypted with, unless `[secrets] key_file` names another place.
+const SECRETS_KEY_FILE: &str = "secrets.key";
 /// How long calls still running when the server is told to stop may take to finish; then they are ended (their
 /// clients get an error saying the server went away) and their workers stopped.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -131,6 +135,8 @@ pub enum ServerError {
     Apps(#[from] apps::AppStoreError),
     #[error(transparent)]
     Queue(#[from] queue::QueueStoreError),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
 }
 
 /// What a starting server tells whoever started it.
@@ -165,6 +171,12 @@ pub async fn serve(
     started: impl FnOnce(&Started),
 ) -> Result<(), ServerError> {
     let (store, admin_key) = init(&config.data_dir)?;
+    // Opened before anything starts: a missing or wrong key file stops the server at once, saying so.
+    let secrets = {
+        let key_file = config.secrets.key_file.clone().unwrap_or_else(|| config.data_dir.join(SECRETS_KEY_FILE));
+        let store = secrets::SecretStore::open(&config.data_dir.join(STATE_FILE), &key_file)?;
+        secrets::Secrets::new(store, config.secrets.clone())
+    };
     // Read before anything starts, so a bad certificate stops the server at once with what is wrong.
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let jail = fal_sandbox::Jail::from_path();
@@ -237,6 +249,7 @@ pub async fn serve(
     let apps = apps::Apps::new(apps::AppsParts {
         store: Arc::new(apps::AppStore::open(&config.data_dir.join(STATE_FILE))?),
         keys: store.clone(),
+        secrets: secrets.clone(),
         engine: engine.clone(),
         capacity: capacity.clone(),
         uids: (config.first_uid, config.uid_count),
@@ -267,12 +280,14 @@ pub async fn serve(
         limits: config.limits,
         apps: apps.clone(),
         nested,
+        secrets: secrets.clone(),
     };
     let gateway = Arc::new(gateway::Gateway { apps: apps.clone(), keys: store, client: gateway::proxy::client() });
 
     let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
     tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = resources.cpus,
-        memory_bytes = resources.memory_bytes, gpus = resources.gpus, jailed = info.unjailed.is_none(), "serving");
+        memory_bytes = resources.memory_bytes, gpus = resources.gpus, jailed = info.unjailed.is_none(),
+        secrets_key = %secrets.key_file().display(), "serving");
     if let Some(reason) = &info.unjailed {
         tracing::warn!(
             "workers and environment builds are NOT jailed ({reason}): every user's code runs as this server's user, \

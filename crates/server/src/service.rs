@@ -19,8 +19,9 @@ use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
     create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
     GetLogsRequest, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
-    ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RevokeUserKeyRequest, RevokeUserKeyResponse,
-    UserKeyInfo, WorkerStatus, WorkerStatusListRequest, WorkerStatusListResponse,
+    ListSecretsRequest, ListSecretsResponse, ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest,
+    RevokeUserKeyRequest, RevokeUserKeyResponse, SetSecretRequest, SetSecretResponse, UserKeyInfo, WorkerStatus,
+    WorkerStatusListRequest, WorkerStatusListResponse,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
@@ -34,6 +35,7 @@ use crate::admission::Admitted;
 use crate::capacity::{Capacity, Crowded};
 use crate::config::UserLimits;
 use crate::dill;
+use crate::secrets::Secrets;
 use crate::store::{Caller, Scope, Store, StoreError};
 
 const DEFAULT_KEEP_ALIVE: i32 = 10;
@@ -61,6 +63,8 @@ pub struct Controller {
     pub apps: Arc<crate::apps::Apps>,
     /// How workers reach the server, for the calls their functions make.
     pub nested: Arc<crate::nested::Nested>,
+    /// Users' secrets, their workers' environment variables.
+    pub secrets: Arc<Secrets>,
 }
 
 pub(crate) fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -181,7 +185,25 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         on_worker: None,
         // The server links it back to itself (`Controller::run`, the apps' launcher).
         link: None,
+        // The server fills them in from its records (`for_user`).
+        variables: Default::default(),
     })
+}
+
+/// What a call of `user` gets from the server's records, whoever built it (a `Run`, an app's replica, a schedule's
+/// activation): the uid its jailed processes run as, and the user's secrets as its worker's environment variables.
+/// Every call the server makes for a user goes through here.
+pub(crate) async fn for_user(
+    call: &mut CallRequest,
+    user: &str,
+    keys: &Arc<Store>,
+    secrets: &Secrets,
+    (first_uid, uid_count): (u32, u32),
+) -> Result<(), Status> {
+    let owner = user.to_string();
+    call.uid = Some(keys.blocking(move |store| store.uid(&owner, first_uid, uid_count)).await.map_err(store_status)?);
+    call.variables = secrets.variables(user).await.map_err(|e| e.status())?;
+    Ok(())
 }
 
 /// Requirements, Python version and, for cloudpickle calls, cloudpickle's pinned requirement from the (at most one)
@@ -369,9 +391,7 @@ impl IsolateController for Controller {
         }
         let mut call = call_request(&caller, &mut run)?;
         call.link = Some(self.nested.link(&caller.user_id, caller.depth, authority.as_deref()));
-        let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
-        call.uid =
-            Some(self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?);
+        for_user(&mut call, &caller.user_id, &self.store, &self.secrets, self.uids).await?;
         // Longer than this server keeps workers warm: cut, and said in the call's logs.
         let max_keep_alive = self.limits.max_keep_alive;
         let cut_keep_alive = (call.keep_alive > max_keep_alive).then(|| {
@@ -590,6 +610,23 @@ impl IsolateController for Controller {
     async fn delete_alias(&self, request: Request<DeleteAliasRequest>) -> Result<Response<DeleteAliasResult>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
         Ok(Response::new(crate::apps::rpc::delete(&self.apps, &caller, &request.into_inner().alias).await?))
+    }
+
+    async fn set_secret(&self, request: Request<SetSecretRequest>) -> Result<Response<SetSecretResponse>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        let user = self.secrets.set(&caller, request.into_inner()).await.map_err(|e| e.status())?;
+        // The user's warm workers and replicas hold the old values: replaced (see `secrets`' module doc).
+        self.engine.replace_workers(&user).await;
+        self.apps.replace_replicas(&user);
+        Ok(Response::new(SetSecretResponse {}))
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<ListSecretsRequest>,
+    ) -> Result<Response<ListSecretsResponse>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(self.secrets.list(&caller, request.into_inner()).await.map_err(|e| e.status())?))
     }
 }
 

@@ -240,6 +240,7 @@ mod tests {
             max_payload: 1024,
             link: None,
             granted: None,
+            variables: crate::WorkerVariables::new(),
         };
         (root, provider, spec)
     }
@@ -256,6 +257,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("worker {pid} showed no environment in 2 s")
+    }
+
+    #[tokio::test]
+    async fn a_workers_variables_are_in_its_environment_and_the_engines_own_win() {
+        let (_root, provider, spec) = provider_and_spec();
+        let cpu = MachineType::new("S", 1.0, 1 << 30, 0);
+        let mut spec = spec();
+        spec.variables.push("API_TOKEN", "multi\nline value");
+        spec.variables.push("CUDA_VISIBLE_DEVICES", "7");
+        let worker = provider.start(spec, &cpu, None, &LogSink::discard()).await.expect("a worker");
+        let env = environ(worker.pid());
+        assert!(env.contains(&"API_TOKEN=multi\nline value".to_string()), "{env:?}");
+        assert!(env.contains(&"CUDA_VISIBLE_DEVICES=".to_string()), "{env:?}");
+        worker.stop().await;
     }
 
     #[tokio::test]

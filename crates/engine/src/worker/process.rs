@@ -22,6 +22,7 @@ use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::provider::gpus::GpuLease;
 use crate::room::Hold;
+use crate::variables::WorkerVariables;
 
 const AGENT: &str = include_str!("agent.py");
 /// Names the directory the agent appends to `sys.path` ([`LinkGrant::python_path`]).
@@ -53,6 +54,8 @@ pub(crate) struct WorkerSpec {
     pub link: Option<Arc<dyn WorkerLink>>,
     /// What the link gave this worker: shown to it at start, and kept until it has ended.
     pub granted: Option<LinkGrant>,
+    /// Set in the worker's environment before the engine's own variables (which win over one of the same name).
+    pub variables: WorkerVariables,
 }
 
 /// What a jailed worker runs as and sees, beyond its environment.
@@ -280,7 +283,12 @@ impl Worker {
         command.args(&agent.args);
         if spec.jail.is_some() {
             // A jailed worker inherits nothing of the server's environment (its secrets included).
-            command.env_clear().env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
+            command.env_clear();
+        }
+        // The caller's variables first: the engine's own, set after them, win.
+        command.envs(spec.variables.iter());
+        if spec.jail.is_some() {
+            command.env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
         } else {
             // Unjailed (the local host), the user's own tools stay reachable after the environment's.
             let mut path = spec.env_root.join("bin").into_os_string();

@@ -24,7 +24,8 @@ use self::replicas::{Launch, ReplicaSet, Scaling};
 pub use self::store::{AppStore, AppStoreError, AuthMode, Revision};
 use crate::capacity::Capacity;
 use crate::nested::Nested;
-use crate::service::{call_request, CapacityRoom};
+use crate::secrets::Secrets;
+use crate::service::{call_request, for_user, CapacityRoom};
 use crate::store::{Caller, Scope, Store, StoreError};
 
 /// The port a replica serves on, in its own network namespace (the original's `exposed_port`, which it fixes too).
@@ -86,6 +87,7 @@ pub enum AppError {
 pub struct Apps {
     pub store: Arc<AppStore>,
     keys: Arc<Store>,
+    secrets: Arc<Secrets>,
     engine: Engine,
     capacity: Arc<Capacity>,
     uids: (u32, u32),
@@ -102,6 +104,8 @@ pub struct Apps {
     /// What (user, alias or revision id) stood for when last asked: a warm request reads no SQLite. Emptied for a
     /// user whenever their aliases change.
     resolved: Mutex<HashMap<(String, String), Revision>>,
+    /// The owner of each revision in `running`.
+    owners: Mutex<HashMap<String, String>>,
 }
 
 /// Entries `Apps::resolved` holds before it starts again.
@@ -118,6 +122,7 @@ pub struct AliasState {
 pub struct AppsParts {
     pub store: Arc<AppStore>,
     pub keys: Arc<Store>,
+    pub secrets: Arc<Secrets>,
     pub engine: Engine,
     pub capacity: Arc<Capacity>,
     pub uids: (u32, u32),
@@ -133,6 +138,7 @@ impl Apps {
         Arc::new(Self {
             store: parts.store,
             keys: parts.keys,
+            secrets: parts.secrets,
             engine: parts.engine,
             capacity: parts.capacity,
             uids: parts.uids,
@@ -143,6 +149,7 @@ impl Apps {
             running: Mutex::default(),
             logs: Mutex::default(),
             resolved: Mutex::default(),
+            owners: Mutex::default(),
         })
     }
 
@@ -356,6 +363,24 @@ impl Apps {
         self.logs_map().entry(revision.id.clone()).or_default().clone()
     }
 
+    /// After `user` changed what their workers start with (a secret): each of their apps' replicas is replaced
+    /// ([`ReplicaSet::replace`]).
+    pub fn replace_replicas(&self, user: &str) {
+        let sets: Vec<Arc<ReplicaSet>> = {
+            // In the order `replicas` takes them.
+            let running = self.running();
+            let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            running
+                .iter()
+                .filter(|(id, _)| owners.get(*id).is_some_and(|o| o == user))
+                .map(|(_, s)| s.clone())
+                .collect()
+        };
+        for set in sets {
+            set.replace();
+        }
+    }
+
     /// The replicas of `revision`, made on first use.
     pub fn replicas(&self, revision: &Revision) -> Arc<ReplicaSet> {
         let mut running = self.running();
@@ -380,6 +405,7 @@ impl Apps {
             }
         }
         running.insert(revision.id.clone(), replicas.clone());
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).insert(revision.id.clone(), revision.user_id.clone());
         replicas
     }
 
@@ -387,9 +413,11 @@ impl Apps {
     /// worker of its own (no keep_alive: a replica's worker serves nothing else).
     fn launcher(&self, revision: &Revision) -> Launch {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
-        let (definition, owner, nested) = (revision.definition.clone(), revision.user_id.clone(), self.nested.clone());
+        let (secrets, nested) = (self.secrets.clone(), self.nested.clone());
+        let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
         Arc::new(move |logs: LogSink, address| {
-            let (engine, capacity, keys, nested) = (engine.clone(), capacity.clone(), keys.clone(), nested.clone());
+            let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
+            let (secrets, nested) = (secrets.clone(), nested.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
                 let request = match RegisterApplicationRequest::decode(definition.as_ref()) {
@@ -403,11 +431,9 @@ impl Apps {
                 };
                 // A replica is started for requests, not by a function: the calls it makes are one level deep.
                 call.link = Some(nested.link(&owner, 0, None));
-                let user = owner.clone();
-                call.uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
-                    Ok(uid) => Some(uid),
-                    Err(e) => return e.to_string(),
-                };
+                if let Err(status) = for_user(&mut call, &owner, &keys, &secrets, uids).await {
+                    return status.message().to_string();
+                }
                 call.keep_alive = Duration::ZERO;
                 call.timeout = None;
                 call.room = Some(Arc::new(CapacityRoom {
