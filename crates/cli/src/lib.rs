@@ -19,6 +19,7 @@ use fal_server::{ServerConfig, Started, Store};
 mod apps;
 mod envs;
 mod schedules;
+mod secrets;
 
 pub use apps::PYTHON_VARIABLE;
 
@@ -63,6 +64,9 @@ enum Command {
     /// The run history: your calls, web requests and schedule activations, and their logs.
     #[command(subcommand)]
     Runs(schedules::RunsCommand),
+    /// Set, list and delete your secrets: environment variables of all your workers, stored encrypted.
+    #[command(subcommand, visible_alias = "secret")]
+    Secrets(secrets::SecretsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +191,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Runs(command) => schedules::runs(&connect().await?, command).await,
         Command::Apps(command) => apps::apps(&connect().await?, command).await,
         Command::Logs(args) => apps::logs(&connect().await?, args).await,
+        Command::Secrets(command) => secrets::secrets(&connect().await?, command).await,
         Command::Workers => {
             let client = connect().await?;
             println!(

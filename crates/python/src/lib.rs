@@ -268,6 +268,8 @@ impl Engine {
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
             on_worker: None,
+            link: None,
+            variables: Default::default(),
         };
 
         let engine = self.engine.clone();
