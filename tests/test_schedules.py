@@ -42,6 +42,13 @@ def broken():
     raise RuntimeError("the scheduled function raised this")
 
 
+@isolated(keep_alive=30)
+def shows_secret():
+    import os
+
+    print("the secret is", os.environ.get("SCHEDULE_SECRET"))
+
+
 @isolated(serve=True)
 def web():
     return {"ok": True}
@@ -120,7 +127,7 @@ def scheduled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduled]:
     jobs.write_text(JOBS)
     log = files / "server.log"
     server = start_server(log=log)
-    users = {name: server.create_key(name) for name in ("sam", "sue", "sid")}
+    users = {name: server.create_key(name) for name in ("sam", "sue", "sid", "sal")}
     users["admin"] = (server.admin_id, server.admin_secret)
     state = Scheduled(server, jobs, log, users)
     yield state
@@ -235,6 +242,16 @@ def test_a_failing_activation_keeps_its_traceback_and_outcome(scheduled: Schedul
     assert "the scheduled function raised this" in logs, logs
     runs = table(scheduled.cli("sam", "runs", "list", "--failed", "--limit", "100").stdout)
     assert failed["activation id"] in {row["run id"] for row in runs}, runs
+
+
+def test_an_activation_gets_its_owners_secrets(scheduled: Scheduled) -> None:
+    proc = scheduled.cli("sal", "secrets", "set", "SCHEDULE_SECRET", "for-the-schedule")
+    assert proc.returncode == 0, proc.stderr
+    cron_id = scheduled.schedule("sal", "*/2 * * * * *", "shows_secret")
+    rows = scheduled.wait_for("sal", cron_id, lambda rows: len(successes(rows)) >= 1)
+    scheduled.cli("sal", "cron", "cancel", cron_id)
+    logs = scheduled.logs("sal", cron_id, successes(rows)[0]["activation id"])
+    assert "the secret is for-the-schedule" in logs, logs
 
 
 ORIGINAL_JOB = """
