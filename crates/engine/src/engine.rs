@@ -125,6 +125,10 @@ pub struct CallRequest {
     /// Told which worker runs the call once it has one, before the call is sent: how a call that serves (a web
     /// endpoint's replica, which listens on a port until stopped) is found.
     pub on_worker: Option<tokio::sync::mpsc::UnboundedSender<CallWorker>>,
+    /// A directory of the host kept across calls (the server: its tenant's persistent storage), which the call's
+    /// worker sees read-write at `/data` when jailed, and where it is otherwise; `FAL_DATA_DIR` names it in the
+    /// worker. One tenant's calls name the same one (its workers are pooled by tenant). `None`: none.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// The worker a call runs on, as [`CallRequest::on_worker`] is told.
@@ -377,6 +381,7 @@ impl Engine {
             visible_gpus: None,
             gpus: None,
             max_payload: inner.config.max_payload_bytes,
+            data_dir: request.data_dir.clone(),
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
         let mut worker = inner.provider.start(spec, machine, request.timeout, logs).await?;

@@ -257,6 +257,11 @@ impl Engine {
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let env = env_spec(python_version, &requirements, serializer)?;
         let keep_alive = options::keep_alive(keep_alive).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // The local host's persistent storage: a directory of the cache, named by FAL_DATA_DIR in its workers (they
+        // run unjailed, as the user, with no mount namespace of their own to show it at /data).
+        let data_dir = self.cache_dir.join("data");
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| FalServerlessError::new_err(format!("cannot create {}: {e}", data_dir.display())))?;
         let request = CallRequest {
             tenant,
             uid: None,
@@ -268,6 +273,7 @@ impl Engine {
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
             on_worker: None,
+            data_dir: Some(data_dir),
         };
 
         let engine = self.engine.clone();

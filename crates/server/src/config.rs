@@ -58,6 +58,11 @@
 //! result_retention_hours = 24        # how long the queue keeps finished requests' results
 //! webhook_attempts = 5               # deliveries of a webhook before it is given up
 //!
+//! [storage]                          # users' persistent storage, /data in their workers
+//! root = "/srv/fal-storage"          # default: <data dir>/storage (a btrfs image is mounted there if it is not btrfs)
+//! quota_mb = 1024                    # what one user may keep (kernel-enforced on btrfs)
+//! image_gb = 16                      # the image's size, sparse; a larger value grows it at the next start
+//!
 //! [tls]                              # serve TLS only (paths relative to the config file's directory)
 //! cert = "server.pem"                # the certificate chain, PEM
 //! key = "server.key"                 # its private key, PEM
@@ -82,6 +87,7 @@ use serde::Deserialize;
 use crate::admission::AdmissionLimits;
 use crate::apps::AppsConfig;
 use crate::capacity::Sharing;
+use crate::storage::StorageConfig;
 use sha2::{Digest, Sha256};
 
 use crate::tls::TlsFiles;
@@ -123,6 +129,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Web endpoints and their queue (`[apps]`).
     pub apps: AppsConfig,
+    /// Users' persistent storage (`[storage]`).
+    pub storage: StorageConfig,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -181,6 +189,16 @@ struct FileConfig {
     tls: Option<TlsConfig>,
     #[serde(default)]
     apps: AppsFileConfig,
+    #[serde(default)]
+    storage: StorageFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFileConfig {
+    root: Option<PathBuf>,
+    quota_mb: Option<f64>,
+    image_gb: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,8 +408,27 @@ impl ServerConfig {
             tag,
             tls,
             apps: apps_config(&file.apps).map_err(invalid)?,
+            storage: storage_config(&file.storage, path.as_deref().and_then(Path::parent).unwrap_or(data_dir))
+                .map_err(invalid)?,
         })
     }
+}
+
+fn storage_config(file: &StorageFileConfig, base: &Path) -> Result<StorageConfig, String> {
+    let default = StorageConfig::default();
+    let quota_mb = file.quota_mb.unwrap_or(default.quota_bytes as f64 / (1 << 20) as f64);
+    if !(quota_mb >= 1.0 && quota_mb <= 1e9) {
+        return Err(format!("[storage] quota_mb = {quota_mb}: a size of at least 1 MB"));
+    }
+    let image_gb = file.image_gb.unwrap_or(default.image_bytes as f64 / GIB);
+    if !(image_gb >= 0.25 && image_gb <= 1e6) {
+        return Err(format!("[storage] image_gb = {image_gb}: a size of at least 0.25 GB"));
+    }
+    Ok(StorageConfig {
+        root: file.root.as_ref().map(|root| base.join(root)),
+        quota_bytes: (quota_mb * (1 << 20) as f64) as u64,
+        image_bytes: (image_gb * GIB) as u64,
+    })
 }
 
 fn apps_config(file: &AppsFileConfig) -> Result<AppsConfig, String> {

@@ -25,6 +25,7 @@ mod http;
 mod listener;
 mod queue;
 mod service;
+mod storage;
 mod store;
 mod tls;
 
@@ -128,6 +129,8 @@ pub enum ServerError {
     Apps(#[from] apps::AppStoreError),
     #[error(transparent)]
     Queue(#[from] queue::QueueStoreError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
 }
 
 /// What a starting server tells whoever started it.
@@ -213,6 +216,12 @@ pub async fn serve(
         memory_bytes: config.memory_bytes.unwrap_or(host.memory_bytes),
         gpus: config.gpus.unwrap_or(host.gpus),
     };
+    // Users' storage (its image mounted, when it has one) before anything can run a call.
+    let storage = {
+        let (settings, data_dir) = (config.storage.clone(), config.data_dir.clone());
+        let opened = tokio::task::spawn_blocking(move || storage::Storage::open(&settings, &data_dir, root)).await;
+        Arc::new(opened.map_err(|e| ServerError::DataDir { path: config.data_dir.clone(), source: std::io::Error::other(e) })??)
+    };
     let activity = Arc::new(activity::Activity::default());
     let store = Arc::new(store);
     let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
@@ -224,6 +233,7 @@ pub async fn serve(
         engine: engine.clone(),
         capacity: capacity.clone(),
         uids: (config.first_uid, config.uid_count),
+        storage: storage.clone(),
         max_keep_alive: config.limits.max_keep_alive,
         config: config.apps,
         unavailable: match (&config.provider, &unjailed) {
@@ -249,6 +259,7 @@ pub async fn serve(
         activity: activity.clone(),
         limits: config.limits,
         apps: apps.clone(),
+        storage: storage.clone(),
     };
     let gateway = Arc::new(gateway::Gateway { apps: apps.clone(), keys: store, client: gateway::proxy::client() });
 
@@ -307,7 +318,12 @@ pub async fn serve(
     // serve.
     let queue_store = Arc::new(queue::store::QueueStore::open(&config.data_dir.join(STATE_FILE))?);
     let queue = queue::Queue::start(gateway.clone(), queue_store, tls.is_some()).await;
-    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone()));
+    let files = storage::rest::Files {
+        storage: storage.clone(),
+        gateway: gateway.clone(),
+        uids: (config.first_uid, config.uid_count),
+    };
+    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone())).merge(storage::rest::routes(files));
     apps.start_kept_warm().await;
     let serving = http::serve(
         admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
@@ -340,6 +356,8 @@ pub async fn serve(
     if let Some(network) = network {
         let _ = tokio::task::spawn_blocking(move || network.close()).await;
     }
+    // Once no worker has it bound: the image's mount goes.
+    let _ = tokio::task::spawn_blocking(move || storage.close()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -59,6 +59,8 @@ pub struct Controller {
     pub ending: tokio::sync::watch::Receiver<bool>,
     /// Functions deployed as web endpoints.
     pub apps: Arc<crate::apps::Apps>,
+    /// Users' persistent storage, each user's at /data in their workers.
+    pub storage: Arc<crate::storage::Storage>,
 }
 
 pub(crate) fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -165,6 +167,8 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         // The server gives it its capacity (`Controller::run`).
         room: None,
         on_worker: None,
+        // The server gives it its user's storage (`Controller::run`).
+        data_dir: None,
     })
 }
 
@@ -340,8 +344,13 @@ impl IsolateController for Controller {
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         let mut call = call_request(&caller, &mut run)?;
         let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
-        call.uid =
-            Some(self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?);
+        let uid = self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?;
+        call.uid = Some(uid);
+        call.data_dir = Some(
+            crate::storage::data_dir(&self.storage, &caller.user_id, uid)
+                .await
+                .map_err(|e| error_status(tonic::Code::Internal, "storage", e))?,
+        );
         // Longer than this server keeps workers warm: cut, and said in the call's logs.
         let max_keep_alive = self.limits.max_keep_alive;
         let cut_keep_alive = (call.keep_alive > max_keep_alive).then(|| {

@@ -229,6 +229,7 @@ mod tests {
             visible_gpus: None,
             gpus: None,
             max_payload: 1024,
+            data_dir: None,
         };
         (root, provider, spec)
     }

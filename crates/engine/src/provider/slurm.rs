@@ -251,11 +251,13 @@ impl SlurmProvider {
 impl Provider for SlurmProvider {
     fn start<'a>(
         &'a self,
-        spec: WorkerSpec,
+        mut spec: WorkerSpec,
         machine: &'a MachineType,
         wait: Option<Duration>,
         logs: &'a LogSink,
     ) -> BoxFuture<'a, Result<Worker, CallError>> {
+        // Persistent storage is a directory of the server's host, which a cluster's nodes do not have.
+        spec.data_dir = None;
         Box::pin(async move {
             let callback = self.callback().await?;
             let token = token();
@@ -615,6 +617,7 @@ mod tests {
             visible_gpus: None,
             gpus: None,
             max_payload: 1024,
+            data_dir: None,
         };
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
         let script = provider.script(&spec, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc").unwrap();

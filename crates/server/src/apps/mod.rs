@@ -88,6 +88,7 @@ pub struct Apps {
     engine: Engine,
     capacity: Arc<Capacity>,
     uids: (u32, u32),
+    storage: Arc<crate::storage::Storage>,
     max_keep_alive: Duration,
     pub config: AppsConfig,
     /// Why this server cannot run apps, if it cannot (its workers are not jailed, or run on a cluster).
@@ -119,6 +120,8 @@ pub struct AppsParts {
     pub engine: Engine,
     pub capacity: Arc<Capacity>,
     pub uids: (u32, u32),
+    /// Users' persistent storage: a replica sees its owner's at /data.
+    pub storage: Arc<crate::storage::Storage>,
     pub max_keep_alive: Duration,
     pub config: AppsConfig,
     pub unavailable: Option<String>,
@@ -132,6 +135,7 @@ impl Apps {
             engine: parts.engine,
             capacity: parts.capacity,
             uids: parts.uids,
+            storage: parts.storage,
             max_keep_alive: parts.max_keep_alive,
             config: parts.config,
             unavailable: parts.unavailable,
@@ -383,8 +387,9 @@ impl Apps {
     fn launcher(&self, revision: &Revision) -> Launch {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
         let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
+        let storage = self.storage.clone();
         Arc::new(move |logs: LogSink, address| {
-            let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
+            let (engine, capacity, keys, storage) = (engine.clone(), capacity.clone(), keys.clone(), storage.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
                 let request = match RegisterApplicationRequest::decode(definition.as_ref()) {
@@ -397,9 +402,14 @@ impl Apps {
                     Err(status) => return status.message().to_string(),
                 };
                 let user = owner.clone();
-                call.uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
-                    Ok(uid) => Some(uid),
+                let uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
+                    Ok(uid) => uid,
                     Err(e) => return e.to_string(),
+                };
+                call.uid = Some(uid);
+                call.data_dir = match crate::storage::data_dir(&storage, &owner, uid).await {
+                    Ok(dir) => Some(dir),
+                    Err(e) => return e,
                 };
                 call.keep_alive = Duration::ZERO;
                 call.timeout = None;
