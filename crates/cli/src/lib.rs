@@ -17,6 +17,7 @@ use fal_proto::controller::{create_user_key_request, CreateUserKeyRequest};
 use fal_server::{ServerConfig, Started, Store};
 
 mod apps;
+mod files;
 mod envs;
 
 pub use apps::PYTHON_VARIABLE;
@@ -55,6 +56,10 @@ enum Command {
     Apps(apps::AppsCommand),
     /// Print a web endpoint's logs (its replicas' output), and with --follow new lines as they come.
     Logs(apps::LogsArgs),
+    /// Your persistent storage on the server (`/data` in your workers): ls, put, get, rm, du. Paths are relative to
+    /// /data (or written /data/...).
+    #[command(subcommand)]
+    Files(files::FilesCommand),
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +181,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Function(apps::FunctionCommand::Serve(args)) => apps::serve(args),
         Command::Apps(command) => apps::apps(&connect().await?, command).await,
         Command::Logs(args) => apps::logs(&connect().await?, args).await,
+        Command::Files(command) => {
+            let target = Target::resolve(None)?;
+            let client = Client::connect(&target).await?;
+            files::run(&fal_client::rest::Rest::new(client.uri(), &target), command).await
+        }
         Command::Workers => {
             let client = connect().await?;
             println!(

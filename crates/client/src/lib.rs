@@ -17,6 +17,7 @@
 
 mod apps;
 mod credentials;
+pub mod rest;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

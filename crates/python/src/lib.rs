@@ -339,6 +339,8 @@ type ServerWorker = (String, String, String, String, bool, u64);
 #[pyclass(frozen, module = "fal_serverless._native")]
 struct CloudClient {
     client: Client,
+    /// The key its calls carry, for the server's REST side (users' storage).
+    key: (String, String),
 }
 
 fn string_value(s: impl Into<String>) -> prost_types::Value {
@@ -397,7 +399,13 @@ impl CloudClient {
         let target = Target::resolve(key_id.zip(key_secret)).map_err(client_error)?;
         let runtime = runtime()?;
         let client = py.detach(|| runtime.block_on(Client::connect(&target))).map_err(client_error)?;
-        Ok(Self { client })
+        Ok(Self { client, key: (target.key_id.clone(), target.key_secret.clone()) })
+    }
+
+    /// `(key_id, key_secret)`: what the REST side takes in `Authorization: Key id:secret`.
+    #[getter]
+    fn key(&self) -> (String, String) {
+        self.key.clone()
     }
 
     /// `http://host:port` or `https://host:port`: the server as this client reaches it (https when it speaks TLS).
