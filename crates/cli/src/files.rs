@@ -82,11 +82,16 @@ pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
                 let path = entry["path"].as_str().unwrap_or("?");
                 let updated = entry["updated_time"].as_str().unwrap_or("");
                 let size = if is_file { entry["size"].as_u64().unwrap_or(0).to_string() } else { "-".into() };
-                println!("{size:>12}  {}  {path}{}", updated.get(..19).unwrap_or(updated), if is_file { "" } else { "/" });
+                println!(
+                    "{size:>12}  {}  {path}{}",
+                    updated.get(..19).unwrap_or(updated),
+                    if is_file { "" } else { "/" }
+                );
             }
         }
         FilesCommand::Put { local, path } => {
-            let file = tokio::fs::File::open(&local).await.with_context(|| format!("cannot read {}", local.display()))?;
+            let file =
+                tokio::fs::File::open(&local).await.with_context(|| format!("cannot read {}", local.display()))?;
             let total = file.metadata().await?.len();
             let mut progress = Progress::new(total, format!("uploading {}", local.display()));
             let mut sent = 0u64;
@@ -98,19 +103,31 @@ pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
                 chunk.map(hyper::body::Frame::data)
             });
             let body = http_body_util::StreamBody::new(stream).boxed();
-            let outcome =
-                rest.json(Method::PUT, &format!("/files/file/{}", quote(path.trim_start_matches('/'))), body, Some(total)).await;
+            let outcome = rest
+                .json(Method::PUT, &format!("/files/file/{}", quote(path.trim_start_matches('/'))), body, Some(total))
+                .await;
             if total >= PROGRESS_FROM {
                 eprintln!();
             }
             outcome?;
-            println!("uploaded {} to /data/{} ({})", local.display(), path.trim_start_matches('/').trim_start_matches("data/"), mib(total));
+            println!(
+                "uploaded {} to /data/{} ({})",
+                local.display(),
+                path.trim_start_matches('/').trim_start_matches("data/"),
+                mib(total)
+            );
         }
         FilesCommand::Get { path, local } => {
             let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or("download").to_string();
             let local = local.unwrap_or_else(|| PathBuf::from(&name));
-            let response =
-                rest.send(Method::GET, &format!("/files/file/{}", quote(path.trim_start_matches('/'))), rest::full(""), None).await?;
+            let response = rest
+                .send(
+                    Method::GET,
+                    &format!("/files/file/{}", quote(path.trim_start_matches('/'))),
+                    rest::full(""),
+                    None,
+                )
+                .await?;
             let status = response.status();
             if !status.is_success() {
                 let body = response.into_body().collect().await?.to_bytes();
@@ -124,8 +141,9 @@ pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
                 .unwrap_or(0);
             let mut progress = Progress::new(total, format!("downloading {path}"));
             let partial = local.with_extension("part");
-            let mut file =
-                tokio::fs::File::create(&partial).await.with_context(|| format!("cannot write {}", partial.display()))?;
+            let mut file = tokio::fs::File::create(&partial)
+                .await
+                .with_context(|| format!("cannot write {}", partial.display()))?;
             let mut body = response.into_body();
             let mut received = 0u64;
             while let Some(frame) = body.frame().await {
@@ -145,7 +163,13 @@ pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
             println!("downloaded {path} to {} ({})", local.display(), mib(received));
         }
         FilesCommand::Rm { path } => {
-            rest.json(Method::DELETE, &format!("/files/file/{}", quote(path.trim_start_matches('/'))), rest::full(""), None).await?;
+            rest.json(
+                Method::DELETE,
+                &format!("/files/file/{}", quote(path.trim_start_matches('/'))),
+                rest::full(""),
+                None,
+            )
+            .await?;
             println!("removed {path}");
         }
         FilesCommand::Du => {

@@ -17,8 +17,8 @@ use fal_proto::controller::{create_user_key_request, CreateUserKeyRequest};
 use fal_server::{ServerConfig, Started, Store};
 
 mod apps;
-mod files;
 mod envs;
+mod files;
 
 pub use apps::PYTHON_VARIABLE;
 

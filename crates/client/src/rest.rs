@@ -100,27 +100,38 @@ impl Rest {
         let failed = |e: hyper::Error| connect_error(&self.uri, e);
         if tls {
             let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host).trim_matches(['[', ']']);
-            let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| connect_error(&self.uri, e))?;
-            let stream = tls_connector(&self.uri)?.connect(name, stream).await.map_err(|e| connect_error(&self.uri, e))?;
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(failed)?;
+            let name =
+                rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| connect_error(&self.uri, e))?;
+            let stream =
+                tls_connector(&self.uri)?.connect(name, stream).await.map_err(|e| connect_error(&self.uri, e))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(failed)?;
             tokio::spawn(connection);
             sender.send_request(request).await.map_err(failed)
         } else {
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(failed)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(failed)?;
             tokio::spawn(connection);
             sender.send_request(request).await.map_err(failed)
         }
     }
 
     /// Sends one request and reads a JSON answer; an error status becomes the server's message.
-    pub async fn json(&self, method: http::Method, path: &str, body: Body, length: Option<u64>) -> Result<serde_json::Value, ClientError> {
+    pub async fn json(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Body,
+        length: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
         let response = self.send(method, path, body, length).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await.map_err(|e| connect_error(&self.uri, e))?.to_bytes();
         if !status.is_success() {
             return Err(error_of(status, &bytes));
         }
-        serde_json::from_slice(&bytes).map_err(|e| connect_error(&self.uri, format!("the server's answer is not JSON: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| connect_error(&self.uri, format!("the server's answer is not JSON: {e}")))
     }
 }
 

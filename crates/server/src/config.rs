@@ -417,11 +417,11 @@ impl ServerConfig {
 fn storage_config(file: &StorageFileConfig, base: &Path) -> Result<StorageConfig, String> {
     let default = StorageConfig::default();
     let quota_mb = file.quota_mb.unwrap_or(default.quota_bytes as f64 / (1 << 20) as f64);
-    if !(quota_mb >= 1.0 && quota_mb <= 1e9) {
+    if !(1.0..=1e9).contains(&quota_mb) {
         return Err(format!("[storage] quota_mb = {quota_mb}: a size of at least 1 MB"));
     }
     let image_gb = file.image_gb.unwrap_or(default.image_bytes as f64 / GIB);
-    if !(image_gb >= 0.25 && image_gb <= 1e6) {
+    if !(0.25..=1e6).contains(&image_gb) {
         return Err(format!("[storage] image_gb = {image_gb}: a size of at least 0.25 GB"));
     }
     Ok(StorageConfig {

@@ -219,8 +219,19 @@ pub async fn serve(
     // Users' storage (its image mounted, when it has one) before anything can run a call.
     let storage = {
         let (settings, data_dir) = (config.storage.clone(), config.data_dir.clone());
-        let opened = tokio::task::spawn_blocking(move || storage::Storage::open(&settings, &data_dir, root)).await;
-        Arc::new(opened.map_err(|e| ServerError::DataDir { path: config.data_dir.clone(), source: std::io::Error::other(e) })??)
+        let no_mount = match (&config.provider, root) {
+            // Its workers see no /data: storage is a directory of this host.
+            (ProviderConfig::Slurm(_), _) => Some("workers run on Slurm, where no /data is mounted"),
+            (_, false) => Some("the server does not run as root, so it cannot mount a btrfs image"),
+            (_, true) => None,
+        };
+        let opened = tokio::task::spawn_blocking(move || storage::Storage::open(&settings, &data_dir, no_mount)).await;
+        Arc::new(
+            opened.map_err(|e| ServerError::DataDir {
+                path: config.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })??,
+        )
     };
     let activity = Arc::new(activity::Activity::default());
     let store = Arc::new(store);

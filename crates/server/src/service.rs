@@ -344,7 +344,8 @@ impl IsolateController for Controller {
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         let mut call = call_request(&caller, &mut run)?;
         let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
-        let uid = self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?;
+        let uid =
+            self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?;
         call.uid = Some(uid);
         call.data_dir = Some(
             crate::storage::data_dir(&self.storage, &caller.user_id, uid)

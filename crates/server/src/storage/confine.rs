@@ -204,19 +204,12 @@ impl UserRoot {
         Ok(file)
     }
 
-    /// What `path` is, without following it if it is a symbolic link; `Ok(None)` if nothing is there.
+    /// What `path` is (a symbolic link followed where it stays below the root; one leading out is an error,
+    /// EXDEV); `Ok(None)` if nothing is there.
     pub fn stat(&self, path: &RelPath) -> io::Result<Option<Entry>> {
-        let Some((parent, name)) = path.split_last() else {
-            return Ok(Some(fstat(&self.fd)?));
-        };
-        let parent = match self.open_dir(&parent) {
-            Ok(fd) => fd,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        match fstatat(&parent, name) {
-            Ok(entry) => Ok(Some(entry)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        match open_beneath(&self.fd, &path.as_path(), libc::O_PATH, 0) {
+            Ok(fd) => Ok(Some(fstat(&fd)?)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -265,7 +258,9 @@ impl UserRoot {
             let made = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) };
             if made == 0 {
                 // SAFETY: as above; AT_SYMLINK_NOFOLLOW: the entry just made, never a link's target.
-                check(unsafe { libc::fchownat(dir.as_raw_fd(), c.as_ptr(), self.uid, self.uid, libc::AT_SYMLINK_NOFOLLOW) })?;
+                check(unsafe {
+                    libc::fchownat(dir.as_raw_fd(), c.as_ptr(), self.uid, self.uid, libc::AT_SYMLINK_NOFOLLOW)
+                })?;
             } else {
                 let error = io::Error::last_os_error();
                 if error.raw_os_error() != Some(libc::EEXIST) {
@@ -343,9 +338,8 @@ fn remove_in(dir: &OwnedFd, name: &str) -> io::Result<()> {
     let entry = fstatat(dir, name)?;
     if entry.is_dir {
         let child = open_beneath(dir, Path::new(name), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-        let names: Vec<_> = std::fs::read_dir(fd_path(&child))?
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .collect::<Vec<_>>();
+        let names: Vec<_> =
+            std::fs::read_dir(fd_path(&child))?.filter_map(|e| e.ok().map(|e| e.file_name())).collect::<Vec<_>>();
         for child_name in names {
             let text = OsStr::new(&child_name);
             remove_in(&child, &text.to_string_lossy())?;
@@ -397,6 +391,10 @@ mod tests {
         let root = UserRoot::open(&root_dir, uid).unwrap();
         let parse = |p: &str| RelPath::parse(p).unwrap();
         assert!(root.open_file(&parse("link")).is_err());
+        assert_eq!(root.stat(&parse("link")).unwrap_err().raw_os_error(), Some(libc::EXDEV));
+        assert!(root.stat(&parse("up/secret")).is_err());
+        assert!(root.stat(&parse("sub/f")).unwrap().is_some_and(|e| e.is_file && e.size == 4));
+        assert!(root.stat(&parse("sub/none")).unwrap().is_none());
         assert!(root.open_file(&parse("up/secret")).is_err());
         assert!(root.open_dir(&parse("up")).is_err());
         assert!(root.make_dirs(&parse("up/x")).is_err());
@@ -411,6 +409,8 @@ mod tests {
         let new = root.make_dirs(&parse("new/deep")).unwrap();
         root.create_in(&new, "g").unwrap();
         root.replace(&parse("new"), &parse("sub")).unwrap();
-        assert!(root_dir.join("sub/deep/g").exists() && !root_dir.join("sub/f").exists() && !root_dir.join("new").exists());
+        assert!(
+            root_dir.join("sub/deep/g").exists() && !root_dir.join("sub/f").exists() && !root_dir.join("new").exists()
+        );
     }
 }

@@ -79,11 +79,7 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
+        Err(format!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()))
     }
 }
 
@@ -104,24 +100,34 @@ fn is_mount_point(path: &Path) -> bool {
 
 fn has_btrfs_tools() -> bool {
     ["mkfs.btrfs", "btrfs"].iter().all(|tool| {
-        std::env::var_os("PATH")
-            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
     })
 }
 
 impl Storage {
-    /// Sets up the root (mounting its image if need be; see the module doc). Blocking.
-    pub fn open(config: &StorageConfig, data_dir: &Path, root_user: bool) -> Result<Self, StorageError> {
+    /// Sets up the root (mounting its image if need be; see the module doc); `no_mount` says why the server must
+    /// not mount one (it does not run as root, say), if it must not. Blocking.
+    pub fn open(config: &StorageConfig, data_dir: &Path, no_mount: Option<&str>) -> Result<Self, StorageError> {
         let root = config.root.clone().unwrap_or_else(|| data_dir.join("storage"));
         let shown = root.clone();
         let setup = |message: String| StorageError::Setup { path: shown.clone(), message };
+        // Workers see their storage at /data, over whatever is there: their environments must not be.
+        let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+        if canonical.starts_with(confine::MOUNT) {
+            return Err(setup(format!(
+                "the data dir {} is below {}, where workers see their storage; give the server a data dir \
+                 elsewhere (--data-dir)",
+                canonical.display(),
+                confine::MOUNT
+            )));
+        }
         std::fs::create_dir_all(&root).map_err(|e| setup(e.to_string()))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(|e| setup(e.to_string()))?;
         let image = PathBuf::from(format!("{}.img", root.display()));
         let mut mounted = None;
-        let enforcement = if !root_user {
+        let enforcement = if let Some(reason) = no_mount {
             tracing::warn!(root = %root.display(), "users' storage quota is soft (counted on upload, not enforced on \
-                a function's writes): the server does not run as root, so it cannot mount a btrfs image");
+                a function's writes): {reason}");
             Enforcement::Soft
         } else if statfs_type(&root) == Some(BTRFS_MAGIC) {
             // Already btrfs: the admin's, or this server's image left mounted by a run that was killed.
@@ -208,7 +214,9 @@ impl Storage {
         let dir = self.root.join(user);
         let fail = |message: String| StorageError::User { user: user.to_string(), path: dir.clone(), message };
         // User ids are plain names (the key store's rule); checked again, as this names a path.
-        if user.is_empty() || user.starts_with('.') || !user.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        if user.is_empty()
+            || user.starts_with('.')
+            || !user.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(fail("not a plain name".into()));
         }

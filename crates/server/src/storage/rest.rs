@@ -15,6 +15,9 @@
 //! Every path is confined to the caller's directory (`confine.rs`): `..`, an absolute path outside `/data` or an
 //! overlong name is a 400; a symbolic link leading out is never followed. Errors are JSON, as the gateway's.
 
+// Each handler's error is the response to send as it is, made once per refused request: boxing it gains nothing.
+#![allow(clippy::result_large_err)]
+
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
@@ -65,8 +68,12 @@ fn bad_path(error: PathError) -> Reply {
 fn io_error(path: &RelPath, error: std::io::Error) -> Reply {
     let shown = path.display();
     match error.raw_os_error() {
-        Some(libc::ENOENT) => json_error(StatusCode::NOT_FOUND, "not_found", format!("{shown}: no such file or directory")),
-        Some(libc::ENOTDIR) => json_error(StatusCode::BAD_REQUEST, "not_a_directory", format!("{shown}: a part of it is not a directory")),
+        Some(libc::ENOENT) => {
+            json_error(StatusCode::NOT_FOUND, "not_found", format!("{shown}: no such file or directory"))
+        }
+        Some(libc::ENOTDIR) => {
+            json_error(StatusCode::BAD_REQUEST, "not_a_directory", format!("{shown}: a part of it is not a directory"))
+        }
         Some(libc::EISDIR) => json_error(StatusCode::BAD_REQUEST, "is_a_directory", format!("{shown} is a directory")),
         Some(libc::EXDEV) | Some(libc::ELOOP) => json_error(
             StatusCode::BAD_REQUEST,
@@ -89,17 +96,16 @@ fn task_failed(error: tokio::task::JoinError) -> Reply {
 impl Files {
     /// The caller's storage, made if it is new.
     async fn root(&self, headers: &HeaderMap) -> Result<Arc<UserRoot>, Reply> {
-        let caller = match self.gateway.caller(headers)? {
-            Some(caller) => caller,
-            None => {
-                return Err(json_error(
+        let caller =
+            match self.gateway.caller(headers)? {
+                Some(caller) => caller,
+                None => return Err(json_error(
                     StatusCode::UNAUTHORIZED,
                     "missing_key",
                     "send `Authorization: Key <key_id>:<key_secret>` (FAL_KEY_ID and FAL_KEY_SECRET for the original \
                      client)",
-                ))
-            }
-        };
+                )),
+            };
         let ((first, count), user) = (self.uids, caller.user_id.clone());
         let uid = self
             .gateway
@@ -256,7 +262,13 @@ async fn exists(
         on_root(&files, &headers, &path, move |_, root, path| {
             let entry = match root.stat(path) {
                 Ok(Some(entry)) => entry,
-                Ok(None) => return Err(json_error(StatusCode::NOT_FOUND, "not_found", format!("{} does not exist", path.display()))),
+                Ok(None) => {
+                    return Err(json_error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("{} does not exist", path.display()),
+                    ))
+                }
                 Err(error) => return Err(io_error(path, error)),
             };
             let mut described = spec(path, &entry);
@@ -283,7 +295,11 @@ async fn exists(
 
 fn listing(root: &UserRoot, path: &RelPath) -> Result<Vec<FileSpec>, Reply> {
     let entries = root.list(path).map_err(|e| io_error(path, e))?;
-    Ok(entries.iter().filter(|(_, e)| e.is_file || e.is_dir).map(|(name, entry)| spec(&path.join(name), entry)).collect())
+    Ok(entries
+        .iter()
+        .filter(|(_, e)| e.is_file || e.is_dir)
+        .map(|(name, entry)| spec(&path.join(name), entry))
+        .collect())
 }
 
 async fn list_root(State(files): State<Files>, headers: HeaderMap) -> Reply {
@@ -373,7 +389,8 @@ async fn receive(
     let mut file = tokio::fs::File::from_std(file);
     let mut written: u64 = 0;
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|e| json_error(StatusCode::BAD_REQUEST, "bad_upload", format!("the upload broke off: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| json_error(StatusCode::BAD_REQUEST, "bad_upload", format!("the upload broke off: {e}")))?;
         written += chunk.len() as u64;
         if written > limit {
             return Err(over_quota(limit));
@@ -396,7 +413,7 @@ fn create(files: &Files, root: &UserRoot, path: &RelPath) -> Result<(std::fs::Fi
 }
 
 async fn put(State(files): State<Files>, Path(path): Path<String>, headers: HeaderMap, request: Request) -> Reply {
-    let created = on_root(&files, &headers, &path, |files, root, path| create(files, root, path)).await;
+    let created = on_root(&files, &headers, &path, create).await;
     let (file, left) = match created {
         Ok(created) => created,
         Err(response) => return response,
@@ -437,14 +454,18 @@ async fn upload(
             Ok(Some(field)) if field.name() == Some("file_upload") => break field,
             Ok(Some(_)) => continue,
             Ok(None) => {
-                return json_error(StatusCode::BAD_REQUEST, "bad_upload", "the multipart body has no `file_upload` field")
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_upload",
+                    "the multipart body has no `file_upload` field",
+                )
             }
             Err(error) => return json_error(StatusCode::BAD_REQUEST, "bad_upload", error.to_string()),
         }
     };
     let stream = field.map(|c| c.map_err(|e| e.to_string()));
     if !unzipping {
-        let created = on_root(&files, &headers, &path, |files, root, path| create(files, root, path)).await;
+        let created = on_root(&files, &headers, &path, create).await;
         let (file, left) = match created {
             Ok(created) => created,
             Err(response) => return response,
@@ -472,7 +493,13 @@ async fn upload(
     };
     let (upload_path, upload) = match files.storage.upload_file() {
         Ok(made) => made,
-        Err(error) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot receive the upload: {error}")),
+        Err(error) => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot receive the upload: {error}"),
+            )
+        }
     };
     let received = receive(stream, upload, left.saturating_add(UPLOAD_SLACK), &rel).await;
     let outcome = match received {

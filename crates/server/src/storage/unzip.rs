@@ -123,8 +123,8 @@ mod tests {
     fn unpacks_files_and_directories_in_order() {
         let (dir, root) = root();
         let into = RelPath::parse("sync/x").unwrap();
-        let written = unzip(archive(&[("b.txt", b"bee"), ("sub/a.txt", b"a"), (".fal_hash", b"h")]), &root, &into, 100)
-            .unwrap();
+        let written =
+            unzip(archive(&[("b.txt", b"bee"), ("sub/a.txt", b"a"), (".fal_hash", b"h")]), &root, &into, 100).unwrap();
         assert_eq!(written, 5);
         assert_eq!(std::fs::read(dir.path().join("sync/x/sub/a.txt")).unwrap(), b"a");
         assert_eq!(std::fs::read(dir.path().join("sync/x/b.txt")).unwrap(), b"bee");
