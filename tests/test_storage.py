@@ -72,14 +72,18 @@ def test_data_is_kept_across_workers_and_private_to_its_user(
     # Another environment: another worker, the same storage.
     assert result(cloud_call(storage_server, READ, alice, requirements=["six"])) == "'kept'"
     # Bob's /data is his own, empty; the storage root is nowhere in his jail.
-    probe = READ + ""
-    assert result(cloud_call(storage_server, probe, bob)) == "[]"
+    assert result(cloud_call(storage_server, READ, bob)) == "[]"
     root = storage_server.data_dir / "storage"
     seen = result(cloud_call(storage_server, f"import os\nreturn os.path.exists({str(root)!r})", bob))
     assert seen == "False"
     # Nor can he reach it by REST, by any path.
     with rest(storage_server, bob) as client:
-        for path in ["notes/a.txt", "/data/notes/a.txt", "../store-alice/notes/a.txt", "%2e%2e/store-alice/notes/a.txt"]:
+        for path in [
+            "notes/a.txt",
+            "/data/notes/a.txt",
+            "../store-alice/notes/a.txt",
+            "%2e%2e/store-alice/notes/a.txt",
+        ]:
             response = client.get(f"/files/file/{path}")
             assert response.status_code in (400, 404), (path, response.text)
             assert "kept" not in response.text

@@ -757,4 +757,19 @@ mod tests {
         let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
         assert!(err.contains("config.toml") && err.contains("cores"), "{err}");
     }
+
+    #[test]
+    fn storage_takes_a_root_a_quota_and_an_image_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!(config.storage, StorageConfig::default());
+        std::fs::write(dir.path().join("config.toml"), "[storage]\nroot = \"users\"\nquota_mb = 24\nimage_gb = 2\n")
+            .unwrap();
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!(config.storage.root, Some(dir.path().join("users")));
+        assert_eq!((config.storage.quota_bytes, config.storage.image_bytes), (24 << 20, 2 << 30));
+        std::fs::write(dir.path().join("config.toml"), "[storage]\nquota_mb = 0\n").unwrap();
+        let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+        assert!(err.contains("[storage] quota_mb = 0"), "{err}");
+    }
 }
