@@ -298,9 +298,9 @@ def test_our_cli_files_commands(storage_server: Server, tmp_path: Path) -> None:
             cwd=tmp_path,
         )
 
-    put = cli("put", str(local), "models/model.bin")
+    put = cli("put", str(local), "/data/models/model.bin")
     assert put.returncode == 0, put.stderr
-    assert "uploaded" in put.stdout and "100% of 5.0 MiB" in put.stderr
+    assert "to /data/models/model.bin (5.0 MiB)" in put.stdout and "100% of 5.0 MiB" in put.stderr, put
     listed = cli("ls", "/data/models")
     assert listed.returncode == 0 and f"{len(data)}" in listed.stdout and "/data/models/model.bin" in listed.stdout
     assert "/data/models/" in cli("ls").stdout
@@ -318,3 +318,24 @@ def test_our_cli_files_commands(storage_server: Server, tmp_path: Path) -> None:
     hostile = cli("get", "../../etc/passwd")
     assert hostile.returncode == 1 and "`..`" in hostile.stderr, hostile.stderr
     assert not (tmp_path / "passwd").exists()
+
+
+def test_the_local_hosts_storage_is_named_by_fal_data_dir(cache_dir: Path) -> None:
+    script = """
+from fal_serverless import isolated, local
+@isolated(host=local)
+def keep():
+    import os
+    path = os.path.join(os.environ["FAL_DATA_DIR"], "kept.txt")
+    previous = open(path).read() if os.path.exists(path) else ""
+    open(path, "w").write(previous + "x")
+    return os.environ["FAL_DATA_DIR"]
+print(keep())
+"""
+    (cache_dir / "data" / "kept.txt").unlink(missing_ok=True)
+    first = run_script(script, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == str(cache_dir / "data")
+    # Another process, another worker: the same directory.
+    assert run_script(script, timeout=300).returncode == 0
+    assert (cache_dir / "data" / "kept.txt").read_text() == "xx"

@@ -1,5 +1,6 @@
 //! `fal-serverless files ls|put|get|rm|du`: your persistent storage on the server (`/data` in your workers), over
-//! its REST files routes. Paths are relative to `/data` (or written `/data/...`).
+//! its REST files routes. Paths are relative to `/data` (or written `/data/...`), sent as they are: the server
+//! confines them (a `..` or a path outside `/data` is refused with its reason).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -65,6 +66,15 @@ impl Progress {
     }
 }
 
+/// A path as workers see it: `/data/...`.
+fn shown(path: &str) -> String {
+    if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/data/{path}")
+    }
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
@@ -72,7 +82,7 @@ fn mib(bytes: u64) -> String {
 pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
     match command {
         FilesCommand::Ls { dir } => {
-            let route = match dir.as_deref().map(|d| d.trim_matches('/')).filter(|d| !d.is_empty() && *d != "data") {
+            let route = match dir.as_deref().filter(|d| !d.is_empty()) {
                 Some(dir) => format!("/files/list/{}", quote(dir)),
                 None => "/files/list".into(),
             };
@@ -103,31 +113,18 @@ pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
                 chunk.map(hyper::body::Frame::data)
             });
             let body = http_body_util::StreamBody::new(stream).boxed();
-            let outcome = rest
-                .json(Method::PUT, &format!("/files/file/{}", quote(path.trim_start_matches('/'))), body, Some(total))
-                .await;
+            let outcome = rest.json(Method::PUT, &format!("/files/file/{}", quote(&path)), body, Some(total)).await;
             if total >= PROGRESS_FROM {
                 eprintln!();
             }
             outcome?;
-            println!(
-                "uploaded {} to /data/{} ({})",
-                local.display(),
-                path.trim_start_matches('/').trim_start_matches("data/"),
-                mib(total)
-            );
+            println!("uploaded {} to {} ({})", local.display(), shown(&path), mib(total));
         }
         FilesCommand::Get { path, local } => {
             let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or("download").to_string();
             let local = local.unwrap_or_else(|| PathBuf::from(&name));
-            let response = rest
-                .send(
-                    Method::GET,
-                    &format!("/files/file/{}", quote(path.trim_start_matches('/'))),
-                    rest::full(""),
-                    None,
-                )
-                .await?;
+            let response =
+                rest.send(Method::GET, &format!("/files/file/{}", quote(&path)), rest::full(""), None).await?;
             let status = response.status();
             if !status.is_success() {
                 let body = response.into_body().collect().await?.to_bytes();
@@ -160,17 +157,11 @@ pub async fn run(rest: &Rest, command: FilesCommand) -> anyhow::Result<()> {
                 progress.finish();
             }
             tokio::fs::rename(&partial, &local).await?;
-            println!("downloaded {path} to {} ({})", local.display(), mib(received));
+            println!("downloaded {} to {} ({})", shown(&path), local.display(), mib(received));
         }
         FilesCommand::Rm { path } => {
-            rest.json(
-                Method::DELETE,
-                &format!("/files/file/{}", quote(path.trim_start_matches('/'))),
-                rest::full(""),
-                None,
-            )
-            .await?;
-            println!("removed {path}");
+            rest.json(Method::DELETE, &format!("/files/file/{}", quote(&path)), rest::full(""), None).await?;
+            println!("removed {}", shown(&path));
         }
         FilesCommand::Du => {
             let du = rest.json(Method::GET, "/files/du", rest::full(""), None).await?;

@@ -190,8 +190,18 @@ async fn check_hash(
     State(files): State<Files>,
     Path(path): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<HashCheck>,
+    body: bytes::Bytes,
 ) -> Reply {
+    let body: HashCheck = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(error) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body must be {{\"hash\": \"...\"}}: {error}"),
+            )
+        }
+    };
     reply(
         on_root(&files, &headers, &path, move |_, root, path| match root.stat(path) {
             Ok(Some(entry)) if entry.is_dir => {
@@ -441,8 +451,18 @@ async fn upload(
     Path(path): Path<String>,
     Query(query): Query<UploadQuery>,
     headers: HeaderMap,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Reply {
+    let mut multipart = match multipart {
+        Ok(multipart) => multipart,
+        Err(rejection) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_upload",
+                format!("send the file as multipart/form-data, field `file_upload`: {rejection}"),
+            )
+        }
+    };
     let unzipping = query.unzip.is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
     let rel = match RelPath::parse(&path) {
         Ok(rel) if !rel.is_root() => rel,
