@@ -165,6 +165,9 @@ def test_hostile_paths_are_refused(storage_server: Server, alice: Tuple[str, str
             assert response.json()["detail"], response.text
             assert client.get(f"/files/file/{path}").status_code in (400, 404)
         assert client.get("/files/list/up").status_code == 400
+        wrong = client.post("/files/list")
+        assert wrong.status_code == 405 and "does not take POST" in wrong.json()["detail"]
+        assert "hash" in client.post("/files/dir/check_hash/x", content=b"{").json()["detail"]
         for path in ["shadow", "up"]:
             assert client.delete(f"/files/file/{path}").json() is True
         assert os.path.exists("/etc/shadow")

@@ -51,14 +51,26 @@ type Reply = Response<Body>;
 
 pub fn routes(files: Files) -> Router {
     Router::new()
-        .route("/files/dir/check_hash/{*path}", post(check_hash))
-        .route("/files/file/local/{*path}", post(upload).layer(DefaultBodyLimit::disable()))
-        .route("/files/file/exists/{*path}", post(exists))
-        .route("/files/list", get(list_root))
-        .route("/files/list/{*path}", get(list))
-        .route("/files/du", get(du))
-        .route("/files/file/{*path}", get(download).delete(remove).put(put).layer(DefaultBodyLimit::disable()))
+        .route("/files/dir/check_hash/{*path}", post(check_hash).fallback(wrong_method))
+        .route("/files/file/local/{*path}", post(upload).fallback(wrong_method).layer(DefaultBodyLimit::disable()))
+        .route("/files/file/exists/{*path}", post(exists).fallback(wrong_method))
+        .route("/files/list", get(list_root).fallback(wrong_method))
+        .route("/files/list/{*path}", get(list).fallback(wrong_method))
+        .route("/files/du", get(du).fallback(wrong_method))
+        .route(
+            "/files/file/{*path}",
+            get(download).delete(remove).put(put).fallback(wrong_method).layer(DefaultBodyLimit::disable()),
+        )
         .with_state(files)
+}
+
+/// A method a files route does not take: said in JSON, as every answer of the server's HTTP side.
+async fn wrong_method(request: Request) -> Reply {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {}", request.uri().path(), request.method()),
+    )
 }
 
 fn bad_path(error: PathError) -> Reply {
