@@ -154,6 +154,8 @@ impl Storage {
             ready: Mutex::default(),
         };
         let uploads = storage.uploads_dir();
+        // What a killed server was receiving is of no use now.
+        let _ = std::fs::remove_dir_all(&uploads);
         std::fs::create_dir_all(&uploads).map_err(|e| setup(format!("{}: {e}", uploads.display())))?;
         tracing::info!(root = %storage.root.display(), quota_bytes = storage.quota_bytes,
             enforcement = ?storage.enforcement, "users' storage");
@@ -208,7 +210,9 @@ impl Storage {
 
     /// `user`'s directory, made (owned by `uid`, mode 0700, with its quota) if it is not yet. Blocking.
     pub fn user_dir(&self, user: &str, uid: u32) -> Result<PathBuf, StorageError> {
-        if let Some(dir) = self.ready.lock().unwrap_or_else(|e| e.into_inner()).get(user) {
+        // Held while a directory is made: two first calls of one user make it once.
+        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dir) = ready.get(user) {
             return Ok(dir.clone());
         }
         let dir = self.root.join(user);
@@ -233,7 +237,7 @@ impl Storage {
             // Set on every start: a changed quota_mb applies to existing users too.
             run("btrfs", &["qgroup", "limit", &self.quota_bytes.to_string(), &text]).map_err(fail)?;
         }
-        self.ready.lock().unwrap_or_else(|e| e.into_inner()).insert(user.to_string(), dir.clone());
+        ready.insert(user.to_string(), dir.clone());
         Ok(dir)
     }
 
