@@ -266,3 +266,28 @@ def test_the_original_key_commands_meet_the_servers_cap_of_keys(original: Origin
         assert "fal-serverless keys revoke KEY_ID" in said, said
     finally:
         capped.stop()
+
+
+NESTED = """
+from fal_serverless import isolated
+
+@isolated()
+def inner(x):
+    import os
+    return x * 2, os.environ["FAL_KEY_ID"][:7]
+
+# Its own worker needs the client to call with: the original's package, from PyPI.
+@isolated(requirements=["fal-serverless==0.6.41"])
+def outer():
+    import os
+    return inner(21), os.environ["FAL_KEY_ID"][:7]
+
+print("nested ->", outer())
+"""
+
+
+def test_a_function_calls_another_through_the_original_client(original: OriginalClient) -> None:
+    # Inside its worker the original client finds the host it was called with (pickled with the function; the
+    # worker's /etc/hosts names it) and the worker's key (FAL_KEY_ID with IS_ISOLATE_AGENT).
+    lines = original.script(NESTED, timeout=600).stdout.splitlines()
+    assert "nested -> ((42, 'worker-'), 'worker-')" in lines, lines

@@ -124,6 +124,30 @@ def test_keep_alive_reuses_the_job_then_releases_it(slurm_server: Server, cluste
     assert first not in cluster.worker_jobs(), "the job outlived its keep_alive"
 
 
+def test_a_secret_reaches_the_job_but_not_its_script_or_its_environment_in_slurm(
+    slurm_server: Server, cluster: SlurmCluster
+) -> None:
+    key = slurm_server.create_key("secrets")
+    secret = "slurm-secret-" + os.urandom(8).hex()
+    proc = slurm_server.cli("secrets", "set", "JOB_TOKEN", secret, key=key)
+    assert proc.returncode == 0, proc.stderr
+    body = 'import os\nreturn os.environ["SLURM_JOB_ID"], os.environ.get("JOB_TOKEN")'
+    proc = cloud_call(slurm_server, body, key, keep_alive=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id, seen = eval(proc.stdout)
+    assert seen == secret
+    # What Slurm keeps of the job and shows: its script, and its record with the environment it was submitted with.
+    script = cluster.command("scontrol", "write", "batch_script", job_id, "-")
+    assert "exec" in script and secret not in script
+    assert secret not in cluster.command("scontrol", "show", "job", "--details", job_id)
+    assert slurm_server.cli("secrets", "delete", "JOB_TOKEN", key=key).returncode == 0
+    # The warm job, started with the old value, is cancelled rather than kept for its keep_alive.
+    deadline = time.time() + 15
+    while job_id in cluster.worker_jobs() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job_id not in cluster.worker_jobs()
+
+
 def test_a_memory_hog_is_killed_by_slurms_limit_and_reported(slurm_server: Server, cluster: SlurmCluster) -> None:
     key = slurm_server.create_key("hog")
     body = "x = bytearray(600 * 1024 * 1024)\nfor i in range(0, len(x), 4096):\n    x[i] = 1\nreturn len(x)"

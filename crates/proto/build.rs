@@ -7,6 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(files, ["proto"])?;
     // Payloads (up to 1 GiB) are decoded as slices of the received buffer, not copied out of it.
-    tonic_prost_build::configure().bytes(".SerializedObject.definition").compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .bytes(".SerializedObject.definition")
+        // A secret's value must never reach a log through `{:?}`: its `Debug` is written by hand (lib.rs).
+        .skip_debug([".controller.SetSecretRequest"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -15,6 +15,8 @@ def main() -> None:
     os.environ.setdefault("FAL_SERVERLESS_UV", find_uv())
     # `function serve` runs the user's file in Python: this one, which has this package, unless another is named.
     os.environ.setdefault(_native.PYTHON_VARIABLE, sys.executable)
+    # A server offers this package to its workers, for functions that call other isolated functions.
+    os.environ.setdefault("FAL_SERVERLESS_SDK", os.path.dirname(os.path.abspath(__file__)))
     try:
         code = _native.cli_main(["fal-serverless", *sys.argv[1:]])
     except KeyboardInterrupt:

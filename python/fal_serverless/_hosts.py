@@ -106,7 +106,9 @@ class CloudHost(Host):
     def client(self, credentials: Optional[Credentials]) -> _native.CloudClient:
         """A connection to the server, with `credentials` or else the environment's key."""
         key: Tuple[Optional[str], Optional[str]] = (None, None)
-        if isinstance(credentials, CloudKeyCredentials):
+        # Inside a worker the server gave a key of its own (FAL_KEY_ID/FAL_KEY_SECRET, valid while the worker
+        # lives): a function's calls use it, as the original client's do, whatever credentials were pickled with it.
+        if isinstance(credentials, CloudKeyCredentials) and not in_worker():
             key = (credentials.key_id, credentials.key_secret)
         host = os.environ.get("FAL_HOST", "").strip()
         with self._lock:
@@ -162,6 +164,11 @@ class CloudHost(Host):
             on_log=show_log,
         )
         return Deployment(revision, user_id, alias, app_url(client.uri, user_id, alias or revision))
+
+
+def in_worker() -> bool:
+    """Whether this process is a server's worker that gave it a way back (`IS_ISOLATE_AGENT`, as the original's)."""
+    return os.environ.get("IS_ISOLATE_AGENT") == "1" and "FAL_KEY_ID" in os.environ
 
 
 def app_url(server_uri: str, user_id: str, app: str) -> str:

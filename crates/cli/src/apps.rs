@@ -178,7 +178,7 @@ fn log_line(line: &GetLogsResult) -> String {
 }
 
 /// A UTC time as `YYYY-MM-DD HH:MM:SS.mmm`.
-fn utc(seconds: i64, nanos: i32) -> String {
+pub(crate) fn utc(seconds: i64, nanos: i32) -> String {
     let nanos = i128::from(seconds) * 1_000_000_000 + i128::from(nanos);
     match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
         Ok(t) => format!(

@@ -19,6 +19,7 @@ use fal_server::{ServerConfig, Started, Store};
 mod apps;
 mod envs;
 mod files;
+mod secrets;
 
 pub use apps::PYTHON_VARIABLE;
 
@@ -60,6 +61,9 @@ enum Command {
     /// /data (or written /data/...).
     #[command(subcommand)]
     Files(files::FilesCommand),
+    /// Set, list and delete your secrets: environment variables of all your workers, stored encrypted.
+    #[command(subcommand, visible_alias = "secret")]
+    Secrets(secrets::SecretsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +190,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let client = Client::connect(&target).await?;
             files::run(&fal_client::rest::Rest::new(client.uri(), &target), command).await
         }
+        Command::Secrets(command) => secrets::secrets(&connect().await?, command).await,
         Command::Workers => {
             let client = connect().await?;
             println!(

@@ -2,7 +2,7 @@
 //!
 //! Owns: finding the server and the key ([`Target`]: `FAL_HOST`, `FAL_KEY_ID` / `FAL_KEY_SECRET`, explicit
 //! credentials, or the zero-config local server's credentials file, see [`LocalServer`]), the connection, and the
-//! RPCs with their errors: calls, keys, workers, and web endpoints (`apps.rs`: register, list, delete, logs, and an
+//! RPCs with their errors: calls, keys, secrets, workers, and web endpoints (`apps.rs`: register, list, delete, logs, and an
 //! app's URL).
 //!
 //! How a host is reached:
@@ -26,8 +26,8 @@ use std::time::Duration;
 use fal_proto::controller::isolate_controller_client::IsolateControllerClient;
 use fal_proto::controller::{
     hosted_run_status, AliasInfo, CreateUserKeyRequest, DeleteAliasRequest, GetLogsRequest, GetLogsResult, HostedRun,
-    ListAliasesRequest, ListUserKeysRequest, LogsFilter, RegisterApplicationRequest, RevokeUserKeyRequest, UserKeyInfo,
-    WorkerStatus, WorkerStatusListRequest,
+    ListAliasesRequest, ListSecretsRequest, ListUserKeysRequest, LogsFilter, RegisterApplicationRequest,
+    RevokeUserKeyRequest, Secret, SetSecretRequest, UserKeyInfo, WorkerStatus, WorkerStatusListRequest,
 };
 use fal_proto::{
     Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET, CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
@@ -263,6 +263,19 @@ impl Client {
         let request = RevokeUserKeyRequest { key_id: key_id.to_string() };
         self.grpc.clone().revoke_user_key(self.request(request)).await?;
         Ok(())
+    }
+
+    /// Sets secret `name` of the caller (or, with an admin key, of `user`) to `value`; `None` deletes it.
+    pub async fn set_secret(&self, name: &str, value: Option<String>, user: Option<String>) -> Result<(), ClientError> {
+        let request = SetSecretRequest { name: name.to_string(), value, user_id: user };
+        self.grpc.clone().set_secret(self.request(request)).await?;
+        Ok(())
+    }
+
+    /// The caller's secrets (every user's for an admin key, or `user`'s), by name, without values.
+    pub async fn list_secrets(&self, user: Option<String>) -> Result<Vec<Secret>, ClientError> {
+        let request = ListSecretsRequest { user_id: user };
+        Ok(self.grpc.clone().list_secrets(self.request(request)).await?.into_inner().secrets)
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerStatus>, ClientError> {

@@ -19,7 +19,8 @@ use crate::provider::local::LocalProvider;
 use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
 use crate::room::{Granted, Room};
-use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerPool, WorkerSpec};
+use crate::variables::WorkerVariables;
+use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerLink, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
@@ -129,6 +130,12 @@ pub struct CallRequest {
     /// worker sees read-write at `/data` when jailed, and where it is otherwise; `FAL_DATA_DIR` names it in the
     /// worker. One tenant's calls name the same one (its workers are pooled by tenant). `None`: none.
     pub data_dir: Option<PathBuf>,
+    /// Given to each new worker of this call (the server's way back to itself, for calls the function makes); its
+    /// class keeps workers with different links apart in the pool.
+    pub link: Option<Arc<dyn WorkerLink>>,
+    /// Environment variables for the call's worker (the server's: its user's secrets). A warm worker is only reused
+    /// by calls with the same ones; see [`Engine::replace_workers`] for stopping those a change left behind.
+    pub variables: WorkerVariables,
 }
 
 /// The worker a call runs on, as [`CallRequest::on_worker`] is told.
@@ -243,8 +250,16 @@ impl Engine {
                 limit: inner.config.max_payload_bytes,
             });
         }
-        let key =
-            PoolKey { tenant: request.tenant.clone(), env_key: request.env.key(), machine_type: machine.name.clone() };
+        if let Some(why) = request.variables.unfit() {
+            return Err(CallError::Spawn(why));
+        }
+        let key = PoolKey {
+            tenant: request.tenant.clone(),
+            env_key: request.env.key(),
+            machine_type: machine.name.clone(),
+            link_class: request.link.as_ref().map(|link| link.class()).unwrap_or_default(),
+            variables: request.variables.digest(),
+        };
         let mut timeout = request.timeout;
         let waiting = Instant::now();
         // Room to run (and, for a new worker, room for it), waited for within the call's timeout. A warm worker is
@@ -382,6 +397,10 @@ impl Engine {
             gpus: None,
             max_payload: inner.config.max_payload_bytes,
             data_dir: request.data_dir.clone(),
+            link: request.link.clone(),
+            granted: None,
+            // The call's own; variables computed for this one worker when it starts go after them here.
+            variables: request.variables.clone(),
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
         let mut worker = inner.provider.start(spec, machine, request.timeout, logs).await?;
@@ -507,6 +526,22 @@ impl Engine {
             }
             None => false,
         }
+    }
+
+    /// After `tenant`'s worker variables changed (a secret set or deleted): stops the tenant's idle workers now, and
+    /// those busy now once their calls end instead of keeping them warm. The pool's key already keeps a warm worker
+    /// with other variables from being handed a call; this stops such workers from holding memory (and the
+    /// tenant's old values) until their keep_alive. Returns how many idle workers were stopped.
+    pub async fn replace_workers(&self, tenant: &str) -> usize {
+        let idle = self.0.pool.replace(tenant);
+        let count = idle.len();
+        if count > 0 {
+            tracing::info!(user = %tenant, workers = count, "stopping idle workers: their variables changed");
+        }
+        for worker in idle {
+            worker.stop().await;
+        }
+        count
     }
 
     /// Stops all idle workers and waits for them; busy ones end with their calls.

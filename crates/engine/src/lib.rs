@@ -1,7 +1,7 @@
 //! The engine: turns "run this pickled call in an environment with these requirements, on this machine type" into
 //! a result.
 //!
-//! It owns three things and nothing else:
+//! It owns these things and nothing else:
 //! * [environments](EnvSpec): a spec (Python major.minor, normalized requirements, serializer) hashes to a content
 //!   key; the environment is built once per (tenant, key) with `uv venv` + `uv pip install`, atomically, into a
 //!   cache dir, and removed by an [eviction policy](EnvironmentPolicy) when unused long enough or over a disk
@@ -9,6 +9,8 @@
 //! * [workers](Engine::call): a warm Python process per (tenant, environment, machine type), reused within
 //!   `keep_alive`, talking length-prefixed frames on a socket of its own while its stdout and stderr stream back as
 //!   [`LogLine`]s;
+//! * [worker variables](WorkerVariables): environment variables a caller gives a call's workers (opaque to the
+//!   engine, shown by name only), part of what makes a warm worker reusable;
 //! * [machine types](MachineTypes): the CPU, memory and GPU ceilings a worker runs under, applied by `fal-sandbox`
 //!   on this host, or by Slurm when workers run on a cluster ([`ProviderConfig`]).
 //!
@@ -22,6 +24,7 @@ mod machine;
 pub mod options;
 mod provider;
 mod room;
+mod variables;
 mod worker;
 
 pub use crate::engine::{BuildLimits, CallReply, CallRequest, CallWorker, Engine, EngineConfig, WorkerInfo};
@@ -34,7 +37,8 @@ pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
 pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
 pub use crate::room::{Granted, Hold, Room};
-pub use crate::worker::BoxFuture;
+pub use crate::variables::WorkerVariables;
+pub use crate::worker::{BoxFuture, LinkGrant, WorkerLink};
 
 /// Entry points for the fuzz targets in `fuzz/` (and their regression tests); not part of the engine's API.
 #[doc(hidden)]

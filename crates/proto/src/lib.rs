@@ -9,6 +9,28 @@ tonic::include_proto!("_");
 /// The `controller` package: the `IsolateController` service and its messages.
 pub mod controller {
     tonic::include_proto!("controller");
+
+    impl std::fmt::Debug for SetSecretRequest {
+        /// The value as `***` (or absent, for a delete): never printed.
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SetSecretRequest")
+                .field("name", &self.name)
+                .field("value", &self.value.as_ref().map(|_| "***"))
+                .field("user_id", &self.user_id)
+                .finish()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_set_secret_request_prints_no_value() {
+            let request =
+                super::SetSecretRequest { name: "TOKEN".into(), value: Some("hunter2".into()), user_id: None };
+            let shown = format!("{request:?}");
+            assert!(shown.contains("TOKEN") && shown.contains("***") && !shown.contains("hunter2"), "{shown}");
+        }
+    }
 }
 
 /// Metadata key carrying a key's id on every call.

@@ -274,6 +274,8 @@ impl Engine {
             room: None,
             on_worker: None,
             data_dir: Some(data_dir),
+            link: None,
+            variables: Default::default(),
         };
 
         let engine = self.engine.clone();

@@ -8,7 +8,8 @@
 //! directories the caller binds read-write at other paths ([`Grants::binds`]: a worker's user's persistent storage
 //! at `/data`; never an environment build's). Granted: a
 //! fresh `/proc` of its own PID namespace, a minimal `/dev`, a hostname of its own, and a network namespace of its
-//! own: loopback only, or the one the caller made for it (see `network.rs`), with that namespace's `resolv.conf`.
+//! own: loopback only, or the one the caller made for it (see `network.rs`), with that namespace's `resolv.conf`, and
+//! the `/etc/hosts` the caller names (a worker's: the name of the server's listener on its namespace's loopback).
 //! Granted to a process given GPUs, and to no other: its own GPUs' device nodes, the driver's control devices, the
 //! driver's `/proc/driver/nvidia` narrowed to its GPUs and the `/sys` entries CUDA reads (the list: `gpu.rs`).
 //!
@@ -68,6 +69,8 @@ pub struct Grants<'a> {
     pub network: JailNetwork,
     /// A file to show as `/etc/resolv.conf`.
     pub resolv_conf: Option<&'a Path>,
+    /// A file to show as `/etc/hosts` (a worker's: the name it reaches its server by).
+    pub hosts: Option<&'a Path>,
     /// GPUs given to this process: their device nodes and the driver's control devices bound read-write, the
     /// driver's `/proc/driver/nvidia` shown narrowed to them, the `/sys` entries CUDA reads read-only, and the
     /// driver's library dir where it is outside the system's. `None`: no GPU, no device beyond the minimal `/dev`.
@@ -133,6 +136,9 @@ impl Jail {
         }
         if let Some(resolv_conf) = grants.resolv_conf {
             argv.extend(["--ro-bind".into(), resolv_conf.display().to_string(), "/etc/resolv.conf".into()]);
+        }
+        if let Some(hosts) = grants.hosts {
+            argv.extend(["--ro-bind".into(), hosts.display().to_string(), "/etc/hosts".into()]);
         }
         if let Some(gpus) = grants.gpus {
             for device in &gpus.devices {
@@ -233,6 +239,7 @@ mod tests {
                 hostname: "worker-1a2b",
                 network: JailNetwork::Loopback,
                 resolv_conf: None,
+                hosts: None,
                 gpus: None,
             }
         }
@@ -258,6 +265,11 @@ mod tests {
             Grants { network: JailNetwork::Joined, resolv_conf: Some(Path::new("/run/r.conf")), ..grants(&[]) };
         let text = jail.wrap(&joined, Path::new("/x"), &[]).1.join(" ");
         assert!(!text.contains("--unshare-net") && text.contains("--ro-bind /run/r.conf /etc/resolv.conf"));
+        // A worker's hosts file is shown over /etc/hosts, after /etc itself.
+        let hosts = Grants { hosts: Some(Path::new("/run/hosts/default")), ..joined };
+        let text = jail.wrap(&hosts, Path::new("/x"), &[]).1.join(" ");
+        let (etc, shown) = (text.find("--ro-bind /etc /etc"), text.find("--ro-bind /run/hosts/default /etc/hosts"));
+        assert!(etc.is_some() && shown.is_some() && etc < shown, "{text}");
         // Writable grants are bound read-write.
         let staging = [Path::new("/data/envs/u1/.tmp-abc")];
         let text = jail.wrap(&Grants { writable: &staging, ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
@@ -296,6 +308,7 @@ mod tests {
             hostname: "worker-1a2b",
             network: JailNetwork::Loopback,
             resolv_conf: None,
+            hosts: None,
             gpus: None,
         };
         let plain = jail.wrap(&base, Path::new("/x"), &[]).1.join(" ");
@@ -351,6 +364,7 @@ mod tests {
             hostname: "worker-test",
             network: JailNetwork::Loopback,
             resolv_conf: None,
+            hosts: None,
             gpus: Some(&grant),
         };
         let script = format!(

@@ -41,6 +41,7 @@
 //! max_queued_gb_per_user = 1         # payloads of one user's calls waiting for capacity
 //! max_keep_alive_seconds = 3600      # a longer keep_alive is cut to this (the call's logs say so)
 //! max_keys_per_user = 50             # keys (not revoked) of one user; more are refused
+//! max_call_depth = 4                 # nested calls: a function calling a function ... at most this deep
 //!
 //! [environments]                     # when environments are removed (never one in use: a live worker's, or one a
 //!                                    # build or call is starting on); least recently used first
@@ -62,6 +63,11 @@
 //! root = "/srv/fal-storage"          # default: <data dir>/storage (a btrfs image is mounted there if it is not btrfs)
 //! quota_mb = 1024                    # what one user may keep (kernel-enforced on btrfs)
 //! image_gb = 16                      # the image's size, sparse; a larger value grows it at the next start
+//! [secrets]                          # users' secrets (`fal-serverless secrets`), their workers' variables
+//! key_file = "/etc/fal/secrets.key"  # the key they are encrypted with (mode 0600, made on first start; keep it
+//!                                    # apart from the database and back it up); default: <data-dir>/secrets.key
+//! max_per_user = 50                  # secrets one user may hold
+//! max_value_kb = 16                  # the largest value (max_per_user x this: at most 1 MiB)
 //!
 //! [tls]                              # serve TLS only (paths relative to the config file's directory)
 //! cert = "server.pem"                # the certificate chain, PEM
@@ -87,6 +93,7 @@ use serde::Deserialize;
 use crate::admission::AdmissionLimits;
 use crate::apps::AppsConfig;
 use crate::capacity::Sharing;
+use crate::secrets::SecretsConfig;
 use crate::storage::StorageConfig;
 use sha2::{Digest, Sha256};
 
@@ -131,6 +138,8 @@ pub struct ServerConfig {
     pub apps: AppsConfig,
     /// Users' persistent storage (`[storage]`).
     pub storage: StorageConfig,
+    /// Users' secrets (`[secrets]`).
+    pub secrets: SecretsConfig,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -140,14 +149,19 @@ pub struct UserLimits {
     pub max_keep_alive: Duration,
     /// Keys of one user that are not revoked.
     pub max_keys_per_user: u32,
+    /// How deep calls may nest (a function calling an isolated function is depth 1); deeper ones are refused.
+    pub max_call_depth: u32,
 }
 
 impl Default for UserLimits {
-    /// An hour of keep_alive, 50 keys.
+    /// An hour of keep_alive, 50 keys, calls nested 4 deep.
     fn default() -> Self {
-        Self { max_keep_alive: Duration::from_secs(3600), max_keys_per_user: 50 }
+        Self { max_keep_alive: Duration::from_secs(3600), max_keys_per_user: 50, max_call_depth: 4 }
     }
 }
+
+/// The deepest `[limits] max_call_depth` may allow.
+const MAX_CALL_DEPTH: u32 = 64;
 
 /// uids from 200000 on: above the ranges distributions give people and services, below 2^31.
 const DEFAULT_FIRST_UID: u32 = 200_000;
@@ -191,6 +205,7 @@ struct FileConfig {
     apps: AppsFileConfig,
     #[serde(default)]
     storage: StorageFileConfig,
+    secrets: SecretsFileConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +214,14 @@ struct StorageFileConfig {
     root: Option<PathBuf>,
     quota_mb: Option<f64>,
     image_gb: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretsFileConfig {
+    key_file: Option<PathBuf>,
+    max_per_user: Option<u32>,
+    max_value_kb: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +245,7 @@ struct LimitsConfig {
     max_queued_gb_per_user: Option<f64>,
     max_keep_alive_seconds: Option<u32>,
     max_keys_per_user: Option<u32>,
+    max_call_depth: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -379,6 +403,7 @@ impl ServerConfig {
             }
             (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
         };
+        let secrets = secrets_config(&file.secrets, path.as_deref().and_then(Path::parent)).map_err(invalid)?;
         let tls = match file.tls {
             Some(tls) => {
                 let base = path.as_deref().and_then(Path::parent).unwrap_or(data_dir);
@@ -410,6 +435,7 @@ impl ServerConfig {
             apps: apps_config(&file.apps).map_err(invalid)?,
             storage: storage_config(&file.storage, path.as_deref().and_then(Path::parent).unwrap_or(data_dir))
                 .map_err(invalid)?,
+            secrets,
         })
     }
 }
@@ -429,6 +455,27 @@ fn storage_config(file: &StorageFileConfig, base: &Path) -> Result<StorageConfig
         quota_bytes: (quota_mb * (1 << 20) as f64) as u64,
         image_bytes: (image_gb * GIB) as u64,
     })
+}
+
+/// `[secrets]`; a relative `key_file` is relative to the config file's directory.
+fn secrets_config(file: &SecretsFileConfig, base: Option<&Path>) -> Result<SecretsConfig, String> {
+    let default = SecretsConfig::default();
+    let max_per_user = file.max_per_user.unwrap_or(default.max_per_user);
+    let max_value_bytes = file.max_value_kb.map(|kb| kb as usize * 1024).unwrap_or(default.max_value_bytes);
+    if max_per_user == 0 || max_value_bytes == 0 {
+        return Err("[secrets] max_per_user and max_value_kb must be at least 1".into());
+    }
+    // A worker's environment and arguments share what `execve` takes (about 2 MiB); past that no worker of the
+    // user could start.
+    if max_per_user as usize * max_value_bytes > 1 << 20 {
+        return Err(format!(
+            "[secrets] max_per_user = {max_per_user} secrets of max_value_kb = {} KiB may come to more than 1 MiB, \
+             more than a worker's environment can hold; lower one of them",
+            max_value_bytes / 1024
+        ));
+    }
+    let key_file = file.key_file.as_ref().map(|path| base.map(|b| b.join(path)).unwrap_or_else(|| path.clone()));
+    Ok(SecretsConfig { key_file, max_per_user, max_value_bytes })
 }
 
 fn apps_config(file: &AppsFileConfig) -> Result<AppsConfig, String> {
@@ -563,7 +610,14 @@ fn user_limits(file: &LimitsConfig) -> Result<UserLimits, String> {
     if max_keys_per_user == 0 {
         return Err("[limits] max_keys_per_user = 0: at least 1 (a user with no key cannot call)".into());
     }
-    Ok(UserLimits { max_keep_alive: keep_alive, max_keys_per_user })
+    let max_call_depth = file.max_call_depth.unwrap_or(default.max_call_depth);
+    if max_call_depth > MAX_CALL_DEPTH {
+        return Err(format!(
+            "[limits] max_call_depth = {max_call_depth}: at most {MAX_CALL_DEPTH} (each level holds a worker while the \
+             next runs); 0 refuses every call made from inside a function"
+        ));
+    }
+    Ok(UserLimits { max_keep_alive: keep_alive, max_keys_per_user, max_call_depth })
 }
 
 fn network_policy(file: &NetworkConfig) -> Result<NetworkPolicy, String> {
@@ -647,6 +701,27 @@ mod tests {
     }
 
     #[test]
+    fn secrets_section_names_its_key_file_relative_to_the_config_and_bounds_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        let defaults = ServerConfig::load(dir.path(), None, None).unwrap().secrets;
+        assert_eq!(defaults, SecretsConfig::default());
+        write("[secrets]\nkey_file = \"keys/secrets.key\"\nmax_per_user = 10\nmax_value_kb = 4\n");
+        let secrets = ServerConfig::load(dir.path(), None, None).unwrap().secrets;
+        assert_eq!(secrets.key_file, Some(dir.path().join("keys/secrets.key")));
+        assert_eq!((secrets.max_per_user, secrets.max_value_bytes), (10, 4096));
+        for (bad, says) in [
+            ("[secrets]\nmax_per_user = 0\n", "at least 1"),
+            ("[secrets]\nmax_per_user = 1000\nmax_value_kb = 64\n", "more than 1 MiB"),
+            ("[secrets]\nkeyfile = \"x\"\n", "unknown field"),
+        ] {
+            write(bad);
+            let error = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn slurm_maps_machine_types_and_refuses_what_it_cannot_do() {
         let dir = tempfile::tempdir().unwrap();
         let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
@@ -698,6 +773,7 @@ mod tests {
             ("[machine_types.X]\ncpus = nan\nmemory_gb = 1\n", "must be positive numbers"),
             ("[capacity]\nmemory_gb = inf\n", "must be positive numbers"),
             ("[limits]\nmax_keep_alive_seconds = 4000000000\n", "at most 2147483647"),
+            ("[limits]\nmax_call_depth = 65\n", "at most 64"),
             ("[limits]\nmax_keys_per_user = 0\n", "at least 1"),
         ] {
             write(bad);

@@ -31,6 +31,21 @@ fn is_grpc<B>(request: &http::Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// The host and port a client reached the server by (an HTTP/2 request's `:authority`, an HTTP/1.1 request's
+/// `Host`), in the request's extensions: a worker is given the same name for the server (`nested/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientAuthority(pub String);
+
+impl ClientAuthority {
+    fn of<B>(request: &http::Request<B>) -> Option<Self> {
+        let authority = match request.uri().authority() {
+            Some(authority) => authority.as_str().to_string(),
+            None => request.headers().get(http::header::HOST)?.to_str().ok()?.to_string(),
+        };
+        Some(Self(authority))
+    }
+}
+
 /// Serves each connection of `incoming` until `stop` resolves, then lets the open ones finish (HTTP/2 clients get
 /// a GOAWAY, HTTP/1.1 connections close after their request) and returns once they have.
 pub(crate) async fn serve<C>(
@@ -52,7 +67,10 @@ pub(crate) async fn serve<C>(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .timer(TokioTimer::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let service = tower::service_fn(move |request: http::Request<Incoming>| {
+    let service = tower::service_fn(move |mut request: http::Request<Incoming>| {
+        if let Some(authority) = ClientAuthority::of(&request) {
+            request.extensions_mut().insert(authority);
+        }
         let router = if is_grpc(&request) { grpc.clone() } else { gateway.clone() };
         router.oneshot(request)
     });

@@ -7,9 +7,11 @@
 //!
 //! Calls come from this project's SDK (cloudpickle) or from the original fal-serverless client (dill; see `dill.rs`).
 //! The same port serves HTTP (`http.rs` routes by content type): the gateway to apps, functions deployed as web
-//! endpoints (`apps/`, `gateway/`), and their queue (`queue/`).
+//! endpoints (`apps/`, `gateway/`), and their queue (`queue/`). Workers reach the server back for the calls their
+//! functions make (`nested/`).
 //!
-//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests; mode 0600), `envs/<user>/<key>` (environments, removed by the
+//! Data dir (mode 0700): `state.sqlite3` (keys, apps, queued requests, users' secrets encrypted; mode 0600),
+//! `secrets.key` (the key of those secrets, mode 0600, unless `[secrets] key_file` keeps it elsewhere), `envs/<user>/<key>` (environments, removed by the
 //! `[environments]` policy), `layers/dill/<key>` (the dill layer, per Python version), `config.toml`, `tls/` (a
 //! self-signed CA and the server's certificate and key, when `server init --tls-self-signed` made them).
 
@@ -23,7 +25,9 @@ mod dill;
 mod gateway;
 mod http;
 mod listener;
+mod nested;
 mod queue;
+mod secrets;
 mod service;
 mod storage;
 mod store;
@@ -38,6 +42,7 @@ use std::time::Duration;
 use fal_engine::{Engine, EngineConfig, ProviderConfig};
 use fal_proto::controller::isolate_controller_server::IsolateControllerServer;
 use fal_proto::MAX_MESSAGE;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 pub use crate::capacity::Resources;
@@ -53,7 +58,7 @@ pub mod fuzzing {
     /// would be run.
     pub fn validate_run(bytes: &[u8]) -> bool {
         let Ok(mut run) = fal_proto::controller::HostedRun::decode(bytes) else { return false };
-        let caller = Caller { user_id: "fuzz".into(), key_id: "fuzz".into(), scope: Scope::Api };
+        let caller = Caller { user_id: "fuzz".into(), key_id: "fuzz".into(), scope: Scope::Api, depth: 0 };
         crate::service::call_request(&caller, &mut run).is_ok()
     }
 
@@ -94,6 +99,8 @@ pub use crate::store::{KeyInfo, Scope, Store, StoreError};
 pub use crate::tls::{self_signed, SelfSigned, TlsError, TlsFiles};
 
 const STATE_FILE: &str = "state.sqlite3";
+/// The key users' secrets are encrypted with, unless `[secrets] key_file` names another place.
+const SECRETS_KEY_FILE: &str = "secrets.key";
 /// How long calls still running when the server is told to stop may take to finish; then they are ended (their
 /// clients get an error saying the server went away) and their workers stopped.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -131,6 +138,8 @@ pub enum ServerError {
     Queue(#[from] queue::QueueStoreError),
     #[error(transparent)]
     Storage(#[from] storage::StorageError),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
 }
 
 /// What a starting server tells whoever started it.
@@ -165,6 +174,12 @@ pub async fn serve(
     started: impl FnOnce(&Started),
 ) -> Result<(), ServerError> {
     let (store, admin_key) = init(&config.data_dir)?;
+    // Opened before anything starts: a missing or wrong key file stops the server at once, saying so.
+    let secrets = {
+        let key_file = config.secrets.key_file.clone().unwrap_or_else(|| config.data_dir.join(SECRETS_KEY_FILE));
+        let store = secrets::SecretStore::open(&config.data_dir.join(STATE_FILE), &key_file)?;
+        secrets::Secrets::new(store, config.secrets.clone())
+    };
     // Read before anything starts, so a bad certificate stops the server at once with what is wrong.
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let jail = fal_sandbox::Jail::from_path();
@@ -238,9 +253,23 @@ pub async fn serve(
     let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
     let (end_calls, ending) = tokio::sync::watch::channel(false);
     let capacity = Arc::new(capacity::Capacity::new(resources, config.sharing));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let (nested, worker_connections) = nested::Nested::new(nested::NestedParts {
+        keys: store.worker_keys().clone(),
+        run_dir: &config.data_dir.join("run"),
+        layers_dir: &config.data_dir.join("layers"),
+        sdk_package: std::env::var_os(nested::SDK_VARIABLE).map(Into::into),
+        address,
+        plaintext: tls.is_none(),
+        jailed: unjailed.is_none(),
+    });
     let apps = apps::Apps::new(apps::AppsParts {
         store: Arc::new(apps::AppStore::open(&config.data_dir.join(STATE_FILE))?),
         keys: store.clone(),
+        secrets: secrets.clone(),
         engine: engine.clone(),
         capacity: capacity.clone(),
         uids: (config.first_uid, config.uid_count),
@@ -260,6 +289,7 @@ pub async fn serve(
             )),
             (_, None) => None,
         },
+        nested: nested.clone(),
     });
     let controller = service::Controller {
         ending,
@@ -271,16 +301,15 @@ pub async fn serve(
         limits: config.limits,
         apps: apps.clone(),
         storage: storage.clone(),
+        nested,
+        secrets: secrets.clone(),
     };
     let gateway = Arc::new(gateway::Gateway { apps: apps.clone(), keys: store, client: gateway::proxy::client() });
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let address = listener.local_addr().map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
     tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = resources.cpus,
-        memory_bytes = resources.memory_bytes, gpus = resources.gpus, jailed = info.unjailed.is_none(), "serving");
+        memory_bytes = resources.memory_bytes, gpus = resources.gpus, jailed = info.unjailed.is_none(),
+        secrets_key = %secrets.key_file().display(), "serving");
     if let Some(reason) = &info.unjailed {
         tracing::warn!(
             "workers and environment builds are NOT jailed ({reason}): every user's code runs as this server's user, \
@@ -336,12 +365,11 @@ pub async fn serve(
     };
     let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone())).merge(storage::rest::routes(files));
     apps.start_kept_warm().await;
-    let serving = http::serve(
-        admission::limited(listener::Incoming::new(listener, tls), config.admission.max_connections),
-        grpc,
-        gateway,
-        stop,
-    );
+    // Connections from workers' own namespaces (`nested/`) are served as the port's are.
+    let worker_connections =
+        tokio_stream::wrappers::UnboundedReceiverStream::new(worker_connections).map(|c| Ok(listener::Conn::Plain(c)));
+    let incoming = listener::Incoming::new(listener, tls).merge(worker_connections);
+    let serving = http::serve(admission::limited(incoming, config.admission.max_connections), grpc, gateway, stop);
     let grace_over = async {
         let _ = stopped.await;
         tracing::info!("stopping: calls still running have {}s to finish", STOP_GRACE.as_secs());

@@ -19,8 +19,9 @@ use fal_proto::controller::isolate_controller_server::IsolateController;
 use fal_proto::controller::{
     create_user_key_request, CreateUserKeyRequest, CreateUserKeyResponse, DeleteAliasRequest, DeleteAliasResult,
     GetLogsRequest, HostedRun, HostedRunResult, HostedRunStatus, ListAliasesRequest, ListAliasesResult,
-    ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest, RevokeUserKeyRequest, RevokeUserKeyResponse,
-    UserKeyInfo, WorkerStatus, WorkerStatusListRequest, WorkerStatusListResponse,
+    ListSecretsRequest, ListSecretsResponse, ListUserKeysRequest, ListUserKeysResponse, RegisterApplicationRequest,
+    RevokeUserKeyRequest, RevokeUserKeyResponse, SetSecretRequest, SetSecretResponse, UserKeyInfo, WorkerStatus,
+    WorkerStatusListRequest, WorkerStatusListResponse,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
@@ -34,6 +35,7 @@ use crate::admission::Admitted;
 use crate::capacity::{Capacity, Crowded};
 use crate::config::UserLimits;
 use crate::dill;
+use crate::secrets::Secrets;
 use crate::store::{Caller, Scope, Store, StoreError};
 
 const DEFAULT_KEEP_ALIVE: i32 = 10;
@@ -61,6 +63,10 @@ pub struct Controller {
     pub apps: Arc<crate::apps::Apps>,
     /// Users' persistent storage, each user's at /data in their workers.
     pub storage: Arc<crate::storage::Storage>,
+    /// How workers reach the server, for the calls their functions make.
+    pub nested: Arc<crate::nested::Nested>,
+    /// Users' secrets, their workers' environment variables.
+    pub secrets: Arc<Secrets>,
 }
 
 pub(crate) fn error_status(code: tonic::Code, kind: &'static str, message: impl Into<String>) -> Status {
@@ -105,6 +111,18 @@ pub(crate) fn store_status(error: StoreError) -> Status {
 }
 
 /// Who made `request`, as [`crate::admission::Admission`] found before its body was read, and its place in flight.
+/// Keys are managed with keys of the store: a worker's key (a function's, valid while its worker lives) must not
+/// outlive it by making a lasting one.
+fn refuse_worker_key(caller: &Caller, what: &str) -> Result<(), Status> {
+    if caller.depth == 0 {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "a function cannot {what} with its worker's key (FAL_KEY_ID in a worker is valid only while the worker \
+         lives): manage keys from outside, with `fal-serverless keys`"
+    )))
+}
+
 pub(crate) fn admitted<T>(request: &Request<T>) -> Result<Admitted, Status> {
     request
         .extensions()
@@ -169,7 +187,27 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         on_worker: None,
         // The server gives it its user's storage (`Controller::run`).
         data_dir: None,
+        // The server links it back to itself (`Controller::run`, the apps' launcher).
+        link: None,
+        // The server fills them in from its records (`for_user`).
+        variables: Default::default(),
     })
+}
+
+/// What a call of `user` gets from the server's records, whoever built it (a `Run`, an app's replica, a schedule's
+/// activation): the uid its jailed processes run as, and the user's secrets as its worker's environment variables.
+/// Every call the server makes for a user goes through here.
+pub(crate) async fn for_user(
+    call: &mut CallRequest,
+    user: &str,
+    keys: &Arc<Store>,
+    secrets: &Secrets,
+    (first_uid, uid_count): (u32, u32),
+) -> Result<(), Status> {
+    let owner = user.to_string();
+    call.uid = Some(keys.blocking(move |store| store.uid(&owner, first_uid, uid_count)).await.map_err(store_status)?);
+    call.variables = secrets.variables(user).await.map_err(|e| e.status())?;
+    Ok(())
 }
 
 /// Requirements, Python version and, for cloudpickle calls, cloudpickle's pinned requirement from the (at most one)
@@ -340,18 +378,31 @@ impl IsolateController for Controller {
 
     async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
         let Admitted { caller, place } = admitted(&request)?;
+        let authority = request.extensions().get::<crate::http::ClientAuthority>().map(|a| a.0.clone());
         let mut run = request.into_inner();
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
+        if caller.depth > self.limits.max_call_depth {
+            return Err(error_status(
+                tonic::Code::FailedPrecondition,
+                "call-depth",
+                format!(
+                    "this call would be {} nested calls deep (a function calling an isolated function that calls \
+                     another...), past this server's limit of {} ([limits] max_call_depth): call the function \
+                     directly instead of through another, or ask the server's admin to raise the limit",
+                    caller.depth, self.limits.max_call_depth
+                ),
+            ));
+        }
         let mut call = call_request(&caller, &mut run)?;
-        let ((first_uid, uid_count), user) = (self.uids, caller.user_id.clone());
-        let uid =
-            self.store.blocking(move |store| store.uid(&user, first_uid, uid_count)).await.map_err(store_status)?;
-        call.uid = Some(uid);
-        call.data_dir = Some(
-            crate::storage::data_dir(&self.storage, &caller.user_id, uid)
-                .await
-                .map_err(|e| error_status(tonic::Code::Internal, "storage", e))?,
-        );
+        call.link = Some(self.nested.link(&caller.user_id, caller.depth, authority.as_deref()));
+        for_user(&mut call, &caller.user_id, &self.store, &self.secrets, self.uids).await?;
+        if let Some(uid) = call.uid {
+            call.data_dir = Some(
+                crate::storage::data_dir(&self.storage, &caller.user_id, uid)
+                    .await
+                    .map_err(|e| error_status(tonic::Code::Internal, "storage", e))?,
+            );
+        }
         // Longer than this server keeps workers warm: cut, and said in the call's logs.
         let max_keep_alive = self.limits.max_keep_alive;
         let cut_keep_alive = (call.keep_alive > max_keep_alive).then(|| {
@@ -458,6 +509,7 @@ impl IsolateController for Controller {
         request: Request<CreateUserKeyRequest>,
     ) -> Result<Response<CreateUserKeyResponse>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
+        refuse_worker_key(&caller, "create keys")?;
         let request = request.into_inner();
         let scope = match request.scope() {
             create_user_key_request::Scope::Admin => Scope::Admin,
@@ -507,6 +559,7 @@ impl IsolateController for Controller {
         request: Request<RevokeUserKeyRequest>,
     ) -> Result<Response<RevokeUserKeyResponse>, Status> {
         let Admitted { caller, .. } = admitted(&request)?;
+        refuse_worker_key(&caller, "revoke keys")?;
         let key_id = request.into_inner().key_id;
         let (by, revoked) = (caller.clone(), key_id.clone());
         self.store.blocking(move |store| store.revoke(&by, &revoked)).await.map_err(store_status)?;
@@ -569,6 +622,23 @@ impl IsolateController for Controller {
         let Admitted { caller, .. } = admitted(&request)?;
         Ok(Response::new(crate::apps::rpc::delete(&self.apps, &caller, &request.into_inner().alias).await?))
     }
+
+    async fn set_secret(&self, request: Request<SetSecretRequest>) -> Result<Response<SetSecretResponse>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        let user = self.secrets.set(&caller, request.into_inner()).await.map_err(|e| e.status())?;
+        // The user's warm workers and replicas hold the old values: replaced (see `secrets`' module doc).
+        self.engine.replace_workers(&user).await;
+        self.apps.replace_replicas(&user);
+        Ok(Response::new(SetSecretResponse {}))
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<ListSecretsRequest>,
+    ) -> Result<Response<ListSecretsResponse>, Status> {
+        let Admitted { caller, .. } = admitted(&request)?;
+        Ok(Response::new(self.secrets.list(&caller, request.into_inner()).await.map_err(|e| e.status())?))
+    }
 }
 
 #[cfg(test)]
@@ -596,7 +666,7 @@ mod tests {
 
     #[test]
     fn out_of_range_seconds_are_invalid_arguments_naming_the_range() {
-        let caller = Caller { user_id: "u".into(), key_id: "k".into(), scope: Scope::Api };
+        let caller = Caller { user_id: "u".into(), key_id: "k".into(), scope: Scope::Api, depth: 0 };
         let call = call_request(&caller, &mut run(i32::MAX, Some(1.5))).unwrap();
         assert_eq!(
             (call.keep_alive, call.timeout),

@@ -1,4 +1,4 @@
-//! Keys and users' uids, in SQLite in the server's data dir. Secrets are stored only as SHA-256 hashes (they are 256 random bits,
+//! Keys and users' uids, in SQLite in the server's data dir (and workers' keys, in memory: `nested/keys.rs`). Secrets are stored only as SHA-256 hashes (they are 256 random bits,
 //! so a fast hash is enough) and compared in constant time.
 
 use std::path::Path;
@@ -9,6 +9,8 @@ use rand::RngCore;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::nested::keys::{Refused, WorkerKeys, WORKER_KEY_PREFIX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -48,6 +50,9 @@ pub struct Caller {
     pub user_id: String,
     pub key_id: String,
     pub scope: Scope,
+    /// How many nested calls deep what this caller calls is: 0 for a key of the store; for a worker's key (a
+    /// function calling other functions), one more than the call its worker runs.
+    pub depth: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,12 @@ pub enum StoreError {
     UnknownKey(String),
     #[error("the secret given for key {0:?} is wrong; check FAL_KEY_SECRET or the key_secret of your credentials")]
     WrongSecret(String),
+    #[error(
+        "key {0:?} was a worker's, valid only while that worker lived, and the worker has ended; calls from inside a \
+         function use the key its worker is given (FAL_KEY_ID and FAL_KEY_SECRET), which the server makes for each \
+         worker"
+    )]
+    WorkerKeyEnded(String),
     #[error("key {0:?} has been revoked; create a new key with `fal-serverless keys create`")]
     Revoked(String),
     #[error("key {0:?} is not yours to revoke")]
@@ -80,7 +91,11 @@ pub enum StoreError {
 }
 
 #[derive(Debug)]
-pub struct Store(crate::db::Database);
+pub struct Store {
+    db: crate::db::Database,
+    /// Keys of live workers (`nested/`): in memory only.
+    worker_keys: Arc<WorkerKeys>,
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS keys (
@@ -101,11 +116,11 @@ CREATE TABLE IF NOT EXISTS uids (
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Ok(Self(crate::db::Database::open(path, SCHEMA)?))
+        Ok(Self { db: crate::db::Database::open(path, SCHEMA)?, worker_keys: Arc::default() })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.0.lock()
+        self.db.lock()
     }
 
     /// Runs `work` on the store on a blocking thread, for async callers: SQLite waits for the disk, and for the
@@ -239,8 +254,19 @@ impl Store {
         }
     }
 
+    /// Where workers' keys are made and checked.
+    pub(crate) fn worker_keys(&self) -> &Arc<WorkerKeys> {
+        &self.worker_keys
+    }
+
     /// The caller a key id and secret stand for, or why they stand for no one.
     pub fn verify(&self, key_id: &str, secret: &str) -> Result<Caller, StoreError> {
+        if key_id.starts_with(WORKER_KEY_PREFIX) {
+            return self.worker_keys.verify(key_id, secret).map_err(|refused| match refused {
+                Refused::Ended => StoreError::WorkerKeyEnded(key_id.to_string()),
+                Refused::WrongSecret => StoreError::WrongSecret(key_id.to_string()),
+            });
+        }
         let row: Option<(String, Vec<u8>, i64, Option<i64>)> = self
             .db()
             // Every call verifies its key: the statement is prepared once per connection.
@@ -256,7 +282,7 @@ impl Store {
         if revoked_at.is_some() {
             return Err(StoreError::Revoked(key_id.to_string()));
         }
-        Ok(Caller { user_id, key_id: key_id.to_string(), scope: Scope::from_db(scope) })
+        Ok(Caller { user_id, key_id: key_id.to_string(), scope: Scope::from_db(scope), depth: 0 })
     }
 }
 
@@ -264,7 +290,8 @@ fn hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes, in hex: key ids and secrets.
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)

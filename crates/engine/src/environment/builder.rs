@@ -464,6 +464,7 @@ impl EnvBuilder {
                     hostname: &hostname,
                     network: if joined { JailNetwork::Joined } else { JailNetwork::Loopback },
                     resolv_conf: jail.sandbox.network.as_ref().filter(|_| joined).map(|n| n.resolv_conf()),
+                    hosts: None,
                     gpus: None,
                 };
                 let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();

@@ -187,6 +187,15 @@ impl Provider for LocalProvider {
                 }
                 jail.namespace = Some(namespace);
             }
+            if let Some(link) = spec.link.clone() {
+                let netns =
+                    spec.jail.as_ref().and_then(|j| j.namespace.as_ref()).and_then(|n| n.path()).map(Path::to_path_buf);
+                let granted = tokio::task::spawn_blocking(move || link.attach(netns.as_deref()))
+                    .await
+                    .map_err(|e| CallError::Spawn(format!("the task linking the worker to its caller failed: {e}")))?
+                    .map_err(CallError::Spawn)?;
+                spec.granted = Some(granted);
+            }
             // A worker's PDEATHSIG follows the thread that forked it: fork from the runtime's threads, which live as
             // long as the runtime, never from a caller's thread (which polls its call itself, and may end first).
             tokio::spawn(async move { Worker::spawn(spec) })
@@ -230,6 +239,9 @@ mod tests {
             gpus: None,
             max_payload: 1024,
             data_dir: None,
+            link: None,
+            granted: None,
+            variables: crate::WorkerVariables::new(),
         };
         (root, provider, spec)
     }
@@ -246,6 +258,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("worker {pid} showed no environment in 2 s")
+    }
+
+    #[tokio::test]
+    async fn a_workers_variables_are_in_its_environment_and_the_engines_own_win() {
+        let (_root, provider, spec) = provider_and_spec();
+        let cpu = MachineType::new("S", 1.0, 1 << 30, 0);
+        let mut spec = spec();
+        spec.variables.push("API_TOKEN", "multi\nline value");
+        spec.variables.push("CUDA_VISIBLE_DEVICES", "7");
+        let worker = provider.start(spec, &cpu, None, &LogSink::discard()).await.expect("a worker");
+        let env = environ(worker.pid());
+        assert!(env.contains(&"API_TOKEN=multi\nline value".to_string()), "{env:?}");
+        assert!(env.contains(&"CUDA_VISIBLE_DEVICES=".to_string()), "{env:?}");
+        worker.stop().await;
     }
 
     #[tokio::test]

@@ -8,6 +8,12 @@
 //! or when its job ends on its own; [`SlurmJob::ended`] asks Slurm why (out of memory, node failure, cancelled).
 //! Jobs carry the server's tag in their comment, so a restarted engine cancels the warm jobs of its previous run
 //! instead of leaking them.
+//!
+//! A worker's [variables](crate::WorkerVariables) (a user's secrets) are never in the job script, which Slurm keeps
+//! in its state directory and shows to `scontrol write batch_script`, nor in the job's environment as submitted
+//! (`scontrol show job`): the engine sends them on the frames stream once the job has connected, before any frame,
+//! and the script reads them from it (`NAME=VALUE` each ended by a NUL, then an empty one) and exports them before
+//! it becomes the agent. They cross the network as the calls' payloads do, on the streams to the callback address.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -213,6 +219,9 @@ impl SlurmProvider {
             script,
             "printf '{token} frames\\n' >&3; printf '{token} stdout\\n' >&4; printf '{token} stderr\\n' >&5"
         );
+        // The worker's variables, as `start` sends them. bash's `read` takes one byte at a time from a socket, so it
+        // reads nothing past the empty one that ends them.
+        let _ = writeln!(script, "{READ_VARIABLES}");
         let _ = writeln!(script, "exec 0</dev/null 1>&4 2>&5 4>&- 5>&-");
         let _ = writeln!(script, "export LANG=C.UTF-8 PATH={}", quote(&spec.clean_path()));
         for (name, value) in &agent.env {
@@ -317,6 +326,11 @@ impl Provider for SlurmProvider {
                 return Err(CallError::Spawn("a worker job connected the same stream twice".into()));
             };
             let _ = frames.set_nodelay(true);
+            let mut frames = frames;
+            frames
+                .write_all(&variables_message(&spec.variables))
+                .await
+                .map_err(|e| CallError::Spawn(format!("worker job {}: sending its variables: {e}", job.id)))?;
             let fd = |stream: TcpStream| stream.into_std().map(OwnedFd::from);
             let job_id = job.id.clone();
             let spawn_error = |e: std::io::Error| CallError::Spawn(format!("worker job {job_id}: {e}"));
@@ -562,6 +576,23 @@ async fn greeting(stream: &mut TcpStream) -> std::io::Result<Option<(String, Str
     Ok(None)
 }
 
+/// The script's line that exports the variables the engine sends on fd 3 (see the module's doc).
+const READ_VARIABLES: &str =
+    "while IFS= read -r -d '' variable <&3 && [ -n \"$variable\" ]; do export \"$variable\"; done; unset variable";
+
+/// The variables as the job script reads them: `NAME=VALUE` each ended by a NUL, then an empty one.
+fn variables_message(variables: &crate::WorkerVariables) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut message = zeroize::Zeroizing::new(Vec::new());
+    for (name, value) in variables.iter() {
+        message.extend_from_slice(name.as_bytes());
+        message.push(b'=');
+        message.extend_from_slice(value.as_bytes());
+        message.push(0);
+    }
+    message.push(0);
+    message
+}
+
 /// A one-time secret a worker job proves itself with.
 fn token() -> String {
     let mut bytes = [0u8; 16];
@@ -618,6 +649,9 @@ mod tests {
             gpus: None,
             max_payload: 1024,
             data_dir: None,
+            link: None,
+            granted: None,
+            variables: crate::WorkerVariables::new(),
         };
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
         let script = provider.script(&spec, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc").unwrap();
@@ -637,6 +671,38 @@ mod tests {
         let exec = script.split_once("\nexec '").map(|(_, exec)| exec).unwrap();
         assert!(exec.starts_with("/data/envs/u/k/bin/python' '-I' '-u' '-c' '"), "{exec}");
         assert!(exec.contains("def serve():") && exec.ends_with("serve()\n'\n"));
+    }
+
+    /// The script's own line, run by bash on a socket as a job runs it: every variable arrives, values with
+    /// newlines, quotes and `=` intact, and the bytes after the end (the first frame) are left for the agent.
+    #[tokio::test]
+    async fn variables_sent_on_the_frames_stream_are_exported_by_the_script() {
+        let mut variables = crate::WorkerVariables::new();
+        variables.push("API_TOKEN", "a'b\"c\nd=e $HOME");
+        variables.push("EMPTY", "");
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let script = format!("{READ_VARIABLES}\nprintf '%s|%s|' \"$API_TOKEN\" \"${{EMPTY-unset}}\"; head -c 5 <&3");
+        let mut bash = Command::new("bash");
+        bash.arg("-c").arg(script).stdout(Stdio::piped());
+        let theirs = OwnedFd::from(theirs);
+        // SAFETY: dup2 only, onto fd 3 of the child, from a descriptor that outlives the spawn.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let fd = theirs.as_raw_fd();
+            bash.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        }
+        let child = bash.spawn().unwrap();
+        drop(theirs);
+        let mut ours = tokio::net::UnixStream::from_std({
+            ours.set_nonblocking(true).unwrap();
+            ours
+        })
+        .unwrap();
+        let mut sent = variables_message(&variables).to_vec();
+        sent.extend_from_slice(b"FRAME");
+        ours.write_all(&sent).await.unwrap();
+        let output = child.wait_with_output().await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "a'b\"c\nd=e $HOME||FRAME");
     }
 
     #[test]

@@ -116,6 +116,12 @@ def serve():
     import struct
     import sys
 
+    # Modules the server offers after the environment's own (this project's SDK, for calls the function makes):
+    # `-I` ignores PYTHONPATH, and the function's subprocesses should not inherit it.
+    offered = os.environ.pop("FAL_AGENT_PYTHON_PATH", None)
+    if offered:
+        sys.path.append(offered)
+
     if sys.argv[1:2] == ["dill"]:
         import site
 

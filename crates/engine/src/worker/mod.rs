@@ -7,10 +7,12 @@
 //! installed.
 
 pub(crate) mod frame;
+mod link;
 mod output;
 mod pool;
 mod process;
 
+pub use link::{LinkGrant, WorkerLink};
 pub(crate) use pool::{PoolKey, WorkerPool};
 pub use process::BoxFuture;
 pub(crate) use process::{NoReply, Placement, Worker, WorkerJail, WorkerSpec};

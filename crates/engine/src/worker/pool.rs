@@ -1,4 +1,4 @@
-//! Warm workers, kept per (tenant, environment, machine type) for `keep_alive` after each call.
+//! Warm workers, kept per (tenant, environment, machine type, worker variables) for `keep_alive` after each call.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,6 +12,11 @@ pub(crate) struct PoolKey {
     pub tenant: String,
     pub env_key: String,
     pub machine_type: String,
+    /// The class of the call's [`WorkerLink`](super::WorkerLink) (empty without one).
+    pub link_class: String,
+    /// The [digest](crate::WorkerVariables::digest) of the variables the worker was started with: a call with other
+    /// ones (a user's changed secret) never gets it.
+    pub variables: String,
 }
 
 #[derive(Debug, Default)]
@@ -21,6 +26,9 @@ struct State {
     /// Every live worker, idle or busy, for listings.
     live: BTreeMap<u64, WorkerInfo>,
     next_id: u64,
+    /// Per tenant, how many times its workers were replaced ([`WorkerPool::replace`]): a lease taken before the
+    /// last time is not kept warm when its call ends.
+    generations: HashMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -45,6 +53,8 @@ pub(crate) struct Leased {
     id: u64,
     worker: Option<Worker>,
     pool: WorkerPool,
+    /// Its tenant's generation when it was leased.
+    generation: u64,
 }
 
 impl Leased {
@@ -94,7 +104,8 @@ impl WorkerPool {
             found
         };
         dead.into_iter().for_each(|worker| self.spawn_stop(worker));
-        leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone() })
+        let generation = self.generation(&key.tenant);
+        leased.map(|(id, worker)| Leased { id, worker: Some(worker), pool: self.clone(), generation })
     }
 
     /// Whether `key` has an idle worker now (living or not: [`WorkerPool::checkout`] says).
@@ -118,7 +129,8 @@ impl WorkerPool {
             address: worker.address(),
         };
         state.live.insert(id, info);
-        Leased { id, worker: Some(worker), pool: self.clone() }
+        let generation = state.generations.get(&key.tenant).copied().unwrap_or(0);
+        Leased { id, worker: Some(worker), pool: self.clone(), generation }
     }
 
     /// Returns a worker after a successful call. It stays warm for `keep_alive` (each call restarts the timer:
@@ -132,7 +144,8 @@ impl WorkerPool {
                 info.calls += 1;
                 info.busy = false;
             }
-            if keep_alive.is_zero() {
+            let replaced = state.generations.get(&key.tenant).copied().unwrap_or(0) != leased.generation;
+            if keep_alive.is_zero() || replaced {
                 state.live.remove(&id);
             } else {
                 // A fresh id per idle period: a timer of an earlier period finds nothing to remove.
@@ -192,6 +205,27 @@ impl WorkerPool {
         Some(worker)
     }
 
+    fn generation(&self, tenant: &str) -> u64 {
+        self.state().generations.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Takes every idle worker of `tenant` out of the pool, for the caller to stop, and marks the tenant's busy ones
+    /// to be stopped when their calls end rather than kept warm: for when what its workers were started with
+    /// changed.
+    pub fn replace(&self, tenant: &str) -> Vec<Worker> {
+        let mut state = self.state();
+        *state.generations.entry(tenant.to_string()).or_default() += 1;
+        let keys: Vec<PoolKey> = state.idle.keys().filter(|key| key.tenant == tenant).cloned().collect();
+        let mut taken = Vec::new();
+        for key in keys {
+            for (id, worker) in state.idle.remove(&key).unwrap_or_default() {
+                state.live.remove(&id);
+                taken.push(worker);
+            }
+        }
+        taken
+    }
+
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.state().live.values().cloned().collect()
     }
@@ -243,5 +277,89 @@ impl WorkerPool {
             }
         };
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::error::CallError;
+    use crate::worker::{BoxFuture, Placement};
+
+    /// A placement that counts its stops.
+    #[derive(Debug)]
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Placement for Counted {
+        fn id(&self) -> u32 {
+            1
+        }
+        fn has_ended(&mut self) -> bool {
+            false
+        }
+        fn ended<'a>(&'a mut self, _: &'a str, _: &'a str) -> BoxFuture<'a, CallError> {
+            Box::pin(async { CallError::WorkerDied { how: "ended".into() } })
+        }
+        fn stop(&mut self) -> BoxFuture<'_, ()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    /// A worker whose agent end is returned with it (dropping that end would make the worker look dead).
+    fn worker(stops: &Arc<AtomicUsize>) -> (Worker, tokio::net::UnixStream) {
+        let (ours, agent) = tokio::net::UnixStream::pair().expect("socket pair");
+        let (stdout, _) = super::super::output::pipe().expect("pipe");
+        let (stderr, _) = super::super::output::pipe().expect("pipe");
+        let placement = Box::new(Counted(stops.clone()));
+        (Worker::connected(placement, Box::new(ours), stdout, stderr, 1024).expect("worker"), agent)
+    }
+
+    fn key(tenant: &str, variables: &str) -> PoolKey {
+        PoolKey {
+            tenant: tenant.into(),
+            env_key: "e".into(),
+            machine_type: "XS".into(),
+            variables: variables.into(),
+            link_class: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn replacing_a_tenants_workers_stops_its_idle_ones_and_its_busy_ones_when_released() {
+        let stops = Arc::new(AtomicUsize::new(0));
+        let pool = WorkerPool::default();
+        let keep = Duration::from_secs(3600);
+        let (idle, _a) = worker(&stops);
+        let (busy, _b) = worker(&stops);
+        let (other, _c) = worker(&stops);
+        let (idle_lease, busy_lease) = (pool.lease_new(&key("t", "v1"), idle), pool.lease_new(&key("t", "v1"), busy));
+        pool.release(key("t", "v1"), idle_lease, keep);
+        let other_lease = pool.lease_new(&key("u", "v1"), other);
+        pool.release(key("u", "v1"), other_lease, keep);
+        // Other variables, another key: the warm worker is not handed out.
+        assert!(pool.checkout(&key("t", "v2")).is_none());
+        assert!(pool.has_idle(&key("t", "v1")));
+
+        let taken = pool.replace("t");
+        assert_eq!(taken.len(), 1);
+        for worker in taken {
+            worker.stop().await;
+        }
+        assert!(!pool.has_idle(&key("t", "v1")));
+        // The busy one, leased before, is stopped when its call ends instead of kept warm.
+        pool.release(key("t", "v1"), busy_lease, keep);
+        pool.stopped().await;
+        assert_eq!(stops.load(Ordering::SeqCst), 2);
+        assert!(!pool.has_idle(&key("t", "v1")));
+        assert_eq!(pool.workers().iter().filter(|w| w.tenant == "t").count(), 0);
+        // Another tenant's warm worker stays; a worker leased after the replacement is kept warm again.
+        assert!(pool.has_idle(&key("u", "v1")));
+        let (fresh, _d) = worker(&stops);
+        let fresh_lease = pool.lease_new(&key("t", "v2"), fresh);
+        pool.release(key("t", "v2"), fresh_lease, keep);
+        assert!(pool.checkout(&key("t", "v2")).is_some());
     }
 }

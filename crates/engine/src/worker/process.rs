@@ -6,6 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fal_sandbox::{GpuGrant, Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
@@ -14,14 +15,18 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED};
+use super::link::{LinkGrant, WorkerLink};
 use super::output::{pipe, OutputPipe};
 use crate::environment::EnvUse;
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::provider::gpus::GpuLease;
 use crate::room::Hold;
+use crate::variables::WorkerVariables;
 
 const AGENT: &str = include_str!("agent.py");
+/// Names the directory the agent appends to `sys.path` ([`LinkGrant::python_path`]).
+const AGENT_PATH_VARIABLE: &str = "FAL_AGENT_PYTHON_PATH";
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How often a busy worker's cgroup is asked whether the kernel killed one of its processes for memory.
@@ -48,6 +53,12 @@ pub(crate) struct WorkerSpec {
     /// A host directory kept across workers (its user's persistent storage): bound read-write at [`DATA_MOUNT`] in a
     /// jailed worker; an unjailed one (the local host) uses it where it is. Either way `FAL_DATA_DIR` names it.
     pub data_dir: Option<PathBuf>,
+    /// The call's link, which the provider asks for [`WorkerSpec::granted`] once it knows the worker's network.
+    pub link: Option<Arc<dyn WorkerLink>>,
+    /// What the link gave this worker: shown to it at start, and kept until it has ended.
+    pub granted: Option<LinkGrant>,
+    /// Set in the worker's environment before the engine's own variables (which win over one of the same name).
+    pub variables: WorkerVariables,
 }
 
 /// Where a jailed worker sees [`WorkerSpec::data_dir`], as the original's workers see their user's storage.
@@ -102,12 +113,14 @@ impl WorkerSpec {
         if let Some(layer) = layer {
             agent_args.extend(["dill", layer]);
         }
+        let granted = self.granted.as_ref();
         let (program, args) = match &self.jail {
             Some(jailed) => {
                 let mut read_only = vec![jailed.base_prefix.as_path(), self.env_root.as_path()];
                 read_only.extend(layer.map(std::path::Path::new));
                 let data = self.data_dir.as_deref().map(|dir| (dir, std::path::Path::new(DATA_MOUNT)));
                 let binds: Vec<_> = data.into_iter().collect();
+                read_only.extend(granted.iter().flat_map(|g| g.read_only.iter().map(PathBuf::as_path)));
                 let grants = Grants {
                     read_only: &read_only,
                     writable: &[],
@@ -117,6 +130,7 @@ impl WorkerSpec {
                     hostname: &jailed.hostname,
                     network: jailed.network,
                     resolv_conf: jailed.resolv_conf.as_deref(),
+                    hosts: granted.and_then(|g| g.hosts_file.as_deref()),
                     gpus: jailed.gpus.as_ref(),
                 };
                 jailed.jail.wrap(&grants, &self.python, &agent_args)
@@ -133,6 +147,14 @@ impl WorkerSpec {
             if !gpus.is_empty() {
                 // Indices in CUDA_VISIBLE_DEVICES count in bus order, as the provider numbered them (see gpus.rs).
                 env.push(("CUDA_DEVICE_ORDER".to_string(), "PCI_BUS_ID".to_string()));
+            }
+        }
+        if let Some(granted) = granted {
+            env.extend(granted.env.iter().cloned());
+            if let Some(path) = &granted.python_path {
+                // The agent appends it to `sys.path` (it runs with `-I`, which ignores PYTHONPATH) and removes the
+                // variable, so the function's own subprocesses do not inherit it.
+                env.push((AGENT_PATH_VARIABLE.to_string(), path.display().to_string()));
             }
         }
         Ok(AgentCommand { program, args, env })
@@ -200,6 +222,8 @@ pub(crate) struct Worker {
     hold: Option<Hold>,
     /// Its environment's use lock, held while the worker lives: no eviction removes the environment under it.
     environment: Option<EnvUse>,
+    /// What its call's link gave it to keep while it lives (a key that is valid only that long).
+    link: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// A worker process of this host: the leader of a process group of its own (`setsid` in [`ProcessSetup`]), which
@@ -239,6 +263,7 @@ impl Worker {
             stderr: OutputPipe::new(stderr, LogSource::Stderr)?,
             hold: None,
             environment: None,
+            link: None,
         })
     }
 
@@ -246,6 +271,11 @@ impl Worker {
     pub fn holding(mut self, hold: Option<Hold>) -> Self {
         self.hold = hold;
         self
+    }
+
+    /// Keeps what its link gave it until the worker is gone.
+    pub fn keep_link(&mut self, keep: Option<Box<dyn std::any::Any + Send + Sync>>) {
+        self.link = keep;
     }
 
     /// Holds `environment` (its environment's use lock) until the worker is gone.
@@ -261,11 +291,17 @@ impl Worker {
         let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
 
         let agent = spec.agent_command()?;
+        let keep = spec.granted.as_mut().and_then(|granted| granted.keep.take());
         let mut command = Command::new(&agent.program);
         command.args(&agent.args);
         if spec.jail.is_some() {
             // A jailed worker inherits nothing of the server's environment (its secrets included).
-            command.env_clear().env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
+            command.env_clear();
+        }
+        // The caller's variables first: the engine's own, set after them, win.
+        command.envs(spec.variables.iter());
+        if spec.jail.is_some() {
+            command.env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
         } else {
             // Unjailed (the local host), the user's own tools stay reachable after the environment's.
             let mut path = spec.env_root.join("bin").into_os_string();
@@ -312,8 +348,11 @@ impl Worker {
             hostname,
             jailed: spec.jail.is_some(),
         };
-        Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
-            .map_err(|e| spawn_error("pipe", e))
+        let mut worker =
+            Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
+                .map_err(|e| spawn_error("pipe", e))?;
+        worker.keep_link(keep);
+        Ok(worker)
     }
 
     pub fn pid(&self) -> u32 {

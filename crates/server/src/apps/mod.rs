@@ -23,7 +23,9 @@ use self::logs::AppLogs;
 use self::replicas::{Launch, ReplicaSet, Scaling};
 pub use self::store::{AppStore, AppStoreError, AuthMode, Revision};
 use crate::capacity::Capacity;
-use crate::service::{call_request, CapacityRoom};
+use crate::nested::Nested;
+use crate::secrets::Secrets;
+use crate::service::{call_request, for_user, CapacityRoom};
 use crate::store::{Caller, Scope, Store, StoreError};
 
 /// The port a replica serves on, in its own network namespace (the original's `exposed_port`, which it fixes too).
@@ -85,6 +87,7 @@ pub enum AppError {
 pub struct Apps {
     pub store: Arc<AppStore>,
     keys: Arc<Store>,
+    secrets: Arc<Secrets>,
     engine: Engine,
     capacity: Arc<Capacity>,
     uids: (u32, u32),
@@ -93,6 +96,7 @@ pub struct Apps {
     pub config: AppsConfig,
     /// Why this server cannot run apps, if it cannot (its workers are not jailed, or run on a cluster).
     unavailable: Option<String>,
+    nested: Arc<Nested>,
     /// Replica sets by revision id, made on the first request.
     running: Mutex<HashMap<String, Arc<ReplicaSet>>>,
     /// Logs by revision id, made on first use (a follower's, before any replica runs): kept apart from the sets, so
@@ -101,6 +105,8 @@ pub struct Apps {
     /// What (user, alias or revision id) stood for when last asked: a warm request reads no SQLite. Emptied for a
     /// user whenever their aliases change.
     resolved: Mutex<HashMap<(String, String), Revision>>,
+    /// The owner of each revision in `running`.
+    owners: Mutex<HashMap<String, String>>,
 }
 
 /// Entries `Apps::resolved` holds before it starts again.
@@ -117,6 +123,7 @@ pub struct AliasState {
 pub struct AppsParts {
     pub store: Arc<AppStore>,
     pub keys: Arc<Store>,
+    pub secrets: Arc<Secrets>,
     pub engine: Engine,
     pub capacity: Arc<Capacity>,
     pub uids: (u32, u32),
@@ -125,6 +132,8 @@ pub struct AppsParts {
     pub max_keep_alive: Duration,
     pub config: AppsConfig,
     pub unavailable: Option<String>,
+    /// How replicas' workers reach the server, for the calls they make.
+    pub nested: Arc<Nested>,
 }
 
 impl Apps {
@@ -132,6 +141,7 @@ impl Apps {
         Arc::new(Self {
             store: parts.store,
             keys: parts.keys,
+            secrets: parts.secrets,
             engine: parts.engine,
             capacity: parts.capacity,
             uids: parts.uids,
@@ -139,9 +149,11 @@ impl Apps {
             max_keep_alive: parts.max_keep_alive,
             config: parts.config,
             unavailable: parts.unavailable,
+            nested: parts.nested,
             running: Mutex::default(),
             logs: Mutex::default(),
             resolved: Mutex::default(),
+            owners: Mutex::default(),
         })
     }
 
@@ -355,6 +367,24 @@ impl Apps {
         self.logs_map().entry(revision.id.clone()).or_default().clone()
     }
 
+    /// After `user` changed what their workers start with (a secret): each of their apps' replicas is replaced
+    /// ([`ReplicaSet::replace`]).
+    pub fn replace_replicas(&self, user: &str) {
+        let sets: Vec<Arc<ReplicaSet>> = {
+            // In the order `replicas` takes them.
+            let running = self.running();
+            let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            running
+                .iter()
+                .filter(|(id, _)| owners.get(*id).is_some_and(|o| o == user))
+                .map(|(_, s)| s.clone())
+                .collect()
+        };
+        for set in sets {
+            set.replace();
+        }
+    }
+
     /// The replicas of `revision`, made on first use.
     pub fn replicas(&self, revision: &Revision) -> Arc<ReplicaSet> {
         let mut running = self.running();
@@ -379,6 +409,7 @@ impl Apps {
             }
         }
         running.insert(revision.id.clone(), replicas.clone());
+        self.owners.lock().unwrap_or_else(|e| e.into_inner()).insert(revision.id.clone(), revision.user_id.clone());
         replicas
     }
 
@@ -386,31 +417,34 @@ impl Apps {
     /// worker of its own (no keep_alive: a replica's worker serves nothing else).
     fn launcher(&self, revision: &Revision) -> Launch {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
+        let (secrets, nested) = (self.secrets.clone(), self.nested.clone());
         let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
         let storage = self.storage.clone();
         Arc::new(move |logs: LogSink, address| {
             let (engine, capacity, keys, storage) = (engine.clone(), capacity.clone(), keys.clone(), storage.clone());
+            let (secrets, nested) = (secrets.clone(), nested.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
                 let request = match RegisterApplicationRequest::decode(definition.as_ref()) {
                     Ok(request) => request,
                     Err(e) => return format!("its stored definition cannot be read ({e}): register it again"),
                 };
-                let caller = Caller { user_id: owner.clone(), key_id: String::new(), scope: Scope::Api };
+                let caller = Caller { user_id: owner.clone(), key_id: String::new(), scope: Scope::Api, depth: 0 };
                 let mut call = match call_request(&caller, &mut hosted_run(request)) {
                     Ok(call) => call,
                     Err(status) => return status.message().to_string(),
                 };
-                let user = owner.clone();
-                let uid = match keys.blocking(move |keys| keys.uid(&user, uids.0, uids.1)).await {
-                    Ok(uid) => uid,
-                    Err(e) => return e.to_string(),
-                };
-                call.uid = Some(uid);
-                call.data_dir = match crate::storage::data_dir(&storage, &owner, uid).await {
-                    Ok(dir) => Some(dir),
-                    Err(e) => return e,
-                };
+                // A replica is started for requests, not by a function: the calls it makes are one level deep.
+                call.link = Some(nested.link(&owner, 0, None));
+                if let Err(status) = for_user(&mut call, &owner, &keys, &secrets, uids).await {
+                    return status.message().to_string();
+                }
+                if let Some(uid) = call.uid {
+                    call.data_dir = match crate::storage::data_dir(&storage, &owner, uid).await {
+                        Ok(dir) => Some(dir),
+                        Err(e) => return e,
+                    };
+                }
                 call.keep_alive = Duration::ZERO;
                 call.timeout = None;
                 call.room = Some(Arc::new(CapacityRoom {

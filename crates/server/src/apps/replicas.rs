@@ -98,6 +98,9 @@ pub struct ReplicaSet {
     /// A newer revision took the alias: this one keeps no replica up when idle (its `min` no longer holds), though
     /// its id still answers.
     superseded: std::sync::atomic::AtomicBool,
+    /// Replicas with ids up to this one started with what their owner has since changed (a secret): they take no
+    /// new request, and stop once idle ([`ReplicaSet::replace`]).
+    stale_through: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ReplicaSet {
@@ -138,7 +141,8 @@ impl Drop for Lease {
 impl ReplicaSet {
     pub fn new(name: String, scaling: Scaling, launch: Launch, logs: Arc<AppLogs>) -> Arc<Self> {
         let superseded = std::sync::atomic::AtomicBool::new(false);
-        let set = Arc::new(Self { name, scaling, launch, logs, state: Mutex::default(), superseded });
+        let stale_through = std::sync::atomic::AtomicU64::new(0);
+        let set = Arc::new(Self { name, scaling, launch, logs, state: Mutex::default(), superseded, stale_through });
         let weak = Arc::downgrade(&set);
         tokio::spawn(reap(weak));
         set
@@ -202,8 +206,12 @@ impl ReplicaSet {
     /// The least busy ready replica with room, taken for `request_id`.
     fn lease_locked(self: &Arc<Self>, state: &mut State, request_id: String, logs: Arc<RequestLogs>) -> Option<Lease> {
         let multiplexing = self.scaling.multiplexing.max(1);
-        let (&id, replica) =
-            state.replicas.iter_mut().filter(|(_, r)| r.in_flight < multiplexing).min_by_key(|(_, r)| r.in_flight)?;
+        let stale_through = self.stale_through.load(std::sync::atomic::Ordering::Relaxed);
+        let (&id, replica) = state
+            .replicas
+            .iter_mut()
+            .filter(|(&id, r)| r.in_flight < multiplexing && id > stale_through)
+            .min_by_key(|(_, r)| r.in_flight)?;
         replica.in_flight += 1;
         // Output is the request's only while the replica serves it alone.
         replica.current = (replica.in_flight == 1).then(|| (request_id.clone(), logs.clone()));
@@ -351,8 +359,13 @@ impl ReplicaSet {
         self.logs.push(line);
     }
 
-    /// Stops idle replicas past their keep_alive (down to `min`), and starts replicas up to `min`.
+    /// Stops idle replicas past their keep_alive (down to `min`) and idle stale ones, and starts replicas up to
+    /// `min` (and for requests waiting, in place of stale ones).
     fn reap(self: &Arc<Self>) {
+        let stale = self.stop_idle_stale();
+        for id in stale {
+            self.note(format!("replica {id} stopped: it started with secrets that have changed since"));
+        }
         let stopped = {
             let mut state = self.state();
             if state.closed {
@@ -389,6 +402,43 @@ impl ReplicaSet {
         for id in stopped {
             self.note(format!("replica {id} stopped: idle for {}s (keep_alive)", self.scaling.keep_alive.as_secs()));
         }
+    }
+
+    /// Its owner changed what replicas start with (a secret): every replica running or starting now takes no new
+    /// request and stops once idle (now, for those idle already); new ones start in their place as requests (or
+    /// `min`) ask.
+    pub fn replace(self: &Arc<Self>) {
+        {
+            let state = self.state();
+            self.stale_through.store(state.next_id, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.reap();
+    }
+
+    /// Stops the stale replicas no request is on, and starts others for the requests waiting; returns their ids.
+    fn stop_idle_stale(self: &Arc<Self>) -> Vec<u64> {
+        let stale_through = self.stale_through.load(std::sync::atomic::Ordering::Relaxed);
+        let mut state = self.state();
+        if state.closed || stale_through == 0 {
+            return Vec::new();
+        }
+        let idle: Vec<u64> = state
+            .replicas
+            .iter()
+            .filter(|(&id, r)| id <= stale_through && r.in_flight == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &idle {
+            if let Some(replica) = state.replicas.remove(id) {
+                replica.task.abort();
+                let _ = replica.ended.send(Some("its secrets changed".into()));
+                state.tasks.remove(id);
+            }
+        }
+        if !idle.is_empty() {
+            self.scale_up_locked(&mut state);
+        }
+        idle
     }
 
     /// A newer revision took this one's alias: its idle replicas stop after keep_alive, `min` or not.

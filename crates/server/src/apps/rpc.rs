@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_logs_filter_names_an_app_by_alias_or_by_either_url() {
-        let caller = Caller { user_id: "alice".into(), key_id: "k".into(), scope: Scope::Api };
+        let caller = Caller { user_id: "alice".into(), key_id: "k".into(), scope: Scope::Api, depth: 0 };
         let app = |user: &str, app: &str| Some((user.to_string(), app.to_string()));
         assert_eq!(named_app(&caller, Some("web"), None).unwrap(), app("alice", "web"));
         assert_eq!(named_app(&caller, None, Some("https://h:1/apps/bob/x/y")).unwrap(), app("bob", "x"));
