@@ -205,6 +205,7 @@ struct FileConfig {
     apps: AppsFileConfig,
     #[serde(default)]
     storage: StorageFileConfig,
+    #[serde(default)]
     secrets: SecretsFileConfig,
 }
 
