@@ -342,3 +342,37 @@ print(keep())
     # Another process, another worker: the same directory.
     assert run_script(script, timeout=300).returncode == 0
     assert (cache_dir / "data" / "kept.txt").read_text() == "xx"
+
+
+SERVED = """
+from fal_serverless import isolated
+
+@isolated(serve=True, keep_alive=30)
+def notes(name: str) -> dict:
+    import os
+    path = os.path.join("/data/app-notes", name)
+    seen = open(path).read() if os.path.exists(path) else None
+    os.makedirs("/data/app-notes", exist_ok=True)
+    open(path, "a").write("+")
+    return {"seen": seen}
+
+print(notes.serve(alias="notes"))
+"""
+
+
+def test_web_endpoint_replicas_and_queue_requests_see_their_owners_data(storage_server: Server) -> None:
+    key = storage_server.create_key("store-app")
+    proc = run_script(SERVED, storage_server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    url = proc.stdout.strip().splitlines()[-1]
+    headers = {"Authorization": f"Key {key[0]}:{key[1]}"}
+    first = httpx.post(url, params={"name": "n"}, headers=headers, timeout=300)
+    assert first.status_code == 200 and first.json() == {"seen": None}, first.text
+    with rest(storage_server, key) as client:
+        assert client.get("/files/file/app-notes/n").text == "+"
+        submitted = client.post("/queue/store-app/notes", params={"name": "n"}, json={}).json()
+        with client.stream("GET", submitted["status_url"] + "/stream", timeout=300) as stream:
+            for _ in stream.iter_lines():
+                pass
+        assert client.get(submitted["response_url"]).json() == {"seen": "+"}
+        assert client.get("/files/file/app-notes/n").text == "++"

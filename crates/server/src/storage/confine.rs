@@ -116,7 +116,9 @@ impl RelPath {
 #[derive(Debug)]
 pub struct UserRoot {
     fd: OwnedFd,
-    uid: u32,
+    /// Who owns what is made through it: the user's uid, on a server that runs as root (one that does not runs its
+    /// workers as itself, and keeps what it makes its own).
+    owner: Option<u32>,
 }
 
 fn cstring(path: &Path) -> io::Result<CString> {
@@ -186,7 +188,9 @@ impl UserRoot {
     /// Opens `dir` (created by the server, owned by `uid`); files and directories made through it are `uid`'s.
     pub fn open(dir: &Path, uid: u32) -> io::Result<Self> {
         let fd = File::open(dir)?.into();
-        Ok(Self { fd, uid })
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        Ok(Self { fd, owner: root.then_some(uid) })
     }
 
     /// Opens a directory below the root (the root itself for an empty path).
@@ -257,10 +261,12 @@ impl UserRoot {
             // SAFETY: `c` is NUL-terminated and outlives the call; the descriptor is open.
             let made = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) };
             if made == 0 {
-                // SAFETY: as above; AT_SYMLINK_NOFOLLOW: the entry just made, never a link's target.
-                check(unsafe {
-                    libc::fchownat(dir.as_raw_fd(), c.as_ptr(), self.uid, self.uid, libc::AT_SYMLINK_NOFOLLOW)
-                })?;
+                if let Some(owner) = self.owner {
+                    // SAFETY: as above; AT_SYMLINK_NOFOLLOW: the entry just made, never a link's target.
+                    check(unsafe {
+                        libc::fchownat(dir.as_raw_fd(), c.as_ptr(), owner, owner, libc::AT_SYMLINK_NOFOLLOW)
+                    })?;
+                }
             } else {
                 let error = io::Error::last_os_error();
                 if error.raw_os_error() != Some(libc::EEXIST) {
@@ -280,8 +286,10 @@ impl UserRoot {
             libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
             0o644,
         )?;
-        // SAFETY: fchown on a descriptor we own.
-        check(unsafe { libc::fchown(fd.as_raw_fd(), self.uid, self.uid) })?;
+        if let Some(owner) = self.owner {
+            // SAFETY: fchown on a descriptor we own.
+            check(unsafe { libc::fchown(fd.as_raw_fd(), owner, owner) })?;
+        }
         Ok(File::from(fd))
     }
 

@@ -231,7 +231,11 @@ impl Storage {
                 Enforcement::Soft => std::fs::create_dir(&dir).map_err(|e| fail(e.to_string()))?,
             }
         }
-        std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(|e| fail(e.to_string()))?;
+        // A server that is not root runs its workers as itself, unjailed: the directory stays its own.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(|e| fail(e.to_string()))?;
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| fail(e.to_string()))?;
         if self.enforcement == Enforcement::Kernel {
             // Set on every start: a changed quota_mb applies to existing users too.
