@@ -137,9 +137,18 @@ impl Storage {
             run("btrfs", &["quota", "enable", &root.display().to_string()]).map_err(setup)?;
             Enforcement::Kernel
         } else if has_btrfs_tools() {
-            Self::mount_image(&image, &root, config.image_bytes).map_err(setup)?;
-            mounted = Some(image.clone());
-            Enforcement::Kernel
+            match Self::mount_image(&image, &root, config.image_bytes) {
+                Ok(()) => {
+                    mounted = Some(image.clone());
+                    Enforcement::Kernel
+                }
+                // No loop device or no btrfs in this kernel (a container, say): the server still serves.
+                Err(error) => {
+                    tracing::warn!(root = %root.display(), %error, "users' storage quota is soft (counted on \
+                        upload, not enforced on a function's writes): its btrfs image could not be mounted");
+                    Enforcement::Soft
+                }
+            }
         } else {
             tracing::warn!(root = %root.display(), "users' storage quota is soft (counted on upload, not enforced on \
                 a function's writes): install btrfs-progs for a kernel-enforced quota");
