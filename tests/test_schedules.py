@@ -47,6 +47,9 @@ def shows_secret():
     import os
 
     print("the secret is", os.environ.get("SCHEDULE_SECRET"))
+    with open("/data/from-the-schedule.txt", "a") as file:
+        file.write("ran\n")
+    print("/data holds", sorted(os.listdir("/data")))
 
 
 @isolated(serve=True)
@@ -244,14 +247,14 @@ def test_a_failing_activation_keeps_its_traceback_and_outcome(scheduled: Schedul
     assert failed["activation id"] in {row["run id"] for row in runs}, runs
 
 
-def test_an_activation_gets_its_owners_secrets(scheduled: Scheduled) -> None:
+def test_an_activation_gets_its_owners_secrets_and_data(scheduled: Scheduled) -> None:
     proc = scheduled.cli("sal", "secrets", "set", "SCHEDULE_SECRET", "for-the-schedule")
     assert proc.returncode == 0, proc.stderr
     cron_id = scheduled.schedule("sal", "*/2 * * * * *", "shows_secret")
     rows = scheduled.wait_for("sal", cron_id, lambda rows: len(successes(rows)) >= 1)
     scheduled.cli("sal", "cron", "cancel", cron_id)
     logs = scheduled.logs("sal", cron_id, successes(rows)[0]["activation id"])
-    assert "the secret is for-the-schedule" in logs, logs
+    assert "the secret is for-the-schedule" in logs and "from-the-schedule.txt" in logs, logs
 
 
 ORIGINAL_JOB = """

@@ -19,6 +19,7 @@ from ._credentials import CloudKeyCredentials, Credentials, FalServerlessKeyCred
 from ._hosts import AUTH_MODES, CloudHost, Deployment, Host, LocalHost, cloud, local
 from ._isolated import IsolatedFunction, isolated
 from ._options import MACHINE_TYPES, SERVE_REQUIREMENTS, MachineTypeInfo
+from ._storage import FileSpec, download_file, download_weights, sync_dir
 from .exceptions import (
     AuthenticationError,
     CallTimeoutError,
@@ -47,6 +48,7 @@ __all__ = [
     "EnvironmentBuildError",
     "FalServerlessError",
     "FalServerlessKeyCredentials",
+    "FileSpec",
     "Host",
     "IsolatedFunction",
     "LocalHost",
@@ -61,6 +63,9 @@ __all__ = [
     "WorkerDiedError",
     "cached",
     "cloud",
+    "download_file",
+    "download_weights",
     "isolated",
     "local",
+    "sync_dir",
 ]

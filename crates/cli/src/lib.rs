@@ -18,6 +18,7 @@ use fal_server::{ServerConfig, Started, Store};
 
 mod apps;
 mod envs;
+mod files;
 mod schedules;
 mod secrets;
 
@@ -64,6 +65,10 @@ enum Command {
     /// The run history: your calls, web requests and schedule activations, and their logs.
     #[command(subcommand)]
     Runs(schedules::RunsCommand),
+    /// Your persistent storage on the server (`/data` in your workers): ls, put, get, rm, du. Paths are relative to
+    /// /data (or written /data/...).
+    #[command(subcommand)]
+    Files(files::FilesCommand),
     /// Set, list and delete your secrets: environment variables of all your workers, stored encrypted.
     #[command(subcommand, visible_alias = "secret")]
     Secrets(secrets::SecretsCommand),
@@ -191,6 +196,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Runs(command) => schedules::runs(&connect().await?, command).await,
         Command::Apps(command) => apps::apps(&connect().await?, command).await,
         Command::Logs(args) => apps::logs(&connect().await?, args).await,
+        Command::Files(command) => {
+            let target = Target::resolve(None)?;
+            let client = Client::connect(&target).await?;
+            files::run(&fal_client::rest::Rest::new(client.uri(), &target), command).await
+        }
         Command::Secrets(command) => secrets::secrets(&connect().await?, command).await,
         Command::Workers => {
             let client = connect().await?;

@@ -17,6 +17,7 @@
 
 mod apps;
 mod credentials;
+pub mod rest;
 mod schedules;
 
 use std::path::PathBuf;

@@ -126,6 +126,10 @@ pub struct CallRequest {
     /// Told which worker runs the call once it has one, before the call is sent: how a call that serves (a web
     /// endpoint's replica, which listens on a port until stopped) is found.
     pub on_worker: Option<tokio::sync::mpsc::UnboundedSender<CallWorker>>,
+    /// A directory of the host kept across calls (the server: its tenant's persistent storage), which the call's
+    /// worker sees read-write at `/data` when jailed, and where it is otherwise; `FAL_DATA_DIR` names it in the
+    /// worker. One tenant's calls name the same one (its workers are pooled by tenant). `None`: none.
+    pub data_dir: Option<PathBuf>,
     /// Given to each new worker of this call (the server's way back to itself, for calls the function makes); its
     /// class keeps workers with different links apart in the pool.
     pub link: Option<Arc<dyn WorkerLink>>,
@@ -392,6 +396,7 @@ impl Engine {
             visible_gpus: None,
             gpus: None,
             max_payload: inner.config.max_payload_bytes,
+            data_dir: request.data_dir.clone(),
             link: request.link.clone(),
             granted: None,
             // The call's own; variables computed for this one worker when it starts go after them here.

@@ -257,6 +257,11 @@ impl Engine {
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let env = env_spec(python_version, &requirements, serializer)?;
         let keep_alive = options::keep_alive(keep_alive).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        // The local host's persistent storage: a directory of the cache, named by FAL_DATA_DIR in its workers (they
+        // run unjailed, as the user, with no mount namespace of their own to show it at /data).
+        let data_dir = self.cache_dir.join("data");
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| FalServerlessError::new_err(format!("cannot create {}: {e}", data_dir.display())))?;
         let request = CallRequest {
             tenant,
             uid: None,
@@ -268,6 +273,7 @@ impl Engine {
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
             on_worker: None,
+            data_dir: Some(data_dir),
             link: None,
             variables: Default::default(),
         };
@@ -335,6 +341,8 @@ type ServerWorker = (String, String, String, String, bool, u64);
 #[pyclass(frozen, module = "fal_serverless._native")]
 struct CloudClient {
     client: Client,
+    /// The key its calls carry, for the server's REST side (users' storage).
+    key: (String, String),
 }
 
 fn string_value(s: impl Into<String>) -> prost_types::Value {
@@ -393,7 +401,13 @@ impl CloudClient {
         let target = Target::resolve(key_id.zip(key_secret)).map_err(client_error)?;
         let runtime = runtime()?;
         let client = py.detach(|| runtime.block_on(Client::connect(&target))).map_err(client_error)?;
-        Ok(Self { client })
+        Ok(Self { client, key: (target.key_id.clone(), target.key_secret.clone()) })
+    }
+
+    /// `(key_id, key_secret)`: what the REST side takes in `Authorization: Key id:secret`.
+    #[getter]
+    fn key(&self) -> (String, String) {
+        self.key.clone()
     }
 
     /// `http://host:port` or `https://host:port`: the server as this client reaches it (https when it speaks TLS).

@@ -4,7 +4,9 @@
 //! usual links into it), `/etc`, and the paths the caller names, each at its real path: the engine names the
 //! interpreter's installation, the worker's own environment and, for dill workers, the dill layer's packages.
 //! Granted, writable: a private, empty `/tmp` (also `HOME`; mode 1777) and `/dev/shm`, which vanish with the process, and the
-//! paths the caller names as writable (an environment build's staging dir and its user's build cache). Granted: a
+//! paths the caller names as writable (an environment build's staging dir and its user's build cache), and host
+//! directories the caller binds read-write at other paths ([`Grants::binds`]: a worker's user's persistent storage
+//! at `/data`; never an environment build's). Granted: a
 //! fresh `/proc` of its own PID namespace, a minimal `/dev`, a hostname of its own, and a network namespace of its
 //! own: loopback only, or the one the caller made for it (see `network.rs`), with that namespace's `resolv.conf`, and
 //! the `/etc/hosts` the caller names (a worker's: the name of the server's listener on its namespace's loopback).
@@ -58,6 +60,9 @@ pub struct Grants<'a> {
     pub read_only: &'a [&'a Path],
     /// Visible writable at their real paths (they must exist).
     pub writable: &'a [&'a Path],
+    /// Host directories (they must exist) visible writable at another path: `(host, at)`. `at` must be absolute and
+    /// outside the paths above; its missing parents are created walkable (mode 0755) and empty.
+    pub binds: &'a [(&'a Path, &'a Path)],
     pub uid: u32,
     pub gid: u32,
     pub hostname: &'a str,
@@ -185,6 +190,16 @@ impl Jail {
             argv.extend([how.into(), path.display().to_string(), path.display().to_string()]);
             bound.push(path.to_path_buf());
         }
+        for (host, at) in grants.binds {
+            for ancestor in at.ancestors().skip(1).collect::<Vec<_>>().into_iter().rev().skip(1) {
+                if created.iter().any(|c| c == ancestor) || bound.iter().any(|b| ancestor.starts_with(b)) {
+                    continue;
+                }
+                argv.extend(["--perms".into(), "0755".into(), "--dir".into(), ancestor.display().to_string()]);
+                created.push(ancestor.to_path_buf());
+            }
+            argv.extend(["--bind".into(), host.display().to_string(), at.display().to_string()]);
+        }
         argv.extend([
             "--".into(),
             self.setpriv.display().to_string(),
@@ -218,6 +233,7 @@ mod tests {
             Grants {
                 read_only,
                 writable: &[],
+                binds: &[],
                 uid: 200_001,
                 gid: 200_001,
                 hostname: "worker-1a2b",
@@ -258,6 +274,11 @@ mod tests {
         let staging = [Path::new("/data/envs/u1/.tmp-abc")];
         let text = jail.wrap(&Grants { writable: &staging, ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
         assert!(text.contains("--bind /data/envs/u1/.tmp-abc /data/envs/u1/.tmp-abc"));
+        // A host dir bound at another path: read-write there, and nowhere else.
+        let storage = [(Path::new("/var/lib/fal/storage/u1"), Path::new("/data"))];
+        let text = jail.wrap(&Grants { binds: &storage, ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
+        assert!(text.contains("--bind /var/lib/fal/storage/u1 /data --"), "{text}");
+        assert!(!text.contains("--dir /var"), "{text}");
     }
 
     fn gpu_grant() -> GpuGrant {
@@ -281,6 +302,7 @@ mod tests {
         let base = Grants {
             read_only: &[],
             writable: &[],
+            binds: &[],
             uid: 200_001,
             gid: 200_001,
             hostname: "worker-1a2b",
@@ -336,6 +358,7 @@ mod tests {
         let grants = Grants {
             read_only: &[],
             writable: &[],
+            binds: &[],
             uid: 65534,
             gid: 65534,
             hostname: "worker-test",

@@ -67,6 +67,10 @@
 //! [schedules]                        # cron schedules of functions
 //! activation_timeout_seconds = 3600  # the longest one activation may run
 //! max_per_user = 100                 # active schedules of one user
+//! [storage]                          # users' persistent storage, /data in their workers
+//! root = "/srv/fal-storage"          # default: <data dir>/storage (a btrfs image is mounted there if it is not btrfs)
+//! quota_mb = 1024                    # what one user may keep (kernel-enforced on btrfs)
+//! image_gb = 16                      # the image's size, sparse; a larger value grows it at the next start
 //! [secrets]                          # users' secrets (`fal-serverless secrets`), their workers' variables
 //! key_file = "/etc/fal/secrets.key"  # the key they are encrypted with (mode 0600, made on first start; keep it
 //!                                    # apart from the database and back it up); default: <data-dir>/secrets.key
@@ -100,6 +104,7 @@ use crate::capacity::Sharing;
 use crate::runs::RunsConfig;
 use crate::schedules::SchedulesConfig;
 use crate::secrets::SecretsConfig;
+use crate::storage::StorageConfig;
 use sha2::{Digest, Sha256};
 
 use crate::tls::TlsFiles;
@@ -145,6 +150,8 @@ pub struct ServerConfig {
     pub runs: RunsConfig,
     /// Schedules (`[schedules]`).
     pub schedules: SchedulesConfig,
+    /// Users' persistent storage (`[storage]`).
+    pub storage: StorageConfig,
     /// Users' secrets (`[secrets]`).
     pub secrets: SecretsConfig,
 }
@@ -215,6 +222,8 @@ struct FileConfig {
     #[serde(default)]
     schedules: SchedulesFileConfig,
     #[serde(default)]
+    storage: StorageFileConfig,
+    #[serde(default)]
     secrets: SecretsFileConfig,
 }
 
@@ -231,6 +240,14 @@ struct RunsFileConfig {
 struct SchedulesFileConfig {
     activation_timeout_seconds: Option<u64>,
     max_per_user: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageFileConfig {
+    root: Option<PathBuf>,
+    quota_mb: Option<f64>,
+    image_gb: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -452,6 +469,8 @@ impl ServerConfig {
             apps: apps_config(&file.apps).map_err(invalid)?,
             runs: runs_config(&file.runs).map_err(invalid)?,
             schedules: schedules_config(&file.schedules).map_err(invalid)?,
+            storage: storage_config(&file.storage, path.as_deref().and_then(Path::parent).unwrap_or(data_dir))
+                .map_err(invalid)?,
             secrets,
         })
     }
@@ -485,6 +504,23 @@ fn schedules_config(file: &SchedulesFileConfig) -> Result<SchedulesConfig, Strin
         Some(n) => return Err(format!("[schedules] activation_timeout_seconds = {n}: must be from 1 to 2147483647")),
     };
     Ok(SchedulesConfig { activation_timeout, max_per_user: file.max_per_user.unwrap_or(default.max_per_user) })
+}
+
+fn storage_config(file: &StorageFileConfig, base: &Path) -> Result<StorageConfig, String> {
+    let default = StorageConfig::default();
+    let quota_mb = file.quota_mb.unwrap_or(default.quota_bytes as f64 / (1 << 20) as f64);
+    if !(1.0..=1e9).contains(&quota_mb) {
+        return Err(format!("[storage] quota_mb = {quota_mb}: a size of at least 1 MB"));
+    }
+    let image_gb = file.image_gb.unwrap_or(default.image_bytes as f64 / GIB);
+    if !(0.25..=1e6).contains(&image_gb) {
+        return Err(format!("[storage] image_gb = {image_gb}: a size of at least 0.25 GB"));
+    }
+    Ok(StorageConfig {
+        root: file.root.as_ref().map(|root| base.join(root)),
+        quota_bytes: (quota_mb * (1 << 20) as f64) as u64,
+        image_bytes: (image_gb * GIB) as u64,
+    })
 }
 
 /// `[secrets]`; a relative `key_file` is relative to the config file's directory.
@@ -897,5 +933,20 @@ mod tests {
             let error = config(bad).unwrap_err().to_string();
             assert!(error.contains(says), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn storage_takes_a_root_a_quota_and_an_image_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!(config.storage, StorageConfig::default());
+        std::fs::write(dir.path().join("config.toml"), "[storage]\nroot = \"users\"\nquota_mb = 24\nimage_gb = 2\n")
+            .unwrap();
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!(config.storage.root, Some(dir.path().join("users")));
+        assert_eq!((config.storage.quota_bytes, config.storage.image_bytes), (24 << 20, 2 << 30));
+        std::fs::write(dir.path().join("config.toml"), "[storage]\nquota_mb = 0\n").unwrap();
+        let err = ServerConfig::load(dir.path(), None, None).unwrap_err().to_string();
+        assert!(err.contains("[storage] quota_mb = 0"), "{err}");
     }
 }

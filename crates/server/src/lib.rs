@@ -34,6 +34,7 @@ mod runs;
 mod schedules;
 mod secrets;
 mod service;
+mod storage;
 mod store;
 mod tls;
 
@@ -145,6 +146,8 @@ pub enum ServerError {
     #[error(transparent)]
     Schedules(#[from] schedules::ScheduleStoreError),
     #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
 }
 
@@ -237,6 +240,23 @@ pub async fn serve(
         memory_bytes: config.memory_bytes.unwrap_or(host.memory_bytes),
         gpus: config.gpus.unwrap_or(host.gpus),
     };
+    // Users' storage (its image mounted, when it has one) before anything can run a call.
+    let storage = {
+        let (settings, data_dir) = (config.storage.clone(), config.data_dir.clone());
+        let no_mount = match (&config.provider, root) {
+            // Its workers see no /data: storage is a directory of this host.
+            (ProviderConfig::Slurm(_), _) => Some("workers run on Slurm, where no /data is mounted"),
+            (_, false) => Some("the server does not run as root, so it cannot mount a btrfs image"),
+            (_, true) => None,
+        };
+        let opened = tokio::task::spawn_blocking(move || storage::Storage::open(&settings, &data_dir, no_mount)).await;
+        Arc::new(
+            opened.map_err(|e| ServerError::DataDir {
+                path: config.data_dir.clone(),
+                source: std::io::Error::other(e),
+            })??,
+        )
+    };
     let activity = Arc::new(activity::Activity::default());
     let store = Arc::new(store);
     let admission = admission::Admission::new(store.clone(), activity.clone(), config.admission);
@@ -262,6 +282,7 @@ pub async fn serve(
         engine: engine.clone(),
         capacity: capacity.clone(),
         uids: (config.first_uid, config.uid_count),
+        storage: storage.clone(),
         max_keep_alive: config.limits.max_keep_alive,
         config: config.apps,
         unavailable: match (&config.provider, &unjailed) {
@@ -299,6 +320,7 @@ pub async fn serve(
         apps: apps.clone(),
         runs: runs.clone(),
         schedules: schedules.clone(),
+        storage: storage.clone(),
         nested,
         secrets: secrets.clone(),
     };
@@ -361,7 +383,12 @@ pub async fn serve(
     // serve.
     let queue_store = Arc::new(queue::store::QueueStore::open(&config.data_dir.join(STATE_FILE))?);
     let queue = queue::Queue::start(gateway.clone(), queue_store, tls.is_some()).await;
-    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone()));
+    let files = storage::rest::Files {
+        storage: storage.clone(),
+        gateway: gateway.clone(),
+        uids: (config.first_uid, config.uid_count),
+    };
+    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone())).merge(storage::rest::routes(files));
     apps.start_kept_warm().await;
     // Connections from workers' own namespaces (`nested/`) are served as the port's are.
     let worker_connections =
@@ -396,6 +423,8 @@ pub async fn serve(
     if let Some(network) = network {
         let _ = tokio::task::spawn_blocking(move || network.close()).await;
     }
+    // Once no worker has it bound: the image's mount goes.
+    let _ = tokio::task::spawn_blocking(move || storage.close()).await;
     tracing::info!("stopped");
     Ok(())
 }

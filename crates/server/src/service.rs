@@ -69,6 +69,8 @@ pub struct Controller {
     /// The run history every call is recorded in.
     pub runs: Arc<crate::runs::Runs>,
     pub schedules: Arc<crate::schedules::Schedules>,
+    /// Users' persistent storage, each user's at /data in their workers.
+    pub storage: Arc<crate::storage::Storage>,
     /// How workers reach the server, for the calls their functions make.
     pub nested: Arc<crate::nested::Nested>,
     /// Users' secrets, their workers' environment variables.
@@ -196,6 +198,8 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         // The server gives it its capacity (`Controller::run`).
         room: None,
         on_worker: None,
+        // The server gives it its user's storage (`Controller::run`).
+        data_dir: None,
         // The server links it back to itself (`Controller::run`, the apps' launcher).
         link: None,
         // The server fills them in from its records (`for_user`).
@@ -405,6 +409,13 @@ impl IsolateController for Controller {
         let mut call = call_request(&caller, &mut run)?;
         call.link = Some(self.nested.link(&caller.user_id, caller.depth, authority.as_deref()));
         for_user(&mut call, &caller.user_id, &self.store, &self.secrets, self.uids).await?;
+        if let Some(uid) = call.uid {
+            call.data_dir = Some(
+                crate::storage::data_dir(&self.storage, &caller.user_id, uid)
+                    .await
+                    .map_err(|e| error_status(tonic::Code::Internal, "storage", e))?,
+            );
+        }
         // Longer than this server keeps workers warm: cut, and said in the call's logs.
         let max_keep_alive = self.limits.max_keep_alive;
         let cut_keep_alive = (call.keep_alive > max_keep_alive).then(|| {

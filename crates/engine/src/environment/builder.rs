@@ -457,6 +457,8 @@ impl EnvBuilder {
                 let grants = Grants {
                     read_only: &read_only,
                     writable: &writable,
+                    // A build never sees any user's persistent storage.
+                    binds: &[],
                     uid: jail.uid,
                     gid: jail.uid,
                     hostname: &hostname,

@@ -238,6 +238,7 @@ mod tests {
             visible_gpus: None,
             gpus: None,
             max_payload: 1024,
+            data_dir: None,
             link: None,
             granted: None,
             variables: crate::WorkerVariables::new(),

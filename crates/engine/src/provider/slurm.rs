@@ -260,11 +260,13 @@ impl SlurmProvider {
 impl Provider for SlurmProvider {
     fn start<'a>(
         &'a self,
-        spec: WorkerSpec,
+        mut spec: WorkerSpec,
         machine: &'a MachineType,
         wait: Option<Duration>,
         logs: &'a LogSink,
     ) -> BoxFuture<'a, Result<Worker, CallError>> {
+        // Persistent storage is a directory of the server's host, which a cluster's nodes do not have.
+        spec.data_dir = None;
         Box::pin(async move {
             let callback = self.callback().await?;
             let token = token();
@@ -646,6 +648,7 @@ mod tests {
             visible_gpus: None,
             gpus: None,
             max_payload: 1024,
+            data_dir: None,
             link: None,
             granted: None,
             variables: crate::WorkerVariables::new(),

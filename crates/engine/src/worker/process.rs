@@ -50,6 +50,9 @@ pub(crate) struct WorkerSpec {
     /// The GPUs this worker holds (the local provider's): given back once its processes are gone.
     pub gpus: Option<GpuLease>,
     pub max_payload: usize,
+    /// A host directory kept across workers (its user's persistent storage): bound read-write at [`DATA_MOUNT`] in a
+    /// jailed worker; an unjailed one (the local host) uses it where it is. Either way `FAL_DATA_DIR` names it.
+    pub data_dir: Option<PathBuf>,
     /// The call's link, which the provider asks for [`WorkerSpec::granted`] once it knows the worker's network.
     pub link: Option<Arc<dyn WorkerLink>>,
     /// What the link gave this worker: shown to it at start, and kept until it has ended.
@@ -57,6 +60,9 @@ pub(crate) struct WorkerSpec {
     /// Set in the worker's environment before the engine's own variables (which win over one of the same name).
     pub variables: WorkerVariables,
 }
+
+/// Where a jailed worker sees [`WorkerSpec::data_dir`], as the original's workers see their user's storage.
+pub(crate) const DATA_MOUNT: &str = "/data";
 
 /// What a jailed worker runs as and sees, beyond its environment.
 #[derive(Debug)]
@@ -112,10 +118,13 @@ impl WorkerSpec {
             Some(jailed) => {
                 let mut read_only = vec![jailed.base_prefix.as_path(), self.env_root.as_path()];
                 read_only.extend(layer.map(std::path::Path::new));
+                let data = self.data_dir.as_deref().map(|dir| (dir, std::path::Path::new(DATA_MOUNT)));
+                let binds: Vec<_> = data.into_iter().collect();
                 read_only.extend(granted.iter().flat_map(|g| g.read_only.iter().map(PathBuf::as_path)));
                 let grants = Grants {
                     read_only: &read_only,
                     writable: &[],
+                    binds: &binds,
                     uid: jailed.uid,
                     gid: jailed.uid,
                     hostname: &jailed.hostname,
@@ -129,6 +138,10 @@ impl WorkerSpec {
             None => (self.python.clone(), agent_args.iter().map(|a| a.to_string()).collect()),
         };
         let mut env = vec![("VIRTUAL_ENV".to_string(), self.env_root.display().to_string())];
+        if let Some(dir) = &self.data_dir {
+            let seen = if self.jail.is_some() { DATA_MOUNT.to_string() } else { dir.display().to_string() };
+            env.push(("FAL_DATA_DIR".to_string(), seen));
+        }
         if let Some(gpus) = &self.visible_gpus {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), gpus.clone()));
             if !gpus.is_empty() {

@@ -91,6 +91,7 @@ pub struct Apps {
     engine: Engine,
     capacity: Arc<Capacity>,
     uids: (u32, u32),
+    storage: Arc<crate::storage::Storage>,
     max_keep_alive: Duration,
     pub config: AppsConfig,
     /// Why this server cannot run apps, if it cannot (its workers are not jailed, or run on a cluster).
@@ -126,6 +127,8 @@ pub struct AppsParts {
     pub engine: Engine,
     pub capacity: Arc<Capacity>,
     pub uids: (u32, u32),
+    /// Users' persistent storage: a replica sees its owner's at /data.
+    pub storage: Arc<crate::storage::Storage>,
     pub max_keep_alive: Duration,
     pub config: AppsConfig,
     pub unavailable: Option<String>,
@@ -142,6 +145,7 @@ impl Apps {
             engine: parts.engine,
             capacity: parts.capacity,
             uids: parts.uids,
+            storage: parts.storage,
             max_keep_alive: parts.max_keep_alive,
             config: parts.config,
             unavailable: parts.unavailable,
@@ -433,8 +437,9 @@ impl Apps {
         let (engine, capacity, keys, uids) = (self.engine.clone(), self.capacity.clone(), self.keys.clone(), self.uids);
         let (secrets, nested) = (self.secrets.clone(), self.nested.clone());
         let (definition, owner) = (revision.definition.clone(), revision.user_id.clone());
+        let storage = self.storage.clone();
         Arc::new(move |logs: LogSink, address| {
-            let (engine, capacity, keys) = (engine.clone(), capacity.clone(), keys.clone());
+            let (engine, capacity, keys, storage) = (engine.clone(), capacity.clone(), keys.clone(), storage.clone());
             let (secrets, nested) = (secrets.clone(), nested.clone());
             let (definition, owner) = (definition.clone(), owner.clone());
             Box::pin(async move {
@@ -451,6 +456,12 @@ impl Apps {
                 call.link = Some(nested.link(&owner, 0, None));
                 if let Err(status) = for_user(&mut call, &owner, &keys, &secrets, uids).await {
                     return status.message().to_string();
+                }
+                if let Some(uid) = call.uid {
+                    call.data_dir = match crate::storage::data_dir(&storage, &owner, uid).await {
+                        Ok(dir) => Some(dir),
+                        Err(e) => return e,
+                    };
                 }
                 call.keep_alive = Duration::ZERO;
                 call.timeout = None;
@@ -490,7 +501,7 @@ impl Apps {
     }
 
     /// The engine's call of `revision`'s function, run once as a plain call by its owner (a schedule's activation):
-    /// its environment, machine type and keep_alive as registered, the owner's uid, secrets and capacity, and a link
+    /// its environment, machine type and keep_alive as registered, the owner's uid, secrets, /data and capacity, and a link
     /// back to the server for the calls it makes. `Err`: why it
     /// cannot run.
     pub async fn plain_call(&self, revision: &Revision) -> Result<fal_engine::CallRequest, String> {
@@ -502,6 +513,9 @@ impl Apps {
         // Started by the schedule, not by a function: the calls it makes are one level deep.
         call.link = Some(self.nested.link(owner, 0, None));
         for_user(&mut call, owner, &self.keys, &self.secrets, self.uids).await.map_err(|s| s.message().to_string())?;
+        if let Some(uid) = call.uid {
+            call.data_dir = Some(crate::storage::data_dir(&self.storage, owner, uid).await?);
+        }
         call.keep_alive = call.keep_alive.min(self.max_keep_alive);
         call.room = Some(Arc::new(CapacityRoom {
             capacity: self.capacity.clone(),

@@ -1,0 +1,378 @@
+"""Users' persistent storage: `/data` in their jailed workers, its quota, and the REST files routes, with our SDK, the
+original 0.6.41 client (`sync_dir`, `download_file`, `download_weights`) and `fal-serverless files`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import httpx
+import pytest
+from conftest import FAL_SERVERLESS, NetworkHosts, Server, cloud_call, run_script, start_server, venv_with
+from test_original_client import HOSTNAME, VERSION, OriginalClient
+
+#: Small, so that filling it is quick.
+QUOTA_MB = 24
+
+
+def mounted(path: Path) -> bool:
+    return any(line.split()[1] == str(path) for line in Path("/proc/mounts").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def storage_server() -> Iterator[Server]:
+    started = start_server(config=f"[storage]\nquota_mb = {QUOTA_MB}\nimage_gb = 1\n")
+    yield started
+    started.stop()
+    # The server unmounts the image it mounted.
+    assert not mounted(started.data_dir / "storage")
+
+
+@pytest.fixture(scope="module")
+def alice(storage_server: Server) -> Tuple[str, str]:
+    return storage_server.create_key("store-alice")
+
+
+@pytest.fixture(scope="module")
+def bob(storage_server: Server) -> Tuple[str, str]:
+    return storage_server.create_key("store-bob")
+
+
+def rest(server: Server, key: Tuple[str, str]) -> httpx.Client:
+    return httpx.Client(base_url=f"http://{server.host}", headers={"Authorization": f"Key {key[0]}:{key[1]}"})
+
+
+def result(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+WRITE = """
+import os
+os.makedirs("/data/notes", exist_ok=True)
+open("/data/notes/a.txt", "w").write("kept")
+st = os.stat("/data")
+return (st.st_uid == os.getuid(), oct(st.st_mode & 0o777), os.environ["FAL_DATA_DIR"])
+"""
+
+READ = """
+import os
+return open("/data/notes/a.txt").read() if os.path.exists("/data/notes/a.txt") else sorted(os.listdir("/data"))
+"""
+
+
+def test_data_is_kept_across_workers_and_private_to_its_user(
+    storage_server: Server, alice: Tuple[str, str], bob: Tuple[str, str]
+) -> None:
+    assert mounted(storage_server.data_dir / "storage")
+    assert result(cloud_call(storage_server, WRITE, alice, keep_alive=0)) == "(True, '0o700', '/data')"
+    # Another environment: another worker, the same storage.
+    assert result(cloud_call(storage_server, READ, alice, requirements=["six"])) == "'kept'"
+    # Bob's /data is his own, empty; the storage root is nowhere in his jail.
+    assert result(cloud_call(storage_server, READ, bob)) == "[]"
+    root = storage_server.data_dir / "storage"
+    seen = result(cloud_call(storage_server, f"import os\nreturn os.path.exists({str(root)!r})", bob))
+    assert seen == "False"
+    # Nor can he reach it by REST, by any path.
+    with rest(storage_server, bob) as client:
+        for path in [
+            "notes/a.txt",
+            "/data/notes/a.txt",
+            "../store-alice/notes/a.txt",
+            "%2e%2e/store-alice/notes/a.txt",
+        ]:
+            response = client.get(f"/files/file/{path}")
+            assert response.status_code in (400, 404), (path, response.text)
+            assert "kept" not in response.text
+    with rest(storage_server, alice) as client:
+        assert client.get("/files/file/notes/a.txt").text == "kept"
+        listed = client.get("/files/list/notes").json()
+        assert [(f["name"], f["path"], f["is_file"], f["size"]) for f in listed] == [
+            ("a.txt", "/data/notes/a.txt", True, 4)
+        ]
+    # No key, a wrong key.
+    assert httpx.get(f"http://{storage_server.host}/files/list").status_code == 401
+    with rest(storage_server, (alice[0], "wrong")) as client:
+        assert client.get("/files/list").status_code == 401
+
+
+def test_data_survives_a_server_restart() -> None:
+    first = start_server(config="[storage]\nquota_mb = 8\nimage_gb = 1\n")
+    try:
+        key = first.create_key("store-restart")
+        assert result(cloud_call(first, WRITE, key)) == "(True, '0o700', '/data')"
+    finally:
+        first.stop()
+    assert not mounted(first.data_dir / "storage")
+    second = start_server(data_dir=first.data_dir)
+    try:
+        assert result(cloud_call(second, READ, key)) == "'kept'"
+    finally:
+        second.stop()
+    assert not mounted(first.data_dir / "storage")
+
+
+FILL = """
+import errno
+try:
+    with open("/data/big", "wb") as f:
+        for _ in range(64):
+            f.write(b"x" * (1 << 20))
+            f.flush()
+    return "written"
+except OSError as e:
+    return f"{errno.errorcode[e.errno]}: {e.strerror}"
+finally:
+    import os
+    if os.path.exists("/data/big"):
+        os.remove("/data/big")
+"""
+
+
+def test_the_quota_is_enforced_on_the_users_own_writes_and_on_uploads(
+    storage_server: Server, alice: Tuple[str, str]
+) -> None:
+    assert result(cloud_call(storage_server, FILL, alice)) == "'EDQUOT: Disk quota exceeded'"
+    with rest(storage_server, alice) as client:
+        du = client.get("/files/du").json()
+        assert du["quota_bytes"] == QUOTA_MB << 20 and du["enforcement"] == "kernel", du
+        refused = client.put("/files/file/too-big.bin", content=b"y" * ((QUOTA_MB + 4) << 20))
+        assert refused.status_code == 413, refused.text
+        assert "quota" in refused.json()["detail"]
+        assert client.post("/files/file/exists/too-big.bin").status_code == 404
+        assert client.put("/files/file/small.bin", content=b"z" * 1000).json() is True
+        assert client.delete("/files/file/small.bin").json() is True
+
+
+def test_hostile_paths_are_refused(storage_server: Server, alice: Tuple[str, str]) -> None:
+    # A link the user's own function leaves, to the host and to another user's storage.
+    link = "import os\nos.symlink('/etc/shadow', '/data/shadow')\nos.symlink('/data/..', '/data/up')\nreturn 1"
+    assert result(cloud_call(storage_server, link, alice)) == "1"
+    with rest(storage_server, alice) as client:
+        for path, status in [
+            ("%2e%2e/x", 400),
+            ("a/%2e%2e/%2e%2e/x", 400),
+            ("/etc/passwd", 400),
+            ("n" * 300, 400),
+            ("shadow", 400),
+            ("up/store-bob", 400),
+        ]:
+            response = client.post(f"/files/file/exists/{path}")
+            assert response.status_code == status, (path, response.text)
+            assert response.json()["detail"], response.text
+            assert client.get(f"/files/file/{path}").status_code in (400, 404)
+        assert client.get("/files/list/up").status_code == 400
+        wrong = client.post("/files/list")
+        assert wrong.status_code == 405 and "does not take POST" in wrong.json()["detail"]
+        assert "hash" in client.post("/files/dir/check_hash/x", content=b"{").json()["detail"]
+        for path in ["shadow", "up"]:
+            assert client.delete(f"/files/file/{path}").json() is True
+        assert os.path.exists("/etc/shadow")
+
+
+@pytest.fixture(scope="module")
+def original(storage_server: Server, tmp_path_factory: pytest.TempPathFactory) -> OriginalClient:
+    python = venv_with(tmp_path_factory, "fal-serverless-0.6.41-storage", VERSION)
+    hosts = tmp_path_factory.mktemp("hosts") / "hosts"
+    rest_host = HOSTNAME.replace("api", "rest", 1)
+    hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {HOSTNAME}\n127.0.0.1 {rest_host}\n")
+    return OriginalClient(python, hosts, storage_server, storage_server.create_key("store-original"))
+
+
+SYNC = """
+from fal_serverless import isolated, sync_dir
+print("synced", sync_dir({local!r}, "/data/synced/project"))
+print("again", sync_dir({local!r}, "/data/synced/project"))
+
+@isolated()
+def read():
+    import os
+    found = []
+    for root, _, files in os.walk("/data/synced/project"):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            found.append((os.path.relpath(path, "/data/synced/project"), open(path).read()))
+    return sorted(found)
+
+print("read", read())
+"""
+
+
+def test_the_original_clients_sync_dir_then_a_function_reads_the_files(
+    original: OriginalClient, tmp_path: Path
+) -> None:
+    local = tmp_path / "project"
+    (local / "sub").mkdir(parents=True)
+    (local / "a.txt").write_text("alpha")
+    (local / "sub" / "b.txt").write_text("beta")
+    out = original.script(SYNC.format(local=str(local))).stdout
+    assert "synced synced/project" in out, out
+    # The second time the server holds the same files: nothing is uploaded.
+    assert "synced/project already uploaded" in out, out
+    hash_text = (local / ".fal_hash").read_text()
+    assert f"read [('.fal_hash', '{hash_text}'), ('a.txt', 'alpha'), ('sub/b.txt', 'beta')]" in out, out
+
+
+DOWNLOAD = """
+import hashlib
+from fal_serverless import download_file, download_weights
+from fal_serverless.api import FalServerlessError
+spec = download_file({url!r}, "/data/w/weights.bin", checksum_sha256={sha!r})
+print("got", spec.size, spec.checksum_sha256)
+try:
+    download_file({url!r}, "/data/w/weights.bin", checksum_sha256="0" * 64)
+except FalServerlessError as e:
+    print("refused", str(e).splitlines()[0])
+weights = download_weights({url!r})
+print("weights", weights.path, weights.size)
+"""
+
+
+def test_download_file_of_the_original_client_and_ours(
+    original: OriginalClient, storage_server: Server, test_hosts: NetworkHosts
+) -> None:
+    data = os.urandom(50_000)
+    (test_hosts.files / "weights.bin").write_bytes(data)
+    url = test_hosts.url("public", "files/weights.bin")
+    sha = hashlib.sha256(data).hexdigest()
+    out = original.script(DOWNLOAD.format(url=url, sha=sha)).stdout
+    assert f"got {len(data)} {sha}" in out, out
+    assert "refused Setup function download created file with unexpected SHA256 checksum." in out, out
+    url_id = hashlib.sha256(url.encode()).hexdigest()
+    assert f"weights /data/.fal/downloads/{url_id} {len(data)}" in out, out
+
+    # Ours, with the same meaning.
+    ours = f"""
+import hashlib
+from fal_serverless import download_file, FalServerlessError
+spec = download_file({url!r}, "/data/ours/weights.bin", checksum_sha256={sha!r})
+print("got", spec.size, spec.checksum_sha256, spec.path)
+try:
+    download_file({url!r}, "/data/ours/weights.bin", checksum_md5="0" * 32)
+except FalServerlessError as e:
+    print("refused", str(e).splitlines()[0])
+"""
+    key = storage_server.create_key("store-ours")
+    proc = run_script(ours, storage_server.env(*key), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"got {len(data)} {sha} /data/ours/weights.bin" in proc.stdout
+    assert "refused /data/ours/weights.bin has an unexpected MD5 checksum." in proc.stdout
+
+
+def test_our_sync_dir(storage_server: Server, tmp_path: Path) -> None:
+    key = storage_server.create_key("store-sync")
+    local = tmp_path / "ours"
+    local.mkdir()
+    (local / "x.txt").write_text("ex")
+    script = f"""
+from fal_serverless import sync_dir, isolated, cloud
+print(sync_dir({str(local)!r}, "/data/mine"))
+@isolated(host=cloud)
+def read():
+    return open("/data/mine/x.txt").read()
+print(read())
+"""
+    proc = run_script(script, storage_server.env(*key), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["mine", "ex"]
+    with rest(storage_server, key) as client:
+        bad = client.post("/files/file/local/mine?unzip=true", files={"file_upload": ("x.zip", b"not a zip")})
+        assert bad.status_code == 400 and "not a zip" in bad.json()["detail"]
+        # A refused upload leaves what was there.
+        assert client.get("/files/file/mine/x.txt").text == "ex"
+
+
+def test_our_cli_files_commands(storage_server: Server, tmp_path: Path) -> None:
+    key = storage_server.create_key("store-cli")
+    local = tmp_path / "model.bin"
+    data = os.urandom(5 << 20)
+    local.write_bytes(data)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FAL_SERVERLESS, "files", *args],
+            env={**os.environ, **storage_server.env(*key)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+
+    put = cli("put", str(local), "/data/models/model.bin")
+    assert put.returncode == 0, put.stderr
+    assert "to /data/models/model.bin (5.0 MiB)" in put.stdout and "100% of 5.0 MiB" in put.stderr, put
+    listed = cli("ls", "/data/models")
+    assert listed.returncode == 0 and f"{len(data)}" in listed.stdout and "/data/models/model.bin" in listed.stdout
+    assert "/data/models/" in cli("ls").stdout
+    got = cli("get", "models/model.bin", str(tmp_path / "back.bin"))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "back.bin").read_bytes() == data
+    du = cli("du")
+    assert du.returncode == 0 and "5.0 MiB of 24.0 MiB used" in du.stdout and "kernel" in du.stdout, du.stdout
+    # A function sees what was put.
+    seen = cloud_call(storage_server, "import os\nreturn os.path.getsize('/data/models/model.bin')", key)
+    assert result(seen) == str(len(data))
+    assert cli("rm", "models").returncode == 0
+    missing = cli("get", "models/model.bin")
+    assert missing.returncode == 1 and "no such file or directory" in missing.stderr, missing.stderr
+    hostile = cli("get", "../../etc/passwd")
+    assert hostile.returncode == 1 and "`..`" in hostile.stderr, hostile.stderr
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_the_local_hosts_storage_is_named_by_fal_data_dir(cache_dir: Path) -> None:
+    script = """
+from fal_serverless import isolated, local
+@isolated(host=local)
+def keep():
+    import os
+    path = os.path.join(os.environ["FAL_DATA_DIR"], "kept.txt")
+    previous = open(path).read() if os.path.exists(path) else ""
+    open(path, "w").write(previous + "x")
+    return os.environ["FAL_DATA_DIR"]
+print(keep())
+"""
+    (cache_dir / "data" / "kept.txt").unlink(missing_ok=True)
+    first = run_script(script, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == str(cache_dir / "data")
+    # Another process, another worker: the same directory.
+    assert run_script(script, timeout=300).returncode == 0
+    assert (cache_dir / "data" / "kept.txt").read_text() == "xx"
+
+
+SERVED = """
+from fal_serverless import isolated
+
+@isolated(serve=True, keep_alive=30)
+def notes(name: str) -> dict:
+    import os
+    path = os.path.join("/data/app-notes", name)
+    seen = open(path).read() if os.path.exists(path) else None
+    os.makedirs("/data/app-notes", exist_ok=True)
+    open(path, "a").write("+")
+    return {"seen": seen}
+
+print(notes.serve(alias="notes"))
+"""
+
+
+def test_web_endpoint_replicas_and_queue_requests_see_their_owners_data(storage_server: Server) -> None:
+    key = storage_server.create_key("store-app")
+    proc = run_script(SERVED, storage_server.env(*key), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    url = proc.stdout.strip().splitlines()[-1]
+    headers = {"Authorization": f"Key {key[0]}:{key[1]}"}
+    first = httpx.post(url, params={"name": "n"}, headers=headers, timeout=300)
+    assert first.status_code == 200 and first.json() == {"seen": None}, first.text
+    with rest(storage_server, key) as client:
+        assert client.get("/files/file/app-notes/n").text == "+"
+        submitted = client.post("/queue/store-app/notes", params={"name": "n"}, json={}).json()
+        with client.stream("GET", submitted["status_url"] + "/stream", timeout=300) as stream:
+            for _ in stream.iter_lines():
+                pass
+        assert client.get(submitted["response_url"]).json() == {"seen": "+"}
+        assert client.get("/files/file/app-notes/n").text == "++"
