@@ -48,7 +48,7 @@ def shows_secret():
 
     print("the secret is", os.environ.get("SCHEDULE_SECRET"))
     with open("/data/from-the-schedule.txt", "a") as file:
-        file.write("ran\n")
+        file.write("ran\\n")
     print("/data holds", sorted(os.listdir("/data")))
 
 
