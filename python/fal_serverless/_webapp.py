@@ -26,6 +26,41 @@ def create_webapp(func: Callable[..., Any]) -> Callable[[], None]:
 
         app = FastAPI()
 
+        # Beyond the original: a function that raises answers 500 with its error, not a bare "Internal Server
+        # Error", and the traceback is printed (the app's logs). Not with Starlette's handler for `Exception`: that
+        # one re-raises after answering, and uvicorn then closes the connection, which the gateway may already have
+        # taken from its pool for the next request (which would get a 502). Added first, so CORS wraps it too.
+        class AnswerErrors:
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    await self.app(scope, receive, send)
+                    return
+                started = False
+
+                async def tracked(message: Any) -> None:
+                    nonlocal started
+                    started = started or message["type"] == "http.response.start"
+                    await send(message)
+
+                try:
+                    await self.app(scope, receive, tracked)
+                except Exception as error:
+                    if started:
+                        raise  # half an answer is out: only closing the connection can say it failed
+                    import json
+                    import traceback
+
+                    traceback.print_exc()
+                    detail = f"{type(error).__name__}: {error}"
+                    body = json.dumps({"detail": detail, "error": "app_raised"}).encode()
+                    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                    await send({"type": "http.response.start", "status": 500, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+
+        app.add_middleware(AnswerErrors)
         app.add_middleware(
             CORSMiddleware,
             allow_credentials=True,
@@ -35,16 +70,6 @@ def create_webapp(func: Callable[..., Any]) -> Callable[[], None]:
         )
 
         app.add_api_route("/", func, name=func.__name__, methods=["POST"])
-
-        # Beyond the original: a function that raises answers 500 with its error, not a bare "Internal Server
-        # Error" (the traceback is still printed, in the app's logs).
-        from fastapi.responses import JSONResponse
-
-        async def raised(request: Any, error: Exception) -> Any:
-            detail = f"{type(error).__name__}: {error}"
-            return JSONResponse(status_code=500, content={"detail": detail, "error": "app_raised"})
-
-        app.add_exception_handler(Exception, raised)
 
         run(app, host="0.0.0.0", port=SERVE_PORT)
 
