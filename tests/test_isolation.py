@@ -162,6 +162,9 @@ def test_a_function_reaches_public_addresses_but_not_the_host_or_private_ranges(
     assert all(reachable_from_here(*target) for target in targets.values())
     seen = probes(server, server.create_key("net-alice"), targets)
     assert seen.pop("public") == f"test host {TEST_HOSTS['public']}"
+    # 127.0.0.1 at the server's port is, inside a worker, the server's own listener in the worker's namespace (for
+    # nested calls): the server answers; nothing else of the host does.
+    assert "nothing is served at /" in seen.pop("server"), seen
     assert all(outcome in REFUSED for outcome in seen.values()), seen
 
 
