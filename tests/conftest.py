@@ -56,6 +56,15 @@ def stop_local_server() -> Iterator[None]:
             pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unmount_killed_servers_storage() -> Iterator[None]:
+    """Unmounts, at the end of the session, the storage of test servers that were killed (the fault tests kill
+    some on purpose) and so could not unmount it themselves."""
+    yield
+    for data_dir in Path(tempfile.gettempdir()).glob("fal-serverless-test-server-*"):
+        unmount_storage(data_dir)
+
+
 @dataclass
 class Server:
     """A `fal-serverless server` process the tests started, with its data dir and first admin key."""
@@ -107,9 +116,26 @@ class Server:
         """The worker cgroups this server process made (named `<server pid>-<n>`), in any hierarchy."""
         return worker_cgroups(self.process.pid)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """Stops the server as its admin would (SIGTERM); one that has not stopped within `timeout` is killed, and
+        its users' storage unmounted, so that no test leaves a mount behind (and the test still fails)."""
         self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the server did not stop within {timeout}s of SIGTERM; it was killed") from None
+        finally:
+            unmount_storage(self.data_dir)
+
+
+def unmount_storage(data_dir: Path) -> None:
+    """Unmounts the btrfs image a server mounted at `<data_dir>/storage` if it is still mounted (its server was
+    killed); the kernel detaches the loop device with the last unmount."""
+    root = data_dir / "storage"
+    if root.is_dir() and os.path.ismount(root):
+        subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 FAL_SERVERLESS = str(Path(sys.executable).with_name("fal-serverless"))
@@ -152,8 +178,7 @@ def start_server(
 def server() -> Iterator[Server]:
     started = start_server()
     yield started
-    started.process.send_signal(signal.SIGTERM)
-    started.process.wait(timeout=30)
+    started.stop()
 
 
 @pytest.fixture(scope="session")

@@ -201,6 +201,8 @@ def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:
     cgroups = first.cgroups()
     namespaces = slot_namespaces("0afb00")
     assert len(namespaces) >= 2, "workers run in network namespaces of their own"
+    # Held open, the dead server's namespaces keep their kernel ids: a new one cannot reuse one and pass for it.
+    held = [os.open(f"/run/netns/{name}", os.O_RDONLY) for name in namespaces]
 
     first.process.kill()
     first.process.wait()
@@ -223,6 +225,8 @@ def test_a_server_killed_and_restarted_with_warm_and_busy_workers() -> None:
         assert cloud_call(again, "return 2", key, keep_alive=0).stdout == "2\n"
         assert again.cli("keys", "list").returncode == 0
     finally:
+        for fd in held:
+            os.close(fd)
         again.stop()
     assert not again.cgroups() and not descendants(again.process.pid)
     assert not slot_namespaces("0afb00") and not slot_links("0afb00"), "a stopped server left namespaces or veths"

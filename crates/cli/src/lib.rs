@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use fal_client::{Client, LocalServer, Target};
 use fal_proto::controller::{create_user_key_request, CreateUserKeyRequest};
@@ -270,11 +270,16 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         config.tls = None;
     }
     let local = args.local;
-    let shutdown = async {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    // The handlers are installed now, before the port serves: a SIGTERM that comes as soon as the server is ready
+    // (a supervisor's, a test's) stops it as any other does, removing its namespaces and mounts, instead of
+    // killing it with the signal's default action.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { match terminate.as_mut() { Some(t) => { t.recv().await; }, None => std::future::pending().await } } => {},
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
         }
     };
     let mut failure = None;
