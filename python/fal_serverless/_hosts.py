@@ -154,7 +154,48 @@ class CloudHost(Host):
         self, app: Callable[[], Any], options: Options, alias: Optional[str], auth: str, function_name: str
     ) -> Deployment:
         client = self.client(options.credentials)
-        call = _serialization.dump_call(app, (), {})
+        revision, user_id = self._register(
+            client,
+            app,
+            options,
+            function_name,
+            alias=alias,
+            auth_mode=auth,
+            max_concurrency=options.max_concurrency,
+            min_concurrency=options.min_concurrency,
+            max_multiplexing=options.max_multiplexing,
+            exposed_port=SERVE_PORT,
+        )
+        return Deployment(revision, user_id, alias, app_url(client.uri, user_id, alias or revision))
+
+    def schedule(self, func: Callable[[], Any], options: Options, cron: str, function_name: str) -> str:
+        client = self.client(options.credentials)
+        # A scheduled function is an application no one reaches over HTTP: private, no replicas kept, no port.
+        revision, _ = self._register(
+            client,
+            func,
+            options,
+            function_name,
+            alias=None,
+            auth_mode="private",
+            max_concurrency=None,
+            min_concurrency=None,
+            max_multiplexing=None,
+            exposed_port=None,
+        )
+        return client.register_cron(revision, cron)
+
+    @staticmethod
+    def _register(
+        client: _native.CloudClient,
+        func: Callable[[], Any],
+        options: Options,
+        function_name: str,
+        **application: Any,
+    ) -> Tuple[str, str]:
+        """Registers `func` as an application revision with `options`' environment and machine; returns the
+        revision and its owner's user id."""
+        call = _serialization.dump_call(func, (), {})
         revision, user_id = client.register_application(
             python_version=options.python_version,
             requirements=list(options.environment_requirements),
@@ -163,36 +204,10 @@ class CloudHost(Host):
             keep_alive=math.ceil(options.keep_alive),
             payload=call.payload,
             function_name=function_name,
-            alias=alias,
-            auth_mode=auth,
-            max_concurrency=options.max_concurrency,
-            min_concurrency=options.min_concurrency,
-            max_multiplexing=options.max_multiplexing,
-            exposed_port=SERVE_PORT,
             on_log=show_log,
+            **application,
         )
-        return Deployment(revision, user_id, alias, app_url(client.uri, user_id, alias or revision))
-
-    def schedule(self, func: Callable[[], Any], options: Options, cron: str, function_name: str) -> str:
-        client = self.client(options.credentials)
-        call = _serialization.dump_call(func, (), {})
-        revision, _ = client.register_application(
-            python_version=options.python_version,
-            requirements=list(options.environment_requirements),
-            serializer=_serialization.SERIALIZER,
-            machine_type=options.machine_type,
-            keep_alive=math.ceil(options.keep_alive),
-            payload=call.payload,
-            function_name=function_name,
-            alias=None,
-            auth_mode="private",
-            max_concurrency=None,
-            min_concurrency=None,
-            max_multiplexing=None,
-            exposed_port=None,
-            on_log=show_log,
-        )
-        return client.register_cron(revision, cron)
+        return revision, user_id
 
 
 def in_worker() -> bool:

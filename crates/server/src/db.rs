@@ -31,6 +31,18 @@ impl Database {
     }
 }
 
+/// What fails in a store that is SQLite and nothing more (the apps', the queue's, the run history's, the
+/// schedules'): each module names it after itself (`RunStoreError`, ...), one type.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("the server's database failed: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the server's database holds a value that cannot be read ({0})")]
+    Corrupt(String),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
+}
+
 /// A store's work on a blocking thread, failed as a task (it panicked).
 #[derive(Debug, thiserror::Error)]
 #[error("the store's task failed: {0}")]

@@ -138,13 +138,7 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
-    Apps(#[from] apps::AppStoreError),
-    #[error(transparent)]
-    Queue(#[from] queue::QueueStoreError),
-    #[error(transparent)]
-    Runs(#[from] runs::RunStoreError),
-    #[error(transparent)]
-    Schedules(#[from] schedules::ScheduleStoreError),
+    Database(#[from] db::DatabaseError),
     #[error(transparent)]
     Storage(#[from] storage::StorageError),
     #[error(transparent)]

@@ -121,6 +121,11 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Whether the replica is known to have ended.
+    pub fn has_ended(&self) -> bool {
+        self.ended.borrow().is_some()
+    }
+
     /// Why the replica ended, if it ends within `within` (a request that lost its connection to the replica asks,
     /// to tell its client why).
     pub async fn ended(&mut self, within: Duration) -> Option<String> {

@@ -74,13 +74,7 @@ impl Revision {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AppStoreError {
-    #[error("the app store failed: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error(transparent)]
-    Task(#[from] crate::db::TaskFailed),
-}
+pub type AppStoreError = crate::db::DatabaseError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS app_revisions (

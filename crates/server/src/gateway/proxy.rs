@@ -83,8 +83,8 @@ pub async fn forward(client: &Client, mut lease: Lease, mut request: Request<Bod
     }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    let outbound = Request::from_parts(parts, body);
-    let mut response = match client.request(outbound).await {
+    let sent = send(client, parts, body, || !lease.has_ended()).await;
+    let mut response = match sent {
         Ok(response) => response,
         Err(error) => {
             let (status, detail) = match lease.ended(DEATH_REASON_WAIT).await {
@@ -118,6 +118,71 @@ pub async fn forward(client: &Client, mut lease: Lease, mut request: Request<Bod
     Response::from_parts(parts, Body::new(Leased { body, lease: Some(lease) }))
 }
 
+/// The largest request body kept so that the request can be sent again (see [`send`]); larger ones, and those
+/// of unknown length, stream through once.
+const RESENDABLE_BODY: u64 = 1 << 20;
+
+/// Sends a request to a replica, once more on a new connection if the kept-alive one it went out on turned out
+/// closed before any answer came, while the replica lives on (`replica_lives`), and the body could be kept.
+///
+/// Why: a replica's server may close a kept connection right after a response (uvicorn does after an app raised
+/// past Starlette's error middleware, which has sent its 500 already), and a request the pool sent on it in that
+/// instant fails with nothing read. A replica that received the request and died is not asked again.
+async fn send(
+    client: &Client,
+    parts: http::request::Parts,
+    body: Body,
+    replica_lives: impl Fn() -> bool,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    use http_body_util::BodyExt;
+    let keepable = hyper::body::Body::size_hint(&body).exact().is_some_and(|size| size <= RESENDABLE_BODY);
+    if !keepable {
+        return client.request(Request::from_parts(parts, body)).await;
+    }
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        // The client's body failed: sending it would fail the same way (the error names the client's side).
+        Err(_) => return client.request(Request::from_parts(parts, Body::empty())).await,
+    };
+    let again = clone_parts(&parts);
+    match client.request(Request::from_parts(parts, Body::from(bytes.clone()))).await {
+        Err(error) if closed_before_answer(&error) && replica_lives() => {
+            tracing::debug!("a replica closed a kept connection before answering; sending the request again");
+            client.request(Request::from_parts(again, Body::from(bytes))).await
+        }
+        sent => sent,
+    }
+}
+
+/// A copy of a request's head (its extensions, which the replica never sees, are left out).
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
+}
+
+/// Whether the connection closed (or was reset) before any of the response was read.
+fn closed_before_answer(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// A replica's response body, holding the replica until it has been read to its end (or dropped).
 struct Leased {
     body: Incoming,
@@ -149,6 +214,67 @@ impl hyper::body::Body for Leased {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads one request head (the tests send no bodies).
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn get(address: std::net::SocketAddr) -> (http::request::Parts, Body) {
+        Request::get(format!("http://{address}/")).body(Body::empty()).unwrap().into_parts()
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_before_answering_is_retried_once_on_a_new_one() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let replica = tokio::spawn(async move {
+            // First connection: a 500, then the next request on it is read and the connection closed unanswered.
+            let (mut first, _) = listener.accept().await.unwrap();
+            assert!(read_head(&mut first).await);
+            first.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            assert!(read_head(&mut first).await);
+            drop(first);
+            let (mut second, _) = listener.accept().await.unwrap();
+            assert!(read_head(&mut second).await);
+            second.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+        });
+        let client = client();
+        let (parts, body) = get(address);
+        assert_eq!(send(&client, parts, body, || true).await.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let (parts, body) = get(address);
+        assert_eq!(send(&client, parts, body, || true).await.unwrap().status(), StatusCode::OK);
+        replica.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_is_not_sent_again_to_a_replica_that_ended() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut first, _) = listener.accept().await.unwrap();
+            read_head(&mut first).await;
+            first.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            read_head(&mut first).await;
+            drop((first, listener));
+        });
+        let client = client();
+        let (parts, body) = get(address);
+        assert_eq!(send(&client, parts, body, || false).await.unwrap().status(), StatusCode::OK);
+        let (parts, body) = get(address);
+        assert!(send(&client, parts, body, || false).await.is_err());
+    }
 
     #[test]
     fn connection_headers_and_the_callers_key_are_not_forwarded() {

@@ -27,11 +27,12 @@
 pub(crate) mod keys;
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fal_engine::{LinkGrant, WorkerLink};
 use tokio::net::{TcpListener, TcpStream};
@@ -62,7 +63,21 @@ pub(crate) struct Nested {
     plaintext: bool,
     /// Whether workers are jailed (then only a namespace of their own reaches the server).
     jailed: bool,
+    /// The links made so far, by user, depth and client name: a warm call reuses its link rather than building one.
+    /// Bounded: client names are capped at [`MAX_CLIENT_NAMES`], depths at the server's limit.
+    links: Mutex<HashMap<LinkKey, Arc<CallerLink>>>,
+    /// The distinct host names clients reached the server by, each a hosts file and a class of warm workers.
+    client_names: Mutex<HashSet<String>>,
 }
+
+/// What tells links apart: their user, their depth, the host name their client used.
+type LinkKey = (String, u32, Option<String>);
+
+/// How many distinct host names a client may reach the server by and have workers know it under that name too.
+/// A client chooses its `Host`/`:authority`, so without a cap each new name would be a new hosts file and a new
+/// class of warm workers; past it, workers know the server by [`SERVER_NAME`] only (nested calls still work,
+/// with `FAL_HOST` set to that name).
+const MAX_CLIENT_NAMES: usize = 16;
 
 /// This project's SDK as workers see it: `layer` holds only a link named `fal_serverless` to `package`.
 #[derive(Debug)]
@@ -115,6 +130,8 @@ impl Nested {
             address: loopback_form(parts.address),
             plaintext: parts.plaintext,
             jailed: parts.jailed,
+            links: Mutex::default(),
+            client_names: Mutex::default(),
         };
         (Arc::new(nested), accepted)
     }
@@ -122,8 +139,35 @@ impl Nested {
     /// The link for the workers of a call of `user_id` at `depth` (0: called from outside any function), whose
     /// client reached the server as `authority` (`host:port`), if known.
     pub(crate) fn link(self: &Arc<Self>, user_id: &str, depth: u32, authority: Option<&str>) -> Arc<dyn WorkerLink> {
-        let client_name = authority.and_then(host_name).filter(|name| *name != SERVER_NAME).map(str::to_string);
-        Arc::new(CallerLink { nested: self.clone(), user_id: user_id.to_string(), depth, client_name })
+        let client_name = authority
+            .and_then(host_name)
+            .map(str::to_ascii_lowercase)
+            .filter(|name| name != SERVER_NAME)
+            .filter(|name| self.admit_client_name(name));
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let link = links.entry((user_id.to_string(), depth, client_name.clone())).or_insert_with(|| {
+            let class = format!("depth {depth} via {}", client_name.as_deref().unwrap_or("-"));
+            Arc::new(CallerLink { nested: self.clone(), user_id: user_id.to_string(), depth, client_name, class })
+        });
+        link.clone()
+    }
+
+    /// Whether workers may know the server by `name` too: a name seen before, or a new one under the cap.
+    fn admit_client_name(&self, name: &str) -> bool {
+        let mut names = self.client_names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.contains(name) {
+            return true;
+        }
+        if names.len() >= MAX_CLIENT_NAMES {
+            tracing::debug!(
+                name,
+                "clients have reached this server by {MAX_CLIENT_NAMES} names already; workers of this call know it \
+                 as {SERVER_NAME} only"
+            );
+            return false;
+        }
+        names.insert(name.to_string());
+        true
     }
 
     /// The `/etc/hosts` of workers whose client used `client_name`: written once per name.
@@ -191,6 +235,8 @@ pub(crate) struct CallerLink {
     depth: u32,
     /// The host name the call's client reached the server by.
     client_name: Option<String>,
+    /// Its class of warm workers (see [`WorkerLink::class`]).
+    class: String,
 }
 
 impl WorkerLink for CallerLink {
@@ -240,7 +286,7 @@ impl WorkerLink for CallerLink {
     }
 
     fn class(&self) -> String {
-        format!("depth {} via {}", self.depth, self.client_name.as_deref().unwrap_or("-"))
+        self.class.clone()
     }
 }
 
@@ -346,6 +392,30 @@ mod tests {
         for refused in ["127.0.0.1:6005", "[::1]:6005", "localhost:1", "a b:1", "../x:1", "-x:1", "a..b", ":1", ""] {
             assert_eq!(host_name(refused), None, "{refused}");
         }
+    }
+
+    #[tokio::test]
+    async fn client_names_are_capped_and_links_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (nested, _accepted) = Nested::new(NestedParts {
+            keys: Arc::new(WorkerKeys::default()),
+            run_dir: dir.path(),
+            layers_dir: &dir.path().join("layers"),
+            sdk_package: None,
+            address: "127.0.0.1:7000".parse().unwrap(),
+            plaintext: true,
+            jailed: true,
+        });
+        let classes: Vec<String> = (0..MAX_CLIENT_NAMES + 4)
+            .map(|i| nested.link("u", 0, Some(&format!("api{i}.example:1"))).class())
+            .collect();
+        assert_eq!(classes[0], "depth 0 via api0.example");
+        assert_eq!(classes[MAX_CLIENT_NAMES - 1], format!("depth 0 via api{}.example", MAX_CLIENT_NAMES - 1));
+        assert!(classes[MAX_CLIENT_NAMES..].iter().all(|c| c == "depth 0 via -"), "{classes:?}");
+        // A name seen before is still known, in any case; the same call's link is the same one.
+        assert_eq!(nested.link("u", 1, Some("API0.example:1")).class(), "depth 1 via api0.example");
+        let (a, b) = (nested.link("u", 0, Some("api0.example:1")), nested.link("u", 0, Some("api0.example:2")));
+        assert!(Arc::ptr_eq(&a, &b));
     }
 
     #[test]

@@ -12,15 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
-#[derive(Debug, thiserror::Error)]
-pub enum QueueStoreError {
-    #[error("the queue's store failed: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error("the queue's store failed: a stored value cannot be read ({0})")]
-    Corrupt(String),
-    #[error(transparent)]
-    Task(#[from] crate::db::TaskFailed),
-}
+pub type QueueStoreError = crate::db::DatabaseError;
 
 /// Where a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

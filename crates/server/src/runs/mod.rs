@@ -3,7 +3,7 @@
 //! worker and its logs (capped per run at `[runs] log_limit_kb`, marked when cut), kept `[runs] retention_days`.
 //!
 //! Recording never waits for SQLite on the path of a call: each run sends its start and its end over a bounded
-//! channel ([`QUEUE`] events) to one writer task, which writes what has arrived in one transaction. When the channel
+//! channel ([`QUEUE`] events, [`QUEUE_BYTES`] of their logs) to one writer task, which writes what has arrived in one transaction. When the channel
 //! is full (the disk fell that far behind), the event is dropped and counted, and the writer says how many it lost
 //! in the server's log: a run may then be missing, or stay "running" in the history until the next start, which
 //! marks such runs as ended by the server's stop. The writer also prunes old runs every `prune_interval`.
@@ -12,7 +12,7 @@ pub mod rpc;
 pub mod store;
 pub mod web;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,10 +21,15 @@ use fal_proto::controller::RunInfo;
 use fal_proto::Log;
 use tokio::sync::{mpsc, Notify};
 
-pub use self::store::{RunRow, RunStore, RunStoreError};
+pub use self::store::{RunRow, RunStore};
 
 /// Events the channel to the writer holds; past it, events are dropped (see the module's doc).
 pub const QUEUE: usize = 16_384;
+/// Bytes of logs (and a little for each event) the channel holds at most: events are bounded by size too, since
+/// each ended run carries up to `[runs] log_limit_kb` of logs.
+pub const QUEUE_BYTES: usize = 64 << 20;
+/// What an event is counted as beyond its logs.
+const EVENT_BYTES: usize = 512;
 /// Events the writer takes into one transaction at most.
 const BATCH: usize = 1024;
 
@@ -120,10 +125,22 @@ enum Event {
     Ended(Box<Ended>),
 }
 
+impl Event {
+    /// What it counts for against [`QUEUE_BYTES`].
+    fn weight(&self) -> usize {
+        match self {
+            Event::Started(_) => EVENT_BYTES,
+            Event::Ended(ended) => EVENT_BYTES + ended.logs.len(),
+        }
+    }
+}
+
 /// The run history: where runs are sent, and the store they are read from.
 #[derive(Debug)]
 pub struct Runs {
     sender: mpsc::Sender<Event>,
+    /// What the channel holds, by [`Event::weight`].
+    queued_bytes: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     stop: Arc<Notify>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -145,12 +162,17 @@ impl Runs {
         }
         let (sender, receiver) = mpsc::channel(QUEUE);
         let (dropped, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(Notify::new()));
-        let writer = tokio::spawn(write(store.clone(), config, receiver, dropped.clone(), stop.clone()));
-        Arc::new(Self { sender, dropped, stop, writer: Mutex::new(Some(writer)), store, config })
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let channel = Channel { receiver, queued_bytes: queued_bytes.clone(), dropped: dropped.clone() };
+        let writer = tokio::spawn(write(store.clone(), config, channel, stop.clone()));
+        Arc::new(Self { sender, queued_bytes, dropped, stop, writer: Mutex::new(Some(writer)), store, config })
     }
 
     fn send(&self, event: Event) {
-        if self.sender.try_send(event).is_err() {
+        let weight = event.weight();
+        let queued = self.queued_bytes.fetch_add(weight, Ordering::Relaxed) + weight;
+        if queued > QUEUE_BYTES || self.sender.try_send(event).is_err() {
+            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -413,13 +435,15 @@ pub fn run_info(row: &RunRow) -> RunInfo {
 
 /// The writer: takes what the channel holds, writes it in one transaction; prunes every `prune_interval`; on stop,
 /// writes what is left and ends.
-async fn write(
-    store: Arc<RunStore>,
-    config: RunsConfig,
-    mut receiver: mpsc::Receiver<Event>,
+/// The writer's end of the channel, with the counts it keeps.
+struct Channel {
+    receiver: mpsc::Receiver<Event>,
+    queued_bytes: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
-    stop: Arc<Notify>,
-) {
+}
+
+async fn write(store: Arc<RunStore>, config: RunsConfig, channel: Channel, stop: Arc<Notify>) {
+    let Channel { mut receiver, queued_bytes, dropped } = channel;
     let mut prune = tokio::time::interval(config.prune_interval);
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -446,12 +470,14 @@ async fn write(
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             tracing::warn!(
-                "{lost} run history events were dropped: the history's writer fell {QUEUE} events behind (a slow \
-                 disk?); those runs may be missing or shown running"
+                "{lost} run history events were dropped: the history's writer fell {QUEUE} events or {} MiB of logs \
+                 behind (a slow disk?); those runs may be missing or shown running",
+                QUEUE_BYTES >> 20
             );
         }
         if !batch.is_empty() {
             let events = std::mem::take(&mut batch);
+            let weight: usize = events.iter().map(Event::weight).sum();
             let store = store.clone();
             let written = tokio::task::spawn_blocking(move || {
                 let (started, ended): (Vec<_>, Vec<_>) =
@@ -465,6 +491,8 @@ async fn write(
                 store.write(&started, &ended)
             })
             .await;
+            // Written (or failed): what the events held is freed.
+            queued_bytes.fetch_sub(weight, Ordering::Relaxed);
             match written {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::warn!(%error, "cannot write runs to the history"),
@@ -481,6 +509,32 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_channel_is_bounded_by_the_logs_it_holds_and_frees_them_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RunStore::open(&dir.path().join("state.db")).unwrap());
+        let runs = Runs::start(store.clone(), RunsConfig::default());
+        // The writer has not run yet (one thread, not yielded to): what is sent waits in the channel.
+        let ended = |i: usize| Ended {
+            run: NewRun { id: format!("run-{i}"), user_id: "u".into(), kind: "call", ..NewRun::default() },
+            started_ms: None,
+            finished_ms: 0,
+            worker: String::new(),
+            outcome: Outcome::cancelled("test", "test"),
+            logs: "x".repeat(1 << 20),
+            logs_truncated: false,
+        };
+        let fit = QUEUE_BYTES / ((1 << 20) + EVENT_BYTES);
+        for i in 0..fit + 3 {
+            runs.ended(ended(i));
+        }
+        assert_eq!(runs.dropped.load(Ordering::Relaxed), 3, "past the bytes, events are dropped, not queued");
+        runs.close().await;
+        assert_eq!(runs.queued_bytes.load(Ordering::Relaxed), 0);
+        let all = store::RunQuery { user: None, app: None, failed_only: false, before: None, limit: fit + 10 };
+        assert_eq!(store.list(&all).unwrap().len(), fit);
+    }
 
     #[test]
     fn a_capture_keeps_its_limit_and_says_what_it_left_out() {

@@ -8,13 +8,7 @@ use rusqlite::{params, params_from_iter, OptionalExtension, Row};
 
 use super::{Ended, NewRun};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunStoreError {
-    #[error("the run history failed: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error(transparent)]
-    Task(#[from] crate::db::TaskFailed),
-}
+pub type RunStoreError = crate::db::DatabaseError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS runs (

@@ -68,14 +68,7 @@ pub async fn register(
             revision.name()
         )));
     }
-    let (user, max) = (caller.user_id.clone(), schedules.config.max_per_user);
-    if blocking(schedules, move |store| store.count_active(&user)).await? >= max {
-        return Err(Status::resource_exhausted(format!(
-            "user {:?} has {max} active schedules, the most this server allows ([schedules] max_per_user); cancel \
-             one with `fal-serverless cron cancel CRON_ID`",
-            caller.user_id
-        )));
-    }
+    let max = schedules.config.max_per_user;
     let now = now_ms();
     let row = CronRow {
         id: uuid::Uuid::new_v4().to_string(),
@@ -89,7 +82,13 @@ pub async fn register(
         active: true,
     };
     let stored = row.clone();
-    blocking(schedules, move |store| store.insert(&stored)).await?;
+    if !blocking(schedules, move |store| store.insert_within(&stored, max)).await? {
+        return Err(Status::resource_exhausted(format!(
+            "user {:?} has {max} active schedules, the most this server allows ([schedules] max_per_user); cancel \
+             one with `fal-serverless cron cancel CRON_ID`",
+            caller.user_id
+        )));
+    }
     tracing::info!(user = %row.user_id, cron = %row.id, expression = %row.cron, revision = %row.revision,
         "schedule registered");
     let cron_id = row.id.clone();

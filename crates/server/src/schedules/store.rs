@@ -7,13 +7,7 @@ use std::path::Path;
 
 use rusqlite::{params, OptionalExtension, Row};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ScheduleStoreError {
-    #[error("the schedule store failed: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error(transparent)]
-    Task(#[from] crate::db::TaskFailed),
-}
+pub type ScheduleStoreError = crate::db::DatabaseError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS crons (
@@ -112,8 +106,19 @@ impl ScheduleStore {
         Ok(Self(crate::db::Database::open(path, SCHEMA)?))
     }
 
-    pub fn insert(&self, cron: &CronRow) -> Result<(), ScheduleStoreError> {
-        self.0.lock().execute(
+    /// Inserts `cron` unless its user has `max` active schedules already (`false` then): one step, so that two
+    /// registrations at once cannot both pass the count.
+    pub fn insert_within(&self, cron: &CronRow, max: usize) -> Result<bool, ScheduleStoreError> {
+        let db = self.0.lock();
+        if Self::count_in(&db, &cron.user_id)? >= max {
+            return Ok(false);
+        }
+        Self::insert_into(&db, cron)?;
+        Ok(true)
+    }
+
+    fn insert_into(db: &rusqlite::Connection, cron: &CronRow) -> Result<(), ScheduleStoreError> {
+        db.execute(
             &format!("INSERT INTO crons ({CRON_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
             params![
                 cron.id,
@@ -130,13 +135,10 @@ impl ScheduleStore {
         Ok(())
     }
 
-    /// Active schedules of `user` (everyone's for `None`).
-    pub fn count_active(&self, user: &str) -> Result<usize, ScheduleStoreError> {
-        let n: i64 = self.0.lock().query_row(
-            "SELECT COUNT(*) FROM crons WHERE user_id = ?1 AND active = 1",
-            params![user],
-            |r| r.get(0),
-        )?;
+    /// `user`'s active schedules.
+    fn count_in(db: &rusqlite::Connection, user: &str) -> Result<usize, ScheduleStoreError> {
+        let n: i64 =
+            db.query_row("SELECT COUNT(*) FROM crons WHERE user_id = ?1 AND active = 1", params![user], |r| r.get(0))?;
         Ok(n as usize)
     }
 
@@ -268,5 +270,35 @@ impl ScheduleStore {
             .0
             .lock()
             .execute("DELETE FROM cron_activations WHERE due_ms < ?1 AND outcome != 'running'", params![before_ms])?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, user: &str) -> CronRow {
+        CronRow {
+            id: id.into(),
+            user_id: user.into(),
+            revision: "r".into(),
+            function_name: "f".into(),
+            machine_type: "XS".into(),
+            cron: "* * * * *".into(),
+            created_ms: 0,
+            last_due_ms: 0,
+            active: true,
+        }
+    }
+
+    #[test]
+    fn a_user_at_the_limit_gets_no_more_schedules_and_others_still_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ScheduleStore::open(&dir.path().join("state.db")).unwrap();
+        assert!(store.insert_within(&row("1", "alice"), 2).unwrap());
+        assert!(store.insert_within(&row("2", "alice"), 2).unwrap());
+        assert!(!store.insert_within(&row("3", "alice"), 2).unwrap());
+        assert!(store.insert_within(&row("4", "bob"), 2).unwrap());
+        assert_eq!(store.list(Some("alice")).unwrap().len(), 2);
     }
 }
