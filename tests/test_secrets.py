@@ -17,7 +17,17 @@ from typing import Iterator, List, Tuple
 
 import httpx
 import pytest
-from conftest import FAL_SERVERLESS, Server, cloud_call, run_script, script_env, start_server, venv_with
+from conftest import (
+    FAL_SERVERLESS,
+    Server,
+    cloud_call,
+    descendants,
+    run_script,
+    script_env,
+    start_client,
+    start_server,
+    venv_with,
+)
 from test_original_client import HOSTNAME, VERSION, OriginalClient
 
 #: Values the tests set; none may appear in the database's bytes or the server's log.
@@ -100,6 +110,45 @@ def test_a_secret_set_with_our_cli_is_an_environment_variable_of_the_owners_call
     assert ("API_TOKEN", "alice") in listed(secrets_server, (secrets_server.admin_id, secrets_server.admin_secret))
 
 
+def uid_of(pid: int) -> int:
+    """The real uid `pid` runs as."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def test_a_secret_is_not_in_the_environment_of_the_root_run_jailer_but_the_function_and_its_children_see_it(
+    secrets_server: Server, alice: Tuple[str, str]
+) -> None:
+    # bubblewrap and setpriv run as root, and glibc does not clean the environment of a root process that is not
+    # setuid: a secret there would reach them (a GCONV_PATH, a GLIBC_TUNABLES) and sit in root's processes.
+    secret = value("jailer")
+    assert secrets(secrets_server, alice, "set", "JAILER_TOKEN", secret).returncode == 0
+    body = (
+        "import os, subprocess, time\n"
+        'child = subprocess.run(["sh", "-c", \'printf %s "$JAILER_TOKEN"\'], capture_output=True, text=True)\n'
+        "time.sleep(10)\n"
+        'return [os.environ.get("JAILER_TOKEN"), child.stdout]'
+    )
+    client = start_client(secrets_server, alice, body, keep_alive=0)
+    try:
+        pid = int(secrets_server.wait_for_worker("alice")["pid"])
+        # The worker's process is bubblewrap's; below it bubblewrap's PID 1, then the agent, which setpriv became
+        # (so the agent's environment as it was exec'd is the one setpriv ran as root with).
+        tree = [pid, *descendants(pid)]
+        environs = {p: Path(f"/proc/{p}/environ").read_bytes() for p in tree}
+        uids = {p: uid_of(p) for p in tree}
+        assert 0 in uids.values() and any(uid != 0 for uid in uids.values()), uids
+        assert all(environs.values()), "every process of the worker shows its environment"
+        for p, environ in environs.items():
+            assert secret.encode() not in environ, f"process {p} (uid {uids[p]}) was started with the secret"
+            assert b"JAILER_TOKEN=" not in environ, f"process {p} (uid {uids[p]}) was started with the secret"
+    finally:
+        stdout, stderr = client.communicate(timeout=120)
+    assert client.returncode == 0, stderr
+    assert ast.literal_eval(stdout.strip().splitlines()[-1]) == [secret, secret]
+    assert secrets(secrets_server, alice, "delete", "JAILER_TOKEN").returncode == 0
+
+
 def test_values_come_from_standard_input_or_a_file_byte_for_byte(
     secrets_server: Server, alice: Tuple[str, str], tmp_path: Path
 ) -> None:
@@ -154,6 +203,8 @@ def test_a_changed_secret_reaches_the_next_call_and_the_stale_warm_worker_is_sto
         ("LD_PRELOAD", "the dynamic loader reads LD_*"),
         ("FAL_KEY_SECRET", "the platform sets FAL_* and ISOLATE_* variables"),
         ("IS_ISOLATE_AGENT", "the platform sets it in every worker"),
+        ("GCONV_PATH", "GCONV_PATH cannot be a secret's name: the C library reads it in every program"),
+        ("MALLOC_ARENA_MAX", "drops it for privileged ones as unsafe"),
         ("A" * 129, "at most 128 characters"),
     ],
 )

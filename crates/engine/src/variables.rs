@@ -1,6 +1,11 @@
 //! Environment variables a caller gives a call's workers, beyond the engine's own (`PATH`, `LANG`, `VIRTUAL_ENV`,
 //! `CUDA_VISIBLE_DEVICES`, which always win).
 //!
+//! They are never in the environment the engine execs a worker with: that is the environment of the jailer too
+//! (bubblewrap and setpriv, run as root, where glibc heeds `GCONV_PATH`, `GLIBC_TUNABLES` and the like as it does in
+//! no setuid program). The engine sends them on the worker's socket instead, as a [message](WorkerVariables::message)
+//! before the first frame, and the agent sets them in its environment before it imports or runs anything else.
+//!
 //! The engine does not know what they are (the server puts a user's secrets here); it treats every value as one
 //! that must not leak: [`WorkerVariables`]'s `Debug` shows names only, and what makes a warm worker reusable is a
 //! [digest](WorkerVariables::digest) keyed with a random key of this process, so that neither the pool's books nor
@@ -26,7 +31,8 @@ impl WorkerVariables {
         Self::default()
     }
 
-    /// Adds `name=value` (a caller validates names: the engine only refuses what `execve` cannot carry, at spawn).
+    /// Adds `name=value` (a caller validates names: the engine only refuses what an environment cannot carry, at
+    /// spawn).
     pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
         self.0.push((name.into(), Zeroizing::new(value.into())));
     }
@@ -79,8 +85,8 @@ impl WorkerVariables {
         hex::encode(&hash.finalize()[..16])
     }
 
-    /// What an `execve` cannot carry (a name with `=` or NUL, or empty; a value with NUL), named by the variable,
-    /// never its value.
+    /// What an environment (and the [message](WorkerVariables::message)) cannot carry: a name with `=` or NUL, or
+    /// empty; a value with NUL. Named by the variable, never its value.
     pub(crate) fn unfit(&self) -> Option<String> {
         self.0.iter().find_map(|(name, value)| {
             if name.is_empty() || name.contains(['=', '\0']) {
@@ -91,6 +97,24 @@ impl WorkerVariables {
                 None
             }
         })
+    }
+
+    /// The variables as the agent reads them from its socket before the first frame: `NAME=VALUE` each ended by a
+    /// NUL, then an empty one (names are never empty, so the first empty one ends them). Those `skip` names are left
+    /// out: the engine sets them itself, and its own win. Wiped from memory when dropped, as the values are.
+    pub(crate) fn message(&self, skip: impl Fn(&str) -> bool) -> Zeroizing<Vec<u8>> {
+        let sent = || self.iter().filter(|(name, _)| !skip(name));
+        // Sized at once: a growing Vec would free (unwiped) the smaller buffers it moved the values out of.
+        let size = sent().map(|(name, value)| name.len() + value.len() + 2).sum::<usize>() + 1;
+        let mut message = Zeroizing::new(Vec::with_capacity(size));
+        for (name, value) in sent() {
+            message.extend_from_slice(name.as_bytes());
+            message.push(b'=');
+            message.extend_from_slice(value.as_bytes());
+            message.push(0);
+        }
+        message.push(0);
+        message
     }
 }
 
@@ -130,6 +154,13 @@ mod tests {
         assert_ne!(of(&[("A", "1"), ("B", "2")]).digest(), of(&[("A", "1B=2")]).digest());
         // Keyed: not the plain hash of what it covers.
         assert!(!one.digest().is_empty() && !one.digest().contains("A"));
+    }
+
+    #[test]
+    fn the_message_is_nul_ended_pairs_in_order_then_an_empty_one_without_the_skipped_names() {
+        assert_eq!(*of(&[]).message(|_| false), b"\0");
+        let variables = of(&[("A", "1\n="), ("PATH", "/evil"), ("EMPTY", ""), ("A", "2")]);
+        assert_eq!(*variables.message(|name| name == "PATH"), b"A=1\n=\0EMPTY=\0A=2\0\0");
     }
 
     #[test]

@@ -216,8 +216,9 @@ mod tests {
 
     use super::*;
 
-    /// A provider with one fake GPU (no cgroups, unjailed), and a "python" that ignores the agent and sleeps, so a
-    /// worker is a real process whose environment can be read.
+    /// A provider with one fake GPU (no cgroups, unjailed), and a "python" that, in place of the agent, reads the
+    /// variables the engine sends on fd 3 into `received` (a file of the temp dir) and sleeps, so a worker is a real
+    /// process whose environment can be read. bash's `read` takes one byte at a time from a socket.
     fn provider_and_spec() -> (tempfile::TempDir, LocalProvider, impl Fn() -> WorkerSpec) {
         let root = tempfile::tempdir().expect("temp dir");
         let gpu = root.path().join("nvidia/gpus/0000:18:00.0");
@@ -226,7 +227,13 @@ mod tests {
         let gpus = NvidiaGpus::discover_at(&root.path().join("nvidia"), &root.path().join("dev"), root.path());
         let provider = LocalProvider::with_gpus(Arc::new(Err("not in this test".into())), None, gpus);
         let python = root.path().join("python");
-        std::fs::write(&python, "#!/bin/sh\nexec sleep 60\n").expect("fake python");
+        let received = root.path().join("received");
+        let agent = format!(
+            "#!/bin/bash\nwhile IFS= read -r -d '' v <&3 && [ -n \"$v\" ]; do printf '%s\\0' \"$v\"; done > {0}.tmp\n\
+             mv {0}.tmp {0}\nexec sleep 60\n",
+            received.display()
+        );
+        std::fs::write(&python, agent).expect("fake python");
         std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let env_root = root.path().to_path_buf();
         let spec = move || WorkerSpec {
@@ -260,17 +267,38 @@ mod tests {
         panic!("worker {pid} showed no environment in 2 s")
     }
 
+    /// What the fake agent read from its socket: the variables, in order.
+    fn received(root: &Path) -> Vec<String> {
+        let path = root.join("received");
+        for _ in 0..500 {
+            if let Ok(bytes) = std::fs::read(&path) {
+                return bytes
+                    .split(|b| *b == 0)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| String::from_utf8_lossy(v).into())
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the worker read no variables in 5 s")
+    }
+
     #[tokio::test]
-    async fn a_workers_variables_are_in_its_environment_and_the_engines_own_win() {
-        let (_root, provider, spec) = provider_and_spec();
+    async fn a_workers_variables_reach_it_on_its_socket_not_its_environment_and_the_engines_own_win() {
+        let (root, provider, spec) = provider_and_spec();
         let cpu = MachineType::new("S", 1.0, 1 << 30, 0);
         let mut spec = spec();
         spec.variables.push("API_TOKEN", "multi\nline value");
         spec.variables.push("CUDA_VISIBLE_DEVICES", "7");
+        spec.variables.push("PATH", "/evil");
+        spec.variables.push("EMPTY", "");
         let worker = provider.start(spec, &cpu, None, &LogSink::discard()).await.expect("a worker");
+        // Sent whole at spawn (it fits the socket's buffer): read before any call.
+        assert_eq!(received(root.path()), ["API_TOKEN=multi\nline value", "EMPTY="]);
         let env = environ(worker.pid());
-        assert!(env.contains(&"API_TOKEN=multi\nline value".to_string()), "{env:?}");
+        assert!(!env.iter().any(|v| v.starts_with("API_TOKEN=") || v.starts_with("EMPTY=")), "{env:?}");
         assert!(env.contains(&"CUDA_VISIBLE_DEVICES=".to_string()), "{env:?}");
+        assert!(env.iter().any(|v| v.starts_with("PATH=") && !v.contains("/evil")), "{env:?}");
         worker.stop().await;
     }
 

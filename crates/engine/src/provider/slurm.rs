@@ -11,9 +11,10 @@
 //!
 //! A worker's [variables](crate::WorkerVariables) (a user's secrets) are never in the job script, which Slurm keeps
 //! in its state directory and shows to `scontrol write batch_script`, nor in the job's environment as submitted
-//! (`scontrol show job`): the engine sends them on the frames stream once the job has connected, before any frame,
-//! and the script reads them from it (`NAME=VALUE` each ended by a NUL, then an empty one) and exports them before
-//! it becomes the agent. They cross the network as the calls' payloads do, on the streams to the callback address.
+//! (`scontrol show job`), nor in the environment the script execs the agent (or its jail) with: the engine sends them
+//! on the frames stream once the job has connected, before any frame, and the agent reads them from it and sets them
+//! itself, as on this host (see [`crate::WorkerVariables`]). They cross the network as the calls' payloads do, on the
+//! streams to the callback address.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -34,7 +35,7 @@ use super::Provider;
 use crate::error::CallError;
 use crate::logs::{LogSink, LogSource};
 use crate::machine::MachineType;
-use crate::worker::{BoxFuture, Placement, Worker, WorkerSpec};
+use crate::worker::{AgentCommand, BoxFuture, Placement, Worker, WorkerSpec};
 
 /// The job name of every worker job; the comment tells one server's jobs from another's.
 const JOB_NAME: &str = "fal-worker";
@@ -182,11 +183,11 @@ impl SlurmProvider {
     fn script(
         &self,
         spec: &WorkerSpec,
+        agent: &AgentCommand,
         allocation: &SlurmAllocation,
         address: SocketAddr,
         token: &str,
-    ) -> Result<String, CallError> {
-        let agent = spec.agent_command()?;
+    ) -> String {
         let mut script = String::from("#!/bin/bash\n");
         let mut directive = |option: String| {
             let _ = writeln!(script, "#SBATCH {option}");
@@ -219,9 +220,6 @@ impl SlurmProvider {
             script,
             "printf '{token} frames\\n' >&3; printf '{token} stdout\\n' >&4; printf '{token} stderr\\n' >&5"
         );
-        // The worker's variables, as `start` sends them. bash's `read` takes one byte at a time from a socket, so it
-        // reads nothing past the empty one that ends them.
-        let _ = writeln!(script, "{READ_VARIABLES}");
         let _ = writeln!(script, "exec 0</dev/null 1>&4 2>&5 4>&- 5>&-");
         let _ = writeln!(script, "export LANG=C.UTF-8 PATH={}", quote(&spec.clean_path()));
         for (name, value) in &agent.env {
@@ -234,7 +232,7 @@ impl SlurmProvider {
         }
         script.push_str(&exec);
         script.push('\n');
-        Ok(script)
+        script
     }
 
     async fn submit(&self, script: &str) -> Result<String, String> {
@@ -278,7 +276,8 @@ impl Provider for SlurmProvider {
                 // The job's agent needs the node's network to connect back; the cluster's network policy applies.
                 jail.network = fal_sandbox::JailNetwork::Host;
             }
-            let script = self.script(&spec, &allocation, callback.address, &token)?;
+            let agent = spec.agent_command()?;
+            let script = self.script(&spec, &agent, &allocation, callback.address, &token);
             let id = self.submit(&script).await.map_err(|reason| CallError::Allocation {
                 machine_type: machine.name.clone(),
                 options: allocation.options().join(" "),
@@ -328,7 +327,7 @@ impl Provider for SlurmProvider {
             let _ = frames.set_nodelay(true);
             let mut frames = frames;
             frames
-                .write_all(&variables_message(&spec.variables))
+                .write_all(&agent.variables_message(&spec.variables))
                 .await
                 .map_err(|e| CallError::Spawn(format!("worker job {}: sending its variables: {e}", job.id)))?;
             let fd = |stream: TcpStream| stream.into_std().map(OwnedFd::from);
@@ -576,23 +575,6 @@ async fn greeting(stream: &mut TcpStream) -> std::io::Result<Option<(String, Str
     Ok(None)
 }
 
-/// The script's line that exports the variables the engine sends on fd 3 (see the module's doc).
-const READ_VARIABLES: &str =
-    "while IFS= read -r -d '' variable <&3 && [ -n \"$variable\" ]; do export \"$variable\"; done; unset variable";
-
-/// The variables as the job script reads them: `NAME=VALUE` each ended by a NUL, then an empty one.
-fn variables_message(variables: &crate::WorkerVariables) -> zeroize::Zeroizing<Vec<u8>> {
-    let mut message = zeroize::Zeroizing::new(Vec::new());
-    for (name, value) in variables.iter() {
-        message.extend_from_slice(name.as_bytes());
-        message.push(b'=');
-        message.extend_from_slice(value.as_bytes());
-        message.push(0);
-    }
-    message.push(0);
-    message
-}
-
 /// A one-time secret a worker job proves itself with.
 fn token() -> String {
     let mut bytes = [0u8; 16];
@@ -654,7 +636,8 @@ mod tests {
             variables: crate::WorkerVariables::new(),
         };
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
-        let script = provider.script(&spec, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc").unwrap();
+        let agent = spec.agent_command().unwrap();
+        let script = provider.script(&spec, &agent, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc");
         for line in [
             "#SBATCH --comment=fal-serverless-t",
             "#SBATCH --no-requeue",
@@ -671,38 +654,6 @@ mod tests {
         let exec = script.split_once("\nexec '").map(|(_, exec)| exec).unwrap();
         assert!(exec.starts_with("/data/envs/u/k/bin/python' '-I' '-u' '-c' '"), "{exec}");
         assert!(exec.contains("def serve():") && exec.ends_with("serve()\n'\n"));
-    }
-
-    /// The script's own line, run by bash on a socket as a job runs it: every variable arrives, values with
-    /// newlines, quotes and `=` intact, and the bytes after the end (the first frame) are left for the agent.
-    #[tokio::test]
-    async fn variables_sent_on_the_frames_stream_are_exported_by_the_script() {
-        let mut variables = crate::WorkerVariables::new();
-        variables.push("API_TOKEN", "a'b\"c\nd=e $HOME");
-        variables.push("EMPTY", "");
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let script = format!("{READ_VARIABLES}\nprintf '%s|%s|' \"$API_TOKEN\" \"${{EMPTY-unset}}\"; head -c 5 <&3");
-        let mut bash = Command::new("bash");
-        bash.arg("-c").arg(script).stdout(Stdio::piped());
-        let theirs = OwnedFd::from(theirs);
-        // SAFETY: dup2 only, onto fd 3 of the child, from a descriptor that outlives the spawn.
-        unsafe {
-            use std::os::fd::AsRawFd;
-            let fd = theirs.as_raw_fd();
-            bash.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
-        }
-        let child = bash.spawn().unwrap();
-        drop(theirs);
-        let mut ours = tokio::net::UnixStream::from_std({
-            ours.set_nonblocking(true).unwrap();
-            ours
-        })
-        .unwrap();
-        let mut sent = variables_message(&variables).to_vec();
-        sent.extend_from_slice(b"FRAME");
-        ours.write_all(&sent).await.unwrap();
-        let output = child.wait_with_output().await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&output.stdout), "a'b\"c\nd=e $HOME||FRAME");
     }
 
     #[test]

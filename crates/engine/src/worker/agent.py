@@ -5,6 +5,9 @@
 #   cloudpickle (no arguments): our SDK's calls. cloudpickle is installed in the environment at the client's version.
 #   dill (`dill <layer>`): the original fal-serverless client's calls. dill comes from the layer's site-packages,
 #     added after the environment's own.
+# Before any frame, the engine sends the caller's variables (a user's secrets): `NAME=VALUE` each ended by a NUL, then
+# an empty one. They are not in the environment we are exec'd with, which is also that of the jail's tools run as root
+# (bubblewrap, setpriv); we set them before importing or running anything else (see receive_variables).
 # Frames: a header of (payload length: u32 big-endian, kind: u8), then the payload.
 #   CALL (1)      engine -> agent  cloudpickle of (function, args, kwargs); dill of a function of no arguments
 #   RETURNED (2)  agent -> engine  the return value, pickled the same way
@@ -110,17 +113,60 @@ def safe_str(exc):
         return "<the exception's __str__ failed>"
 
 
+def receive_variables(sock):
+    """Sets the variables the engine sends before the first frame in os.environ, before the serializer or the
+    function is imported: so the function, what it imports, and its subprocesses see them as if we had been started
+    with them. Returns what came after them (the start of the first frame), or None if the engine closed the socket
+    first. Names are never empty, so the first empty entry ends them: a NUL at the start, or after another."""
+    import os
+
+    data = bytearray()
+    searched = 0
+    while True:
+        if data[:1] == b"\0":
+            end = 0
+            break
+        # The pair may straddle two reads: look again from the byte before the last read's.
+        end = data.find(b"\0\0", max(searched - 1, 0))
+        if end >= 0:
+            end += 1
+            break
+        searched = len(data)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    for entry in bytes(data[:end]).split(b"\0")[:-1]:
+        name, _, value = entry.partition(b"=")
+        os.environb[name] = value
+    return data[end + 1 :]
+
+
 def serve():
     import os
     import socket
     import struct
     import sys
 
+    os.set_inheritable(3, False)  # subprocesses of the function must not hold our end open
+    sock = socket.socket(fileno=3)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # A Slurm job's stream to the server: a server host that vanished ends the job (a failed read) rather than
+        # leaving it holding its allocation.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
     # Modules the server offers after the environment's own (this project's SDK, for calls the function makes):
     # `-I` ignores PYTHONPATH, and the function's subprocesses should not inherit it.
     offered = os.environ.pop("FAL_AGENT_PYTHON_PATH", None)
     if offered:
         sys.path.append(offered)
+
+    pending = receive_variables(sock)
+    if pending is None:
+        return  # the engine closed the socket: it wants us gone
 
     if sys.argv[1:2] == ["dill"]:
         import site
@@ -149,20 +195,13 @@ def serve():
     header = struct.Struct(">IB")
     CALL, RETURNED, RAISED = 1, 2, 3
 
-    os.set_inheritable(3, False)  # subprocesses of the function must not hold our end open
-    sock = socket.socket(fileno=3)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        # A Slurm job's stream to the server: a server host that vanished ends the job (a failed read) rather than
-        # leaving it holding its allocation.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
     def recv_exactly(size):
         buf = bytearray(size)
         view = memoryview(buf)
-        filled = 0
+        # First what came with the variables.
+        filled = min(size, len(pending))
+        view[:filled] = pending[:filled]
+        del pending[:filled]
         while filled < size:
             n = sock.recv_into(view[filled:])
             if n == 0:

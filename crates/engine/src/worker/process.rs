@@ -1,6 +1,7 @@
 //! One worker process: spawning it inside its environment and limits, calling it, and reading how it died.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -10,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fal_sandbox::{GpuGrant, Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
+use zeroize::Zeroizing;
 
 use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED};
 use super::link::{LinkGrant, WorkerLink};
@@ -25,6 +27,8 @@ use crate::room::Hold;
 use crate::variables::WorkerVariables;
 
 const AGENT: &str = include_str!("agent.py");
+/// What the engine sets (or, `PYTHONHOME`, removes) in every worker's environment besides [`AgentCommand::env`].
+const ENGINE_VARIABLES: [&str; 3] = ["PATH", "LANG", "PYTHONHOME"];
 /// Names the directory the agent appends to `sys.path` ([`LinkGrant::python_path`]).
 const AGENT_PATH_VARIABLE: &str = "FAL_AGENT_PYTHON_PATH";
 /// How long a worker whose socket closed may take to exit before it is killed, so its exit status can be read.
@@ -57,7 +61,9 @@ pub(crate) struct WorkerSpec {
     pub link: Option<Arc<dyn WorkerLink>>,
     /// What the link gave this worker: shown to it at start, and kept until it has ended.
     pub granted: Option<LinkGrant>,
-    /// Set in the worker's environment before the engine's own variables (which win over one of the same name).
+    /// The caller's variables: set by the agent in its environment before it runs anything else, sent on its socket
+    /// ([`AgentCommand::variables_message`]), never in the environment it is exec'd with, which the root-run jailer
+    /// shares. The engine's own win over one of the same name.
     pub variables: WorkerVariables,
 }
 
@@ -87,6 +93,29 @@ pub(crate) struct AgentCommand {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The names of the variables the jail sets itself (`HOME`, the GPU driver's `LD_LIBRARY_PATH`).
+    jail_env: Vec<String>,
+}
+
+impl AgentCommand {
+    /// Whether the engine, or the jail, sets `name` in the worker's environment itself.
+    fn sets(&self, name: &str) -> bool {
+        ENGINE_VARIABLES.contains(&name)
+            || self.env.iter().any(|(own, _)| own == name)
+            || self.jail_env.iter().any(|own| own == name)
+    }
+
+    /// What the engine writes on the agent's socket before the first frame: the caller's `variables` but those the
+    /// engine or the jail set, which win as they did when both were in one environment (see [`WorkerVariables`]).
+    pub fn variables_message(&self, variables: &WorkerVariables) -> Zeroizing<Vec<u8>> {
+        variables.message(|name| self.sets(name))
+    }
+}
+
+/// The variables bubblewrap sets in the jail: each `--setenv NAME VALUE` among its own options (before `--`).
+fn jail_variables(args: &[String]) -> Vec<String> {
+    let options: Vec<&String> = args.iter().take_while(|arg| *arg != "--").collect();
+    options.windows(2).filter(|pair| pair[0] == "--setenv").map(|pair| pair[1].clone()).collect()
 }
 
 impl WorkerSpec {
@@ -114,7 +143,7 @@ impl WorkerSpec {
             agent_args.extend(["dill", layer]);
         }
         let granted = self.granted.as_ref();
-        let (program, args) = match &self.jail {
+        let (program, args): (PathBuf, Vec<String>) = match &self.jail {
             Some(jailed) => {
                 let mut read_only = vec![jailed.base_prefix.as_path(), self.env_root.as_path()];
                 read_only.extend(layer.map(std::path::Path::new));
@@ -157,7 +186,8 @@ impl WorkerSpec {
                 env.push((AGENT_PATH_VARIABLE.to_string(), path.display().to_string()));
             }
         }
-        Ok(AgentCommand { program, args, env })
+        let jail_env = if self.jail.is_some() { jail_variables(&args) } else { Vec::new() };
+        Ok(AgentCommand { program, args, env, jail_env })
     }
 }
 
@@ -224,6 +254,8 @@ pub(crate) struct Worker {
     environment: Option<EnvUse>,
     /// What its call's link gave it to keep while it lives (a key that is valid only that long).
     link: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// What of its variables' message the socket had no room for at spawn: written before the first call's frame.
+    unsent: Zeroizing<Vec<u8>>,
 }
 
 /// A worker process of this host: the leader of a process group of its own (`setsid` in [`ProcessSetup`]), which
@@ -264,6 +296,7 @@ impl Worker {
             hold: None,
             environment: None,
             link: None,
+            unsent: Zeroizing::default(),
         })
     }
 
@@ -291,6 +324,7 @@ impl Worker {
         let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
 
         let agent = spec.agent_command()?;
+        let message = agent.variables_message(&spec.variables);
         let keep = spec.granted.as_mut().and_then(|granted| granted.keep.take());
         let mut command = Command::new(&agent.program);
         command.args(&agent.args);
@@ -298,8 +332,7 @@ impl Worker {
             // A jailed worker inherits nothing of the server's environment (its secrets included).
             command.env_clear();
         }
-        // The caller's variables first: the engine's own, set after them, win.
-        command.envs(spec.variables.iter());
+        // The caller's variables are not set here: they go on the socket (see `WorkerSpec::variables`).
         if spec.jail.is_some() {
             command.env("LANG", "C.UTF-8").env("PATH", spec.clean_path());
         } else {
@@ -336,6 +369,8 @@ impl Worker {
         drop(command);
         let pid = child.id().unwrap_or(0);
         ours.set_nonblocking(true).map_err(|e| spawn_error("socket", e))?;
+        let unsent = write_now(&ours, &message);
+        drop(message);
         let frames = UnixStream::from_std(ours).map_err(|e| spawn_error("socket", e))?;
         let hostname = spec.jail.as_ref().map(|j| j.hostname.clone());
         let process = LocalProcess {
@@ -352,6 +387,7 @@ impl Worker {
             Self::connected(Box::new(process), Box::new(frames), stdout_read, stderr_read, spec.max_payload)
                 .map_err(|e| spawn_error("pipe", e))?;
         worker.keep_link(keep);
+        worker.unsent = unsent;
         Ok(worker)
     }
 
@@ -389,6 +425,12 @@ impl Worker {
 
     /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile.
     pub async fn call(&mut self, payload: &[u8], logs: &LogSink) -> Result<Reply, NoReply> {
+        if !self.unsent.is_empty() {
+            let unsent = std::mem::take(&mut self.unsent);
+            if self.frames.write_all(&unsent).await.is_err() {
+                return Err(NoReply::Gone);
+            }
+        }
         if write_frame(&mut self.frames, CALL, payload).await.is_err() {
             return Err(NoReply::Gone);
         }
@@ -559,6 +601,22 @@ impl Drop for LocalProcess {
     }
 }
 
+/// Writes what of `message` the non-blocking `socket` takes now, and returns the rest: a message larger than the
+/// socket's buffer (secrets of a few hundred KiB) waits for the agent to read, which a spawn does not wait for. An
+/// error (the agent is gone already) leaves the rest too: the first call's write then fails, and says how it died.
+fn write_now(socket: &std::os::unix::net::UnixStream, message: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut written = 0;
+    while written < message.len() {
+        match (&*socket).write(&message[written..]) {
+            Ok(0) => break,
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    Zeroizing::new(message[written..].to_vec())
+}
+
 /// Whether the child `pid` has exited, asked without reaping it (`WNOWAIT`).
 fn has_exited(pid: libc::id_t) -> bool {
     // SAFETY: an all-zero siginfo_t is a valid value; waitid writes only into it.
@@ -625,6 +683,74 @@ mod tests {
         assert!(!worker.has_exited());
         drop(agent);
         assert!(worker.has_exited());
+    }
+
+    #[test]
+    fn a_jailed_workers_message_leaves_out_what_the_engine_and_the_jail_set() {
+        let spec = WorkerSpec {
+            python: "/data/envs/u/k/bin/python".into(),
+            env_root: "/data/envs/u/k".into(),
+            dill_layer: None,
+            cgroup: None,
+            jail: Some(WorkerJail {
+                jail: Jail { bwrap: "bwrap".into(), setpriv: "setpriv".into() },
+                base_prefix: "/usr".into(),
+                uid: 1000,
+                hostname: "worker".into(),
+                network: JailNetwork::Loopback,
+                namespace: None,
+                resolv_conf: None,
+                gpus: None,
+            }),
+            visible_gpus: Some(String::new()),
+            gpus: None,
+            max_payload: 1024,
+            data_dir: None,
+            link: None,
+            granted: None,
+            variables: WorkerVariables::new(),
+        };
+        let agent = spec.agent_command().expect("agent command");
+        let mut variables = WorkerVariables::new();
+        for name in ["TOKEN", "HOME", "PATH", "LANG", "PYTHONHOME", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "OTHER"] {
+            variables.push(name, "x");
+        }
+        assert_eq!(*agent.variables_message(&variables), b"TOKEN=x\0OTHER=x\0\0");
+        // Only the jail's own options count: what follows `--` is the program's command line.
+        let args =
+            ["--setenv", "HOME", "/tmp", "--bind", "/a", "/a", "--", "setpriv", "--setenv", "NOT"].map(String::from);
+        assert_eq!(jail_variables(&args), ["HOME"]);
+    }
+
+    #[test]
+    fn what_the_socket_has_no_room_for_is_kept_whole() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("non-blocking");
+        let message: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let unsent = write_now(&ours, &message);
+        assert!(!unsent.is_empty() && unsent.len() < message.len(), "{} of {} unsent", unsent.len(), message.len());
+        let mut sent = vec![0; message.len() - unsent.len()];
+        std::io::Read::read_exact(&mut theirs, &mut sent).expect("what was sent");
+        sent.extend_from_slice(&unsent);
+        assert!(sent == message);
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_the_variables_goes_before_the_first_calls_frame() {
+        let (mut worker, mut agent) = worker();
+        worker.unsent = Zeroizing::new(b"A=1\0\0".to_vec());
+        let agent = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut got = [0u8; 5 + 5 + 4];
+            agent.read_exact(&mut got).await.expect("variables and frame");
+            write_frame(&mut agent, RETURNED, b"ok").await.expect("reply");
+            (got, agent)
+        });
+        let reply = worker.call(b"call", &LogSink::discard()).await.expect("a reply");
+        assert_eq!((reply.raised, reply.payload.as_slice()), (false, &b"ok"[..]));
+        let (got, _agent) = agent.await.expect("agent");
+        assert_eq!(&got, b"A=1\0\0\0\0\0\x04\x01call");
+        assert!(worker.unsent.is_empty());
     }
 
     #[tokio::test]

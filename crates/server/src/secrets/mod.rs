@@ -133,6 +133,10 @@ impl SecretsError {
     }
 }
 
+/// Why a secret may not be named as one of glibc's unsecure variables.
+const GLIBC_UNSECURE: &str = "the C library reads it in every program (files to load, how to run), and drops it \
+                              for privileged ones as unsafe";
+
 /// Why `name` cannot be a secret's name, if it cannot: it must be an environment variable's name, and not one the
 /// platform sets in workers itself (where the secret would be ignored, or would change how the worker runs).
 pub fn invalid_name(name: &str) -> Option<String> {
@@ -158,6 +162,12 @@ pub fn invalid_name(name: &str) -> Option<String> {
             "the platform sets it in every worker (its environment, its GPUs)"
         }
         "IS_ISOLATE_AGENT" => "the platform sets it in every worker (functions read it to know they run on one)",
+        // glibc's "unsecure" variables (unsecvars.h), which it drops for setuid programs: they name files it loads
+        // (character set converters, locales, message catalogs, time zones, resolver settings) or change how it
+        // runs, in every program that starts with them.
+        "GCONV_PATH" | "GETCONF_DIR" | "GLIBC_TUNABLES" | "HOSTALIASES" | "LOCALDOMAIN" | "LOCPATH" | "NIS_PATH"
+        | "NLSPATH" | "RESOLV_HOST_CONF" | "RES_OPTIONS" | "TZDIR" => GLIBC_UNSECURE,
+        _ if upper.starts_with("MALLOC_") => GLIBC_UNSECURE,
         _ if upper.starts_with("PYTHON") => "Python reads PYTHON* variables at start-up, and they change how it runs",
         _ if upper.starts_with("LD_") => "the dynamic loader reads LD_* variables (libraries to preload, say)",
         _ if upper.starts_with("LC_") => "the worker's system environment uses the LC_* variables",
@@ -338,6 +348,20 @@ mod tests {
             ("IS_ISOLATE_AGENT", "run on one"),
             ("CUDA_VISIBLE_DEVICES", "GPUs"),
             ("SLURM_JOB_ID", "Slurm"),
+            ("GCONV_PATH", "C library"),
+            ("GETCONF_DIR", "C library"),
+            ("GLIBC_TUNABLES", "C library"),
+            ("HOSTALIASES", "C library"),
+            ("LOCALDOMAIN", "C library"),
+            ("LOCPATH", "C library"),
+            ("MALLOC_TRACE", "C library"),
+            ("malloc_arena_max", "C library"),
+            ("NIS_PATH", "C library"),
+            ("NLSPATH", "C library"),
+            ("RESOLV_HOST_CONF", "C library"),
+            ("RES_OPTIONS", "C library"),
+            ("TZDIR", "C library"),
+            ("TMPDIR", "system environment"),
         ] {
             let why = invalid_name(bad).unwrap_or_else(|| panic!("{bad:?} was taken"));
             assert!(why.contains(says), "{bad:?}: {why}");
