@@ -138,6 +138,8 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
+    Sandbox(#[from] fal_sandbox::SandboxError),
+    #[error(transparent)]
     Apps(#[from] apps::AppStoreError),
     #[error(transparent)]
     Queue(#[from] queue::QueueStoreError),
@@ -199,6 +201,11 @@ pub async fn serve(
         (Some(_), false) => Some("the server does not run as root, so it cannot drop workers to another user".into()),
     };
     let jail = if unjailed.is_none() { jail } else { None };
+    if jail.is_some() {
+        // Every jail loads the seccomp filter: one that cannot be compiled here stops the server at once, not at the
+        // first call.
+        fal_sandbox::seccomp_program()?;
+    }
     // Jailed workers and builds get network namespaces of their own (on this host; a cluster's nodes keep theirs).
     let network = match &jail {
         Some(_) => {
