@@ -147,6 +147,54 @@ def test_the_quota_is_enforced_on_the_users_own_writes_and_on_uploads(
         assert client.delete("/files/file/small.bin").json() is True
 
 
+#: A new subvolume (or snapshot) gets a qgroup of its own, without the user's limit: what is written there would not
+#: count. The jail's seccomp filter refuses the four ioctls that make one (numbers from linux/btrfs.h: _IOW(0x94, nr,
+#: 4096-byte args)); every other ioctl, and plain writes, still work.
+SUBVOLUMES = """
+import errno, fcntl, os, struct
+data = os.open("/data", os.O_RDONLY | os.O_DIRECTORY)
+# bytearrays: ioctl copies immutable args through a 1024-byte buffer, these are 4096 bytes.
+def v1(name, fd=0):
+    return bytearray(struct.pack("=q4088s", fd, name.encode()))
+def v2(name, fd=0):
+    return bytearray(struct.pack("=q2Q4Q4040s", fd, 0, 0, 0, 0, 0, 0, name.encode()))
+tried = []
+for cmd, args in [
+    (0x5000940E, v1("escape-subvol")),
+    (0x50009418, v2("escape-subvol-v2")),
+    (0x50009401, v1("escape-snap", data)),
+    (0x50009417, v2("escape-snap-v2", data)),
+]:
+    try:
+        fcntl.ioctl(data, cmd, args)
+        tried.append("created")
+    except OSError as e:
+        tried.append(errno.errorcode[e.errno])
+left = sorted(name for name in os.listdir("/data") if name.startswith("escape"))
+with open("/data/plain.txt", "w") as f:
+    f.write("still writable")
+plain = os.open("/data/plain.txt", os.O_RDONLY)
+flags = fcntl.ioctl(plain, 0x80086601, bytes(8))  # FS_IOC_GETFLAGS: another ioctl, allowed
+written = os.read(plain, 100).decode()
+os.remove("/data/plain.txt")
+return tried, left, len(flags), written
+"""
+
+
+def test_a_function_cannot_make_a_subvolume_that_escapes_its_quota(storage_server: Server) -> None:
+    key = storage_server.create_key("store-subvol")
+    seen = result(cloud_call(storage_server, SUBVOLUMES, key))
+    assert seen == "(['EPERM', 'EPERM', 'EPERM', 'EPERM'], [], 8, 'still writable')", seen
+    # The file system holds the users' subvolumes and nothing a function made.
+    listed = subprocess.run(
+        ["btrfs", "subvolume", "list", str(storage_server.data_dir / "storage")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "store-subvol" in listed and "escape" not in listed, listed
+
+
 def test_hostile_paths_are_refused(storage_server: Server, alice: Tuple[str, str]) -> None:
     # A link the user's own function leaves, to the host and to another user's storage.
     link = "import os\nos.symlink('/etc/shadow', '/data/shadow')\nos.symlink('/data/..', '/data/up')\nreturn 1"

@@ -19,8 +19,11 @@
 //! process's unprivileged user (a uid per user, never the server's), clears the capability bounding set and
 //! inheritable capabilities, and sets no-new-privileges before the program starts. Every device but those of the
 //! minimal `/dev` ([`JAIL_DEVICES`]) and a GPU process's own ([`GpuGrant`]): absent from its `/dev`, and, where the
-//! caller applies them to the process's cgroup (cgroup v1's `devices` controller), refused by the kernel too.
+//! caller applies them to the process's cgroup (cgroup v1's `devices` controller), refused by the kernel too. The
+//! btrfs ioctls that make subvolumes and snapshots, by a seccomp filter bubblewrap loads where the caller gives one
+//! ([`Grants::seccomp`]; the list and why: `seccomp.rs`): a subvolume inside `/data` would escape its user's quota.
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::gpu::{CharDevice, GpuGrant};
@@ -75,6 +78,11 @@ pub struct Grants<'a> {
     /// driver's `/proc/driver/nvidia` shown narrowed to them, the `/sys` entries CUDA reads read-only, and the
     /// driver's library dir where it is outside the system's. `None`: no GPU, no device beyond the minimal `/dev`.
     pub gpus: Option<&'a GpuGrant>,
+    /// The descriptor the child inherits its system call filter on ([`crate::seccomp_filter_fd`], passed on with
+    /// [`crate::ProcessSetup::inheriting`]): bubblewrap loads it (`--seccomp`) just before the program starts. Every
+    /// jail of this host's workers and builds has one; `None` only where no descriptor can be handed over (a Slurm
+    /// job's script, whose workers have no `/data`).
+    pub seccomp: Option<RawFd>,
 }
 
 /// The network a jailed process has.
@@ -133,6 +141,9 @@ impl Jail {
         argv.extend(["--hostname".into(), grants.hostname.to_string()]);
         if grants.network == JailNetwork::Loopback {
             argv.push("--unshare-net".into());
+        }
+        if let Some(fd) = grants.seccomp {
+            argv.extend(["--seccomp".into(), fd.to_string()]);
         }
         if let Some(resolv_conf) = grants.resolv_conf {
             argv.extend(["--ro-bind".into(), resolv_conf.display().to_string(), "/etc/resolv.conf".into()]);
@@ -241,6 +252,7 @@ mod tests {
                 resolv_conf: None,
                 hosts: None,
                 gpus: None,
+                seccomp: None,
             }
         }
         let (_, argv) = jail.wrap(&grants(&[python, env]), Path::new("/var/lib/fal/envs/u1/abc/bin/python"), &["-I"]);
@@ -279,6 +291,10 @@ mod tests {
         let text = jail.wrap(&Grants { binds: &storage, ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
         assert!(text.contains("--bind /var/lib/fal/storage/u1 /data --"), "{text}");
         assert!(!text.contains("--dir /var"), "{text}");
+        // The seccomp filter bubblewrap loads, by its descriptor's number.
+        assert!(!text.contains("--seccomp"));
+        let text = jail.wrap(&Grants { seccomp: Some(12), ..grants(&[]) }, Path::new("/x"), &[]).1.join(" ");
+        assert!(text.contains("--seccomp 12 "), "{text}");
     }
 
     fn gpu_grant() -> GpuGrant {
@@ -310,6 +326,7 @@ mod tests {
             resolv_conf: None,
             hosts: None,
             gpus: None,
+            seccomp: None,
         };
         let plain = jail.wrap(&base, Path::new("/x"), &[]).1.join(" ");
         assert!(!plain.contains("nvidia") && !plain.contains("/sys") && !plain.contains("--dev-bind"), "{plain}");
@@ -366,6 +383,7 @@ mod tests {
             resolv_conf: None,
             hosts: None,
             gpus: Some(&grant),
+            seccomp: None,
         };
         let script = format!(
             "test -c {dev} && test -d /sys/devices/system/cpu && test ! -e /sys/class && \
@@ -380,5 +398,54 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+
+    /// bubblewrap loads the filter from the descriptor the child inherits: in the jail a subvolume ioctl fails with
+    /// EPERM (without the filter, /tmp's tmpfs answers ENOTTY), another ioctl (TCGETS) as it would (as root, where
+    /// bubblewrap and the system's python3 are installed).
+    #[test]
+    fn bubblewrap_loads_the_seccomp_filter() {
+        let python = Path::new("/usr/bin/python3");
+        let (Some(jail), true, true) = (Jail::from_path(), unsafe { libc::geteuid() } == 0, python.is_file()) else {
+            eprintln!("skipped: needs root, bubblewrap and /usr/bin/python3");
+            return;
+        };
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let script = "import errno, fcntl, os\n\
+                      fd = os.open('/tmp', os.O_RDONLY)\n\
+                      for cmd in (0x5000940E, 0x5401):\n\
+                      \x20   try:\n\
+                      \x20       fcntl.ioctl(fd, cmd, bytearray(4096))\n\
+                      \x20   except OSError as e:\n\
+                      \x20       print(errno.errorcode[e.errno])";
+        let run = |seccomp: Option<&std::os::fd::OwnedFd>| {
+            let fd = seccomp.map(|f| f.as_raw_fd());
+            let grants = Grants {
+                read_only: &[],
+                writable: &[],
+                binds: &[],
+                uid: 65534,
+                gid: 65534,
+                hostname: "worker-test",
+                network: JailNetwork::Loopback,
+                resolv_conf: None,
+                hosts: None,
+                gpus: None,
+                seccomp: fd,
+            };
+            let (program, argv) = jail.wrap(&grants, python, &["-c", script]);
+            let setup = crate::ProcessSetup::new(None, None).inheriting(fd);
+            let mut command = std::process::Command::new(program);
+            command.args(argv);
+            // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
+            unsafe { command.pre_exec(move || setup.apply()) };
+            let output = command.output().unwrap();
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8_lossy(&output.stdout).split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        let filter = crate::seccomp_filter_fd().unwrap();
+        assert_eq!(run(Some(&filter)), "EPERM ENOTTY");
+        assert_eq!(run(None), "ENOTTY ENOTTY");
     }
 }

@@ -21,11 +21,14 @@
 //!     worker, and the engine stops the worker's whole process tree by killing the group;
 //!   - `PR_SET_PDEATHSIG = SIGKILL`, so a worker never outlives the process that started it;
 //!   - membership of its cgroup before the first instruction of Python runs;
-//!   - exactly one inherited descriptor besides stdio: the frame socket, as fd 3.
+//!   - no inherited descriptor besides stdio but the frame socket, as fd 3, and a jailed process's seccomp filter
+//!     (which bubblewrap reads and closes before the program starts).
 //!
 //! * **A view of the system** ([`Jail`]), for workers and environment builds of other users (the server):
 //!   bubblewrap namespaces, a read-only environment, a private `/tmp`, a hostname of its own, the user's own
 //!   unprivileged uid; its module doc lists every grant and denial.
+//! * **A system call filter** ([`seccomp_filter_fd`]) for every jailed process: a seccomp denylist of the btrfs
+//!   ioctls that make subvolumes and snapshots, which would escape a user's storage quota; its module doc says why.
 //! * **GPUs** ([`NvidiaGpus`]): this host's NVIDIA GPUs as the driver lists them, and what a jailed process given
 //!   some of them is granted ([`GpuGrant`]): its own device nodes, the driver's control devices, the driver's
 //!   `/proc` entries narrowed to its GPUs; its module doc lists every grant.
@@ -42,18 +45,22 @@ mod gpu;
 mod jail;
 mod network;
 mod process;
+mod seccomp;
 
 pub use crate::cgroup::{CgroupManager, CgroupVersion, DeviceControl, Limits, WorkerCgroup};
 pub use crate::gpu::{CharDevice, GpuGrant, NvidiaGpu, NvidiaGpus};
 pub use crate::jail::{Grants, Jail, JailNetwork, JAIL_DEVICES};
 pub use crate::network::{host_resolver, Egress, Ipv4Net, Namespace, NetworkManager, NetworkPolicy};
 pub use crate::process::ProcessSetup;
+pub use crate::seccomp::{filter_fd as seccomp_filter_fd, program as seccomp_program, DENIED_IOCTLS};
 
 /// Why the sandbox could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("cgroup limits are unavailable: {0}")]
     Unavailable(String),
+    #[error("cannot make the jail's system call filter: {0}")]
+    Seccomp(String),
     #[error("could not {action} {path}: {source}")]
     Io {
         action: &'static str,

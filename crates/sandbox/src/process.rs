@@ -15,6 +15,7 @@ pub struct ProcessSetup {
     frame_fd: Option<RawFd>,
     cgroup_procs: Vec<RawFd>,
     netns: Option<RawFd>,
+    inherited: Option<RawFd>,
 }
 
 impl ProcessSetup {
@@ -27,12 +28,21 @@ impl ProcessSetup {
             frame_fd,
             cgroup_procs: cgroup.map(|c| c.procs_files().map(|f| f.as_raw_fd()).collect()).unwrap_or_default(),
             netns: None,
+            inherited: None,
         }
     }
 
     /// Also enter the network namespace open on `netns` (it must stay open until the child has been spawned).
     pub fn in_network(mut self, netns: Option<RawFd>) -> Self {
         self.netns = netns;
+        self
+    }
+
+    /// Also let the program inherit `fd`, at its own number (a jail's seccomp filter, [`crate::seccomp_filter_fd`]).
+    /// It must stay open until the child has been spawned, and be above [`FRAME_FD`], which the frame socket is
+    /// moved to.
+    pub fn inheriting(mut self, fd: Option<RawFd>) -> Self {
+        self.inherited = fd;
         self
     }
 
@@ -59,6 +69,16 @@ impl ProcessSetup {
             }
             if let Some(netns) = self.netns {
                 if libc::setns(netns, libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(fd) = self.inherited {
+                // The frame socket's dup2 below would close a descriptor at its number.
+                if fd <= FRAME_FD {
+                    return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+                }
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

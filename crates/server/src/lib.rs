@@ -140,6 +140,8 @@ pub enum ServerError {
     #[error(transparent)]
     Database(#[from] db::DatabaseError),
     #[error(transparent)]
+    Sandbox(#[from] fal_sandbox::SandboxError),
+    #[error(transparent)]
     Storage(#[from] storage::StorageError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
@@ -193,6 +195,11 @@ pub async fn serve(
         (Some(_), false) => Some("the server does not run as root, so it cannot drop workers to another user".into()),
     };
     let jail = if unjailed.is_none() { jail } else { None };
+    if jail.is_some() {
+        // Every jail loads the seccomp filter: one that cannot be compiled here stops the server at once, not at the
+        // first call.
+        fal_sandbox::seccomp_program()?;
+    }
     // Jailed workers and builds get network namespaces of their own (on this host; a cluster's nodes keep theirs).
     let network = match &jail {
         Some(_) => {

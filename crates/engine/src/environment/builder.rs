@@ -443,6 +443,8 @@ impl EnvBuilder {
         jail: Option<&mut BuildJail<'_>>,
         logs: &LogSink,
     ) -> Result<(bool, String), EnvironmentError> {
+        // The jail's filter descriptor: open until the step has been spawned, in `run_streaming`.
+        let mut seccomp = None;
         let mut command = match jail {
             None => {
                 let mut command = Command::new(program);
@@ -454,6 +456,11 @@ impl EnvBuilder {
                 let writable: Vec<&Path> = jail.writable.iter().map(PathBuf::as_path).collect();
                 let hostname = format!("build-{:08x}", rand::random::<u32>());
                 let joined = jail.namespace.path().is_some();
+                // The same system call filter as a worker's; a build has no /data, but a staging dir on btrfs would
+                // take subvolumes too. One descriptor per step: bubblewrap reads it to its end.
+                let filter = fal_sandbox::seccomp_filter_fd().map_err(|e| EnvironmentError::Sandbox(e.to_string()))?;
+                let filter_fd = filter.as_raw_fd();
+                seccomp = Some(filter);
                 let grants = Grants {
                     read_only: &read_only,
                     writable: &writable,
@@ -466,6 +473,7 @@ impl EnvBuilder {
                     resolv_conf: jail.sandbox.network.as_ref().filter(|_| joined).map(|n| n.resolv_conf()),
                     hosts: None,
                     gpus: None,
+                    seccomp: Some(filter_fd),
                 };
                 let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -489,7 +497,8 @@ impl EnvBuilder {
                     }
                 }
                 let setup = ProcessSetup::new(None, jail.cgroup.as_ref())
-                    .in_network(jail.netns.as_ref().map(|f| f.as_raw_fd()));
+                    .in_network(jail.netns.as_ref().map(|f| f.as_raw_fd()))
+                    .inheriting(Some(filter_fd));
                 // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
                 unsafe {
                     command.pre_exec(move || setup.apply());
@@ -504,7 +513,9 @@ impl EnvBuilder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        run_streaming(command, program, logs).await
+        let ran = run_streaming(command, program, logs).await;
+        drop(seccomp);
+        ran
     }
 }
 

@@ -276,7 +276,9 @@ impl Provider for SlurmProvider {
                 // The job's agent needs the node's network to connect back; the cluster's network policy applies.
                 jail.network = fal_sandbox::JailNetwork::Host;
             }
-            let agent = spec.agent_command()?;
+            // No seccomp filter: the job's script could hand bubblewrap no descriptor of ours. What it takes away
+            // matters for `/data`'s quota, and a job has no `/data`.
+            let agent = spec.agent_command(None)?;
             let script = self.script(&spec, &agent, &allocation, callback.address, &token);
             let id = self.submit(&script).await.map_err(|reason| CallError::Allocation {
                 machine_type: machine.name.clone(),
@@ -636,7 +638,7 @@ mod tests {
             variables: crate::WorkerVariables::new(),
         };
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
-        let agent = spec.agent_command().unwrap();
+        let agent = spec.agent_command(None).unwrap();
         let script = provider.script(&spec, &agent, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc");
         for line in [
             "#SBATCH --comment=fal-serverless-t",

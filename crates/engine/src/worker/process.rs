@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io::Write as _;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -124,7 +124,8 @@ impl WorkerSpec {
         format!("{}:/usr/local/bin:/usr/bin:/bin", self.env_root.join("bin").display())
     }
 
-    pub fn agent_command(&self) -> Result<AgentCommand, CallError> {
+    /// `seccomp`: the descriptor a jailed worker inherits its system call filter on (see [`Grants::seccomp`]).
+    pub fn agent_command(&self, seccomp: Option<RawFd>) -> Result<AgentCommand, CallError> {
         // The agent's arguments (after `-c`) name the serializer: none for cloudpickle, `dill <layer>` for dill.
         let mut agent_args = vec!["-I", "-u", "-c", AGENT];
         let layer = self
@@ -161,6 +162,7 @@ impl WorkerSpec {
                     resolv_conf: jailed.resolv_conf.as_deref(),
                     hosts: granted.and_then(|g| g.hosts_file.as_deref()),
                     gpus: jailed.gpus.as_ref(),
+                    seccomp,
                 };
                 jailed.jail.wrap(&grants, &self.python, &agent_args)
             }
@@ -323,7 +325,15 @@ impl Worker {
         let (stdout_read, stdout_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
         let (stderr_read, stderr_write) = pipe().map_err(|e| spawn_error("pipe", e))?;
 
-        let agent = spec.agent_command()?;
+        // A jail's own system call filter: it takes away the ioctls that make btrfs subvolumes (which would escape
+        // the user's storage quota at /data).
+        let seccomp = spec
+            .jail
+            .is_some()
+            .then(fal_sandbox::seccomp_filter_fd)
+            .transpose()
+            .map_err(|e| CallError::Spawn(e.to_string()))?;
+        let agent = spec.agent_command(seccomp.as_ref().map(AsRawFd::as_raw_fd))?;
         let message = agent.variables_message(&spec.variables);
         let keep = spec.granted.as_mut().and_then(|granted| granted.keep.take());
         let mut command = Command::new(&agent.program);
@@ -357,14 +367,15 @@ impl Worker {
             None => None,
         };
         let setup = ProcessSetup::new(Some(theirs.as_raw_fd()), spec.cgroup.as_ref())
-            .in_network(netns.as_ref().map(|f| f.as_raw_fd()));
+            .in_network(netns.as_ref().map(|f| f.as_raw_fd()))
+            .inheriting(seccomp.as_ref().map(AsRawFd::as_raw_fd));
         // SAFETY: `apply` only makes async-signal-safe system calls on descriptors that outlive the spawn.
         unsafe {
             command.pre_exec(move || setup.apply());
         }
         let program = command.as_std().get_program().to_string_lossy().into_owned();
         let child = command.spawn().map_err(|e| spawn_error(&program, e))?;
-        drop((theirs, netns));
+        drop((theirs, netns, seccomp));
         // `command` holds the write ends of the pipes; they must close here, or we never see end of stream.
         drop(command);
         let pid = child.id().unwrap_or(0);
@@ -710,7 +721,7 @@ mod tests {
             granted: None,
             variables: WorkerVariables::new(),
         };
-        let agent = spec.agent_command().expect("agent command");
+        let agent = spec.agent_command(None).expect("agent command");
         let mut variables = WorkerVariables::new();
         for name in ["TOKEN", "HOME", "PATH", "LANG", "PYTHONHOME", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "OTHER"] {
             variables.push(name, "x");

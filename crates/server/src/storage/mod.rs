@@ -3,13 +3,15 @@
 //! storage root (`[storage] root`, default `<data dir>/storage`, itself root's alone). The REST routes that read and
 //! write it for clients (the original's `sync_dir`, `download_file`, ours `fal-serverless files`) are `rest.rs`.
 //!
-//! The quota (`[storage] quota_mb`) is the kernel's, where it can be: the root is a btrfs file system and each
-//! user's directory a subvolume of it with a qgroup limit, so a function's own write past it fails with `OSError:
-//! [Errno 122] Disk quota exceeded`. The root is on btrfs already, or the server makes it so: one image file for
-//! all users (`<root>.img`, sparse, `[storage] image_gb`, made with `mkfs.btrfs` on first start, grown when the
-//! setting grows, never shrunk) loop-mounted at the root while the server runs and unmounted when it stops. Only
-//! where neither is possible (not root, no btrfs-progs) is it a plain directory with a soft quota: uploads over it
-//! are refused, a function's own writes are not stopped (the server's log says so at start).
+//! The quota (`[storage] quota_mb`) is the kernel's, where it can be: the root is a btrfs file system and each user's
+//! directory a subvolume of it with a qgroup limit, so a function's own write past it fails with `OSError: [Errno 122]
+//! Disk quota exceeded`. A subvolume the function made inside its directory would get a qgroup of its own, without the
+//! limit: the jail's seccomp filter refuses the ioctls that make one (`fal-sandbox`'s `seccomp.rs`). The root is on
+//! btrfs already, or the server makes it so: one image file for all users (`<root>.img`, sparse, `[storage] image_gb`,
+//! made with `mkfs.btrfs` on first start, grown when the setting grows, never shrunk) loop-mounted at the root while
+//! the server runs and unmounted when it stops. Only where neither is possible (not root, no btrfs-progs) is it a plain
+//! directory with a soft quota: uploads over it are refused, a function's own writes are not stopped (the server's log
+//! says so at start).
 
 pub mod confine;
 pub mod rest;
