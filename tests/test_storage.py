@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator, Tuple
 
 import httpx
 import pytest
-from conftest import FAL_SERVERLESS, NetworkHosts, Server, cloud_call, run_script, start_server, venv_with
+from conftest import (
+    FAL_SERVERLESS,
+    NetworkHosts,
+    Server,
+    cloud_call,
+    cloud_source,
+    run_script,
+    start_server,
+    venv_with,
+)
 from test_original_client import HOSTNAME, VERSION, OriginalClient
 
 #: Small, so that filling it is quick.
@@ -219,6 +231,151 @@ def test_hostile_paths_are_refused(storage_server: Server, alice: Tuple[str, str
         for path in ["shadow", "up"]:
             assert client.delete(f"/files/file/{path}").json() is True
         assert os.path.exists("/etc/shadow")
+
+
+SPECIAL = """
+import os, socket
+os.makedirs("/data/special/dir", exist_ok=True)
+os.mkfifo("/data/special/fifo")
+os.mkfifo("/data/special/dir/fifo")
+open("/data/special/dir/f.txt", "w").write("x")
+listener = socket.socket(socket.AF_UNIX)
+listener.bind("/data/special/sock")
+return sorted(os.listdir("/data/special"))
+"""
+
+
+def test_a_fifo_or_socket_in_data_is_refused_not_waited_on(storage_server: Server) -> None:
+    key = storage_server.create_key("store-fifo")
+    assert result(cloud_call(storage_server, SPECIAL, key)) == "['dir', 'fifo', 'sock']"
+    # Opening a FIFO for reading or writing waits for the other end: the server must not.
+    with httpx.Client(
+        base_url=f"http://{storage_server.host}", headers={"Authorization": f"Key {key[0]}:{key[1]}"}, timeout=20
+    ) as client:
+        for name, what in [("fifo", "a FIFO (named pipe)"), ("sock", "a socket")]:
+            got = client.get(f"/files/file/special/{name}")
+            assert got.status_code == 400, got.text
+            assert got.json()["detail"] == f"/data/special/{name} is {what}, not a regular file", got.text
+            described = client.post(f"/files/file/exists/special/{name}", params={"calculate_checksum": "true"})
+            assert described.status_code == 200 and described.json()["is_file"] is False, described.text
+        assert client.post("/files/dir/check_hash/special", json={"hash": "0" * 64}).json() is False
+        # A file put there replaces the FIFO (it is not opened).
+        assert client.put("/files/file/special/fifo", content=b"new").json() is True
+        assert client.get("/files/file/special/fifo").content == b"new"
+        assert client.delete("/files/file/special").json() is True
+        # The server keeps serving.
+        assert client.get("/files/list").json() == []
+
+
+DEEP = """
+import os
+os.makedirs("/data/deep", exist_ok=True)
+os.chdir("/data/deep")
+for _ in range({depth}):
+    os.mkdir("d")
+    os.chdir("d")
+open("bottom.txt", "w").write("bottom")
+os.makedirs("/data/wide", exist_ok=True)
+for i in range({width}):
+    os.mkdir(f"/data/wide/{{i}}")
+open("/data/wide/0/f.txt", "w").write("wide")
+return "made"
+"""
+
+
+def test_a_deep_or_wide_tree_in_data_is_walked_and_removed(storage_server: Server) -> None:
+    key = storage_server.create_key("store-deep")
+    # Deeper than a walk that recursed per level has stack for; wider than the server has descriptors (it has what
+    # this process has) for a walk that held one per directory it has yet to walk.
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    width = soft + 100 if soft < 30000 else 2000
+    made = run_script(cloud_source(DEEP.format(depth=12000, width=width)), storage_server.env(*key), timeout=600)
+    assert result(made) == "'made'"
+    with httpx.Client(
+        base_url=f"http://{storage_server.host}", headers={"Authorization": f"Key {key[0]}:{key[1]}"}, timeout=120
+    ) as client:
+        du = client.get("/files/du")
+        assert du.status_code == 200 and du.json()["used_bytes"] == len("bottom") + len("wide"), du.text
+        for tree in ["deep", "wide"]:
+            hashed = client.post(f"/files/dir/check_hash/{tree}", json={"hash": "0" * 64})
+            assert hashed.status_code == 200 and hashed.json() is False, hashed.text
+        # An upload counts what is kept first (the same walk).
+        assert client.put("/files/file/after.txt", content=b"after").json() is True
+        for tree in ["deep", "wide"]:
+            removed = client.delete(f"/files/file/{tree}")
+            assert removed.status_code == 200 and removed.json() is True, removed.text
+        assert [f["name"] for f in client.get("/files/list").json()] == ["after.txt"]
+
+
+def raw_request(server: Server, head: str, body_start: bytes, wait: float = 10) -> bytes:
+    """Sends a request's head and the start of its body, never the rest; what the server answers within `wait`
+    seconds (nothing: b"")."""
+    host, port = server.host.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head.encode() + body_start)
+        try:
+            return sock.recv(65536)
+        except socket.timeout:
+            return b""
+
+
+def test_the_key_is_checked_before_an_upload_is_read(storage_server: Server, alice: Tuple[str, str]) -> None:
+    boundary = "b0undary"
+    junk_field = f'--{boundary}\r\nContent-Disposition: form-data; name="junk"\r\n\r\n'.encode() + b"x" * 1000
+    for auth in ["", f"Authorization: Key {alice[0]}:wrong\r\n"]:
+        for method, path, content_type, start in [
+            ("POST", "/files/file/local/up.bin", f"multipart/form-data; boundary={boundary}", junk_field),
+            ("POST", "/files/file/local/up?unzip=true", f"multipart/form-data; boundary={boundary}", junk_field),
+            ("POST", "/files/dir/check_hash/somewhere", "application/json", b'{"hash": "'),
+            ("PUT", "/files/file/up.bin", "application/octet-stream", b"y" * 1000),
+        ]:
+            head = (
+                f"{method} {path} HTTP/1.1\r\nHost: {storage_server.host}\r\n{auth}"
+                f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n"
+            )
+            # The rest of the body never comes: only a server that did not wait for it answers.
+            answer = raw_request(storage_server, head, start)
+            assert answer.startswith(b"HTTP/1.1 401"), (method, path, auth, answer)
+    with rest(storage_server, alice) as client:
+        assert client.post("/files/file/exists/up.bin").status_code == 404
+
+
+def test_a_refused_upload_leaves_the_file_that_was_there(storage_server: Server) -> None:
+    key = storage_server.create_key("store-atomic")
+    too_big = b"y" * ((QUOTA_MB + 4) << 20)
+    with rest(storage_server, key) as client:
+
+        def kept() -> Tuple[bytes, list]:
+            names = [f["name"] for f in client.get("/files/list/kept").json()]
+            return client.get("/files/file/kept/f.bin").content, names
+
+        assert client.put("/files/file/kept/f.bin", content=b"old").json() is True
+        # Each refused upload on a connection of its own: the server answers before it has read the body, and
+        # closes the connection then.
+        with rest(storage_server, key) as once:
+            refused = once.put("/files/file/kept/f.bin", content=too_big)
+        assert refused.status_code == 413, refused.text
+        assert kept() == (b"old", ["f.bin"])
+        with rest(storage_server, key) as once:
+            refused = once.post("/files/file/local/kept/f.bin", files={"file_upload": ("f.bin", too_big)})
+        assert refused.status_code == 413, refused.text
+        assert kept() == (b"old", ["f.bin"])
+        # The client gone midway.
+        head = (
+            f"PUT /files/file/kept/f.bin HTTP/1.1\r\nHost: {storage_server.host}\r\n"
+            f"Authorization: Key {key[0]}:{key[1]}\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        host, port = storage_server.host.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head.encode() + b"z" * 10000)
+            time.sleep(1)
+        deadline = time.time() + 10
+        while kept() != (b"old", ["f.bin"]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert kept() == (b"old", ["f.bin"])
+        # One received whole replaces it.
+        assert client.put("/files/file/kept/f.bin", content=b"new").json() is True
+        assert kept() == (b"new", ["f.bin"])
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,15 @@
 //! functions write that directory, and a symbolic link they left there (to `/etc`, to another user's storage) or a
 //! directory swapped for one while the server works is refused by the kernel, not followed. The server runs as
 //! root, so nothing short of that would do.
+//!
+//! What is there is the user's too: a FIFO, a socket, a tree thousands of directories deep. A file is opened first
+//! as `O_PATH` (which neither waits for a FIFO's writer nor acts on a device) and re-opened for reading only once
+//! `fstat` says it is a regular file ([`NotRegular`] otherwise); a file is written under a temporary name and
+//! renamed over its target once whole ([`PendingFile`]), so a FIFO there is replaced, never opened. Trees are walked
+//! ([`UserRoot::walk`]) without recursion and with two descriptors whatever their depth: the walk goes back up
+//! through `..`, checked to be the directory it came down from.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -35,6 +42,40 @@ pub enum PathError {
     #[error("a name in the path is {0} bytes long; the most is {MAX_NAME}")]
     NameTooLong(usize),
 }
+
+/// What a file operation found where a regular file must be (in an `io::Error` of kind `InvalidInput`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{what}, not a regular file")]
+pub struct NotRegular {
+    /// What it is: `a FIFO (named pipe)`, `a directory`, ...
+    pub what: &'static str,
+}
+
+impl NotRegular {
+    fn of(mode: libc::mode_t) -> io::Error {
+        let what = match mode & libc::S_IFMT {
+            libc::S_IFDIR => "a directory",
+            libc::S_IFIFO => "a FIFO (named pipe)",
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFCHR => "a character device",
+            libc::S_IFBLK => "a block device",
+            libc::S_IFLNK => "a symbolic link",
+            _ => "not a plain file",
+        };
+        io::Error::new(io::ErrorKind::InvalidInput, NotRegular { what })
+    }
+
+    /// The `NotRegular` an `io::Error` carries, if it does.
+    pub fn of_error(error: &io::Error) -> Option<&NotRegular> {
+        error.get_ref().and_then(|inner| inner.downcast_ref::<NotRegular>())
+    }
+}
+
+/// A walk went up through `..` and did not find the directory it came down from: the user's functions moved a
+/// directory meanwhile (in an `io::Error` of kind `Other`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a directory was moved while the server walked the tree; try again")]
+pub struct TreeChanged;
 
 /// A path relative to a user's storage root, checked by its text: plain names only. Empty: the root itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,17 +236,13 @@ impl UserRoot {
 
     /// Opens a directory below the root (the root itself for an empty path).
     pub fn open_dir(&self, path: &RelPath) -> io::Result<OwnedFd> {
+        // O_DIRECTORY is checked before anything is opened: a FIFO there is ENOTDIR, not a wait.
         open_beneath(&self.fd, &path.as_path(), libc::O_RDONLY | libc::O_DIRECTORY, 0)
     }
 
-    /// Opens a regular file below the root for reading.
+    /// Opens a regular file below the root for reading; anything else there is a [`NotRegular`] error.
     pub fn open_file(&self, path: &RelPath) -> io::Result<File> {
-        let fd = open_beneath(&self.fd, &path.as_path(), libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
-        let file = File::from(fd);
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
-        }
-        Ok(file)
+        open_regular(&self.fd, &path.as_path())
     }
 
     /// What `path` is (a symbolic link followed where it stays below the root; one leading out is an error,
@@ -221,36 +258,15 @@ impl UserRoot {
     /// The entries of a directory: name and what each is.
     pub fn list(&self, path: &RelPath) -> io::Result<Vec<(String, Entry)>> {
         let dir = self.open_dir(path)?;
-        let mut entries = Vec::new();
-        for item in std::fs::read_dir(fd_path(&dir))? {
-            let name = item?.file_name();
-            let Some(text) = name.to_str() else { continue };
-            if let Ok(entry) = fstatat(&dir, text) {
-                entries.push((text.to_string(), entry));
-            }
-        }
+        let mut entries: Vec<_> =
+            read_dir(&dir)?.into_iter().filter_map(|(name, entry)| Some((name.into_string().ok()?, entry))).collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(entries)
     }
 
-    /// The names of a directory's entries in the order the file system lists them (`os.walk`'s order), each with
-    /// whether it is a directory (not following symbolic links).
-    pub fn read_dir_unsorted(&self, dir: &OwnedFd) -> io::Result<Vec<(String, Entry)>> {
-        let mut entries = Vec::new();
-        for item in std::fs::read_dir(fd_path(dir))? {
-            let name = item?.file_name();
-            let Some(text) = name.to_str() else { continue };
-            if let Ok(entry) = fstatat(dir, text) {
-                entries.push((text.to_string(), entry));
-            }
-        }
-        Ok(entries)
-    }
-
-    /// Opens `name` in the open directory `dir` (a regular file, for reading; no symbolic link followed).
-    pub fn open_in(&self, dir: &OwnedFd, name: &str, directory: bool) -> io::Result<OwnedFd> {
-        let flags = if directory { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY };
-        open_beneath(dir, Path::new(name), flags | libc::O_NOFOLLOW, 0)
+    /// Walks the directory `path` and everything below it (see [`walk`]).
+    pub fn walk(&self, path: &RelPath, visitor: &mut impl Visitor) -> io::Result<()> {
+        walk(self.open_dir(path)?, visitor)
     }
 
     /// Makes the directories of `path` that are missing (owned by the user, mode 0755) and opens the last.
@@ -278,19 +294,72 @@ impl UserRoot {
         Ok(dir)
     }
 
-    /// Creates (or truncates) a regular file in the open directory `dir`, owned by the user, mode 0644.
+    /// Creates (or truncates) a regular file in the open directory `dir`, owned by the user, mode 0644. Something
+    /// other than a regular file there is a [`NotRegular`] error (`O_NONBLOCK`: a FIFO's open does not wait).
     pub fn create_in(&self, dir: &OwnedFd, name: &str) -> io::Result<File> {
-        let fd = open_beneath(
-            dir,
-            Path::new(name),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-            0o644,
-        )?;
+        // Looked at first: opened for writing, a FIFO without a reader is ENXIO, which says nothing useful.
+        match open_beneath(dir, Path::new(name), libc::O_PATH | libc::O_NOFOLLOW, 0) {
+            Ok(there) => {
+                let stat = fstat_raw(&there)?;
+                if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(NotRegular::of(stat.st_mode));
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let fd = open_beneath(dir, Path::new(name), flags, 0o644)?;
+        self.made_file(fd)
+    }
+
+    /// Checks that `fd` (opened `O_NONBLOCK` for writing) is a regular file, gives it to the user, and clears
+    /// `O_NONBLOCK`.
+    fn made_file(&self, fd: OwnedFd) -> io::Result<File> {
+        let stat = fstat_raw(&fd)?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(NotRegular::of(stat.st_mode));
+        }
         if let Some(owner) = self.owner {
             // SAFETY: fchown on a descriptor we own.
             check(unsafe { libc::fchown(fd.as_raw_fd(), owner, owner) })?;
         }
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        check(flags)?;
+        // SAFETY: as above.
+        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) })?;
         Ok(File::from(fd))
+    }
+
+    /// A new file that becomes `path` once it is whole ([`PendingFile::commit`]): written under a temporary name in
+    /// `path`'s directory (made if missing), removed if it is dropped uncommitted. Until then `path` is what it was.
+    pub fn create_pending(&self, path: &RelPath) -> io::Result<(PendingFile, File)> {
+        let (parent, name) =
+            path.split_last().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root itself"))?;
+        let dir = self.make_dirs(&parent)?;
+        // A directory there would refuse the rename only once the whole upload is in.
+        match fstatat(&dir, OsStr::new(name)) {
+            Ok(entry) if entry.is_dir => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        loop {
+            let temp = format!(".fal-part-{:016x}", rand::random::<u64>());
+            let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+            let temp_c = cstring(Path::new(&temp))?;
+            match open_beneath(&dir, Path::new(&temp), flags, 0o644) {
+                Ok(fd) => {
+                    // Owned by the guard from here: whatever fails next removes the temporary file.
+                    let pending = PendingFile { dir, temp: temp_c, name: name.to_string(), committed: false };
+                    let file = self.made_file(fd)?;
+                    return Ok((pending, file));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Removes `path` (a file, or a directory with everything in it). Symbolic links are removed, not followed.
@@ -298,7 +367,7 @@ impl UserRoot {
         let (parent, name) =
             path.split_last().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root itself"))?;
         let parent = self.open_dir(&parent)?;
-        remove_in(&parent, name)
+        remove_in(&parent, OsStr::new(name))
     }
 
     /// Renames `from` to `to` (both below the root), replacing what `to` was (a directory too: it is removed
@@ -316,22 +385,149 @@ impl UserRoot {
         };
         if swapped == 0 {
             // `from` now names what `to` was.
-            return remove_in(&from_dir, from_name);
+            return remove_in(&from_dir, OsStr::new(from_name));
         }
         // SAFETY: as above; `to` did not exist (or is not exchangeable): a plain rename.
         check(unsafe { libc::renameat(from_dir.as_raw_fd(), a.as_ptr(), to_dir.as_raw_fd(), b.as_ptr()) })
     }
 }
 
-fn fstat(fd: &OwnedFd) -> io::Result<Entry> {
+/// A file being written under a temporary name beside its target ([`UserRoot::create_pending`]): renamed over the
+/// target by [`PendingFile::commit`], removed when dropped uncommitted (an upload refused, or its request dropped
+/// with the client gone), so a refused upload leaves the target as it was.
+#[derive(Debug)]
+pub struct PendingFile {
+    dir: OwnedFd,
+    temp: CString,
+    name: String,
+    committed: bool,
+}
+
+impl PendingFile {
+    /// Renames the file over its target, atomically.
+    pub fn commit(mut self) -> io::Result<()> {
+        let name = cstring(Path::new(&self.name))?;
+        // SAFETY: NUL-terminated names relative to an open descriptor.
+        check(unsafe {
+            libc::renameat(self.dir.as_raw_fd(), self.temp.as_ptr(), self.dir.as_raw_fd(), name.as_ptr())
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            // SAFETY: a NUL-terminated name relative to an open descriptor.
+            unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.temp.as_ptr(), 0) };
+        }
+    }
+}
+
+/// Opens the regular file `name` of the open directory `dir` (one a walk is in) for reading: no symbolic link
+/// followed, anything else there a [`NotRegular`] error.
+pub fn open_file_in(dir: &OwnedFd, name: &OsStr) -> io::Result<File> {
+    open_regular(dir, Path::new(name))
+}
+
+/// Opens the regular file `path` below `dir` for reading. First as `O_PATH` (opening a FIFO for reading waits for a
+/// writer; opening a device acts on it): only once `fstat` says it is a regular file is the inode that descriptor
+/// pins (not the name again, which the user's functions may have swapped meanwhile) opened for reading.
+fn open_regular(dir: &OwnedFd, path: &Path) -> io::Result<File> {
+    let pinned = open_beneath(dir, path, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    let stat = fstat_raw(&pinned)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(NotRegular::of(stat.st_mode));
+    }
+    File::open(fd_path(&pinned))
+}
+
+/// What a [`walk`] does in each directory.
+pub trait Visitor {
+    /// The walk is in `dir`, whose entries are `entries` (in the order the file system lists them): returns the
+    /// names of the subdirectories to walk, in the order to walk them.
+    fn enter(&mut self, dir: &OwnedFd, entries: Vec<(OsString, Entry)>) -> io::Result<Vec<OsString>>;
+
+    /// The walk of `name`, a subdirectory of `parent`, is done.
+    fn leave(&mut self, _parent: &OwnedFd, _name: &OsStr) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A directory's identity: what `..` must lead back to.
+type Identity = (u64, u64);
+
+fn identity(fd: &OwnedFd) -> io::Result<Identity> {
+    let stat = fstat_raw(fd)?;
+    Ok((stat.st_dev, stat.st_ino))
+}
+
+/// Walks `top` and the directories below it, depth first (a directory is entered before those below it, which are
+/// walked in the order `enter` gives them). The user's functions make these trees, as deep as they like: so no
+/// recursion, and no descriptor held per level (a few thousand levels would use up the server's descriptors). The
+/// walk holds the directory it is in; it goes down by name (`openat2` below it, no link followed) and back up
+/// through `..`, which must be the very directory it came down from (device and inode), or the walk stops with
+/// [`TreeChanged`]: a directory moved meanwhile. What it keeps per level is a name and what is left to walk there.
+pub fn walk(top: OwnedFd, visitor: &mut impl Visitor) -> io::Result<()> {
+    struct Level {
+        identity: Identity,
+        name: OsString,
+        pending: std::vec::IntoIter<OsString>,
+    }
+    let mut current = top;
+    let pending = visitor.enter(&current, read_dir(&current)?)?.into_iter();
+    let mut levels = vec![Level { identity: identity(&current)?, name: OsString::new(), pending }];
+    while let Some(level) = levels.last_mut() {
+        if let Some(name) = level.pending.next() {
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            let child = match open_beneath(&current, Path::new(&name), flags, 0) {
+                Ok(child) => child,
+                // Removed meanwhile: nothing to walk.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            current = child;
+            let pending = visitor.enter(&current, read_dir(&current)?)?.into_iter();
+            levels.push(Level { identity: identity(&current)?, name, pending });
+            continue;
+        }
+        let Some(done) = levels.pop() else { break };
+        let Some(parent) = levels.last() else { break };
+        // SAFETY: a NUL-terminated literal relative to an open descriptor.
+        let up = unsafe {
+            libc::openat(
+                current.as_raw_fd(),
+                c"..".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if up < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        current = unsafe { OwnedFd::from_raw_fd(up) };
+        if identity(&current)? != parent.identity {
+            return Err(io::Error::other(TreeChanged));
+        }
+        visitor.leave(&current, &done.name)?;
+    }
+    Ok(())
+}
+
+fn fstat_raw(fd: &OwnedFd) -> io::Result<libc::stat> {
     // SAFETY: an all-zero stat is a valid value; fstat writes only into it.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: the descriptor is open and `stat` outlives the call.
     check(unsafe { libc::fstat(fd.as_raw_fd(), &raw mut stat) })?;
-    Ok(entry_of(&stat))
+    Ok(stat)
 }
 
-fn fstatat(dir: &OwnedFd, name: &str) -> io::Result<Entry> {
+fn fstat(fd: &OwnedFd) -> io::Result<Entry> {
+    Ok(entry_of(&fstat_raw(fd)?))
+}
+
+fn fstatat(dir: &OwnedFd, name: &OsStr) -> io::Result<Entry> {
     let c = cstring(Path::new(name))?;
     // SAFETY: an all-zero stat is a valid value; fstatat writes only into it.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
@@ -340,29 +536,68 @@ fn fstatat(dir: &OwnedFd, name: &str) -> io::Result<Entry> {
     Ok(entry_of(&stat))
 }
 
-/// Removes `name` of the open directory `dir`, recursively, never leaving `dir`'s tree.
-fn remove_in(dir: &OwnedFd, name: &str) -> io::Result<()> {
-    let c = cstring(Path::new(name))?;
-    let entry = fstatat(dir, name)?;
-    if entry.is_dir {
-        let child = open_beneath(dir, Path::new(name), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-        let names: Vec<_> =
-            std::fs::read_dir(fd_path(&child))?.filter_map(|e| e.ok().map(|e| e.file_name())).collect::<Vec<_>>();
-        for child_name in names {
-            let text = OsStr::new(&child_name);
-            remove_in(&child, &text.to_string_lossy())?;
+/// The entries of the open directory `dir` in the order the file system lists them (`os.walk`'s order), each with
+/// what it is (not following symbolic links); one removed while it is listed is left out.
+pub fn read_dir(dir: &OwnedFd) -> io::Result<Vec<(OsString, Entry)>> {
+    let mut entries = Vec::new();
+    for item in std::fs::read_dir(fd_path(dir))? {
+        let name = item?.file_name();
+        if let Ok(entry) = fstatat(dir, &name) {
+            entries.push((name, entry));
         }
-        // SAFETY: NUL-terminated name relative to an open descriptor.
-        check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })
-    } else {
-        // SAFETY: as above.
-        check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) })
     }
+    Ok(entries)
+}
+
+fn unlink(dir: &OwnedFd, name: &OsStr, flags: libc::c_int) -> io::Result<()> {
+    let c = cstring(Path::new(name))?;
+    // SAFETY: NUL-terminated name relative to an open descriptor.
+    match check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }) {
+        // Removed meanwhile: as good.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes what a walk goes through: a directory's other entries when it is entered, the directory once left.
+struct Remover;
+
+impl Visitor for Remover {
+    fn enter(&mut self, dir: &OwnedFd, entries: Vec<(OsString, Entry)>) -> io::Result<Vec<OsString>> {
+        let mut subdirs = Vec::new();
+        for (name, entry) in entries {
+            if entry.is_dir {
+                subdirs.push(name);
+            } else {
+                unlink(dir, &name, 0)?;
+            }
+        }
+        Ok(subdirs)
+    }
+
+    fn leave(&mut self, parent: &OwnedFd, name: &OsStr) -> io::Result<()> {
+        unlink(parent, name, libc::AT_REMOVEDIR)
+    }
+}
+
+/// Removes `name` of the open directory `dir` with everything below it, never leaving `dir`'s tree.
+fn remove_in(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    if !fstatat(dir, name)?.is_dir {
+        let c = cstring(Path::new(name))?;
+        // SAFETY: NUL-terminated name relative to an open descriptor.
+        return check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) });
+    }
+    let top = open_beneath(dir, Path::new(name), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+    walk(top, &mut Remover)?;
+    let c = cstring(Path::new(name))?;
+    // SAFETY: as above.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStringExt;
 
     #[test]
     fn paths_stay_inside_the_users_storage() {
@@ -420,5 +655,135 @@ mod tests {
         assert!(
             root_dir.join("sub/deep/g").exists() && !root_dir.join("sub/f").exists() && !root_dir.join("new").exists()
         );
+    }
+
+    fn user_root() -> (tempfile::TempDir, UserRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = UserRoot::open(dir.path(), unsafe { libc::geteuid() }).unwrap();
+        (dir, root)
+    }
+
+    /// Runs `work` on another thread, failing if it takes over 10 s (it waits on a FIFO, say).
+    fn within_seconds<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || send.send(work()));
+        receive.recv_timeout(std::time::Duration::from_secs(10)).expect("it did not finish within 10 s")
+    }
+
+    #[test]
+    fn a_fifo_or_socket_is_refused_not_opened() {
+        let (dir, root) = user_root();
+        let fifo = CString::new(dir.path().join("p").into_os_string().into_vec()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("f"), "old").unwrap();
+        let (dir, root) = within_seconds(move || {
+            let parse = |p: &str| RelPath::parse(p).unwrap();
+            for (name, what) in [("p", "a FIFO (named pipe)"), ("s", "a socket"), ("d", "a directory")] {
+                let error = root.open_file(&parse(name)).unwrap_err();
+                assert_eq!(NotRegular::of_error(&error), Some(&NotRegular { what }), "{name}: {error}");
+            }
+            let top = root.open_dir(&RelPath::root()).unwrap();
+            let error = root.create_in(&top, "p").unwrap_err();
+            assert!(NotRegular::of_error(&error).is_some(), "{error}");
+            assert!(NotRegular::of_error(&open_file_in(&top, OsStr::new("p")).unwrap_err()).is_some());
+            // A file put there replaces the FIFO.
+            let (pending, mut file) = root.create_pending(&parse("p")).unwrap();
+            std::io::Write::write_all(&mut file, b"new").unwrap();
+            pending.commit().unwrap();
+            assert_eq!(std::io::read_to_string(root.open_file(&parse("p")).unwrap()).unwrap(), "new");
+            (dir, root)
+        });
+        assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), b"new");
+        drop(root);
+    }
+
+    #[test]
+    fn a_pending_file_replaces_its_target_only_once_committed() {
+        let (dir, root) = user_root();
+        let parse = |p: &str| RelPath::parse(p).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/f"), "old").unwrap();
+        let (pending, mut file) = root.create_pending(&parse("sub/f")).unwrap();
+        std::io::Write::write_all(&mut file, b"partial").unwrap();
+        drop(pending);
+        assert_eq!(std::fs::read(dir.path().join("sub/f")).unwrap(), b"old");
+        let names: Vec<_> = root.list(&parse("sub")).unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(names, ["f"]);
+        let (pending, mut file) = root.create_pending(&parse("sub/f")).unwrap();
+        std::io::Write::write_all(&mut file, b"new").unwrap();
+        pending.commit().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("sub/f")).unwrap(), b"new");
+        let names: Vec<_> = root.list(&parse("sub")).unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(names, ["f"]);
+        // Over a directory: refused before anything is received.
+        assert_eq!(root.create_pending(&parse("sub")).unwrap_err().raw_os_error(), Some(libc::EISDIR));
+    }
+
+    /// Counts the directories entered, and the most descriptors the process had open meanwhile.
+    struct Count {
+        dirs: usize,
+        most_fds: usize,
+    }
+
+    impl Visitor for Count {
+        fn enter(&mut self, _dir: &OwnedFd, entries: Vec<(OsString, Entry)>) -> io::Result<Vec<OsString>> {
+            self.dirs += 1;
+            self.most_fds = self.most_fds.max(std::fs::read_dir("/proc/self/fd")?.count());
+            Ok(entries.into_iter().filter(|(_, e)| e.is_dir).map(|(name, _)| name).collect())
+        }
+    }
+
+    #[test]
+    fn a_deep_tree_is_walked_and_removed_with_a_few_descriptors() {
+        const DEPTH: usize = 5_000;
+        let (dir, root) = user_root();
+        // What a user's function can make: `os.mkdir("d"); os.chdir("d")`, over and over.
+        let mut at = root.open_dir(&RelPath::root()).unwrap();
+        for _ in 0..DEPTH {
+            assert_eq!(unsafe { libc::mkdirat(at.as_raw_fd(), c"d".as_ptr(), 0o755) }, 0);
+            at = open_beneath(&at, Path::new("d"), libc::O_RDONLY | libc::O_DIRECTORY, 0).unwrap();
+        }
+        let bottom = root.create_in(&at, "f").unwrap();
+        std::io::Write::write_all(&mut &bottom, b"bottom").unwrap();
+        drop((at, bottom));
+        // On a small stack: a walk that recursed per level would overflow it.
+        let walker = std::thread::Builder::new().stack_size(256 << 10);
+        let dir = walker
+            .spawn(move || {
+                let before = std::fs::read_dir("/proc/self/fd").unwrap().count();
+                let mut count = Count { dirs: 0, most_fds: 0 };
+                root.walk(&RelPath::root(), &mut count).unwrap();
+                assert_eq!(count.dirs, DEPTH + 1);
+                // Other tests run meanwhile in this process: a margin, far below one per level.
+                assert!(count.most_fds < before + 50, "{} descriptors open, {before} before", count.most_fds);
+                assert_eq!(crate::storage::usage(&root, &RelPath::root()).unwrap(), 6);
+                root.remove(&RelPath::parse("d").unwrap()).unwrap();
+                dir
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(!dir.path().join("d").exists());
+    }
+
+    #[test]
+    fn a_walk_stops_where_a_directory_was_moved_under_it() {
+        let (dir, root) = user_root();
+        std::fs::create_dir_all(dir.path().join("top/a/b")).unwrap();
+        std::fs::create_dir(dir.path().join("x")).unwrap();
+        struct Mover(PathBuf);
+        impl Visitor for Mover {
+            fn enter(&mut self, _dir: &OwnedFd, entries: Vec<(OsString, Entry)>) -> io::Result<Vec<OsString>> {
+                if entries.is_empty() {
+                    // In `b`: `a` moves elsewhere, so `..` of `a` is no longer `top`.
+                    std::fs::rename(self.0.join("top/a"), self.0.join("x/a"))?;
+                }
+                Ok(entries.into_iter().filter(|(_, e)| e.is_dir).map(|(name, _)| name).collect())
+            }
+        }
+        let error = root.walk(&RelPath::parse("top").unwrap(), &mut Mover(dir.path().to_path_buf())).unwrap_err();
+        assert!(error.get_ref().is_some_and(|e| e.is::<TreeChanged>()), "{error}");
     }
 }

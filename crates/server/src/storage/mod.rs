@@ -289,19 +289,28 @@ pub async fn data_dir(storage: &std::sync::Arc<Storage>, user: &str, uid: u32) -
         .map_err(|e| format!("the storage task failed: {e}"))?
 }
 
-/// The bytes of the regular files below `dir` (not following links): what the user keeps.
+/// The bytes of the regular files below `dir` (not following links): what the user keeps. Walked with
+/// [`confine::walk`]: a tree of any depth the user's functions made costs the server two descriptors.
 pub fn usage(root: &UserRoot, dir: &confine::RelPath) -> std::io::Result<u64> {
-    let fd = root.open_dir(dir)?;
-    let mut total = 0;
-    let mut stack = vec![fd];
-    while let Some(fd) = stack.pop() {
-        for (name, entry) in root.read_dir_unsorted(&fd)? {
-            if entry.is_dir {
-                stack.push(root.open_in(&fd, &name, true)?);
-            } else if entry.is_file {
-                total += entry.size;
+    struct Sum(u64);
+    impl confine::Visitor for Sum {
+        fn enter(
+            &mut self,
+            _dir: &std::os::fd::OwnedFd,
+            entries: Vec<(std::ffi::OsString, confine::Entry)>,
+        ) -> std::io::Result<Vec<std::ffi::OsString>> {
+            let mut subdirs = Vec::new();
+            for (name, entry) in entries {
+                if entry.is_dir {
+                    subdirs.push(name);
+                } else if entry.is_file {
+                    self.0 += entry.size;
+                }
             }
+            Ok(subdirs)
         }
     }
-    Ok(total)
+    let mut sum = Sum(0);
+    root.walk(dir, &mut sum)?;
+    Ok(sum.0)
 }

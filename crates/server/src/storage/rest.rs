@@ -13,12 +13,19 @@
 //!   quota and how it is enforced).
 //!
 //! Every path is confined to the caller's directory (`confine.rs`): `..`, an absolute path outside `/data` or an
-//! overlong name is a 400; a symbolic link leading out is never followed. Errors are JSON, as the gateway's.
+//! overlong name is a 400; a symbolic link leading out is never followed; a FIFO, socket or device where a file is
+//! read is a 400 (`not_a_file`), never opened. Errors are JSON, as the gateway's.
+//!
+//! The key is checked before any of a request's body is read: a client without one cannot make the server receive
+//! anything. An upload is written beside its target under a temporary name and renamed over it once whole: one
+//! refused midway (over the quota, broken off, the client gone) leaves what was there.
 
 // Each handler's error is the response to send as it is, made once per refused request: boxing it gains nothing.
 #![allow(clippy::result_large_err)]
 
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Seek};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -31,13 +38,17 @@ use http::{HeaderMap, Response, StatusCode};
 use serde::Deserialize;
 use sha2::Digest;
 
-use super::confine::{Entry, PathError, RelPath, UserRoot};
+use super::confine::{
+    open_file_in, Entry, NotRegular, PathError, PendingFile, RelPath, TreeChanged, UserRoot, Visitor,
+};
 use super::unzip::{unzip, UnzipError};
 use super::{usage, Enforcement, Storage};
 use crate::gateway::{json_error, Gateway};
 
 /// What an upload's request may carry beyond the quota left (the archive's own headers and directory).
 const UPLOAD_SLACK: u64 = 16 << 20;
+/// The largest body `check_hash` reads (`{"hash": "<64 hex digits>"}` and some).
+const HASH_BODY_LIMIT: usize = 64 << 10;
 
 #[derive(Debug, Clone)]
 pub struct Files {
@@ -79,6 +90,17 @@ fn bad_path(error: PathError) -> Reply {
 
 fn io_error(path: &RelPath, error: std::io::Error) -> Reply {
     let shown = path.display();
+    if let Some(NotRegular { what }) = NotRegular::of_error(&error) {
+        let hint = if *what == "a directory" { ": list it with GET /files/list/..." } else { "" };
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "not_a_file",
+            format!("{shown} is {what}, not a regular file{hint}"),
+        );
+    }
+    if error.get_ref().is_some_and(|inner| inner.is::<TreeChanged>()) {
+        return json_error(StatusCode::CONFLICT, "tree_changed", format!("{shown}: {error}"));
+    }
     match error.raw_os_error() {
         Some(libc::ENOENT) => {
             json_error(StatusCode::NOT_FOUND, "not_found", format!("{shown}: no such file or directory"))
@@ -152,6 +174,16 @@ async fn on_root<T: Send + 'static>(
 ) -> Result<T, Reply> {
     let path = RelPath::parse(raw).map_err(bad_path)?;
     let root = files.root(headers).await?;
+    on(files, root, path, work).await
+}
+
+/// Runs `work` on `root` (the caller's storage, its key checked) on a blocking thread.
+async fn on<T: Send + 'static>(
+    files: &Files,
+    root: Arc<UserRoot>,
+    path: RelPath,
+    work: impl FnOnce(&Files, &UserRoot, &RelPath) -> Result<T, Reply> + Send + 'static,
+) -> Result<T, Reply> {
     let files = files.clone();
     tokio::task::spawn_blocking(move || work(&files, &root, &path)).await.map_err(task_failed)?
 }
@@ -172,38 +204,62 @@ struct HashCheck {
 /// `os.walk` order (a directory's files in the order it lists them, then its subdirectories, depth first), files
 /// named `.fal_hash` left out. Symbolic links are not followed.
 fn directory_hash(root: &UserRoot, dir: &RelPath) -> std::io::Result<String> {
-    let mut hash = sha2::Sha256::new();
-    let mut stack = vec![root.open_dir(dir)?];
-    let mut buffer = vec![0u8; 64 << 10];
-    while let Some(fd) = stack.pop() {
-        let entries = root.read_dir_unsorted(&fd)?;
-        let mut subdirs = Vec::new();
-        for (name, entry) in &entries {
-            if entry.is_dir {
-                subdirs.push(root.open_in(&fd, name, true)?);
-            } else if entry.is_file && name != ".fal_hash" {
-                let mut file = std::fs::File::from(root.open_in(&fd, name, false)?);
-                loop {
-                    let read = file.read(&mut buffer)?;
-                    if read == 0 {
-                        break;
+    struct Hash {
+        sha: sha2::Sha256,
+        buffer: Vec<u8>,
+    }
+    impl Visitor for Hash {
+        fn enter(&mut self, dir: &OwnedFd, entries: Vec<(OsString, Entry)>) -> std::io::Result<Vec<OsString>> {
+            let mut subdirs = Vec::new();
+            // Names that are not UTF-8 are none the client sends.
+            for (name, entry) in entries.into_iter().filter(|(name, _)| name.to_str().is_some()) {
+                if entry.is_dir {
+                    subdirs.push(name);
+                } else if entry.is_file && name != OsStr::new(".fal_hash") {
+                    let mut file = open_file_in(dir, &name)?;
+                    loop {
+                        let read = file.read(&mut self.buffer)?;
+                        if read == 0 {
+                            break;
+                        }
+                        self.sha.update(&self.buffer[..read]);
                     }
-                    hash.update(&buffer[..read]);
                 }
             }
+            // Depth first, in listing order: the first subdirectory is walked next.
+            Ok(subdirs)
         }
-        // Depth first, in listing order: the first subdirectory is walked next.
-        stack.extend(subdirs.into_iter().rev());
     }
-    Ok(hex::encode(hash.finalize()))
+    let mut hash = Hash { sha: sha2::Sha256::new(), buffer: vec![0u8; 64 << 10] };
+    root.walk(dir, &mut hash)?;
+    Ok(hex::encode(hash.sha.finalize()))
 }
 
 async fn check_hash(
     State(files): State<Files>,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: bytes::Bytes,
+    request: Request,
 ) -> Reply {
+    let rel = match RelPath::parse(&path) {
+        Ok(rel) => rel,
+        Err(error) => return bad_path(error),
+    };
+    // The key first: the body is read only for a caller who has one.
+    let root = match files.root(&headers).await {
+        Ok(root) => root,
+        Err(response) => return response,
+    };
+    let body = match axum::body::to_bytes(request.into_body(), HASH_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(error) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body must be {{\"hash\": \"...\"}}, at most {HASH_BODY_LIMIT} bytes: {error}"),
+            )
+        }
+    };
     let body: HashCheck = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(error) => {
@@ -215,7 +271,7 @@ async fn check_hash(
         }
     };
     reply(
-        on_root(&files, &headers, &path, move |_, root, path| match root.stat(path) {
+        on(&files, root, rel, move |_, root, path| match root.stat(path) {
             Ok(Some(entry)) if entry.is_dir => {
                 directory_hash(root, path).map(|hash| hash == body.hash.trim()).map_err(|e| io_error(path, e))
             }
@@ -352,14 +408,7 @@ async fn du(State(files): State<Files>, headers: HeaderMap) -> Reply {
 
 async fn download(State(files): State<Files>, Path(path): Path<String>, headers: HeaderMap) -> Reply {
     let opened = on_root(&files, &headers, &path, |_, root, path| {
-        let file = root.open_file(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => json_error(
-                StatusCode::BAD_REQUEST,
-                "not_a_file",
-                format!("{} is a directory (or not a regular file): list it with GET /files/list/...", path.display()),
-            ),
-            _ => io_error(path, e),
-        })?;
+        let file = root.open_file(path).map_err(|e| io_error(path, e))?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok((file, size))
     })
@@ -423,39 +472,73 @@ async fn receive(
     Ok(file.into_std().await)
 }
 
-/// Opens a file to store `path` in (its directories made), and what the quota has left.
-fn create(files: &Files, root: &UserRoot, path: &RelPath) -> Result<(std::fs::File, u64), Reply> {
-    let Some((parent, name)) = path.split_last() else {
+/// A file to receive `path` in (its directories made; renamed over `path` once whole), and what the quota has left.
+/// A replaced file counts against the quota until the new one is in place.
+fn create(files: &Files, root: &UserRoot, path: &RelPath) -> Result<(PendingFile, std::fs::File, u64), Reply> {
+    if path.is_root() {
         return Err(json_error(StatusCode::BAD_REQUEST, "bad_path", "name a file below /data"));
-    };
+    }
     let left = files.left(root).map_err(|e| io_error(path, e))?;
-    let dir = root.make_dirs(&parent).map_err(|e| io_error(path, e))?;
-    let file = root.create_in(&dir, name).map_err(|e| io_error(path, e))?;
-    Ok((file, left))
+    let (pending, file) = root.create_pending(path).map_err(|e| io_error(path, e))?;
+    Ok((pending, file, left))
 }
 
-async fn put(State(files): State<Files>, Path(path): Path<String>, headers: HeaderMap, request: Request) -> Reply {
-    let created = on_root(&files, &headers, &path, create).await;
-    let (file, left) = match created {
+/// Receives a body into a new file, then puts it in place of `path`. The key was checked (`root`): only now is the
+/// body read. Whatever stops it (over the quota, the body broken off, or this future dropped with the client gone)
+/// drops the [`PendingFile`], which removes what was received, and `path` is as it was.
+async fn store(
+    files: &Files,
+    root: Arc<UserRoot>,
+    path: RelPath,
+    body: impl futures_util::Stream<Item = Result<bytes::Bytes, String>> + Unpin,
+) -> Reply {
+    let (pending, file, left) = match on(files, root, path.clone(), create).await {
         Ok(created) => created,
         Err(response) => return response,
     };
-    let Ok(rel) = RelPath::parse(&path) else { return json_error(StatusCode::BAD_REQUEST, "bad_path", "bad path") };
-    let stream = request.into_body().into_data_stream().map(|c| c.map_err(|e| e.to_string()));
-    match receive(stream, file, left, &rel).await {
-        Ok(_) => Json(true).into_response(),
-        Err(response) => {
-            // What was received of a refused upload is not kept.
-            let _ = on_root(&files, &headers, &path, |_, root, path| Ok(root.remove(path))).await;
-            response
-        }
+    let file = match receive(body, file, left, &path).await {
+        Ok(file) => file,
+        Err(response) => return response,
+    };
+    let committed = tokio::task::spawn_blocking(move || {
+        drop(file);
+        pending.commit()
+    })
+    .await;
+    match committed {
+        Ok(Ok(())) => Json(true).into_response(),
+        Ok(Err(error)) => io_error(&path, error),
+        Err(error) => task_failed(error),
     }
+}
+
+async fn put(State(files): State<Files>, Path(path): Path<String>, headers: HeaderMap, request: Request) -> Reply {
+    let rel = match RelPath::parse(&path) {
+        Ok(rel) => rel,
+        Err(error) => return bad_path(error),
+    };
+    let root = match files.root(&headers).await {
+        Ok(root) => root,
+        Err(response) => return response,
+    };
+    let body = request.into_body().into_data_stream().map(|c| c.map_err(|e| e.to_string()));
+    store(&files, root, rel, body).await
 }
 
 #[derive(Deserialize)]
 struct UploadQuery {
     #[serde(default)]
     unzip: Option<String>,
+}
+
+/// An archive received into the server's own part of the storage: removed when dropped (the upload done, refused,
+/// or its request dropped with the client gone).
+struct Received(std::path::PathBuf);
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 async fn upload(
@@ -465,6 +548,17 @@ async fn upload(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Reply {
+    let unzipping = query.unzip.is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    let rel = match RelPath::parse(&path) {
+        Ok(rel) if !rel.is_root() => rel,
+        Ok(_) => return json_error(StatusCode::BAD_REQUEST, "bad_path", "name a directory or file below /data"),
+        Err(error) => return bad_path(error),
+    };
+    // The key first: nothing of the body is read (not even the fields before `file_upload`) without one.
+    let root = match files.root(&headers).await {
+        Ok(root) => root,
+        Err(response) => return response,
+    };
     let mut multipart = match multipart {
         Ok(multipart) => multipart,
         Err(rejection) => {
@@ -474,12 +568,6 @@ async fn upload(
                 format!("send the file as multipart/form-data, field `file_upload`: {rejection}"),
             )
         }
-    };
-    let unzipping = query.unzip.is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-    let rel = match RelPath::parse(&path) {
-        Ok(rel) if !rel.is_root() => rel,
-        Ok(_) => return json_error(StatusCode::BAD_REQUEST, "bad_path", "name a directory or file below /data"),
-        Err(error) => return bad_path(error),
     };
     let field = loop {
         match multipart.next_field().await {
@@ -497,24 +585,9 @@ async fn upload(
     };
     let stream = field.map(|c| c.map_err(|e| e.to_string()));
     if !unzipping {
-        let created = on_root(&files, &headers, &path, create).await;
-        let (file, left) = match created {
-            Ok(created) => created,
-            Err(response) => return response,
-        };
-        return match receive(stream, file, left, &rel).await {
-            Ok(_) => Json(true).into_response(),
-            Err(response) => {
-                let _ = on_root(&files, &headers, &path, |_, root, path| Ok(root.remove(path))).await;
-                response
-            }
-        };
+        return store(&files, root, rel, stream).await;
     }
     // The archive waits in the server's own part of the storage; what it unpacks to counts against the quota.
-    let root = match files.root(&headers).await {
-        Ok(root) => root,
-        Err(response) => return response,
-    };
     let left = {
         let (files, root) = (files.clone(), root.clone());
         match tokio::task::spawn_blocking(move || files.left(&root)).await {
@@ -533,11 +606,13 @@ async fn upload(
             )
         }
     };
-    let received = receive(stream, upload, left.saturating_add(UPLOAD_SLACK), &rel).await;
-    let outcome = match received {
+    let received = Received(upload_path);
+    let outcome = match receive(stream, upload, left.saturating_add(UPLOAD_SLACK), &rel).await {
         Ok(mut archive) => {
             let rel = rel.clone();
             tokio::task::spawn_blocking(move || {
+                // Removed once unpacked, on this thread.
+                let _received = received;
                 archive.rewind().map_err(|e| io_error(&rel, e))?;
                 unpack(&root, archive, &rel, left)
             })
@@ -547,7 +622,6 @@ async fn upload(
         }
         Err(response) => Err(response),
     };
-    let _ = std::fs::remove_file(&upload_path);
     match outcome {
         Ok(()) => Json(true).into_response(),
         Err(response) => response,
