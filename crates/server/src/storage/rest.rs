@@ -72,7 +72,19 @@ pub fn routes(files: Files) -> Router {
             "/files/file/{*path}",
             get(download).delete(remove).put(put).fallback(wrong_method).layer(DefaultBodyLimit::disable()),
         )
+        .layer(axum::middleware::map_response(close_after_refused_body))
         .with_state(files)
+}
+
+/// An error answer of a files route tells the client the connection ends. Uploads are refused before their body is
+/// read (a missing key, a full quota), and the server then drops what is left of the body with the connection: a
+/// client that sent its next request on it would see it closed instead of an answer. (Every error, for simplicity:
+/// errors are rare, and costing a new connection is all this does to the others.)
+async fn close_after_refused_body(mut response: Reply) -> Reply {
+    if response.status().is_client_error() || response.status().is_server_error() {
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// A method a files route does not take: said in JSON, as every answer of the server's HTTP side.
