@@ -58,11 +58,15 @@ def stop_local_server() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def unmount_killed_servers_storage() -> Iterator[None]:
-    """Unmounts, at the end of the session, the storage of test servers that were killed (the fault tests kill
-    some on purpose) and so could not unmount it themselves."""
+    """Unmounts, at the end of the session, the storage of this session's test servers that were killed (the fault
+    tests kill some on purpose) and so could not unmount it themselves."""
     yield
-    for data_dir in Path(tempfile.gettempdir()).glob("fal-serverless-test-server-*"):
+    for data_dir in _DATA_DIRS:
         unmount_storage(data_dir)
+
+
+# The data dirs of the servers this session started (another session's live servers are not its to unmount).
+_DATA_DIRS: List[Path] = []
 
 
 @dataclass
@@ -151,6 +155,7 @@ def start_server(
     """Starts `fal-serverless server` on a free loopback port with a fresh data dir (or `data_dir`, to restart one),
     `config` as its config.toml and `env` added to its environment; its log (stderr) goes to `log` if given."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fal-serverless-test-server-"))
+    _DATA_DIRS.append(data_dir)
     if config is not None:
         data_dir.chmod(0o700)
         (data_dir / "config.toml").write_text(config)

@@ -125,8 +125,10 @@ def test_a_secret_is_not_in_the_environment_of_the_root_run_jailer_but_the_funct
     assert secrets(secrets_server, alice, "set", "JAILER_TOKEN", secret).returncode == 0
     body = (
         "import os, subprocess, time\n"
-        'child = subprocess.run(["sh", "-c", \'printf %s "$JAILER_TOKEN"\'], capture_output=True, text=True)\n'
+        # The processes are read while it sleeps; its child runs after, so that they are the worker's own only (the
+        # child, which is the user's, has the secret in its environment, as it should).
         "time.sleep(10)\n"
+        'child = subprocess.run(["sh", "-c", \'printf %s "$JAILER_TOKEN"\'], capture_output=True, text=True)\n'
         'return [os.environ.get("JAILER_TOKEN"), child.stdout]'
     )
     client = start_client(secrets_server, alice, body, keep_alive=0)

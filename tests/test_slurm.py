@@ -56,8 +56,12 @@ def running_cluster(nodes: int) -> Iterator[SlurmCluster]:
     started.stop()
 
 
+# In the server's own environment only: sbatch passes its environment on to the job (Slurm's --export=ALL).
+SERVER_ONLY = "SERVER_ONLY_CREDENTIAL"
+
+
 def server_on(cluster: SlurmCluster) -> Iterator[Server]:
-    server = start_server(config=slurm_config(cluster), env=cluster.env)
+    server = start_server(config=slurm_config(cluster), env={**cluster.env, SERVER_ONLY: "the-servers-own"})
     yield server
     server.stop()
 
@@ -146,6 +150,16 @@ def test_a_secret_reaches_the_job_but_not_its_script_or_its_environment_in_slurm
     while job_id in cluster.worker_jobs() and time.time() < deadline:
         time.sleep(0.2)
     assert job_id not in cluster.worker_jobs()
+
+
+def test_a_job_gets_slurms_variables_but_nothing_of_the_servers_environment(slurm_server: Server) -> None:
+    key = slurm_server.create_key("server-env")
+    body = f'import os\nreturn os.environ.get("{SERVER_ONLY}"), "SLURM_JOB_ID" in os.environ, os.environ["PATH"]'
+    proc = cloud_call(slurm_server, body, key, keep_alive=0)
+    assert proc.returncode == 0, proc.stderr
+    seen, has_job_id, path = eval(proc.stdout)
+    assert seen is None, "a variable of the server's environment reached the user's function on the node"
+    assert has_job_id and path.endswith(":/usr/local/bin:/usr/bin:/bin"), (has_job_id, path)
 
 
 def test_a_memory_hog_is_killed_by_slurms_limit_and_reported(slurm_server: Server, cluster: SlurmCluster) -> None:

@@ -221,11 +221,20 @@ impl SlurmProvider {
             "printf '{token} frames\\n' >&3; printf '{token} stdout\\n' >&4; printf '{token} stderr\\n' >&5"
         );
         let _ = writeln!(script, "exec 0</dev/null 1>&4 2>&5 4>&- 5>&-");
-        let _ = writeln!(script, "export LANG=C.UTF-8 PATH={}", quote(&spec.clean_path()));
+        // The agent starts with the engine's variables and nothing else of the job's environment: sbatch passes the
+        // server's own on (its `--export=ALL` default), which the user's function must not see. Only what Slurm
+        // sets for the job goes through: SLURM_* (the job's id, its nodes) and which GPUs it was given.
+        let _ = writeln!(
+            script,
+            "slurm=(); for name in $(compgen -e); do case $name in SLURM_*|{}) slurm+=(\"$name=${{!name}}\");; esac; \
+             done",
+            SLURM_GPU_VARIABLES.join("|")
+        );
+        let mut exec = format!("exec env -i \"${{slurm[@]}}\" LANG=C.UTF-8 PATH={}", quote(&spec.clean_path()));
         for (name, value) in &agent.env {
-            let _ = writeln!(script, "export {name}={}", quote(value));
+            let _ = write!(exec, " {name}={}", quote(value));
         }
-        let mut exec = format!("exec {}", quote(&agent.program.display().to_string()));
+        let _ = write!(exec, " {}", quote(&agent.program.display().to_string()));
         for arg in &agent.args {
             exec.push(' ');
             exec.push_str(&quote(arg));
@@ -577,6 +586,10 @@ async fn greeting(stream: &mut TcpStream) -> std::io::Result<Option<(String, Str
     Ok(None)
 }
 
+/// What Slurm sets in a job given GPUs (`--gres`), passed on to its agent with `SLURM_*` (see
+/// [`SlurmProvider::script`]).
+const SLURM_GPU_VARIABLES: [&str; 3] = ["CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES"];
+
 /// A one-time secret a worker job proves itself with.
 fn token() -> String {
     let mut bytes = [0u8; 16];
@@ -648,13 +661,20 @@ mod tests {
             "#SBATCH --partition=debug",
             "exec 3<>/dev/tcp/10.0.0.5/7000 4<>/dev/tcp/10.0.0.5/7000 5<>/dev/tcp/10.0.0.5/7000 || exit 1",
             "printf 'abc frames\\n' >&3; printf 'abc stdout\\n' >&4; printf 'abc stderr\\n' >&5",
-            "export VIRTUAL_ENV='/data/envs/u/k'",
         ] {
             assert!(script.lines().any(|l| l == line), "{line:?} missing from:\n{script}");
         }
+        // The agent gets the engine's variables alone (and the GPUs Slurm gave), none of the job's environment.
+        let exec = script.split_once("\nexec env -i ").map(|(_, exec)| exec).unwrap();
+        let kept = "case $name in SLURM_*|CUDA_VISIBLE_DEVICES|GPU_DEVICE_ORDINAL|ROCR_VISIBLE_DEVICES) slurm+=";
+        assert!(script.lines().any(|l| l.starts_with("slurm=(); for name in $(compgen -e)") && l.contains(kept)));
+        let start = r#""${slurm[@]}" LANG=C.UTF-8 PATH='/data/envs/u/k/bin:/usr/local/bin:/usr/bin:/bin' "#;
+        assert!(exec.starts_with(start), "{exec}");
+        assert!(exec.contains(" VIRTUAL_ENV='/data/envs/u/k' "), "{exec}");
+        assert!(!script.contains("export "), "nothing is exported into the job's own environment");
         // The agent's source travels quoted, whole, as the last argument.
-        let exec = script.split_once("\nexec '").map(|(_, exec)| exec).unwrap();
-        assert!(exec.starts_with("/data/envs/u/k/bin/python' '-I' '-u' '-c' '"), "{exec}");
+        let exec = exec.split_once(" '/data/envs/u/k/bin/python' ").map(|(_, exec)| exec).unwrap();
+        assert!(exec.starts_with("'-I' '-u' '-c' '"), "{exec}");
         assert!(exec.contains("def serve():") && exec.ends_with("serve()\n'\n"));
     }
 

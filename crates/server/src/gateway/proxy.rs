@@ -29,7 +29,8 @@ pub fn client() -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Below uvicorn's keep-alive (5 s), so the pool drops an idle connection before the replica closes it.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build(connector)
 }
 
@@ -86,7 +87,14 @@ pub async fn forward(client: &Client, mut lease: Lease, mut request: Request<Bod
     let sent = send(client, parts, body, || !lease.has_ended()).await;
     let mut response = match sent {
         Ok(response) => response,
-        Err(error) => {
+        Err(SendError::Body(error)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("the request's body broke off before it was whole ({error}); send it again"),
+            )
+        }
+        Err(SendError::Replica(error)) => {
             let (status, detail) = match lease.ended(DEATH_REASON_WAIT).await {
                 Some(reason) => {
                     (StatusCode::BAD_GATEWAY, format!("the app's replica ended during the request: {reason}"))
@@ -122,35 +130,41 @@ pub async fn forward(client: &Client, mut lease: Lease, mut request: Request<Bod
 /// of unknown length, stream through once.
 const RESENDABLE_BODY: u64 = 1 << 20;
 
-/// Sends a request to a replica, once more on a new connection if the kept-alive one it went out on turned out
-/// closed before any answer came, while the replica lives on (`replica_lives`), and the body could be kept.
+/// Why a request could not be answered by its replica.
+enum SendError {
+    /// The client's own body broke off before it was whole.
+    Body(axum::Error),
+    Replica(hyper_util::client::legacy::Error),
+}
+
+/// Sends a request to a replica. An idempotent one (RFC 9110 9.2.2: GET, HEAD, OPTIONS, PUT, DELETE...) is sent
+/// once more on a new connection if the kept-alive one it went out on turned out closed before any answer came,
+/// while the replica lives on (`replica_lives`), and its body could be kept.
 ///
 /// Why: a replica's server may close a kept connection right after a response (uvicorn does after an app raised
 /// past Starlette's error middleware, which has sent its 500 already), and a request the pool sent on it in that
-/// instant fails with nothing read. A replica that received the request and died is not asked again.
+/// instant fails with nothing read. Other methods are not sent again: the replica may have read the request and
+/// acted on it before closing, and a POST's work must not run twice.
 async fn send(
     client: &Client,
     parts: http::request::Parts,
     body: Body,
     replica_lives: impl Fn() -> bool,
-) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+) -> Result<Response<Incoming>, SendError> {
     use http_body_util::BodyExt;
-    let keepable = hyper::body::Body::size_hint(&body).exact().is_some_and(|size| size <= RESENDABLE_BODY);
+    let keepable = parts.method.is_idempotent()
+        && hyper::body::Body::size_hint(&body).exact().is_some_and(|size| size <= RESENDABLE_BODY);
     if !keepable {
-        return client.request(Request::from_parts(parts, body)).await;
+        return client.request(Request::from_parts(parts, body)).await.map_err(SendError::Replica);
     }
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        // The client's body failed: sending it would fail the same way (the error names the client's side).
-        Err(_) => return client.request(Request::from_parts(parts, Body::empty())).await,
-    };
+    let bytes = body.collect().await.map_err(SendError::Body)?.to_bytes();
     let again = clone_parts(&parts);
     match client.request(Request::from_parts(parts, Body::from(bytes.clone()))).await {
         Err(error) if closed_before_answer(&error) && replica_lives() => {
             tracing::debug!("a replica closed a kept connection before answering; sending the request again");
-            client.request(Request::from_parts(again, Body::from(bytes))).await
+            client.request(Request::from_parts(again, Body::from(bytes))).await.map_err(SendError::Replica)
         }
-        sent => sent,
+        sent => sent.map_err(SendError::Replica),
     }
 }
 
@@ -251,10 +265,34 @@ mod tests {
         });
         let client = client();
         let (parts, body) = get(address);
-        assert_eq!(send(&client, parts, body, || true).await.unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(send(&client, parts, body, || true).await.ok().unwrap().status(), StatusCode::INTERNAL_SERVER_ERROR);
         let (parts, body) = get(address);
-        assert_eq!(send(&client, parts, body, || true).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(send(&client, parts, body, || true).await.ok().unwrap().status(), StatusCode::OK);
         replica.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_post_is_not_sent_again_since_the_replica_may_have_acted_on_it() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut first, _) = listener.accept().await.unwrap();
+            read_head(&mut first).await;
+            first.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            read_head(&mut first).await;
+            drop(first);
+            // A second connection would be a second run of the POST: answered, so that the test sees it if made.
+            let (mut second, _) = listener.accept().await.unwrap();
+            read_head(&mut second).await;
+            second.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        });
+        let client = client();
+        let (parts, body) = get(address);
+        assert_eq!(send(&client, parts, body, || true).await.ok().unwrap().status(), StatusCode::OK);
+        let (mut parts, body) = get(address);
+        parts.method = http::Method::POST;
+        assert!(send(&client, parts, body, || true).await.is_err());
     }
 
     #[tokio::test]
@@ -271,7 +309,7 @@ mod tests {
         });
         let client = client();
         let (parts, body) = get(address);
-        assert_eq!(send(&client, parts, body, || false).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(send(&client, parts, body, || false).await.ok().unwrap().status(), StatusCode::OK);
         let (parts, body) = get(address);
         assert!(send(&client, parts, body, || false).await.is_err());
     }

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// The longest path a request may name, in bytes.
@@ -209,6 +210,8 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
 pub struct Entry {
     pub is_file: bool,
     pub is_dir: bool,
+    /// Its permission bits (`0o644`, say).
+    pub permissions: u32,
     pub size: u64,
     pub modified: i64,
     pub changed: i64,
@@ -219,6 +222,7 @@ fn entry_of(stat: &libc::stat) -> Entry {
     Entry {
         is_file: kind == libc::S_IFREG,
         is_dir: kind == libc::S_IFDIR,
+        permissions: stat.st_mode & 0o777,
         size: stat.st_size as u64,
         modified: stat.st_mtime,
         changed: stat.st_ctime,
@@ -338,13 +342,15 @@ impl UserRoot {
         let (parent, name) =
             path.split_last().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root itself"))?;
         let dir = self.make_dirs(&parent)?;
-        // A directory there would refuse the rename only once the whole upload is in.
-        match fstatat(&dir, OsStr::new(name)) {
+        // A directory there would refuse the rename only once the whole upload is in. A file there keeps its
+        // permissions in its replacement (an executable stays one, a private file private).
+        let permissions = match fstatat(&dir, OsStr::new(name)) {
             Ok(entry) if entry.is_dir => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Ok(entry) if entry.is_file => entry.permissions,
+            Ok(_) => 0o644,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0o644,
             Err(e) => return Err(e),
-        }
+        };
         loop {
             let temp = format!(".fal-part-{:016x}", rand::random::<u64>());
             let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK;
@@ -354,6 +360,7 @@ impl UserRoot {
                     // Owned by the guard from here: whatever fails next removes the temporary file.
                     let pending = PendingFile { dir, temp: temp_c, name: name.to_string(), committed: false };
                     let file = self.made_file(fd)?;
+                    file.set_permissions(std::fs::Permissions::from_mode(permissions))?;
                     return Ok((pending, file));
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
@@ -705,6 +712,7 @@ mod tests {
         let parse = |p: &str| RelPath::parse(p).unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/f"), "old").unwrap();
+        std::fs::set_permissions(dir.path().join("sub/f"), std::fs::Permissions::from_mode(0o750)).unwrap();
         let (pending, mut file) = root.create_pending(&parse("sub/f")).unwrap();
         std::io::Write::write_all(&mut file, b"partial").unwrap();
         drop(pending);
@@ -715,6 +723,8 @@ mod tests {
         std::io::Write::write_all(&mut file, b"new").unwrap();
         pending.commit().unwrap();
         assert_eq!(std::fs::read(dir.path().join("sub/f")).unwrap(), b"new");
+        let mode = std::fs::metadata(dir.path().join("sub/f")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750, "the replacement keeps the replaced file's permissions");
         let names: Vec<_> = root.list(&parse("sub")).unwrap().into_iter().map(|e| e.0).collect();
         assert_eq!(names, ["f"]);
         // Over a directory: refused before anything is received.
