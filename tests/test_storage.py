@@ -355,6 +355,7 @@ def test_a_refused_upload_leaves_the_file_that_was_there(storage_server: Server)
         refused = client.put("/files/file/kept/f.bin", content=too_big)
         assert refused.status_code == 413, refused.text
         assert refused.headers["connection"] == "close"
+        assert "the file it replaces, 3 bytes, counts until the upload is whole" in refused.json()["detail"]
         assert kept() == (b"old", ["f.bin"])
         refused = client.post("/files/file/local/kept/f.bin", files={"file_upload": ("f.bin", too_big)})
         assert refused.status_code == 413, refused.text

@@ -260,10 +260,20 @@ impl UserRoot {
     }
 
     /// The entries of a directory: name and what each is.
+    /// Commits the file system's transaction (`syncfs`). On btrfs a qgroup counts space freed (files a function
+    /// removed) only once that commits, so a write refused with EDQUOT just after may fit once this is done.
+    pub fn commit_file_system(&self) -> io::Result<()> {
+        commit_file_system_of(&self.fd)
+    }
+
+    /// Uploads still being received ([`PendingFile`]) are left out.
     pub fn list(&self, path: &RelPath) -> io::Result<Vec<(String, Entry)>> {
         let dir = self.open_dir(path)?;
-        let mut entries: Vec<_> =
-            read_dir(&dir)?.into_iter().filter_map(|(name, entry)| Some((name.into_string().ok()?, entry))).collect();
+        let mut entries: Vec<_> = read_dir(&dir)?
+            .into_iter()
+            .filter(|(name, _)| !is_pending_name(name))
+            .filter_map(|(name, entry)| Some((name.into_string().ok()?, entry)))
+            .collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(entries)
     }
@@ -344,21 +354,22 @@ impl UserRoot {
         let dir = self.make_dirs(&parent)?;
         // A directory there would refuse the rename only once the whole upload is in. A file there keeps its
         // permissions in its replacement (an executable stays one, a private file private).
-        let permissions = match fstatat(&dir, OsStr::new(name)) {
+        let (permissions, replaces) = match fstatat(&dir, OsStr::new(name)) {
             Ok(entry) if entry.is_dir => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
-            Ok(entry) if entry.is_file => entry.permissions,
-            Ok(_) => 0o644,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => 0o644,
+            Ok(entry) if entry.is_file => (entry.permissions, Some(entry.size)),
+            Ok(_) => (0o644, None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => (0o644, None),
             Err(e) => return Err(e),
         };
+        remove_stale_pending(&dir);
         loop {
-            let temp = format!(".fal-part-{:016x}", rand::random::<u64>());
+            let temp = format!("{PENDING_PREFIX}{:016x}", rand::random::<u64>());
             let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_NONBLOCK;
             let temp_c = cstring(Path::new(&temp))?;
             match open_beneath(&dir, Path::new(&temp), flags, 0o644) {
                 Ok(fd) => {
                     // Owned by the guard from here: whatever fails next removes the temporary file.
-                    let pending = PendingFile { dir, temp: temp_c, name: name.to_string(), committed: false };
+                    let pending = PendingFile { dir, temp: temp_c, name: name.to_string(), replaces, committed: false };
                     let file = self.made_file(fd)?;
                     file.set_permissions(std::fs::Permissions::from_mode(permissions))?;
                     return Ok((pending, file));
@@ -407,12 +418,40 @@ pub struct PendingFile {
     dir: OwnedFd,
     temp: CString,
     name: String,
+    /// The size of the file it replaces, if one is there: it counts against the quota until the commit.
+    pub replaces: Option<u64>,
     committed: bool,
+}
+
+/// What a [`PendingFile`]'s temporary name starts with (then 16 hex digits).
+const PENDING_PREFIX: &str = ".fal-part-";
+/// A temporary file not written to for this long is one a stopped server left (an upload being received writes
+/// to it all along): the next upload into its directory removes it.
+const STALE_PENDING: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn is_pending_name(name: &OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.strip_prefix(PENDING_PREFIX))
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+}
+
+/// Removes the temporary files of uploads a stopped server left in `dir` (see [`STALE_PENDING`]).
+fn remove_stale_pending(dir: &OwnedFd) {
+    let Ok(entries) = read_dir(dir) else { return };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    for (name, entry) in entries {
+        if entry.is_file && is_pending_name(&name) && now - entry.modified > STALE_PENDING.as_secs() as i64 {
+            if let Ok(c) = cstring(Path::new(&name)) {
+                // SAFETY: a NUL-terminated name relative to an open descriptor.
+                unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) };
+            }
+        }
+    }
 }
 
 impl PendingFile {
     /// Renames the file over its target, atomically.
-    pub fn commit(mut self) -> io::Result<()> {
+    pub fn commit(&mut self) -> io::Result<()> {
         let name = cstring(Path::new(&self.name))?;
         // SAFETY: NUL-terminated names relative to an open descriptor.
         check(unsafe {
@@ -430,6 +469,12 @@ impl Drop for PendingFile {
             unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.temp.as_ptr(), 0) };
         }
     }
+}
+
+/// Commits the transaction of the file system `fd` is on (see [`UserRoot::commit_file_system`]).
+pub fn commit_file_system_of(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: syncfs on an open descriptor; it only writes out its file system.
+    check(unsafe { libc::syncfs(fd.as_raw_fd()) })
 }
 
 /// Opens the regular file `name` of the open directory `dir` (one a walk is in) for reading: no symbolic link
@@ -698,6 +743,7 @@ mod tests {
             // A file put there replaces the FIFO.
             let (pending, mut file) = root.create_pending(&parse("p")).unwrap();
             std::io::Write::write_all(&mut file, b"new").unwrap();
+            let mut pending = pending;
             pending.commit().unwrap();
             assert_eq!(std::io::read_to_string(root.open_file(&parse("p")).unwrap()).unwrap(), "new");
             (dir, root)
@@ -719,7 +765,16 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("sub/f")).unwrap(), b"old");
         let names: Vec<_> = root.list(&parse("sub")).unwrap().into_iter().map(|e| e.0).collect();
         assert_eq!(names, ["f"]);
-        let (pending, mut file) = root.create_pending(&parse("sub/f")).unwrap();
+        // One a stopped server left a day ago goes with the next upload there; one being received is not listed.
+        let stale = dir.path().join("sub/.fal-part-00000000000000aa");
+        std::fs::write(&stale, "left").unwrap();
+        let old = std::time::SystemTime::now() - STALE_PENDING - std::time::Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
+        let (mut pending, mut file) = root.create_pending(&parse("sub/f")).unwrap();
+        assert!(!stale.exists(), "a stale temporary file is removed");
+        assert_eq!(pending.replaces, Some(3));
+        let names: Vec<_> = root.list(&parse("sub")).unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(names, ["f"], "an upload being received is not listed");
         std::io::Write::write_all(&mut file, b"new").unwrap();
         pending.commit().unwrap();
         assert_eq!(std::fs::read(dir.path().join("sub/f")).unwrap(), b"new");

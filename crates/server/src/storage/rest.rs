@@ -39,7 +39,8 @@ use serde::Deserialize;
 use sha2::Digest;
 
 use super::confine::{
-    open_file_in, Entry, NotRegular, PathError, PendingFile, RelPath, TreeChanged, UserRoot, Visitor,
+    commit_file_system_of, open_file_in, Entry, NotRegular, PathError, PendingFile, RelPath, TreeChanged, UserRoot,
+    Visitor,
 };
 use super::unzip::{unzip, UnzipError};
 use super::{usage, Enforcement, Storage};
@@ -451,12 +452,23 @@ async fn remove(State(files): State<Files>, Path(path): Path<String>, headers: H
 }
 
 fn over_quota(limit: u64) -> Reply {
+    over_quota_replacing(limit, None)
+}
+
+/// `replaces`: the size of the file the upload was to replace, which counts until the upload is whole.
+fn over_quota_replacing(limit: u64, replaces: Option<u64>) -> Reply {
+    let replacing = match replaces {
+        Some(size) if size > 0 => format!(
+            " (the file it replaces, {size} bytes, counts until the upload is whole: remove it first to make room)"
+        ),
+        _ => String::new(),
+    };
     json_error(
         StatusCode::PAYLOAD_TOO_LARGE,
         "over_quota",
         format!(
-            "the upload is larger than what your storage quota has left ({limit} bytes); remove files with \
-             `fal-serverless files rm`, or ask the server's admin for a larger [storage] quota_mb"
+            "the upload is larger than what your storage quota has left ({limit} bytes){replacing}; remove files \
+             with `fal-serverless files rm`, or ask the server's admin for a larger [storage] quota_mb"
         ),
     )
 }
@@ -467,18 +479,38 @@ async fn receive(
     file: std::fs::File,
     limit: u64,
     path: &RelPath,
+    replaces: Option<u64>,
 ) -> Result<std::fs::File, Reply> {
     use tokio::io::AsyncWriteExt;
     let mut file = tokio::fs::File::from_std(file);
     let mut written: u64 = 0;
+    let mut committed = false;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk
             .map_err(|e| json_error(StatusCode::BAD_REQUEST, "bad_upload", format!("the upload broke off: {e}")))?;
+        let start = written;
         written += chunk.len() as u64;
         if written > limit {
-            return Err(over_quota(limit));
+            return Err(over_quota_replacing(limit, replaces));
         }
-        file.write_all(&chunk).await.map_err(|e| io_error(path, e))?;
+        match file.write_all(&chunk).await {
+            Ok(()) => {}
+            // Space freed just before (a function removed files) is counted by btrfs's qgroup only once its
+            // transaction commits: commit it (syncfs), and write the chunk again from where it started, once.
+            Err(e) if e.raw_os_error() == Some(libc::EDQUOT) && !committed => {
+                committed = true;
+                use tokio::io::AsyncSeekExt;
+                file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| io_error(path, e))?;
+                file.set_len(start).await.map_err(|e| io_error(path, e))?;
+                let fd = file.try_clone().await.map_err(|e| io_error(path, e))?.into_std().await;
+                let synced = tokio::task::spawn_blocking(move || commit_file_system_of(&fd)).await;
+                if !matches!(synced, Ok(Ok(()))) {
+                    return Err(io_error(path, e));
+                }
+                file.write_all(&chunk).await.map_err(|e| io_error(path, e))?;
+            }
+            Err(e) => return Err(io_error(path, e)),
+        }
     }
     file.flush().await.map_err(|e| io_error(path, e))?;
     Ok(file.into_std().await)
@@ -491,8 +523,21 @@ fn create(files: &Files, root: &UserRoot, path: &RelPath) -> Result<(PendingFile
         return Err(json_error(StatusCode::BAD_REQUEST, "bad_path", "name a file below /data"));
     }
     let left = files.left(root).map_err(|e| io_error(path, e))?;
-    let (pending, file) = root.create_pending(path).map_err(|e| io_error(path, e))?;
+    let (pending, file) =
+        on_full_commit_and_retry(root, || root.create_pending(path)).map_err(|e| io_error(path, e))?;
     Ok((pending, file, left))
+}
+
+/// Runs `work`, and once more after committing the file system if it failed with EDQUOT (see
+/// [`UserRoot::commit_file_system`]): space just freed is then counted.
+fn on_full_commit_and_retry<T>(root: &UserRoot, mut work: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    match work() {
+        Err(e) if e.raw_os_error() == Some(libc::EDQUOT) => {
+            root.commit_file_system()?;
+            work()
+        }
+        done => done,
+    }
 }
 
 /// Receives a body into a new file, then puts it in place of `path`. The key was checked (`root`): only now is the
@@ -504,17 +549,20 @@ async fn store(
     path: RelPath,
     body: impl futures_util::Stream<Item = Result<bytes::Bytes, String>> + Unpin,
 ) -> Reply {
-    let (pending, file, left) = match on(files, root, path.clone(), create).await {
+    let (pending, file, left) = match on(files, root.clone(), path.clone(), create).await {
         Ok(created) => created,
         Err(response) => return response,
     };
-    let file = match receive(body, file, left, &path).await {
+    let file = match receive(body, file, left, &path, pending.replaces).await {
         Ok(file) => file,
         Err(response) => return response,
     };
     let committed = tokio::task::spawn_blocking(move || {
+        let mut pending = pending;
+        // Not fsynced first: on btrfs that writes it out at once, and space a function freed just before (which the
+        // qgroup counts only at the next commit) would then refuse it with EDQUOT.
         drop(file);
-        pending.commit()
+        on_full_commit_and_retry(&root, || pending.commit())
     })
     .await;
     match committed {
@@ -619,7 +667,7 @@ async fn upload(
         }
     };
     let received = Received(upload_path);
-    let outcome = match receive(stream, upload, left.saturating_add(UPLOAD_SLACK), &rel).await {
+    let outcome = match receive(stream, upload, left.saturating_add(UPLOAD_SLACK), &rel, None).await {
         Ok(mut archive) => {
             let rel = rel.clone();
             tokio::task::spawn_blocking(move || {
