@@ -481,10 +481,8 @@ async fn receive(
     path: &RelPath,
     replaces: Option<u64>,
 ) -> Result<std::fs::File, Reply> {
-    use tokio::io::AsyncWriteExt;
-    let mut file = tokio::fs::File::from_std(file);
+    let mut file = file;
     let mut written: u64 = 0;
-    let mut committed = false;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk
             .map_err(|e| json_error(StatusCode::BAD_REQUEST, "bad_upload", format!("the upload broke off: {e}")))?;
@@ -493,27 +491,18 @@ async fn receive(
         if written > limit {
             return Err(over_quota_replacing(limit, replaces));
         }
-        match file.write_all(&chunk).await {
-            Ok(()) => {}
-            // Space freed just before (a function removed files) is counted by btrfs's qgroup only once its
-            // transaction commits: commit it (syncfs), and write the chunk again from where it started, once.
-            Err(e) if e.raw_os_error() == Some(libc::EDQUOT) && !committed => {
-                committed = true;
-                use tokio::io::AsyncSeekExt;
-                file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| io_error(path, e))?;
-                file.set_len(start).await.map_err(|e| io_error(path, e))?;
-                let fd = file.try_clone().await.map_err(|e| io_error(path, e))?.into_std().await;
-                let synced = tokio::task::spawn_blocking(move || commit_file_system_of(&fd)).await;
-                if !matches!(synced, Ok(Ok(()))) {
-                    return Err(io_error(path, e));
-                }
-                file.write_all(&chunk).await.map_err(|e| io_error(path, e))?;
-            }
-            Err(e) => return Err(io_error(path, e)),
-        }
+        // Each chunk written whole before the next is read (on a blocking thread): a write's error is this
+        // chunk's, so one refused with EDQUOT can be written again from where it started.
+        let (returned, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = write_chunk(&mut file, &chunk, start);
+            (file, outcome)
+        })
+        .await
+        .map_err(task_failed)?;
+        file = returned;
+        outcome.map_err(|e| io_error(path, e))?;
     }
-    file.flush().await.map_err(|e| io_error(path, e))?;
-    Ok(file.into_std().await)
+    Ok(file)
 }
 
 /// A file to receive `path` in (its directories made; renamed over `path` once whole), and what the quota has left.
@@ -526,6 +515,22 @@ fn create(files: &Files, root: &UserRoot, path: &RelPath) -> Result<(PendingFile
     let (pending, file) =
         on_full_commit_and_retry(root, || root.create_pending(path)).map_err(|e| io_error(path, e))?;
     Ok((pending, file, left))
+}
+
+/// Writes `chunk` at `start`, the end of what `file` holds. Space freed just before (a function removed files) is
+/// counted by btrfs's qgroup only once its transaction commits: refused with EDQUOT, the file system is committed
+/// (syncfs) and the chunk written again from `start`, once.
+fn write_chunk(file: &mut std::fs::File, chunk: &[u8], start: u64) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    match file.write_all(chunk) {
+        Err(e) if e.raw_os_error() == Some(libc::EDQUOT) => {
+            file.set_len(start)?;
+            file.seek(std::io::SeekFrom::Start(start))?;
+            commit_file_system_of(file)?;
+            file.write_all(chunk)
+        }
+        done => done,
+    }
 }
 
 /// Runs `work`, and once more after committing the file system if it failed with EDQUOT (see
