@@ -185,9 +185,15 @@ async fn on_root<T: Send + 'static>(
     raw: &str,
     work: impl FnOnce(&Files, &UserRoot, &RelPath) -> Result<T, Reply> + Send + 'static,
 ) -> Result<T, Reply> {
-    let path = RelPath::parse(raw).map_err(bad_path)?;
-    let root = files.root(headers).await?;
+    let (path, root) = target(files, headers, raw).await?;
     on(files, root, path, work).await
+}
+
+/// The path a request names and the caller's storage: the path checked first, then the key (before any of the
+/// request's body is read).
+async fn target(files: &Files, headers: &HeaderMap, raw: &str) -> Result<(RelPath, Arc<UserRoot>), Reply> {
+    let path = RelPath::parse(raw).map_err(bad_path)?;
+    Ok((path, files.root(headers).await?))
 }
 
 /// Runs `work` on `root` (the caller's storage, its key checked) on a blocking thread.
@@ -254,13 +260,9 @@ async fn check_hash(
     headers: HeaderMap,
     request: Request,
 ) -> Reply {
-    let rel = match RelPath::parse(&path) {
-        Ok(rel) => rel,
-        Err(error) => return bad_path(error),
-    };
     // The key first: the body is read only for a caller who has one.
-    let root = match files.root(&headers).await {
-        Ok(root) => root,
+    let (rel, root) = match target(&files, &headers, &path).await {
+        Ok(target) => target,
         Err(response) => return response,
     };
     let body = match axum::body::to_bytes(request.into_body(), HASH_BODY_LIMIT).await {
@@ -578,12 +580,8 @@ async fn store(
 }
 
 async fn put(State(files): State<Files>, Path(path): Path<String>, headers: HeaderMap, request: Request) -> Reply {
-    let rel = match RelPath::parse(&path) {
-        Ok(rel) => rel,
-        Err(error) => return bad_path(error),
-    };
-    let root = match files.root(&headers).await {
-        Ok(root) => root,
+    let (rel, root) = match target(&files, &headers, &path).await {
+        Ok(target) => target,
         Err(response) => return response,
     };
     let body = request.into_body().into_data_stream().map(|c| c.map_err(|e| e.to_string()));
@@ -614,14 +612,12 @@ async fn upload(
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Reply {
     let unzipping = query.unzip.is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
-    let rel = match RelPath::parse(&path) {
-        Ok(rel) if !rel.is_root() => rel,
-        Ok(_) => return json_error(StatusCode::BAD_REQUEST, "bad_path", "name a directory or file below /data"),
-        Err(error) => return bad_path(error),
-    };
     // The key first: nothing of the body is read (not even the fields before `file_upload`) without one.
-    let root = match files.root(&headers).await {
-        Ok(root) => root,
+    let (rel, root) = match target(&files, &headers, &path).await {
+        Ok((rel, _)) if rel.is_root() => {
+            return json_error(StatusCode::BAD_REQUEST, "bad_path", "name a directory or file below /data")
+        }
+        Ok(target) => target,
         Err(response) => return response,
     };
     let mut multipart = match multipart {
