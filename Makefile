@@ -35,7 +35,7 @@ fuzz: $(VENV)/.installed
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
 	done
 
-## bench: this project side by side with isolate 0.12.2 (installed into bench/.anchor-venv); writes bench/RESULTS.md
+## bench: this project side by side with isolate 0.12.2 and Ray (installed into bench/.anchor-venv, bench/.ray-venv); writes bench/RESULTS.md
 bench: $(VENV)/.installed
 	$(BIN)/pip install -q numpy  # the payload rows send arrays
 	UV_PYTHON_DOWNLOADS=never $(BIN)/python bench/run.py --write
@@ -56,4 +56,4 @@ $(VENV)/.installed: $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) target bench/.anchor-venv
+	rm -rf $(VENV) target bench/.anchor-venv bench/.ray-venv

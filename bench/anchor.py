@@ -19,7 +19,7 @@ from isolate.connections import LocalPythonGRPC
 from isolate.connections.common import serialize_object
 from isolate.connections.grpc import definitions
 
-warm_runs, cold_runs, build_runs, throughput_calls = (int(a) for a in sys.argv[1:5])
+warm_runs, cold_runs, build_runs, throughput_calls, map_items = (int(a) for a in sys.argv[1:6])
 CALLERS = (1, 4, 16)
 PAYLOADS = {"1 KB": 1 << 10, "1 MB": 1 << 20, "100 MB": 100 << 20}
 
@@ -101,6 +101,44 @@ for callers in CALLERS:
             thread.join()
         elapsed = time.perf_counter() - t
     results["throughput"][str(callers)] = {"per_second": len(done) / elapsed, "ok": all(done), "calls": len(done)}
+
+# The original client's way to run many calls: `submit` on a ThreadPoolExecutor of the standard library's default
+# size, each call a run of its own; here each thread has an agent of its own (bench/map.py).
+import functools  # noqa: E402
+import queue  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+
+def identity(x):
+    return x
+
+
+results["map"] = []
+with ThreadPoolExecutor() as pool, ExitStack() as stack:
+    agents = queue.Queue()
+    for _ in range(pool._max_workers):
+        agents.put(stack.enter_context(conn._establish_bridge()))
+
+    def submitted(i):
+        bridge = agents.get()
+        try:
+            item_call = definitions.FunctionCall(
+                function=definitions.SerializedObject(
+                    method="cloudpickle",
+                    definition=cloudpickle.dumps(functools.partial(identity, i)),
+                    was_it_raised=False,
+                )
+            )
+            return cloudpickle.loads(run_on(bridge, item_call).result.definition)
+        finally:
+            agents.put(bridge)
+
+    items = map_items
+    assert list(pool.map(submitted, range(200))) == list(range(200))
+    for _ in range(3):
+        t = time.perf_counter()
+        assert list(pool.map(submitted, range(items))) == list(range(items))
+        results["map"].append(items / (time.perf_counter() - t))
 
 # Payloads: the data goes out as the function's closure and comes back as its result, through a reused agent.
 

@@ -7,11 +7,11 @@ loopback for the cloud figures, measures, and prints a markdown table: metric, t
 (anchor / this project, or this project / floor), goal met or not. --write also records it in bench/RESULTS.md.
 
 Measures: warm calls (local, cloud), cold calls (environment built), the first call with new requirements,
-throughput at 1/4/16/64 callers, payload round trips (1 KB, 1 MB, 100 MB; bytes and numpy), warm latency across
-1/10/100 environments and the server's memory; and the floors that explain them (the smallest RPC, joining a cgroup,
-one 100 MB copy); and web endpoints (bench/gateway.py: a request through the gateway against the replica's own
-uvicorn, requests/s, the first request from zero replicas). What the figures mean is written by hand in
-bench/RESULTS.md, below a marker --write keeps.
+throughput at 1/4/16/64 callers, a map of 10,000 items (beside Ray's, bench/maps.py), payload round trips (1 KB,
+1 MB, 100 MB; bytes and numpy), warm latency across 1/10/100 environments and the server's memory; and the floors
+that explain them (the smallest RPC, joining a cgroup, one 100 MB copy); and web endpoints (bench/gateway.py: a
+request through the gateway against the replica's own uvicorn, requests/s, the first request from zero replicas).
+What the figures mean is written by hand in bench/RESULTS.md, below a marker --write keeps.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+import maps as bench_map  # bench/maps.py
 
 HERE = Path(__file__).resolve().parent
 ANCHOR_VENV = HERE / ".anchor-venv"
@@ -133,7 +135,7 @@ def throughput(fn: Callable[[int], int], callers: int, calls: int) -> Dict[str, 
     return {"per_second": len(results) / elapsed, "ok": float(all(results) and len(results) == callers * per_caller)}
 
 
-def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, scale: bool) -> Dict[str, object]:
+def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, map_items: int, scale: bool) -> Dict[str, object]:
     os.environ["FAL_SERVERLESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="fal-bench-cache-")
     from fal_serverless import LocalHost, cloud, isolated, local
 
@@ -167,6 +169,7 @@ def ours(warm_runs: int, cold_runs: int, build_runs: int, calls: int, scale: boo
 
         doubler = isolated(host=cloud, keep_alive=600)(double)
         results["throughput"] = {str(c): throughput(doubler, c, calls) for c in CALLERS}
+        results["map"] = bench_map.measure_ours(isolated, cloud, map_items)
 
         import numpy
 
@@ -369,18 +372,24 @@ def main() -> int:
     args = parser.parse_args()
     warm_runs, cold_runs, build_runs, calls = (200, 5, 2, 400) if args.quick else (3000, 30, 5, 4000)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+    map_items = 1000 if args.quick else bench_map.ITEMS
     if args.gateway:
         print("\n".join(gateway_rows(warm_runs, calls, cold_runs)))
         return 0
 
     anchor_run = subprocess.run(
-        [str(anchor_python()), str(HERE / "anchor.py"), *map(str, (warm_runs // 3, cold_runs, build_runs, calls // 4))],
+        [
+            str(anchor_python()),
+            str(HERE / "anchor.py"),
+            *map(str, (warm_runs // 3, cold_runs, build_runs, calls // 4, map_items)),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         check=True,
     )
     anchor = json.loads(anchor_run.stdout.strip().splitlines()[-1])
-    mine = ours(warm_runs, cold_runs, build_runs, calls, scale=not args.quick)
+    mine = ours(warm_runs, cold_runs, build_runs, calls, map_items, scale=not args.quick)
+    ray_map = bench_map.measure_ray(uv(), map_items)
 
     times: Dict[str, List[float]] = {k: v for k, v in mine.items() if isinstance(v, list)}
     warm_local, warm_cloud = median(times["warm_local"]), median(times["warm_cloud"])
@@ -467,6 +476,7 @@ def main() -> int:
             f"| throughput, cloud, {callers} callers | {measured['per_second']:.0f} calls/s | {anchor_text} | - "
             f"| {versus} | {goal}: {'met' if met else 'NOT met'} |"
         )
+    lines += bench_map.rows(mine["map"], ray_map, anchor["map"], median)  # type: ignore[arg-type]
     ours_payload: Dict[str, List[float]] = mine["payload"]  # type: ignore[assignment]
     for name, measured in ours_payload.items():
         big = name.endswith("100 MB")

@@ -291,3 +291,64 @@ def test_a_function_calls_another_through_the_original_client(original: Original
     # worker's /etc/hosts names it) and the worker's key (FAL_KEY_ID with IS_ISOLATE_AGENT).
     lines = original.script(NESTED, timeout=600).stdout.splitlines()
     assert "nested -> ((42, 'worker-'), 'worker-')" in lines, lines
+
+
+SETUP_AND_SUBMIT = """
+import concurrent.futures, uuid
+from fal_serverless import isolated
+
+def load_model():
+    print("setup ran")
+    return uuid.uuid4().hex
+
+@isolated(setup_function=load_model, keep_alive=30)
+def predict(model, x):
+    return model, x * 2
+
+results = [predict(i) for i in range(3)]
+print("values", [x for _, x in results])
+print("models", len({model for model, _ in results}))
+
+def broken():
+    print("broken setup")
+    raise RuntimeError("no weights")
+
+@isolated(setup_function=broken, keep_alive=30)
+def uses_broken(model):
+    return model
+
+for _ in range(2):
+    try:
+        uses_broken()
+    except RuntimeError as error:
+        print("setup raised", error)
+
+futures = [predict.submit(i) for i in range(4)]
+assert all(isinstance(f, concurrent.futures.Future) for f in futures)
+print("submitted", sorted(f.result()[1] for f in futures))
+
+@isolated(requirements=["dill==0.3.2"])
+def pinned():
+    return 1
+
+try:
+    pinned()
+except Exception as error:
+    print("pin refused", type(error).__name__, str(error).replace("\\n", " "))
+"""
+
+
+def test_setup_function_submit_and_a_dill_pin_through_the_original_client(original: OriginalClient) -> None:
+    proc = original.script(SETUP_AND_SUBMIT)
+    out = proc.stdout
+    assert "values [0, 2, 4]" in out, out + proc.stderr
+    # Once per warm worker: every call got the first run's result (the submitted calls, in parallel, run on
+    # workers of their own too).
+    assert out.split("values")[0].count("setup ran") == 1 and "models 1" in out, out
+    # A setup that raises fails the call with its exception, and runs again on the next call.
+    assert out.count("setup raised no weights") == 2 and out.count("broken setup") == 2, out
+    assert "The setup function has thrown an error. Aborting the run." in out + proc.stderr
+    assert "submitted [0, 2, 4, 6]" in out
+    refused = [line for line in out.splitlines() if line.startswith("pin refused")]
+    assert refused, out
+    assert 'requirement "dill==0.3.2" would replace the dill==0.3.7' in refused[0], refused[0]

@@ -357,3 +357,33 @@ def test_a_node_lost_mid_call_fails_that_call_and_the_next_lands_on_the_other(
 
     after = job_of(server, key, keep_alive=0)["id"]
     assert cluster.job(after)["NodeList"] == first.name
+
+
+def test_setup_map_and_a_stream_on_slurm_workers(slurm_server: Server) -> None:
+    key = slurm_server.create_key("calling-api")
+    source = """
+import fal_serverless as fs
+
+def setup():
+    print("setup ran")
+    return 100
+
+@fs.isolated(host=fs.cloud, setup_function=setup, keep_alive=30)
+def add(base, x):
+    return base + x
+
+print("calls", [add(i) for i in range(3)])
+print("map", list(add.map(range(5), concurrency=1)))
+
+@fs.isolated(host=fs.cloud, keep_alive=30)
+def count(n):
+    yield from range(n)
+
+print("stream", list(count(3)))
+"""
+    proc = run_script(source, slurm_server.env(*key), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "calls [100, 101, 102]" in proc.stdout and "map [100, 101, 102, 103, 104]" in proc.stdout, proc.stdout
+    assert "stream [0, 1, 2]" in proc.stdout
+    # One warm job ran every call and map input: its setup ran once.
+    assert proc.stdout.count("setup ran") == 1, proc.stdout

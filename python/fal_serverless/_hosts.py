@@ -17,6 +17,7 @@ from ._webapp import SERVE_PORT
 from .exceptions import FalServerlessError
 
 if TYPE_CHECKING:
+    from ._map import MapTransport
     from ._options import Options
 
 
@@ -39,8 +40,25 @@ class Host(ABC):
     name: str
 
     @abstractmethod
-    def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        """Run `func(*args, **kwargs)` under `options` and return its result (or raise its exception)."""
+    def run(
+        self,
+        func: Callable[..., Any],
+        options: Options,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        on_item: Optional[Callable[[bytes], None]] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Any:
+        """Run `func(*args, **kwargs)` under `options` and return its result (or raise its exception). Each item a
+        generator function yields goes to `on_item`, still pickled, as it is produced; a set `cancel` stops the call
+        (raising `CallCancelledError`)."""
+
+    @abstractmethod
+    def start_map(
+        self, func: Callable[..., Any], options: Options, function: bytes, concurrency: Optional[int]
+    ) -> MapTransport:
+        """Starts a map of `function` (`func` pickled alone) under `options`; its inputs and results go through the
+        transport returned."""
 
     def deploy(
         self, app: Callable[[], Any], options: Options, alias: Optional[str], auth: str, function_name: str
@@ -85,20 +103,52 @@ class LocalHost(Host):
                 atexit.register(self._engine.shutdown)
             return self._engine
 
-    def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def run(
+        self,
+        func: Callable[..., Any],
+        options: Options,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        on_item: Optional[Callable[[bytes], None]] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Any:
         call = _serialization.dump_call(func, args, kwargs)
-        raised, reply = self.engine.call(
+        raised, reply = self._call(options, call.payload, on_item=on_item, cancel=cancel)
+        return _serialization.load_reply(raised, reply, func, call)
+
+    def _call(
+        self,
+        options: Options,
+        payload: bytes,
+        function: Optional[bytes] = None,
+        on_item: Optional[Callable[[bytes], None]] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Tuple[bool, bytes]:
+        return self.engine.call(
             python_version=options.python_version,
             interpreter=_base_interpreter(),
             requirements=list(options.environment_requirements),
             serializer=_serialization.SERIALIZER,
             machine_type=options.machine_type,
             keep_alive=float(options.keep_alive),
-            payload=call.payload,
+            payload=payload,
             on_log=show_log,
             timeout=options.timeout,
+            setup=_setup(options),
+            function=function,
+            on_item=on_item,
+            cancel=cancel,
         )
-        return _serialization.load_reply(raised, reply, func, call)
+
+    def start_map(
+        self, func: Callable[..., Any], options: Options, function: bytes, concurrency: Optional[int]
+    ) -> MapTransport:
+        from ._map import LocalMap, local_concurrency
+
+        def call(payload: bytes, cancel: threading.Event) -> Tuple[bool, bytes]:
+            return self._call(options, payload, function=function, cancel=cancel)
+
+        return LocalMap(call, concurrency or local_concurrency(options.machine_type))
 
 
 class CloudHost(Host):
@@ -134,7 +184,15 @@ class CloudHost(Host):
                 client = self._clients[cache_key] = _native.CloudClient(*key)
             return client
 
-    def run(self, func: Callable[..., Any], options: Options, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def run(
+        self,
+        func: Callable[..., Any],
+        options: Options,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        on_item: Optional[Callable[[bytes], None]] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Any:
         client = self.client(options.credentials)
         call = _serialization.dump_call(func, args, kwargs)
         raised, reply = client.run(
@@ -144,11 +202,30 @@ class CloudHost(Host):
             machine_type=options.machine_type,
             keep_alive=math.ceil(options.keep_alive),
             payload=call.payload,
-            function_name=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}",
+            function_name=function_name(func),
             on_log=show_log,
             timeout=options.timeout,
+            setup=_setup(options),
+            on_item=on_item,
+            cancel=cancel,
         )
         return _serialization.load_reply(raised, reply, func, call)
+
+    def start_map(
+        self, func: Callable[..., Any], options: Options, function: bytes, concurrency: Optional[int]
+    ) -> MapTransport:
+        return self.client(options.credentials).map_start(
+            python_version=options.python_version,
+            requirements=list(options.environment_requirements),
+            serializer=_serialization.SERIALIZER,
+            machine_type=options.machine_type,
+            keep_alive=math.ceil(options.keep_alive),
+            function=function,
+            function_name=function_name(func),
+            timeout=options.timeout,
+            setup=_setup(options),
+            concurrency=concurrency,
+        )
 
     def deploy(
         self, app: Callable[[], Any], options: Options, alias: Optional[str], auth: str, function_name: str
@@ -208,6 +285,16 @@ class CloudHost(Host):
             **application,
         )
         return revision, user_id
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """`module.qualname`: how the server's logs and run history name a function."""
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}"
+
+
+def _setup(options: Options) -> Optional[bytes]:
+    setup = options.setup_function
+    return None if setup is None else _serialization.dump_setup(setup)
 
 
 def in_worker() -> bool:

@@ -1,7 +1,8 @@
 """The engine, compiled from Rust (crates/python)."""
 
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from threading import Event
+from typing import Any, Callable, List, Optional, Tuple
 
 class FalServerlessError(Exception): ...
 class EnvironmentBuildError(FalServerlessError): ...
@@ -14,6 +15,7 @@ class AuthenticationError(FalServerlessError): ...
 class NoServerConfiguredError(FalServerlessError): ...
 class ServerBusyError(FalServerlessError): ...
 class ServerUnavailableError(FalServerlessError): ...
+class CallCancelledError(FalServerlessError): ...
 
 class Engine:
     def __init__(self, uv: str, cache_dir: Optional[str] = None) -> None: ...
@@ -32,9 +34,21 @@ class Engine:
         on_log: Callable[[str, str], None],
         timeout: Optional[float] = None,
         tenant: str = "local",
+        setup: Optional[bytes] = None,
+        function: Optional[bytes] = None,
+        on_item: Optional[Callable[[bytes], None]] = None,
+        cancel: Optional[Event] = None,
     ) -> Tuple[bool, bytes]: ...
     def workers(self) -> List[Tuple[int, str, str, bool, int]]: ...
     def shutdown(self) -> None: ...
+
+class MapRun:
+    """A map running on the server: inputs go in with `send`, messages come out of `next`."""
+
+    def send(self, inputs: List[bytes]) -> None: ...
+    def close(self) -> None: ...
+    def next(self, timeout: float) -> Optional[Tuple[Any, ...]]: ...
+    def cancel(self) -> None: ...
 
 class CloudClient:
     def __init__(self, key_id: Optional[str] = None, key_secret: Optional[str] = None) -> None: ...
@@ -54,7 +68,25 @@ class CloudClient:
         function_name: str,
         on_log: Callable[[str, str], None],
         timeout: Optional[float] = None,
+        setup: Optional[bytes] = None,
+        on_item: Optional[Callable[[bytes], None]] = None,
+        cancel: Optional[Event] = None,
     ) -> Tuple[bool, bytes]: ...
+    def map_start(
+        self,
+        *,
+        python_version: str,
+        requirements: List[str],
+        serializer: str,
+        machine_type: str,
+        keep_alive: int,
+        function: bytes,
+        function_name: str,
+        timeout: Optional[float] = None,
+        setup: Optional[bytes] = None,
+        concurrency: Optional[int] = None,
+    ) -> MapRun:
+        """Starts a map of `function` (pickled alone) on the server."""
     def register_application(
         self,
         *,

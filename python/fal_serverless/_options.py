@@ -64,6 +64,7 @@ class Options:
     max_concurrency: Optional[int] = None
     min_concurrency: Optional[int] = None
     max_multiplexing: Optional[int] = None
+    setup_function: Optional[Callable[[], Any]] = None
 
     @property
     def environment_requirements(self) -> Tuple[str, ...]:
@@ -220,6 +221,18 @@ def _count(option: str, minimum: int, meaning: str) -> Callable[[Any], Optional[
     return validate
 
 
+def _setup_function(value: Any) -> Optional[Callable[[], Any]]:
+    if value is None:
+        return None
+    if not callable(value):
+        raise ValueError(
+            f"setup_function must be a function of no arguments (run once per warm worker, its result passed to the "
+            f"function as its first argument), or None; got {value!r}"
+        )
+    setup: Callable[[], Any] = value
+    return setup
+
+
 # Each option and what checks it; `isolated` and `.on` accept exactly these.
 _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "requirements": _requirements,
@@ -234,5 +247,6 @@ _VALIDATORS: Dict[str, Callable[[Any], Any]] = {
     "max_concurrency": _count("max_concurrency", 1, "the most replicas the app runs at once"),
     "min_concurrency": _count("min_concurrency", 0, "replicas kept running when idle"),
     "max_multiplexing": _count("max_multiplexing", 1, "requests one replica takes at once"),
+    "setup_function": _setup_function,
 }
 OPTION_NAMES = tuple(_VALIDATORS)

@@ -75,6 +75,50 @@ def dump_call(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
         ) from exc
 
 
+def dump_setup(setup: Callable[[], Any]) -> bytes:
+    """A setup function, pickled alone: the worker runs it once for the same bytes."""
+    _pickle_project_module_by_value(setup)
+    try:
+        return bytes(cloudpickle.dumps(setup, protocol=PROTOCOL))
+    except Exception as exc:
+        raise SerializationError(
+            f"could not pickle the setup function {_name(setup)}: {type(exc).__name__}: {exc}. It and the globals it "
+            f"uses must be picklable by cloudpickle; create objects such as locks, connections and open files inside "
+            f"it instead."
+        ) from exc
+
+
+def dump_function(func: Callable[..., Any]) -> Call:
+    """The function pickled alone (a map's items carry only their arguments), with the code it carries."""
+    _pickle_project_module_by_value(func)
+    codes: Dict[Tuple[str, int], CodeType] = {}
+    try:
+        buffer = io.BytesIO()
+        _RecordingPickler(buffer, codes).dump(func)
+        return Call(buffer.getvalue(), codes)
+    except Exception as exc:
+        raise SerializationError(
+            f"could not pickle {_name(func)}: {type(exc).__name__}: {exc}. The function and the globals it uses must "
+            f"be picklable by cloudpickle; create objects such as locks, connections and open files inside the "
+            f"function instead."
+        ) from exc
+
+
+def dump_arguments(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
+    """One map item: `(args, kwargs)` pickled."""
+    try:
+        return bytes(cloudpickle.dumps((args, kwargs), protocol=PROTOCOL))
+    except Exception as exc:
+        raise SerializationError(
+            f"could not pickle the arguments {args!r} of a call to {_name(func)}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_item(item: bytes, func: Callable[..., Any]) -> Any:
+    """One item a generator function yielded."""
+    return load_reply(False, item, func, Call(b"", {}))
+
+
 def load_reply(raised: bool, reply: bytes, func: Callable[..., Any], call: Call) -> Any:
     if not raised:
         try:

@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use fal_proto::controller::isolate_controller_client::IsolateControllerClient;
 use fal_proto::controller::{
-    hosted_run_status, AliasInfo, CreateUserKeyRequest, DeleteAliasRequest, GetLogsRequest, GetLogsResult, HostedRun,
-    ListAliasesRequest, ListSecretsRequest, ListUserKeysRequest, LogsFilter, RegisterApplicationRequest,
-    RevokeUserKeyRequest, Secret, SetSecretRequest, UserKeyInfo, WorkerStatus, WorkerStatusListRequest,
+    hosted_run_status, AliasInfo, CreateUserKeyRequest, DeleteAliasRequest, GetLogsRequest, GetLogsResult, HostedMap,
+    HostedRun, HostedRunResult, ListAliasesRequest, ListSecretsRequest, ListUserKeysRequest, LogsFilter, MapRequest,
+    RegisterApplicationRequest, RevokeUserKeyRequest, Secret, SetSecretRequest, UserKeyInfo, WorkerStatus,
+    WorkerStatusListRequest,
 };
 use fal_proto::{
     Log, SerializedObject, AUTH_KEY_ID, AUTH_KEY_SECRET, CONNECTION_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
@@ -232,11 +233,20 @@ impl Client {
         with_key(Request::new(message), &self.key_id, &self.key_secret)
     }
 
-    /// Runs a call, handing each log to `on_log` as it arrives; returns the function's serialized outcome.
-    pub async fn run(&self, run: HostedRun, mut on_log: impl FnMut(Log)) -> Result<SerializedObject, ClientError> {
+    /// Runs a call, handing each log to `on_log` and each item a generator function yields to `on_item` as they
+    /// arrive; returns its outcome.
+    pub async fn run(
+        &self,
+        run: HostedRun,
+        mut on_log: impl FnMut(Log),
+        mut on_item: impl FnMut(SerializedObject),
+    ) -> Result<SerializedObject, ClientError> {
         let mut stream = self.grpc.clone().run(self.request(run)).await?.into_inner();
         while let Some(message) = stream.message().await? {
             message.logs.into_iter().for_each(&mut on_log);
+            if let Some(item) = message.item {
+                on_item(item);
+            }
             if let Some(value) = message.return_value {
                 return Ok(value);
             }
@@ -249,6 +259,19 @@ impl Client {
             }
         }
         Err(ClientError::NoResult)
+    }
+
+    /// Starts a map: `map` with its first inputs, then each batch `more` gives, sent as the server reads them.
+    /// Returns its messages (logs, results and errors, each naming its input), as they come.
+    pub async fn map(
+        &self,
+        map: HostedMap,
+        more: impl tokio_stream::Stream<Item = Vec<SerializedObject>> + Send + 'static,
+    ) -> Result<tonic::Streaming<HostedRunResult>, ClientError> {
+        use tokio_stream::StreamExt as _;
+        let first = MapRequest { map: Some(map), inputs: Vec::new() };
+        let requests = tokio_stream::once(first).chain(more.map(|inputs| MapRequest { map: None, inputs }));
+        Ok(self.grpc.clone().map_stream(self.request(requests)).await?.into_inner())
     }
 
     pub async fn create_key(&self, request: CreateUserKeyRequest) -> Result<(String, String), ClientError> {

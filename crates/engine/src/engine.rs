@@ -20,7 +20,7 @@ use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
 use crate::room::{Granted, Room};
 use crate::variables::WorkerVariables;
-use crate::worker::{NoReply, PoolKey, Worker, WorkerJail, WorkerLink, WorkerPool, WorkerSpec};
+use crate::worker::{NoReply, Outgoing, PoolKey, Worker, WorkerJail, WorkerLink, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
@@ -115,8 +115,17 @@ pub struct CallRequest {
     pub interpreter: Option<PathBuf>,
     pub machine_type: String,
     pub keep_alive: Duration,
-    /// The call, pickled as `env.serializer` says.
+    /// The call, pickled as `env.serializer` says: with `function`, only its `(args, kwargs)`.
     pub payload: Bytes,
+    /// The function pickled alone, when `payload` holds only its arguments: a map's items share it, and a worker
+    /// running several loads it once.
+    pub function: Option<Bytes>,
+    /// A setup function, pickled as the call is: run once per worker (for the same bytes), its result passed to the
+    /// function as its first positional argument (`setup_function`, as the original's agent does).
+    pub setup: Option<Bytes>,
+    /// Where each item a generator function yields goes, as it is produced; a full channel holds the worker back.
+    /// `None`: the items are dropped (the call's result is `None`).
+    pub on_item: Option<tokio::sync::mpsc::Sender<Bytes>>,
     /// The most the function may run on its worker, waiting for room included; past it the worker is stopped.
     /// `None`: no limit.
     pub timeout: Option<Duration>,
@@ -244,11 +253,10 @@ impl Engine {
         {
             return Err(CallError::Spawn(format!("invalid tenant name {:?}", request.tenant)));
         }
-        if request.payload.len() > inner.config.max_payload_bytes {
-            return Err(CallError::PayloadTooLarge {
-                size: request.payload.len(),
-                limit: inner.config.max_payload_bytes,
-            });
+        let size = [&request.function, &request.setup].into_iter().flatten().map(Bytes::len).sum::<usize>()
+            + request.payload.len();
+        if size > inner.config.max_payload_bytes {
+            return Err(CallError::PayloadTooLarge { size, limit: inner.config.max_payload_bytes });
         }
         if let Some(why) = request.variables.unfit() {
             return Err(CallError::Spawn(why));
@@ -296,9 +304,15 @@ impl Engine {
             let worker = leased.worker();
             let _ = on_worker.send(CallWorker { pid: worker.pid(), address: worker.address() });
         }
+        let outgoing = Outgoing {
+            payload: &request.payload,
+            setup: request.setup.as_deref(),
+            function: request.function.as_deref(),
+        };
+        let items = request.on_item.as_ref();
         let outcome = match timeout {
-            None => leased.worker().call(&request.payload, logs).await,
-            Some(limit) => match tokio::time::timeout(limit, leased.worker().call(&request.payload, logs)).await {
+            None => leased.worker().call(outgoing, logs, items).await,
+            Some(limit) => match tokio::time::timeout(limit, leased.worker().call(outgoing, logs, items)).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     leased.retire().stop().await;

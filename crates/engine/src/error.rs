@@ -9,6 +9,11 @@ use crate::machine::UnknownMachineType;
 pub enum EnvironmentError {
     #[error("invalid requirement {requirement:?}: {reason}")]
     InvalidRequirement { requirement: String, reason: String },
+    #[error(
+        "requirement {requirement:?} would replace the {needed} this environment's worker unpickles calls with \
+         ({why}), and no call could run: remove it from requirements, or allow {needed}"
+    )]
+    BreaksProtocol { requirement: String, needed: String, why: &'static str },
     #[error("invalid python version {0:?}: expected MAJOR.MINOR, for example \"3.11\"")]
     InvalidPythonVersion(String),
     #[error(

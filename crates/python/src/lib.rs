@@ -15,7 +15,7 @@ use fal_client::{Client, ClientError, Target};
 use fal_engine::{
     options, CallError, CallRequest, EngineConfig, EnvSpec, LogSink, LogSource, PythonVersion, Serializer,
 };
-use fal_proto::controller::{HostedRun, MachineRequirements, RegisterApplicationRequest};
+use fal_proto::controller::{HostedMap, HostedRun, MachineRequirements, RegisterApplicationRequest};
 use fal_proto::{EnvironmentDefinition, LogLevel, LogSource as LogSourceProto, SerializedObject};
 use prost_types::value::Kind;
 use pyo3::create_exception;
@@ -87,6 +87,13 @@ create_exception!(
     "The fal-serverless server could not be reached."
 );
 
+create_exception!(
+    fal_serverless,
+    CallCancelledError,
+    FalServerlessError,
+    "The call was cancelled by its caller (its `cancel` event was set); its worker was stopped."
+);
+
 /// How often a waiting call checks for Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
@@ -104,21 +111,6 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     Ok(RUNTIME.get_or_init(|| runtime))
 }
 
-/// Runs `call` on the calling thread with the GIL released, handing each log line to `on_log(source, line)` as it
-/// comes and checking for Ctrl-C meanwhile; returns the call's `(raised, payload)`.
-fn run_call<'py, F>(
-    py: Python<'py>,
-    runtime: &tokio::runtime::Runtime,
-    on_log: &Bound<'py, PyAny>,
-    call: impl FnOnce(Box<dyn Fn(&'static str, String) + Send + Sync>) -> F,
-) -> PyResult<(bool, Bound<'py, PyBytes>)>
-where
-    F: std::future::Future<Output = Result<(bool, Bytes), PyErr>> + Send,
-{
-    let (raised, payload) = run_logged(py, runtime, on_log, call)?;
-    Ok((raised, PyBytes::new(py, &payload)))
-}
-
 /// [`run_streaming`] for a call whose items are log lines `(source, line)`, handed to `on_log`.
 fn run_logged<'py, T, F>(
     py: Python<'py>,
@@ -133,18 +125,55 @@ where
     run_streaming(
         py,
         runtime,
+        None,
         |(source, line): (&'static str, String)| on_log.call1((source, line)).map(drop),
         move |items| call(Box::new(move |source, line| drop(items.send((source, line))))),
     )
 }
 
+/// What a call hands its Python caller as it runs: a log line, or an item its generator function yielded.
+enum Event {
+    Log(&'static str, String),
+    Item(Bytes),
+}
+
+/// [`run_streaming`] for a call that logs and may yield items, handed to `on_log(source, line)` and
+/// `on_item(bytes)`; returns its `(raised, payload)`. A set `cancel` (a `threading.Event`) drops the call.
+fn run_call_events<'py, F>(
+    py: Python<'py>,
+    on_log: &Bound<'py, PyAny>,
+    on_item: Option<&Bound<'py, PyAny>>,
+    cancel: Option<&Bound<'py, PyAny>>,
+    call: impl FnOnce(tokio::sync::mpsc::UnboundedSender<Event>) -> F,
+) -> PyResult<(bool, Bound<'py, PyBytes>)>
+where
+    F: std::future::Future<Output = Result<(bool, Bytes), PyErr>> + Send,
+{
+    let deliver = |event: Event| match event {
+        Event::Log(source, line) => on_log.call1((source, line)).map(drop),
+        Event::Item(item) => match on_item {
+            Some(on_item) => on_item.call1((PyBytes::new(py, &item),)).map(drop),
+            None => Ok(()),
+        },
+    };
+    let (raised, payload) = run_streaming(py, runtime()?, cancel, deliver, call)?;
+    Ok((raised, PyBytes::new(py, &payload)))
+}
+
+/// A log sink that hands each line to `events`.
+fn event_logs(events: &tokio::sync::mpsc::UnboundedSender<Event>) -> LogSink {
+    let events = events.clone();
+    LogSink::new(move |line| drop(events.send(Event::Log(source_name(line.source), line.line))))
+}
+
 /// Runs `call` on the calling thread with the GIL released, handing each item it sends (a log line, say) to
-/// `deliver` as it comes and checking for Ctrl-C meanwhile. The caller's thread polls the call itself (the runtime's
+/// `deliver` as it comes and checking for Ctrl-C (and whether `cancel`, a `threading.Event`, is set) meanwhile. The caller's thread polls the call itself (the runtime's
 /// threads drive the sockets), so a warm call costs no hand-off between threads. Dropping the call (Ctrl-C, a
 /// failing `deliver`) stops whatever it holds.
 fn run_streaming<'py, M, T, F>(
     py: Python<'py>,
     runtime: &tokio::runtime::Runtime,
+    cancel: Option<&Bound<'py, PyAny>>,
     mut deliver: impl FnMut(M) -> PyResult<()>,
     call: impl FnOnce(tokio::sync::mpsc::UnboundedSender<M>) -> F,
 ) -> PyResult<T>
@@ -180,7 +209,14 @@ where
                 }
                 return outcome;
             }
-            Step::CheckSignals => py.check_signals()?,
+            Step::CheckSignals => {
+                py.check_signals()?;
+                if let Some(cancel) = cancel {
+                    if cancel.call_method0("is_set")?.is_truthy()? {
+                        return Err(CallCancelledError::new_err("the call was cancelled; its worker was stopped"));
+                    }
+                }
+            }
         }
     }
 }
@@ -238,8 +274,10 @@ impl Engine {
     }
 
     /// Runs one call; returns `(raised, payload)`. `on_log(source, line)` is called for every line
-    /// the call logs, with source one of "stdout", "stderr", "build", "engine".
-    #[pyo3(signature = (*, python_version, interpreter, requirements, serializer, machine_type, keep_alive, payload, on_log, timeout = None, tenant = "local".to_string()))]
+    /// the call logs, with source one of "stdout", "stderr", "build", "engine"; `on_item(bytes)` for every item a
+    /// generator function yields. `function`: the function pickled alone, `payload` being its `(args, kwargs)`;
+    /// `setup`: a setup function, pickled. A set `cancel` (a `threading.Event`) stops the call and its worker.
+    #[pyo3(signature = (*, python_version, interpreter, requirements, serializer, machine_type, keep_alive, payload, on_log, timeout = None, tenant = "local".to_string(), setup = None, function = None, on_item = None, cancel = None))]
     #[allow(clippy::too_many_arguments)]
     fn call<'py>(
         &self,
@@ -254,6 +292,10 @@ impl Engine {
         on_log: Bound<'py, PyAny>,
         timeout: Option<f64>,
         tenant: String,
+        setup: Option<PyBackedBytes>,
+        function: Option<PyBackedBytes>,
+        on_item: Option<Bound<'py, PyAny>>,
+        cancel: Option<Bound<'py, PyAny>>,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let env = env_spec(python_version, &requirements, serializer)?;
         let keep_alive = options::keep_alive(keep_alive).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -270,6 +312,9 @@ impl Engine {
             machine_type,
             keep_alive,
             payload: Bytes::from_owner(payload),
+            function: function.map(Bytes::from_owner),
+            setup: setup.map(Bytes::from_owner),
+            on_item: None,
             timeout: timeout.map(timeout_duration).transpose()?,
             room: None,
             on_worker: None,
@@ -279,12 +324,31 @@ impl Engine {
         };
 
         let engine = self.engine.clone();
-        let (raised, payload) = run_call(py, runtime()?, &on_log, move |log| async move {
-            let logs = LogSink::new(move |line| log(source_name(line.source), line.line));
-            let reply = engine.call(request, &logs).await.map_err(to_py_err)?;
+        let mut request = request;
+        // Items are held a few at a time: the worker waits while the caller has not taken them.
+        let (item_sender, mut items) = tokio::sync::mpsc::channel(16);
+        request.on_item = on_item.is_some().then_some(item_sender);
+        run_call_events(py, &on_log, on_item.as_ref(), cancel.as_ref(), move |events| async move {
+            let logs = event_logs(&events);
+            let call = engine.call(request, &logs);
+            tokio::pin!(call);
+            let mut open = true;
+            let reply = loop {
+                tokio::select! {
+                    biased;
+                    item = items.recv(), if open => match item {
+                        Some(item) => drop(events.send(Event::Item(item))),
+                        None => open = false,
+                    },
+                    reply = &mut call => break reply,
+                }
+            };
+            while let Ok(item) = items.try_recv() {
+                drop(events.send(Event::Item(item)));
+            }
+            let reply = reply.map_err(to_py_err)?;
             Ok((reply.raised, reply.payload))
-        })?;
-        Ok((raised, payload))
+        })
     }
 
     /// Live workers as `(pid, env_key, machine_type, busy, calls)`.
@@ -331,6 +395,99 @@ fn client_error(error: ClientError) -> PyErr {
             (_, tonic::Code::ResourceExhausted) => PayloadTooLargeError::new_err(message),
             _ => FalServerlessError::new_err(message),
         },
+    }
+}
+
+/// A pickle of our SDK's, as the server takes it.
+fn cloudpickled(definition: PyBackedBytes) -> SerializedObject {
+    SerializedObject {
+        method: "cloudpickle".into(),
+        definition: Bytes::from_owner(definition),
+        was_it_raised: false,
+        stringized_traceback: None,
+    }
+}
+
+/// Batches of a map's inputs held for the server before `MapRun.send` waits (the server reads them as its workers
+/// free up).
+const MAP_BATCHES_HELD: usize = 4;
+
+/// A map running on the server (`CloudClient.map_start`).
+#[pyclass(frozen, module = "fal_serverless._native")]
+struct MapRun {
+    /// Where inputs go; `None` once they are all sent, or the map was cancelled.
+    inputs: std::sync::Mutex<Option<tokio::sync::mpsc::Sender<Vec<SerializedObject>>>>,
+    /// The server's messages; `None` once cancelled.
+    messages: tokio::sync::Mutex<Option<tonic::Streaming<fal_proto::controller::HostedRunResult>>>,
+}
+
+/// A map's message as `MapRun.next` hands it over: `("log", index, source, line)`, `("result", index, raised,
+/// payload)`, `("error", index, exception)`, or `("end",)`.
+type MapEvent = Py<PyAny>;
+
+#[pymethods]
+impl MapRun {
+    /// Sends inputs (each a pickle of `(args, kwargs)`), numbered after those sent before; waits (without the GIL)
+    /// while the server has not read the batches before.
+    fn send(&self, py: Python<'_>, inputs: Vec<PyBackedBytes>) -> PyResult<()> {
+        let sender = self.inputs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(sender) = sender else {
+            return Err(FalServerlessError::new_err("this map's inputs are closed"));
+        };
+        let batch: Vec<SerializedObject> = inputs.into_iter().map(cloudpickled).collect();
+        let runtime = runtime()?;
+        py.detach(|| runtime.block_on(sender.send(batch)))
+            .map_err(|_| ServerUnavailableError::new_err("the map ended before all its inputs were sent"))
+    }
+
+    /// Says that every input was sent.
+    fn close(&self) {
+        self.inputs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// The next message, waiting at most `timeout` seconds (then None); raises what ends the map.
+    fn next(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<MapEvent>> {
+        let runtime = runtime()?;
+        let wait = Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+        let message = py.detach(|| {
+            runtime.block_on(async {
+                let mut messages = self.messages.lock().await;
+                let Some(stream) = messages.as_mut() else { return Ok(Some(None)) };
+                match tokio::time::timeout(wait, stream.message()).await {
+                    Err(_) => Ok(None),
+                    Ok(next) => next.map(Some).map_err(ClientError::from),
+                }
+            })
+        });
+        let message = match message.map_err(client_error)? {
+            None => return Ok(None),
+            Some(None) => return Ok(Some(("end",).into_pyobject(py)?.into_any().unbind())),
+            Some(Some(message)) => message,
+        };
+        let index = message.map_index.unwrap_or_default();
+        if let Some(log) = message.logs.into_iter().next() {
+            let event = ("log", index, log_source(&log), log.message);
+            return Ok(Some(event.into_pyobject(py)?.into_any().unbind()));
+        }
+        if let Some(value) = message.return_value {
+            let event = ("result", index, value.was_it_raised, PyBytes::new(py, &value.definition));
+            return Ok(Some(event.into_pyobject(py)?.into_any().unbind()));
+        }
+        if let Some(error) = message.map_error {
+            let code = tonic::Code::from_i32(error.code);
+            let exception = client_error(ClientError::Server { code, kind: Some(error.kind), message: error.message });
+            let event = ("error", index, exception.into_value(py));
+            return Ok(Some(event.into_pyobject(py)?.into_any().unbind()));
+        }
+        Ok(Some(("skip",).into_pyobject(py)?.into_any().unbind()))
+    }
+
+    /// Ends the map now: the server cancels the inputs still running and stops their workers.
+    fn cancel(&self, py: Python<'_>) -> PyResult<()> {
+        self.close();
+        let runtime = runtime()?;
+        py.detach(|| runtime.block_on(async { self.messages.lock().await.take() }));
+        Ok(())
     }
 }
 
@@ -416,8 +573,9 @@ impl CloudClient {
         self.client.uri().to_string()
     }
 
-    /// Runs one call on the server; returns `(raised, payload)`, like `Engine.call`.
-    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, on_log, timeout = None))]
+    /// Runs one call on the server; returns `(raised, payload)`, like `Engine.call` (with its `setup`, `on_item` and
+    /// `cancel`).
+    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, payload, function_name, on_log, timeout = None, setup = None, on_item = None, cancel = None))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
         &self,
@@ -431,6 +589,9 @@ impl CloudClient {
         function_name: String,
         on_log: Bound<'py, PyAny>,
         timeout: Option<f64>,
+        setup: Option<PyBackedBytes>,
+        on_item: Option<Bound<'py, PyAny>>,
+        cancel: Option<Bound<'py, PyAny>>,
     ) -> PyResult<(bool, Bound<'py, PyBytes>)> {
         let timeout_seconds = timeout.map(|t| timeout_duration(t).map(|d| d.as_secs_f64())).transpose()?;
         let run = HostedRun {
@@ -446,16 +607,60 @@ impl CloudClient {
                 was_it_raised: false,
                 stringized_traceback: None,
             }),
-            setup_func: None,
+            setup_func: setup.map(cloudpickled),
             function_name: Some(function_name),
             timeout_seconds,
         };
         let client = self.client.clone();
-        run_call(py, runtime()?, &on_log, move |log| async move {
-            let value =
-                client.run(run, move |entry| log(log_source(&entry), entry.message)).await.map_err(client_error)?;
+        run_call_events(py, &on_log, on_item.as_ref(), cancel.as_ref(), move |events| async move {
+            let items = events.clone();
+            let on_log = move |entry: fal_proto::Log| drop(events.send(Event::Log(log_source(&entry), entry.message)));
+            let on_item = move |item: SerializedObject| drop(items.send(Event::Item(item.definition)));
+            let value = client.run(run, on_log, on_item).await.map_err(client_error)?;
             Ok((value.was_it_raised, value.definition))
         })
+    }
+
+    /// Starts a map of `function` (pickled alone) on the server; inputs (each a pickle of `(args, kwargs)`) are
+    /// sent with `MapRun.send`, results read with `MapRun.next`.
+    #[pyo3(signature = (*, python_version, requirements, serializer, machine_type, keep_alive, function, function_name, timeout = None, setup = None, concurrency = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn map_start(
+        &self,
+        py: Python<'_>,
+        python_version: String,
+        requirements: Vec<String>,
+        serializer: String,
+        machine_type: String,
+        keep_alive: i32,
+        function: PyBackedBytes,
+        function_name: String,
+        timeout: Option<f64>,
+        setup: Option<PyBackedBytes>,
+        concurrency: Option<u32>,
+    ) -> PyResult<MapRun> {
+        let timeout_seconds = timeout.map(|t| timeout_duration(t).map(|d| d.as_secs_f64())).transpose()?;
+        let map = HostedMap {
+            environments: vec![environment(python_version, requirements, serializer)],
+            machine_requirements: Some(MachineRequirements {
+                machine_type,
+                keep_alive: Some(keep_alive),
+                ..Default::default()
+            }),
+            function: Some(cloudpickled(function)),
+            inputs: Vec::new(),
+            setup_func: setup.map(cloudpickled),
+            function_name: Some(function_name),
+            timeout_seconds,
+            concurrency,
+        };
+        let runtime = runtime()?;
+        let (inputs, more) = tokio::sync::mpsc::channel::<Vec<SerializedObject>>(MAP_BATCHES_HELD);
+        let client = self.client.clone();
+        let messages = py
+            .detach(|| runtime.block_on(client.map(map, tokio_stream::wrappers::ReceiverStream::new(more))))
+            .map_err(client_error)?;
+        Ok(MapRun { inputs: std::sync::Mutex::new(Some(inputs)), messages: tokio::sync::Mutex::new(Some(messages)) })
     }
 
     /// Deploys a web endpoint: `payload` is the call that serves it on port `exposed_port` (pickled as for `run`);
@@ -573,6 +778,7 @@ impl CloudClient {
         run_streaming(
             py,
             runtime()?,
+            None,
             |row: LogRow| on_line.call1(row).map(drop),
             move |rows| async move {
                 client
@@ -654,7 +860,10 @@ fn environment_key(python_version: &str, requirements: Vec<String>, serializer: 
 fn env_spec(python_version: &str, requirements: &[String], serializer: &str) -> PyResult<EnvSpec> {
     let invalid = |e: fal_engine::EnvironmentError| PyValueError::new_err(e.to_string());
     let python: PythonVersion = python_version.parse().map_err(invalid)?;
-    EnvSpec::new(python, requirements, Serializer::cloudpickle(serializer).map_err(invalid)?).map_err(invalid)
+    let spec =
+        EnvSpec::new(python, requirements, Serializer::cloudpickle(serializer).map_err(invalid)?).map_err(invalid)?;
+    spec.check_protocol().map_err(|e| EnvironmentBuildError::new_err(e.to_string()))?;
+    Ok(spec)
 }
 
 /// The built-in machine types as `(name, cpus, memory_bytes, gpus)`, smallest first.
@@ -688,5 +897,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NoServerConfiguredError", py.get_type::<NoServerConfiguredError>())?;
     m.add("ServerBusyError", py.get_type::<ServerBusyError>())?;
     m.add("ServerUnavailableError", py.get_type::<ServerUnavailableError>())?;
+    m.add("CallCancelledError", py.get_type::<CallCancelledError>())?;
+    m.add_class::<MapRun>()?;
     Ok(())
 }

@@ -185,6 +185,16 @@ impl Capacity {
         })
     }
 
+    /// How many workers of `machine` one user's share holds at once, within the per-user worker cap (at least 1): a
+    /// map's concurrency when it asks for none.
+    pub fn fitting(&self, machine: &MachineType) -> usize {
+        let demand = self.demand(machine, true);
+        let by_cpu = self.per_user.cpus / demand.cpus.max(1e-9);
+        let by_memory = self.per_user.memory_bytes as f64 / demand.memory_bytes.max(1) as f64;
+        let fits = by_cpu.min(by_memory).floor().min(self.sharing.max_workers_per_user as f64);
+        (fits as usize).max(1)
+    }
+
     /// What a call of `machine` holds (its CPUs) and, on a new worker, what the worker holds (its memory and GPUs):
     /// its size, at most one user's share.
     fn demand(&self, machine: &MachineType, new_worker: bool) -> Resources {
@@ -447,6 +457,18 @@ mod tests {
     async fn must_wait(capacity: &Arc<Capacity>, user: &str, machine: &str) {
         let waiting = tokio::time::timeout(Duration::from_millis(50), reserve(capacity, user, machine));
         assert!(waiting.await.is_err(), "{user}'s {machine} must wait");
+    }
+
+    #[test]
+    fn a_maps_default_concurrency_is_what_one_users_share_holds() {
+        let types = MachineTypes::builtin();
+        let fitting = |sharing: Sharing, machine: &str| capacity(sharing).fitting(types.get(machine).unwrap());
+        // 3/4 of 2 CPUs: six XS (0.25 CPU), three S (0.5 CPU), and one XL whose size is cut to the share.
+        assert_eq!(fitting(Sharing::default(), "XS"), 6);
+        assert_eq!(fitting(Sharing::default(), "S"), 3);
+        assert_eq!(fitting(Sharing::default(), "XL"), 1);
+        let capped = Sharing { max_workers_per_user: 4, ..Sharing::default() };
+        assert_eq!(fitting(capped, "XS"), 4);
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ mod dill;
 mod gateway;
 mod http;
 mod listener;
+mod map;
 mod nested;
 mod queue;
 mod runs;

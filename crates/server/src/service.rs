@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
+
 use fal_engine::{
     options, BoxFuture, CallError, CallRequest, Engine, EnvSpec, Granted, Hold, LogBudget, LogLine, LogSink, LogSource,
     MachineType, PythonVersion, Room, Serializer,
@@ -25,8 +27,8 @@ use fal_proto::controller::{
 };
 use fal_proto::controller::{
     CancelCronRequest, CancelCronResult, GetActivationLogsRequest, GetActivationLogsResult, GetRunLogsRequest,
-    GetRunLogsResult, ListActivationsRequest, ListActivationsResult, ListCronsRequest, ListCronsResult,
-    ListRunsRequest, ListRunsResult, RegisterCronRequest, RegisterCronResult,
+    GetRunLogsResult, HostedMap, ListActivationsRequest, ListActivationsResult, ListCronsRequest, ListCronsResult,
+    ListRunsRequest, ListRunsResult, MapRequest, RegisterCronRequest, RegisterCronResult,
 };
 use fal_proto::{EnvironmentDefinition, Log, SerializedObject};
 use prost_types::value::Kind;
@@ -147,11 +149,12 @@ pub(crate) fn admitted<T>(request: &Request<T>) -> Result<Admitted, Status> {
 /// The engine's call for a `HostedRun`, or what is wrong with it.
 pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallRequest, Status> {
     let function = run.function.take().ok_or_else(|| invalid("HostedRun.function is missing"))?;
-    if run.setup_func.is_some() {
-        return Err(invalid(
-            "setup_function is not supported by this server; call the setup from the function itself, and mark it \
-             @cached to run it once per warm worker",
-        ));
+    let setup = run.setup_func.take();
+    if let Some(setup) = setup.as_ref().filter(|setup| setup.method != function.method) {
+        return Err(invalid(format!(
+            "the setup function is pickled with {:?} and the function with {:?}: pickle both the same way",
+            setup.method, function.method
+        )));
     }
     let (requirements, python, cloudpickle) = environment(&run.environments)?;
     let serializer = match function.method.as_str() {
@@ -178,6 +181,7 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
             ),
         ));
     }
+    env.check_protocol().map_err(|e| error_status(tonic::Code::InvalidArgument, "environment", e.to_string()))?;
     let machine = run.machine_requirements.clone().unwrap_or_default();
     let keep_alive = options::whole_keep_alive(machine.keep_alive.unwrap_or(DEFAULT_KEEP_ALIVE))
         .map_err(|e| invalid(e.to_string()))?;
@@ -194,6 +198,10 @@ pub(crate) fn call_request(caller: &Caller, run: &mut HostedRun) -> Result<CallR
         machine_type: if machine.machine_type.is_empty() { "XS".into() } else { machine.machine_type },
         keep_alive,
         payload: function.definition,
+        function: None,
+        setup: setup.map(|setup| setup.definition),
+        // The server streams them where the client reads them (`Controller::run`).
+        on_item: None,
         timeout: Some(timeout),
         // The server gives it its capacity (`Controller::run`).
         room: None,
@@ -273,12 +281,19 @@ pub(crate) fn log_message(line: LogLine) -> Log {
     }
 }
 
-fn run_message(run_id: &str, logs: Vec<Log>, state: State) -> HostedRunResult {
+/// A message of a generator function's run: one item it yielded.
+fn item_message(item: Bytes) -> HostedRunResult {
+    let item = SerializedObject { method: "cloudpickle".into(), definition: item, ..Default::default() };
+    HostedRunResult { item: Some(item), ..run_message("", Vec::new(), State::InProgress) }
+}
+
+pub(crate) fn run_message(run_id: &str, logs: Vec<Log>, state: State) -> HostedRunResult {
     HostedRunResult {
         run_id: run_id.to_string(),
         status: Some(HostedRunStatus { state: state as i32 }),
         logs,
         return_value: None,
+        ..Default::default()
     }
 }
 
@@ -345,54 +360,24 @@ impl Room for CapacityRoom {
     }
 }
 
-type CallFuture = Pin<Box<dyn Future<Output = Result<HostedRunResult, Status>> + Send>>;
-
-/// The log bytes of one call the server holds while its client reads them: beyond it, the worker's output is not
-/// read (the worker waits on its pipe) until the client catches up.
-const LOG_BUDGET: usize = 1 << 20;
-
-/// The messages of one run: its logs as they come, then its outcome (after every log sent before it).
-struct RunStream {
-    /// Each log message with its size, given back to `budget` as it leaves.
-    logs: mpsc::UnboundedReceiver<(HostedRunResult, usize)>,
-    budget: Arc<LogBudget>,
-    call: Option<CallFuture>,
-    outcome: Option<Result<HostedRunResult, Status>>,
+/// A call checked and given what the server's records say (its uid, secrets, storage, way back), ready to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub call: CallRequest,
+    pub machine: MachineType,
+    pub function_name: String,
+    /// Said in the call's logs when it runs: the keep_alive asked for was cut to this server's most.
+    pub cut_keep_alive: Option<String>,
 }
 
-impl Stream for RunStream {
-    type Item = Result<HostedRunResult, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let Some(call) = this.call.as_mut() else {
-            // Logs sent before the call ended go first; the sender is gone with the call, so this ends.
-            let log = this.logs.try_recv().ok().map(|(log, _)| Ok(log));
-            return Poll::Ready(log.or_else(|| this.outcome.take()));
-        };
-        if let Poll::Ready(Some((log, bytes))) = this.logs.poll_recv(cx) {
-            this.budget.taken(bytes);
-            return Poll::Ready(Some(Ok(log)));
-        }
-        match call.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(outcome) => {
-                this.call = None;
-                this.outcome = Some(outcome);
-                Pin::new(this).poll_next(cx)
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl IsolateController for Controller {
-    type RunStream = Pin<Box<dyn Stream<Item = Result<HostedRunResult, Status>> + Send>>;
-
-    async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
-        let Admitted { caller, place } = admitted(&request)?;
-        let authority = request.extensions().get::<crate::http::ClientAuthority>().map(|a| a.0.clone());
-        let mut run = request.into_inner();
+impl Controller {
+    /// `run` checked and made into the engine's call, with what the server's records give `caller`'s calls.
+    pub(crate) async fn prepare(
+        &self,
+        caller: &Caller,
+        authority: Option<&str>,
+        run: &mut HostedRun,
+    ) -> Result<Prepared, Status> {
         let function_name = run.function_name.clone().unwrap_or_else(|| "<unnamed>".into());
         if caller.depth > self.limits.max_call_depth {
             return Err(error_status(
@@ -406,8 +391,8 @@ impl IsolateController for Controller {
                 ),
             ));
         }
-        let mut call = call_request(&caller, &mut run)?;
-        call.link = Some(self.nested.link(&caller.user_id, caller.depth, authority.as_deref()));
+        let mut call = call_request(caller, run)?;
+        call.link = Some(self.nested.link(&caller.user_id, caller.depth, authority));
         for_user(&mut call, &caller.user_id, &self.store, &self.secrets, self.uids).await?;
         if let Some(uid) = call.uid {
             call.data_dir = Some(
@@ -427,43 +412,47 @@ impl IsolateController for Controller {
                 max_keep_alive.as_secs()
             )
         });
-        let serializer = call.env.serializer.clone();
         let machine = self.engine.machine_types().get(&call.machine_type).map_err(|e| invalid(e.to_string()))?.clone();
         if let Some(reason) = self.capacity.never_fits(&machine) {
             return Err(error_status(tonic::Code::FailedPrecondition, "machine-type-unavailable", reason));
         }
+        Ok(Prepared { call, machine, function_name, cut_keep_alive })
+    }
 
-        let (log_sender, log_receiver) = mpsc::unbounded_channel();
-        let budget = LogBudget::new(LOG_BUDGET);
-        let stream_budget = budget.clone();
-        let this = self.clone();
-        let run_id = format!("{:016x}", rand::random::<u64>());
-        // Recorded in the run history without waiting for it (`crate::runs`); dropped with the call, it records
-        // the call as cancelled.
+    /// Runs a prepared call of `caller`'s to its outcome (the return value, or the exception, still pickled),
+    /// recorded in the run history as a run of `kind` with id `run_id`; each line it logs goes to `on_log`, counted
+    /// against `budget` until the reader takes it. The run is recorded from now; dropped before its end, the call is
+    /// recorded as cancelled and its worker stopped.
+    pub(crate) fn execute(
+        &self,
+        caller: &Caller,
+        prepared: Prepared,
+        kind: &'static str,
+        run_id: String,
+        on_log: impl Fn(LogLine) + Send + Sync + 'static,
+        budget: Arc<LogBudget>,
+    ) -> impl Future<Output = Result<SerializedObject, Status>> + Send + 'static {
+        let Prepared { mut call, machine, function_name, cut_keep_alive } = prepared;
+        let (this, caller) = (self.clone(), caller.clone());
         let recording = self.runs.begin(crate::runs::NewRun {
-            id: run_id.clone(),
+            id: run_id,
             user_id: caller.user_id.clone(),
-            kind: "call",
+            kind,
             function: function_name.clone(),
             machine_type: machine.name.clone(),
             queued_ms: crate::runs::now_ms(),
             ..Default::default()
         });
-        let call = async move {
-            // The call holds its place in flight (its key's and the server's) until it ends.
-            let _place = place;
+        async move {
             let _busy = this.activity.busy();
             let started = Instant::now();
-            let mut call = call;
+            let serializer = call.env.serializer.clone();
             let env_key = call.env.key();
-            let log_run_id = run_id.clone();
             let kept = recording.logs.clone();
             let logs = LogSink::with_budget(
                 move |line| {
                     kept.push(line.source, &line.line);
-                    let bytes = line.line.len();
-                    let message = run_message(&log_run_id, vec![log_message(line)], State::InProgress);
-                    let _ = log_sender.send((message, bytes));
+                    on_log(line);
                 },
                 budget,
             );
@@ -521,23 +510,106 @@ impl IsolateController for Controller {
             };
             tracing::info!(user = %caller.user_id, function = %function_name, env = %env_key,
                 machine_type = %machine.name, duration_ms = started.elapsed().as_millis() as u64,
-                outcome = %summary, "call");
+                outcome = %summary, kind, "call");
             let reply = outcome.map_err(|error| call_error_status(&error))?;
-            let return_value = match serializer {
-                Serializer::Cloudpickle(_) => SerializedObject {
+            match serializer {
+                Serializer::Cloudpickle(_) => Ok(SerializedObject {
                     method: "cloudpickle".into(),
                     definition: reply.payload,
                     was_it_raised: reply.raised,
                     stringized_traceback: None,
-                },
-                Serializer::Dill => dill::return_value(reply.raised, reply.payload)?,
-            };
+                }),
+                Serializer::Dill => dill::return_value(reply.raised, reply.payload),
+            }
+        }
+    }
+}
+
+/// The items of a generator function the server holds for its client; beyond them, the worker waits at its next.
+const ITEMS_HELD: usize = 16;
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<HostedRunResult, Status>> + Send>>;
+
+/// The log bytes of one call the server holds while its client reads them: beyond it, the worker's output is not
+/// read (the worker waits on its pipe) until the client catches up.
+const LOG_BUDGET: usize = 1 << 20;
+
+/// The messages of one run: its logs and the items it yields as they come, then its outcome (after every log and
+/// item sent before it).
+struct RunStream {
+    /// Each log message with its size, given back to `budget` as it leaves.
+    logs: mpsc::UnboundedReceiver<(HostedRunResult, usize)>,
+    budget: Arc<LogBudget>,
+    items: mpsc::Receiver<Bytes>,
+    call: Option<CallFuture>,
+    outcome: Option<Result<HostedRunResult, Status>>,
+}
+
+impl Stream for RunStream {
+    type Item = Result<HostedRunResult, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let Some(call) = this.call.as_mut() else {
+            // Logs and items sent before the call ended go first; their senders are gone with the call, so this
+            // ends. A line logged before an item was yielded was sent before it.
+            let log = this.logs.try_recv().ok().map(|(log, _)| Ok(log));
+            let item = || this.items.try_recv().ok().map(|item| Ok(item_message(item)));
+            return Poll::Ready(log.or_else(item).or_else(|| this.outcome.take()));
+        };
+        if let Poll::Ready(Some((log, bytes))) = this.logs.poll_recv(cx) {
+            this.budget.taken(bytes);
+            return Poll::Ready(Some(Ok(log)));
+        }
+        if let Poll::Ready(Some(item)) = this.items.poll_recv(cx) {
+            return Poll::Ready(Some(Ok(item_message(item))));
+        }
+        match call.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(outcome) => {
+                this.call = None;
+                this.outcome = Some(outcome);
+                Pin::new(this).poll_next(cx)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IsolateController for Controller {
+    type RunStream = Pin<Box<dyn Stream<Item = Result<HostedRunResult, Status>> + Send>>;
+
+    async fn run(&self, request: Request<HostedRun>) -> Result<Response<Self::RunStream>, Status> {
+        let Admitted { caller, place } = admitted(&request)?;
+        let authority = request.extensions().get::<crate::http::ClientAuthority>().map(|a| a.0.clone());
+        let mut run = request.into_inner();
+        let mut prepared = self.prepare(&caller, authority.as_deref(), &mut run).await?;
+        // A generator function's items, as it yields them: a few held here, then the worker waits.
+        let (item_sender, items) = mpsc::channel(ITEMS_HELD);
+        if matches!(prepared.call.env.serializer, Serializer::Cloudpickle(_)) {
+            prepared.call.on_item = Some(item_sender);
+        }
+        let (log_sender, log_receiver) = mpsc::unbounded_channel();
+        let budget = LogBudget::new(LOG_BUDGET);
+        let stream_budget = budget.clone();
+        let run_id = format!("{:016x}", rand::random::<u64>());
+        let log_run_id = run_id.clone();
+        let on_log = move |line: LogLine| {
+            let bytes = line.line.len();
+            let message = run_message(&log_run_id, vec![log_message(line)], State::InProgress);
+            let _ = log_sender.send((message, bytes));
+        };
+        let execution = self.execute(&caller, prepared, "call", run_id.clone(), on_log, budget);
+        let call = async move {
+            // The call holds its place in flight (its key's and the server's) until it ends.
+            let _place = place;
+            let return_value = execution.await?;
             Ok(HostedRunResult { return_value: Some(return_value), ..run_message(&run_id, Vec::new(), State::Success) })
         };
         // The call runs as the response stream is polled, in the task that serves this request: when the client
         // goes away, the stream is dropped and so is the call, which stops its worker rather than leaving it busy.
         let mut stream =
-            RunStream { logs: log_receiver, budget: stream_budget, call: Some(Box::pin(call)), outcome: None };
+            RunStream { logs: log_receiver, budget: stream_budget, items, call: Some(Box::pin(call)), outcome: None };
         // Answer only once there is something to say: a warm call's headers, result and trailers then leave
         // together, and a call that fails before any log is a plain error status.
         match stream.next().await {
@@ -545,6 +617,31 @@ impl IsolateController for Controller {
             Some(Err(status)) => Err(status),
             None => Err(Status::internal("the run ended without a result")),
         }
+    }
+
+    type MapStream = crate::map::MapResults;
+
+    async fn map(&self, request: Request<HostedMap>) -> Result<Response<Self::MapStream>, Status> {
+        let Admitted { caller, place } = admitted(&request)?;
+        let authority = request.extensions().get::<crate::http::ClientAuthority>().map(|a| a.0.clone());
+        let map = request.into_inner();
+        Ok(Response::new(crate::map::start(self, caller, place, authority, map, None).await?))
+    }
+
+    type MapStreamStream = crate::map::MapResults;
+
+    async fn map_stream(
+        &self,
+        request: Request<tonic::Streaming<MapRequest>>,
+    ) -> Result<Response<Self::MapStreamStream>, Status> {
+        let Admitted { caller, place } = admitted(&request)?;
+        let authority = request.extensions().get::<crate::http::ClientAuthority>().map(|a| a.0.clone());
+        let mut inputs = request.into_inner();
+        let first =
+            inputs.message().await?.ok_or_else(|| invalid("the map's stream ended before its first message"))?;
+        let mut map = first.map.ok_or_else(|| invalid("a map's first message must hold the map (MapRequest.map)"))?;
+        map.inputs.extend(first.inputs);
+        Ok(Response::new(crate::map::start(self, caller, place, authority, map, Some(inputs)).await?))
     }
 
     async fn create_user_key(

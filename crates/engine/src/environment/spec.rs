@@ -116,6 +116,56 @@ impl EnvSpec {
         self.requirements.iter().filter(|r| names_local_files(r)).map(String::as_str).collect()
     }
 
+    /// The requirements that would replace what the worker's agent unpickles calls with (`dill==0.3.2` in a dill
+    /// environment: it comes before the layer's dill, and the original client's pickles need 0.3.7; another
+    /// cloudpickle than the client's), each with what the server needs instead. Such an environment could be built,
+    /// but no call could run in it.
+    pub fn protocol_conflicts(&self) -> Vec<(String, String)> {
+        let needed = match &self.serializer {
+            Serializer::Cloudpickle(requirement) => requirement.as_str(),
+            Serializer::Dill => DILL_LAYER[0],
+        };
+        let Ok(Requirement { name: needed_name, version_or_url: Some(VersionOrUrl::VersionSpecifier(pin)), .. }) =
+            Requirement::<VerbatimUrl>::from_str(needed)
+        else {
+            return Vec::new();
+        };
+        // The pin is `name==version`: the version it names.
+        let Some(needed_version) = pin.iter().next().map(|specifier| specifier.version().clone()) else {
+            return Vec::new();
+        };
+        self.requirements
+            .iter()
+            .filter_map(|requirement| {
+                let parsed = Requirement::<VerbatimUrl>::from_str(requirement).ok()?;
+                if parsed.name != needed_name {
+                    return None;
+                }
+                let compatible = match &parsed.version_or_url {
+                    None => true,
+                    Some(VersionOrUrl::VersionSpecifier(specifiers)) => specifiers.contains(&needed_version),
+                    Some(VersionOrUrl::Url(_)) => false,
+                };
+                (!compatible).then(|| (requirement.clone(), needed.to_string()))
+            })
+            .collect()
+    }
+
+    /// [`EnvSpec::protocol_conflicts`]' first, as the error a user is shown.
+    pub fn check_protocol(&self) -> Result<(), EnvironmentError> {
+        let Some((requirement, needed)) = self.protocol_conflicts().into_iter().next() else { return Ok(()) };
+        let why = match self.serializer {
+            Serializer::Dill => {
+                "the original fal-serverless client pickles its calls with dill 0.3.7, and a dill the environment \
+                 installs comes before the server's"
+            }
+            Serializer::Cloudpickle(_) => {
+                "the client pickles calls with its own cloudpickle, installed at that version"
+            }
+        };
+        Err(EnvironmentError::BreaksProtocol { requirement, needed, why })
+    }
+
     /// Whether every requirement comes from a package index (a name and versions; no URL, VCS or path).
     pub fn from_indexes_only(&self) -> bool {
         self.install_targets().all(|r| {
@@ -183,6 +233,24 @@ mod tests {
 
     fn cloudpickle(version: &str) -> Serializer {
         Serializer::cloudpickle(&format!("cloudpickle=={version}")).unwrap()
+    }
+
+    #[test]
+    fn a_requirement_that_replaces_the_agents_serializer_is_a_conflict() {
+        let dill = |requirements: &[&str]| {
+            let requirements: Vec<String> = requirements.iter().map(|r| r.to_string()).collect();
+            EnvSpec::new(py311(), &requirements, Serializer::Dill).unwrap().protocol_conflicts()
+        };
+        assert_eq!(dill(&["dill==0.3.2", "pyjokes"]), [("dill==0.3.2".to_string(), "dill==0.3.7".to_string())]);
+        assert_eq!(dill(&["dill<0.3.5"]).len(), 1);
+        assert_eq!(dill(&["dill @ https://example.com/dill.tar.gz"]).len(), 1);
+        assert!(dill(&["dill", "dill>=0.3", "dill==0.3.7", "pyjokes==0.3.2"]).is_empty());
+        let ours = |requirement: &str| {
+            EnvSpec::new(py311(), &[requirement.into()], cloudpickle("3.1.1")).unwrap().protocol_conflicts()
+        };
+        assert_eq!(ours("cloudpickle==2.2.1"), [("cloudpickle==2.2.1".to_string(), "cloudpickle==3.1.1".to_string())]);
+        assert!(ours("cloudpickle>=3").is_empty());
+        assert!(ours("dill==0.3.2").is_empty(), "our calls do not use dill");
     }
 
     #[test]

@@ -9,11 +9,20 @@
 # an empty one. They are not in the environment we are exec'd with, which is also that of the jail's tools run as root
 # (bubblewrap, setpriv); we set them before importing or running anything else (see receive_variables).
 # Frames: a header of (payload length: u32 big-endian, kind: u8), then the payload.
-#   CALL (1)      engine -> agent  cloudpickle of (function, args, kwargs); dill of a function of no arguments
+#   CALL (1)      engine -> agent  cloudpickle of (function, args, kwargs), or of (args, kwargs) after a FUNCTION
+#                                  frame; dill of a function of no arguments (of one: the setup's result, after SETUP)
+#   SETUP (5)     engine -> agent  before a CALL: the call's setup function, pickled. It runs once per worker for the
+#                                  same bytes (keyed by their sha256, as the original's agent does) and its result is
+#                                  the function's first positional argument
+#   FUNCTION (6)  engine -> agent  before a CALL: the function pickled alone (a map's items share it); the last one
+#                                  loaded is kept, so a map's items load it once per worker
+#   YIELDED (4)   agent -> engine  one item of a generator function (or async generator function), pickled, sent as
+#                                  it is produced; the RETURNED (of None) or RAISED that follows ends the call
 #   RETURNED (2)  agent -> engine  the return value, pickled the same way
 #   RAISED (3)    agent -> engine  cloudpickle: a dict describing the exception (see describe_exception)
 #                                  dill: a JSON line {stage, type, message, traceback}, then dill of the exception
 #                                  to raise in the client (see describe_for_dill)
+# An `async def` function runs to completion on an event loop of its own before its result is sent.
 # The function's stdout and stderr are the process's own, which the engine reads as the call's logs.
 
 
@@ -181,6 +190,7 @@ def serve():
             return serializer.dumps(value)
 
         describe = describe_for_dill
+        dill_mode = True
     else:
         import cloudpickle as serializer
 
@@ -191,9 +201,10 @@ def serve():
             return serializer.dumps(value, protocol=5)
 
         describe = describe_for_cloudpickle
+        dill_mode = False
 
     header = struct.Struct(">IB")
-    CALL, RETURNED, RAISED = 1, 2, 3
+    CALL, RETURNED, RAISED, YIELDED, SETUP, FUNCTION = 1, 2, 3, 4, 5, 6
 
     def recv_exactly(size):
         buf = bytearray(size)
@@ -217,40 +228,111 @@ def serve():
             sock.sendall(head)
             sock.sendall(payload)
 
+    def flush_output():
+        # Whatever the call printed must reach its pipes before its reply (or item) reaches the engine.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+
+    setups = {}  # sha256 of a setup function's bytes -> its result, for this worker's life
+    loaded_function = [None, None]  # the last FUNCTION frame's bytes, and the function they load
+
+    def run_setup(setup):
+        import hashlib
+
+        key = hashlib.sha256(setup).hexdigest()
+        if key not in setups:
+            function = serializer.loads(setup)
+            try:
+                setups[key] = function()
+            except BaseException:
+                sys.stderr.write("The setup function has thrown an error. Aborting the run.\n")
+                raise
+        return setups[key]
+
+    def run(payload, setup, function_bytes):
+        """Runs one call, sending what it yields as it goes; returns its final frame."""
+        try:
+            if function_bytes is None:
+                function, args, kwargs = load_call(payload)
+            else:
+                if loaded_function[0] != function_bytes:
+                    loaded_function[:] = [None, None]
+                    loaded_function[:] = [function_bytes, serializer.loads(function_bytes)]
+                function = loaded_function[1]
+                args, kwargs = serializer.loads(payload)
+        except BaseException as exc:
+            return RAISED, describe(serializer, exc, "load", exc.__traceback__)
+        del payload
+        try:
+            if setup is not None:
+                args = (run_setup(setup),) + tuple(args)
+            value = function(*args, **kwargs)
+            if streams(function):
+                for item in value if isinstance(value, types.GeneratorType) else async_items(value):
+                    try:
+                        item = dump(item)
+                    except BaseException as exc:
+                        return RAISED, describe(serializer, exc, "return", exc.__traceback__)
+                    flush_output()
+                    send(YIELDED, item)
+                value = None
+            elif isinstance(value, types.CoroutineType):
+                import asyncio
+
+                value = asyncio.run(value)
+        except BaseException as exc:
+            # Skip our own frame: the traceback starts in the user's function.
+            return RAISED, describe(serializer, exc, "call", exc.__traceback__.tb_next)
+        try:
+            return RETURNED, dump(value)
+        except BaseException as exc:
+            return RAISED, describe(serializer, exc, "return", exc.__traceback__)
+
+    def streams(function):
+        # As the client decides that a call returns an iterator: by the function, not by what it returns.
+        return dill_mode is False and (inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function))
+
+    def async_items(value):
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        try:
+            while True:
+                try:
+                    item = loop.run_until_complete(value.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            loop.run_until_complete(value.aclose())
+            loop.close()
+
+    import inspect
+    import types
+
+    setup = function_bytes = None
     while True:
         head = recv_exactly(header.size)
         if head is None:
             return  # the engine closed the socket: it wants us gone
         size, kind = header.unpack(head)
         payload = recv_exactly(size)
-        if payload is None or kind != CALL:
+        if payload is None or kind not in (CALL, SETUP, FUNCTION):
             return
-        try:
-            function, args, kwargs = load_call(payload)
-        except BaseException as exc:
-            reply = RAISED, describe(serializer, exc, "load", exc.__traceback__)
-        else:
-            del payload
-            try:
-                value = function(*args, **kwargs)
-            except BaseException as exc:
-                # Skip our own frame: the traceback starts in the user's function.
-                reply = RAISED, describe(serializer, exc, "call", exc.__traceback__.tb_next)
-            else:
-                try:
-                    reply = RETURNED, dump(value)
-                except BaseException as exc:
-                    reply = RAISED, describe(serializer, exc, "return", exc.__traceback__)
-                del value
-            del function, args, kwargs
-        # Whatever the call printed must reach its pipes before its reply reaches the engine.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
+        if kind == SETUP:
+            setup = bytes(payload)
+            continue
+        if kind == FUNCTION:
+            function_bytes = bytes(payload)
+            continue
+        reply = run(payload, setup, function_bytes)
+        del payload
+        setup = function_bytes = None
+        flush_output()
         send(*reply)
         del reply
-
 
 serve()

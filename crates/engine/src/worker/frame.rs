@@ -1,14 +1,19 @@
 //! Frames: a 5-byte header (payload length as u32 big-endian, then a kind byte) and the payload.
 //!
-//! Kinds: [`CALL`] (engine to worker: a pickled `(function, args, kwargs)`), [`RETURNED`] (worker to engine: the
-//! pickled return value), [`RAISED`] (worker to engine: the pickled description of an exception). The engine never
-//! looks inside payloads.
+//! Kinds: [`CALL`] (engine to worker: a pickled `(function, args, kwargs)`, or `(args, kwargs)` after a
+//! [`FUNCTION`]), [`SETUP`] and [`FUNCTION`] (engine to worker, before a `CALL`: the call's setup function, and its
+//! function pickled alone), [`YIELDED`] (worker to engine: one item of a generator, as it is produced),
+//! [`RETURNED`] (worker to engine: the pickled return value), [`RAISED`] (worker to engine: the pickled description
+//! of an exception). `agent.py` says what the worker does with each. The engine never looks inside payloads.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub(crate) const CALL: u8 = 1;
 pub(crate) const RETURNED: u8 = 2;
 pub(crate) const RAISED: u8 = 3;
+pub(crate) const YIELDED: u8 = 4;
+pub(crate) const SETUP: u8 = 5;
+pub(crate) const FUNCTION: u8 = 6;
 const HEADER_LEN: usize = 5;
 /// Below this size a frame is written with one system call, header and payload copied together.
 const COALESCE_BELOW: usize = 64 * 1024;

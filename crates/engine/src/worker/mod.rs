@@ -15,4 +15,4 @@ mod process;
 pub use link::{LinkGrant, WorkerLink};
 pub(crate) use pool::{PoolKey, WorkerPool};
 pub use process::BoxFuture;
-pub(crate) use process::{AgentCommand, NoReply, Placement, Worker, WorkerJail, WorkerSpec};
+pub(crate) use process::{AgentCommand, NoReply, Outgoing, Placement, Worker, WorkerJail, WorkerSpec};

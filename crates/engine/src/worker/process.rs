@@ -10,13 +10,14 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fal_sandbox::{GpuGrant, Grants, Jail, JailNetwork, Namespace, ProcessSetup, WorkerCgroup};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use zeroize::Zeroizing;
 
-use super::frame::{write_frame, FrameError, FrameReader, CALL, RAISED, RETURNED};
+use super::frame::{write_frame, FrameError, FrameReader, CALL, FUNCTION, RAISED, RETURNED, SETUP, YIELDED};
 use super::link::{LinkGrant, WorkerLink};
 use super::output::{pipe, OutputPipe};
 use crate::environment::EnvUse;
@@ -211,6 +212,24 @@ pub(crate) enum NoReply {
 pub(crate) struct Reply {
     pub raised: bool,
     pub payload: Vec<u8>,
+}
+
+/// What the engine sends a worker for one call (see `frame.rs`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outgoing<'a> {
+    pub payload: &'a [u8],
+    /// The call's setup function, run once per worker for the same bytes.
+    pub setup: Option<&'a [u8]>,
+    /// The function pickled alone, `payload` being only its arguments.
+    pub function: Option<&'a [u8]>,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A call of `payload` alone.
+    #[cfg(test)]
+    pub fn payload(payload: &'a [u8]) -> Self {
+        Self { payload, setup: None, function: None }
+    }
 }
 
 /// A socket to a worker's agent: a socket pair on this host, a TCP connection from a cluster's node.
@@ -434,16 +453,25 @@ impl Worker {
         !would_block
     }
 
-    /// Sends one call and waits for its reply, forwarding the worker's output to `logs` meanwhile.
-    pub async fn call(&mut self, payload: &[u8], logs: &LogSink) -> Result<Reply, NoReply> {
+    /// Sends one call and waits for its reply, forwarding the worker's output to `logs` and what it yields to
+    /// `items` meanwhile (dropped where there is no `items`: a generator's caller that asked for none).
+    pub async fn call(
+        &mut self,
+        call: Outgoing<'_>,
+        logs: &LogSink,
+        items: Option<&tokio::sync::mpsc::Sender<Bytes>>,
+    ) -> Result<Reply, NoReply> {
         if !self.unsent.is_empty() {
             let unsent = std::mem::take(&mut self.unsent);
             if self.frames.write_all(&unsent).await.is_err() {
                 return Err(NoReply::Gone);
             }
         }
-        if write_frame(&mut self.frames, CALL, payload).await.is_err() {
-            return Err(NoReply::Gone);
+        let frames = [(SETUP, call.setup), (FUNCTION, call.function), (CALL, Some(call.payload))];
+        for (kind, payload) in frames.into_iter().filter_map(|(kind, payload)| Some((kind, payload?))) {
+            if write_frame(&mut self.frames, kind, payload).await.is_err() {
+                return Err(NoReply::Gone);
+            }
         }
         // The first look after OOM_POLL, not at once (an interval's first tick is immediate): a warm call that
         // returns sooner reads the counter only once, with its reply.
@@ -458,6 +486,17 @@ impl Worker {
                 frame = self.reader.next(&mut self.frames) => {
                     // The pipes may still hold bytes written before the reply; the reply is only read after them.
                     self.drain_output(logs);
+                    let frame = match frame {
+                        Ok(Some(frame)) if frame.kind == YIELDED => {
+                            // A consumer that is slow holds the worker back here (at its next item), not the
+                            // engine's memory; one that went away ends the call as the caller drops it.
+                            if let Some(items) = items {
+                                let _ = items.send(Bytes::from(frame.payload)).await;
+                            }
+                            continue;
+                        }
+                        frame => frame,
+                    };
                     return match frame {
                         // A child killed for memory fails the call even if the function carried on (a
                         // `subprocess.run` that saw -9): what it returned is missing that child's part.
@@ -757,7 +796,7 @@ mod tests {
             write_frame(&mut agent, RETURNED, b"ok").await.expect("reply");
             (got, agent)
         });
-        let reply = worker.call(b"call", &LogSink::discard()).await.expect("a reply");
+        let reply = worker.call(Outgoing::payload(b"call"), &LogSink::discard(), None).await.expect("a reply");
         assert_eq!((reply.raised, reply.payload.as_slice()), (false, &b"ok"[..]));
         let (got, _agent) = agent.await.expect("agent");
         assert_eq!(&got, b"A=1\0\0\0\0\0\x04\x01call");
@@ -769,5 +808,55 @@ mod tests {
         let (mut worker, agent) = worker();
         agent.try_write(b"x").expect("write");
         assert!(worker.has_exited());
+    }
+
+    #[tokio::test]
+    async fn setup_and_function_go_before_the_call_and_yielded_items_reach_the_caller_in_order() {
+        let (mut worker, mut agent) = worker();
+        let agent = tokio::spawn(async move {
+            let mut reader = FrameReader::new(1024);
+            let mut kinds = Vec::new();
+            for _ in 0..3 {
+                let frame = reader.next(&mut agent).await.expect("a frame").expect("not closed");
+                kinds.push((frame.kind, frame.payload));
+            }
+            for item in [&b"one"[..], b"two", b"three"] {
+                write_frame(&mut agent, YIELDED, item).await.expect("item");
+            }
+            write_frame(&mut agent, RETURNED, b"end").await.expect("reply");
+            (kinds, agent)
+        });
+        let (items, mut received) = tokio::sync::mpsc::channel(1);
+        let call = Outgoing { payload: b"args", setup: Some(b"setup"), function: Some(b"fn") };
+        // A channel of one: the worker waits at each item until it is taken, and none is lost.
+        let taker = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(item) = received.recv().await {
+                got.push(item);
+            }
+            got
+        });
+        let reply = worker.call(call, &LogSink::discard(), Some(&items)).await.expect("a reply");
+        drop(items);
+        assert_eq!(reply.payload, b"end");
+        let (kinds, _agent) = agent.await.expect("agent");
+        let expected = [(SETUP, b"setup".to_vec()), (FUNCTION, b"fn".to_vec()), (CALL, b"args".to_vec())];
+        assert_eq!(kinds, expected);
+        assert_eq!(taker.await.expect("taker"), [&b"one"[..], b"two", b"three"]);
+    }
+
+    #[tokio::test]
+    async fn items_of_a_caller_that_asked_for_none_are_dropped() {
+        let (mut worker, mut agent) = worker();
+        let agent = tokio::spawn(async move {
+            let mut reader = FrameReader::new(1024);
+            reader.next(&mut agent).await.expect("a frame");
+            write_frame(&mut agent, YIELDED, b"item").await.expect("item");
+            write_frame(&mut agent, RETURNED, b"none").await.expect("reply");
+            agent
+        });
+        let reply = worker.call(Outgoing::payload(b"call"), &LogSink::discard(), None).await.expect("a reply");
+        assert_eq!(reply.payload, b"none");
+        drop(agent.await);
     }
 }
