@@ -61,47 +61,34 @@ class _RecordingPickler(cloudpickle.Pickler):  # type: ignore[misc]
 
 
 def dump_call(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Call:
+    return _dump(
+        (func, args, kwargs), func, f"the call to {_name(func)}", "The function, its arguments and the globals it uses"
+    )
+
+
+def _dump(obj: Any, func: Callable[..., Any], what: str, parts: str) -> Call:
+    """`obj` (`func` or a call of it) pickled, with the code objects it carries; SerializationError naming `what`."""
     _pickle_project_module_by_value(func)
     codes: Dict[Tuple[str, int], CodeType] = {}
     try:
         buffer = io.BytesIO()
-        _RecordingPickler(buffer, codes).dump((func, args, kwargs))
+        _RecordingPickler(buffer, codes).dump(obj)
         return Call(buffer.getvalue(), codes)
     except Exception as exc:
         raise SerializationError(
-            f"could not pickle the call to {_name(func)}: {type(exc).__name__}: {exc}. The function, its arguments "
-            f"and the globals it uses must be picklable by cloudpickle; create objects such as locks, connections "
-            f"and open files inside the function instead."
+            f"could not pickle {what}: {type(exc).__name__}: {exc}. {parts} must be picklable by cloudpickle; create "
+            f"objects such as locks, connections and open files inside the function instead."
         ) from exc
 
 
 def dump_setup(setup: Callable[[], Any]) -> bytes:
     """A setup function, pickled alone: the worker runs it once for the same bytes."""
-    _pickle_project_module_by_value(setup)
-    try:
-        return bytes(cloudpickle.dumps(setup, protocol=PROTOCOL))
-    except Exception as exc:
-        raise SerializationError(
-            f"could not pickle the setup function {_name(setup)}: {type(exc).__name__}: {exc}. It and the globals it "
-            f"uses must be picklable by cloudpickle; create objects such as locks, connections and open files inside "
-            f"it instead."
-        ) from exc
+    return _dump(setup, setup, f"the setup function {_name(setup)}", "It and the globals it uses").payload
 
 
 def dump_function(func: Callable[..., Any]) -> Call:
     """The function pickled alone (a map's items carry only their arguments), with the code it carries."""
-    _pickle_project_module_by_value(func)
-    codes: Dict[Tuple[str, int], CodeType] = {}
-    try:
-        buffer = io.BytesIO()
-        _RecordingPickler(buffer, codes).dump(func)
-        return Call(buffer.getvalue(), codes)
-    except Exception as exc:
-        raise SerializationError(
-            f"could not pickle {_name(func)}: {type(exc).__name__}: {exc}. The function and the globals it uses must "
-            f"be picklable by cloudpickle; create objects such as locks, connections and open files inside the "
-            f"function instead."
-        ) from exc
+    return _dump(func, func, _name(func), "The function and the globals it uses")
 
 
 def dump_arguments(func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bytes:
