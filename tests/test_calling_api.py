@@ -205,10 +205,20 @@ def test_map_of_a_thousand_items_with_failures_in_both_modes_and_orders(
         assert list(add.map([1, 2, 3], [10, 20])) == [11, 22]
         assert list(add.map([], [])) == []
         print("starmap ok")
+
+        @fs.isolated(host=HOST)
+        def items(x):
+            yield x
+
+        try:
+            list(items.map([1]))
+        except TypeError as exc:
+            print("generator refused:", exc)
         """,
     )
     assert "ordered ok" in proc.stdout and "unordered ok" in proc.stdout and "starmap ok" in proc.stdout
     assert "raised bad input 7 after 7" in proc.stdout
+    assert "is a generator function: map runs functions that return a value" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -32,7 +32,6 @@ from typing import (
 
 from . import _native, _serialization
 from ._hosts import show_log
-from .exceptions import FalServerlessError
 
 if TYPE_CHECKING:
     from ._isolated import IsolatedFunction
@@ -122,7 +121,7 @@ class LocalMap:
                 except self._ENDS_THE_MAP as exc:
                     self._events.put(("fatal", exc))
                     return
-                except FalServerlessError as exc:
+                except BaseException as exc:  # this input's failure, whatever it is, is its result
                     self._events.put(("error", index, exc))
                 else:
                     self._events.put(("result", index, raised, reply))
@@ -188,6 +187,11 @@ def run_map(
 ) -> Iterator[Any]:
     """The results of `fn` over `arguments` (each input's `(args, kwargs)`), as `fn.map` documents them."""
     func, options = fn.func, fn.options
+    if streams(func):
+        raise TypeError(
+            f"{getattr(func, '__qualname__', func)} is a generator function: map runs functions that return a value. "
+            f"Collect its items in a plain function (return list(...)) to map it, or call it for a stream"
+        )
     if concurrency is not None and (
         isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
     ):
@@ -315,16 +319,25 @@ def stream(fn: IsolatedFunction[Any], args: Tuple[Any, ...], kwargs: Dict[str, A
                 continue
         raise _native.CallCancelledError("the consumer stopped reading the stream")
 
+    def finish(event: Tuple[str, Any]) -> None:
+        # The consumer may have gone with the queue full: then no one waits for the end.
+        while not stopped.is_set():
+            try:
+                items.put(event, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
     def call() -> None:
         try:
             fn.options.host.run(fn.func, fn.options, args, kwargs, on_item=on_item, cancel=stopped)
-        except _native.CallCancelledError:
+        except _native.CallCancelledError as exc:
             if not stopped.is_set():
-                items.put(("raised", sys.exc_info()[1]))
+                finish(("raised", exc))
         except BaseException as exc:
-            items.put(("raised", exc))
+            finish(("raised", exc))
         else:
-            items.put(("done", None))
+            finish(("done", None))
 
     worker = threading.Thread(target=call, name="fal-serverless-stream", daemon=True)
     worker.start()

@@ -189,7 +189,13 @@ where
     }
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
     let mut future = std::pin::pin!(call(sender));
+    // A call that logs (or yields) more often than SIGNAL_CHECK is still checked that often.
+    let mut checked = std::time::Instant::now();
     loop {
+        if checked.elapsed() >= SIGNAL_CHECK {
+            checked = std::time::Instant::now();
+            check_cancelled(py, cancel)?;
+        }
         let step = py.detach(|| {
             runtime.block_on(async {
                 tokio::select! {
@@ -210,14 +216,21 @@ where
                 return outcome;
             }
             Step::CheckSignals => {
-                py.check_signals()?;
-                if let Some(cancel) = cancel {
-                    if cancel.call_method0("is_set")?.is_truthy()? {
-                        return Err(CallCancelledError::new_err("the call was cancelled; its worker was stopped"));
-                    }
-                }
+                checked = std::time::Instant::now();
+                check_cancelled(py, cancel)?;
             }
         }
+    }
+}
+
+/// Ctrl-C, or a set `cancel` (a `threading.Event`), as the error that drops the call.
+fn check_cancelled(py: Python<'_>, cancel: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    py.check_signals()?;
+    match cancel {
+        Some(cancel) if cancel.call_method0("is_set")?.is_truthy()? => {
+            Err(CallCancelledError::new_err("the call was cancelled; its worker was stopped"))
+        }
+        _ => Ok(()),
     }
 }
 
