@@ -466,7 +466,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
     def log_message(self, *args):
         pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Handler).serve_forever()
+server = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Handler)
+print("listening", flush=True)
+server.serve_forever()
 """
 
 
@@ -512,6 +514,22 @@ def relay(target: Tuple[str, int], listen: Tuple[str, int]) -> subprocess.Popen[
     return process
 
 
+def _remove_stale_test_hosts() -> None:
+    """Removes the test hosts' namespaces of test runs that were killed (their pid gone): their links hold the same
+    addresses, and a route over a stale one would take this run's traffic to a namespace with nothing listening."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for name in listed:
+        owner = name[len("faltest-") :]
+        if name.startswith("faltest-") and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            # Its servers and relays outlived the run and keep the namespace (and its link) alive.
+            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHosts]:
     """Test hosts for the network checks: all traffic to them stays in namespaces this fixture makes."""
@@ -520,9 +538,10 @@ def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHost
     namespace, link = f"faltest-{os.getpid()}", f"faltest{os.getpid() % 100000}"
     files = tmp_path_factory.mktemp("test-host-files")
 
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True)
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
+    _remove_stale_test_hosts()
     ip("netns", "add", namespace)
     try:
         ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", namespace)
@@ -532,18 +551,27 @@ def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetworkHost
         ip("link", "set", link, "up")
         ip("-n", namespace, "link", "set", "eth0", "up")
         ip("-n", namespace, "link", "set", "lo", "up")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, sys.executable, "-c", _TEST_HOST_SERVER, str(files), str(TEST_HOST_PORT)]
-        )
-        deadline = time.time() + 10
-        while True:
-            try:
-                socket.create_connection((TEST_HOSTS["public"], TEST_HOST_PORT), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
+        for address in TEST_HOSTS.values():
+            route = ip("route", "get", address)
+            if f"dev {link} " not in route + " ":
+                pytest.fail(f"the route to test host {address} does not go over {link} but: {route.strip()}")
+        server_errors = files.parent / "test-host-server.stderr"
+        with open(server_errors, "w") as errors:
+            command = [sys.executable, "-c", _TEST_HOST_SERVER, str(files), str(TEST_HOST_PORT)]
+            server = subprocess.Popen(
+                ["ip", "netns", "exec", namespace, *command],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
+        assert server.stdout is not None
+        # It prints a line once it listens, so there is no race to poll: an empty line means it exited.
+        if not server.stdout.readline():
+            pytest.fail(
+                f"the test hosts' HTTP server (in namespace {namespace}) exited with {server.wait()} before listening: "
+                + server_errors.read_text()
+            )
+        socket.create_connection((TEST_HOSTS["public"], TEST_HOST_PORT), timeout=10).close()
         hosts = NetworkHosts(namespace, files, [])
         yield hosts
         for process in [server, *hosts.relays]:
