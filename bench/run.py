@@ -364,17 +364,28 @@ def gateway_rows(warm_runs: int, calls: int, cold_runs: int) -> List[str]:
     return gateway.rows(results, row, median)
 
 
+def dashboard_rows(requests: int) -> List[str]:
+    """The dashboard rows (bench/dashboard.py): its pages with 100,000 runs in the history."""
+    import dashboard
+
+    return dashboard.rows(dashboard.measure(start_server, requests), row, median)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test of the benchmark itself)")
     parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     parser.add_argument("--gateway", action="store_true", help="only the web endpoint rows, printed (not written)")
+    parser.add_argument("--dashboard", action="store_true", help="only the dashboard rows, printed (not written)")
     args = parser.parse_args()
     warm_runs, cold_runs, build_runs, calls = (200, 5, 2, 400) if args.quick else (3000, 30, 5, 4000)
     os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
     map_items = 1000 if args.quick else bench_map.ITEMS
     if args.gateway:
         print("\n".join(gateway_rows(warm_runs, calls, cold_runs)))
+        return 0
+    if args.dashboard:
+        print("\n".join(dashboard_rows(20 if args.quick else 100)))
         return 0
 
     anchor_run = subprocess.run(
@@ -513,6 +524,7 @@ def main() -> int:
             f"| < 50 MB with 100 workers: {'met' if full < 50 * 2**20 else 'NOT met'} |"
         )
     lines += gateway_rows(warm_runs, calls, cold_runs)
+    lines += dashboard_rows(20 if args.quick else 100)
     table = "\n".join(lines)
     print(table)
     if args.write:

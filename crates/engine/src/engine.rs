@@ -20,7 +20,7 @@ use crate::provider::slurm::SlurmProvider;
 use crate::provider::{Provider, ProviderConfig};
 use crate::room::{Granted, Room};
 use crate::variables::WorkerVariables;
-use crate::worker::{NoReply, Outgoing, PoolKey, Worker, WorkerJail, WorkerLink, WorkerPool, WorkerSpec};
+use crate::worker::{NoReply, Outgoing, PoolKey, Taken, Worker, WorkerJail, WorkerLink, WorkerPool, WorkerSpec};
 
 /// Default ceiling on a call's payload and on a reply: large enough for real arrays, small enough to fail clearly.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 30;
@@ -49,6 +49,8 @@ pub struct EngineConfig {
     /// When environments are removed: the server's `[environments]`. `None` (the local host): never by the engine
     /// itself; `fal-serverless envs prune` does it when asked.
     pub environments: Option<EnvironmentPolicy>,
+    /// Told of builds and worker starts (the server's metrics); `None`: nobody.
+    pub observer: Option<Arc<dyn crate::Observer>>,
 }
 
 /// The limits of one jailed environment build (`[build]` in the server's config).
@@ -98,6 +100,7 @@ impl EngineConfig {
             build: BuildLimits::default(),
             provider: ProviderConfig::Local,
             environments: None,
+            observer: None,
         }
     }
 }
@@ -179,6 +182,18 @@ pub struct WorkerInfo {
     /// Its address in its own network namespace: where the server (and only the server) connects to a port it
     /// listens on.
     pub address: Option<std::net::IpAddr>,
+    pub started: SystemTime,
+}
+
+/// What [`Engine::stop_worker`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStop {
+    /// It was idle, and is gone.
+    Stopped,
+    /// It is busy: it stops when its call ends, instead of staying warm.
+    AfterItsCall,
+    /// No live worker has that pid (for that user).
+    NotFound,
 }
 
 #[derive(Debug, Clone)]
@@ -362,7 +377,12 @@ impl Engine {
                 self.make_room(&request.tenant, logs).await?;
                 let interpreter = self.interpreter(request).await?;
                 let builder = Builder { tenant: &request.tenant, uid: request.uid.unwrap_or(SHARED_UID) };
-                let env = inner.builder.ensure(&request.env, builder, &interpreter, logs).await?;
+                let building = Instant::now();
+                let built = inner.builder.ensure(&request.env, builder, &interpreter, logs).await;
+                if let Some(observer) = &inner.config.observer {
+                    observer.environment_built(built.is_ok(), building.elapsed());
+                }
+                let env = built?;
                 // A build may have taken the environments past their budget.
                 if inner.config.environments.is_some() {
                     let engine = self.clone();
@@ -417,7 +437,11 @@ impl Engine {
             variables: request.variables.clone(),
         };
         tracing::debug!(env = %env.key, machine_type = %machine.name, "starting a worker");
+        let starting = Instant::now();
         let mut worker = inner.provider.start(spec, machine, request.timeout, logs).await?;
+        if let Some(observer) = &inner.config.observer {
+            observer.worker_started(&machine.name, starting.elapsed());
+        }
         worker.hold(in_use);
         Ok(worker)
     }
@@ -527,6 +551,38 @@ impl Engine {
     /// Every live worker, idle or busy.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.0.pool.workers()
+    }
+
+    /// The environments built on this host (every user's), on a blocking thread.
+    pub async fn environments(&self) -> std::io::Result<Vec<crate::EnvironmentInfo>> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.0.environments.list()).await.map_err(std::io::Error::other)?
+    }
+
+    /// Removes `tenant`'s environment `key` (never one in use), on a blocking thread.
+    pub async fn remove_environment(&self, tenant: &str, key: &str) -> Result<crate::Removal, crate::RemoveError> {
+        let (engine, tenant, key) = (self.clone(), tenant.to_string(), key.to_string());
+        tokio::task::spawn_blocking(move || engine.0.environments.remove(&tenant, &key))
+            .await
+            .unwrap_or_else(|e| Err(crate::RemoveError::Io { path: PathBuf::new(), source: std::io::Error::other(e) }))
+    }
+
+    /// Stops the live worker with process id `pid` (of `tenant`, or of anyone: an admin), as a dashboard's stop
+    /// button asks: an idle one now (returning once it is gone), a busy one when its call ends (the call is not
+    /// cut short).
+    pub async fn stop_worker(&self, pid: u32, tenant: Option<&str>) -> WorkerStop {
+        match self.0.pool.take_by_pid(pid, tenant) {
+            Taken::Idle(worker) => {
+                tracing::info!(pid, "stopping an idle worker, as asked");
+                worker.stop().await;
+                WorkerStop::Stopped
+            }
+            Taken::Busy => {
+                tracing::info!(pid, "a busy worker will stop when its call ends, as asked");
+                WorkerStop::AfterItsCall
+            }
+            Taken::NotFound => WorkerStop::NotFound,
+        }
     }
 
     /// Stops the idle worker that has been idle longest (of `tenant`, or of anyone) and waits until it is gone, so

@@ -21,13 +21,16 @@ mod environment;
 mod error;
 mod logs;
 mod machine;
+mod observer;
 pub mod options;
 mod provider;
 mod room;
 mod variables;
 mod worker;
 
-pub use crate::engine::{BuildLimits, CallReply, CallRequest, CallWorker, Engine, EngineConfig, WorkerInfo};
+pub use crate::engine::{
+    BuildLimits, CallReply, CallRequest, CallWorker, Engine, EngineConfig, WorkerInfo, WorkerStop,
+};
 pub use crate::environment::{
     normalize_requirements, EnvSpec, EnvironmentInfo, EnvironmentPolicy, EnvironmentStore, Eviction, EvictionReason,
     PruneReport, PythonVersion, Removal, RemoveError, Serializer, DILL_LAYER,
@@ -35,6 +38,7 @@ pub use crate::environment::{
 pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
+pub use crate::observer::Observer;
 pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
 pub use crate::room::{Granted, Hold, Room};
 pub use crate::variables::WorkerVariables;

@@ -193,6 +193,69 @@ fn v1_base(mounts: &[Mount], own: &str, controller: Controller) -> Option<(Contr
     Some((controller, mount.mount_point.join(own_path).join(BASE_NAME)))
 }
 
+/// What the cgroup of a process has used: CPU time since it was made, and memory now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+}
+
+/// What the cgroup process `pid` is in has used (a worker's: it is alone in its own), read from cgroup v2's
+/// `cpu.stat` and `memory.current`, or v1's `cpuacct.usage` and `memory.usage_in_bytes`. `None` if the process
+/// is gone or its cgroup cannot be read.
+pub fn usage_of(pid: u32) -> Option<Usage> {
+    let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").ok()?);
+    let membership = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path_of = |name: &str| {
+        membership.lines().find_map(|line| {
+            let mut fields = line.splitn(3, ':').skip(1);
+            let (controllers, path) = fields.next().zip(fields.next())?;
+            let matches =
+                if name.is_empty() { controllers.is_empty() } else { controllers.split(',').any(|c| c == name) };
+            matches.then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    let read = |dir: &Path, file: &str| fs::read_to_string(dir.join(file)).ok();
+    let v1 = |name: &str| {
+        let mount = mounts.iter().find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == name))?;
+        Some(mount.mount_point.join(path_of(name)?))
+    };
+    if let Some(memory) = v1("memory") {
+        let memory_bytes = read(&memory, "memory.usage_in_bytes")?.trim().parse().ok()?;
+        // cpuacct counts the worker's CPU time only where the worker's cgroup is in it (it is mounted with cpu, as
+        // systemd does): else its time is summed over the processes of its cgroup.
+        let accounted = (path_of("cpuacct") == path_of("memory")).then(|| v1("cpuacct")).flatten();
+        let cpu_seconds = match accounted.and_then(|cpu| read(&cpu, "cpuacct.usage")) {
+            Some(nanos) => nanos.trim().parse::<f64>().ok()? / 1e9,
+            None => processes_cpu_seconds(&read(&memory, "cgroup.procs")?),
+        };
+        return Some(Usage { cpu_seconds, memory_bytes });
+    }
+    let unified = mounts.iter().find(|m| m.fstype == "cgroup2")?.mount_point.join(path_of("")?);
+    let memory_bytes = read(&unified, "memory.current")?.trim().parse().ok()?;
+    let stat = read(&unified, "cpu.stat")?;
+    let micros: f64 = stat.lines().find_map(|l| l.strip_prefix("usage_usec "))?.trim().parse().ok()?;
+    Some(Usage { cpu_seconds: micros / 1e6, memory_bytes })
+}
+
+/// The CPU time (user and system, their waited-for children's included) of the processes listed in `procs`.
+fn processes_cpu_seconds(procs: &str) -> f64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    procs
+        .split_whitespace()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command (which may hold spaces) in parentheses: utime is the 12th, then stime,
+            // cutime, cstime.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11..15)?.iter().filter_map(|f| f.parse::<f64>().ok()).sum::<f64>())
+        })
+        .sum::<f64>()
+        / ticks
+}
+
 /// Whether the kernel enforces a cgroup's device list, and if not, why not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceControl {
@@ -454,6 +517,19 @@ mod tests {
 35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid shared:9 - cgroup cgroup rw,memory
 36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
 37 30 0:33 / /mnt/with\\040space rw - ext4 /dev/vda rw";
+
+    #[test]
+    fn a_process_cpu_time_is_read_from_proc() {
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(200) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let seconds = processes_cpu_seconds(&format!("{}\n", std::process::id()));
+        assert!(seconds >= 0.1, "{seconds}");
+        assert_eq!(processes_cpu_seconds("999999999\n"), 0.0);
+    }
 
     #[test]
     fn mountinfo_yields_type_point_and_controllers() {

@@ -47,7 +47,7 @@ mod network;
 mod process;
 mod seccomp;
 
-pub use crate::cgroup::{CgroupManager, CgroupVersion, DeviceControl, Limits, WorkerCgroup};
+pub use crate::cgroup::{usage_of, CgroupManager, CgroupVersion, DeviceControl, Limits, Usage, WorkerCgroup};
 pub use crate::gpu::{CharDevice, GpuGrant, NvidiaGpu, NvidiaGpus};
 pub use crate::jail::{Grants, Jail, JailNetwork, JAIL_DEVICES};
 pub use crate::network::{host_resolver, Egress, Ipv4Net, Namespace, NetworkManager, NetworkPolicy};

@@ -175,6 +175,11 @@ impl Capacity {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What calls and workers hold now, and the total.
+    pub fn usage(&self) -> (Resources, Resources) {
+        (self.lock().used, self.total)
+    }
+
     /// Why `machine` can never run here, if it cannot.
     pub fn never_fits(&self, machine: &MachineType) -> Option<String> {
         (machine.gpus > self.total.gpus).then(|| {

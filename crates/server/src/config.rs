@@ -71,6 +71,8 @@
 //! root = "/srv/fal-storage"          # default: <data dir>/storage (a btrfs image is mounted there if it is not btrfs)
 //! quota_mb = 1024                    # what one user may keep (kernel-enforced on btrfs)
 //! image_gb = 16                      # the image's size, sparse; a larger value grows it at the next start
+//! [metrics]                          # Prometheus metrics at GET /metrics
+//! public = false                     # true: scraped without a key (else an admin key, `Authorization: Key ...`)
 //! [secrets]                          # users' secrets (`fal-serverless secrets`), their workers' variables
 //! key_file = "/etc/fal/secrets.key"  # the key they are encrypted with (mode 0600, made on first start; keep it
 //!                                    # apart from the database and back it up); default: <data-dir>/secrets.key
@@ -154,6 +156,8 @@ pub struct ServerConfig {
     pub storage: StorageConfig,
     /// Users' secrets (`[secrets]`).
     pub secrets: SecretsConfig,
+    /// `GET /metrics` takes no key (`[metrics] public = true`); else an admin key.
+    pub metrics_public: bool,
 }
 
 /// What one user may ask of the server (`[limits]`).
@@ -225,6 +229,15 @@ struct FileConfig {
     storage: StorageFileConfig,
     #[serde(default)]
     secrets: SecretsFileConfig,
+    #[serde(default)]
+    metrics: MetricsFileConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFileConfig {
+    #[serde(default)]
+    public: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -472,6 +485,7 @@ impl ServerConfig {
             storage: storage_config(&file.storage, path.as_deref().and_then(Path::parent).unwrap_or(data_dir))
                 .map_err(invalid)?,
             secrets,
+            metrics_public: file.metrics.public,
         })
     }
 }

@@ -23,12 +23,14 @@ mod admission;
 mod apps;
 mod capacity;
 mod config;
+mod dashboard;
 mod db;
 mod dill;
 mod gateway;
 mod http;
 mod listener;
 mod map;
+mod metrics;
 mod nested;
 mod queue;
 mod runs;
@@ -216,8 +218,10 @@ pub async fn serve(
         }
         None => None,
     };
+    let metrics = Arc::new(metrics::Metrics::default());
     // The engine's own settings (uv, payload limit) come from the environment, as everywhere it runs.
     let engine = Engine::new(EngineConfig {
+        observer: Some(metrics.clone()),
         cache_dir: config.data_dir.clone(),
         machine_types: config.machine_types.clone(),
         jail,
@@ -303,7 +307,11 @@ pub async fn serve(
         nested: nested.clone(),
     });
     // The run history's writer, and the schedules (whose missed activations run once, now).
-    let runs = runs::Runs::start(Arc::new(runs::RunStore::open(&config.data_dir.join(STATE_FILE))?), config.runs);
+    let runs = runs::Runs::start(
+        Arc::new(runs::RunStore::open(&config.data_dir.join(STATE_FILE))?),
+        config.runs,
+        metrics.clone(),
+    );
     let schedules = schedules::Schedules::start(
         Arc::new(schedules::ScheduleStore::open(&config.data_dir.join(STATE_FILE))?),
         apps.clone(),
@@ -328,10 +336,12 @@ pub async fn serve(
     };
     let gateway = Arc::new(gateway::Gateway {
         apps: apps.clone(),
-        keys: store,
+        keys: store.clone(),
         client: gateway::proxy::client(),
         runs: runs.clone(),
+        metrics: metrics.clone(),
     });
+    let console_controller = controller.clone();
 
     let info = Started { address, admin_key, unjailed, tls: config.tls.clone() };
     tracing::info!(%address, tls = tls.is_some(), data_dir = %config.data_dir.display(), cpus = resources.cpus,
@@ -384,13 +394,29 @@ pub async fn serve(
     // The queue (its requests survive restarts) dispatches what a stopped server left once the port is about to
     // serve.
     let queue_store = Arc::new(queue::store::QueueStore::open(&config.data_dir.join(STATE_FILE))?);
-    let queue = queue::Queue::start(gateway.clone(), queue_store, tls.is_some()).await;
+    let queue = queue::Queue::start(gateway.clone(), queue_store.clone(), tls.is_some()).await;
     let files = storage::rest::Files {
         storage: storage.clone(),
         gateway: gateway.clone(),
         uids: (config.first_uid, config.uid_count),
     };
-    let gateway = gateway::routes(gateway).merge(queue::routes(queue.clone())).merge(storage::rest::routes(files));
+    let console = Arc::new(dashboard::Console {
+        controller: console_controller,
+        gateway: gateway.clone(),
+        keys: store,
+        capacity: capacity.clone(),
+        metrics,
+        queue: queue_store.clone(),
+        sessions: Default::default(),
+        data_dir: config.data_dir.clone(),
+        jailed: info.unjailed.is_none(),
+        metrics_public: config.metrics_public,
+        tls: tls.is_some(),
+    });
+    let gateway = gateway::routes(gateway)
+        .merge(queue::routes(queue.clone()))
+        .merge(storage::rest::routes(files))
+        .merge(dashboard::routes(console));
     apps.start_kept_warm().await;
     // Connections from workers' own namespaces (`nested/`) are served as the port's are.
     let worker_connections =

@@ -160,6 +160,14 @@ impl Store {
         Ok(next as u32)
     }
 
+    /// Writes one row (a probe's own table): whether SQLite takes writes now (`/readyz`).
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let db = self.db();
+        db.execute_batch("CREATE TABLE IF NOT EXISTS readiness (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL)")?;
+        db.execute("REPLACE INTO readiness (id, at_ms) VALUES (1, ?1)", [crate::runs::now_ms()])?;
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> Result<bool, StoreError> {
         Ok(self.db().query_row("SELECT COUNT(*) FROM keys", [], |row| row.get::<_, i64>(0))? == 0)
     }

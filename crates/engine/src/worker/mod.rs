@@ -13,6 +13,6 @@ mod pool;
 mod process;
 
 pub use link::{LinkGrant, WorkerLink};
-pub(crate) use pool::{PoolKey, WorkerPool};
+pub(crate) use pool::{PoolKey, Taken, WorkerPool};
 pub use process::BoxFuture;
 pub(crate) use process::{AgentCommand, NoReply, Outgoing, Placement, Worker, WorkerJail, WorkerSpec};

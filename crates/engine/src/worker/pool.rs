@@ -29,6 +29,18 @@ struct State {
     /// Per tenant, how many times its workers were replaced ([`WorkerPool::replace`]): a lease taken before the
     /// last time is not kept warm when its call ends.
     generations: HashMap<String, u64>,
+    /// Busy workers (by lease id) asked to stop ([`WorkerPool::take_by_pid`]): stopped when their call ends.
+    doomed: std::collections::HashSet<u64>,
+}
+
+/// What [`WorkerPool::take_by_pid`] found.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// It was idle: taken out, for the caller to stop.
+    Idle(Box<Worker>),
+    /// It is busy with a call: it stops when that call ends instead of staying warm.
+    Busy,
+    NotFound,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,7 +76,10 @@ impl Leased {
 
     /// Takes the worker out of the pool's books, for a worker that failed.
     pub fn retire(mut self) -> Worker {
-        self.pool.state().live.remove(&self.id);
+        let mut state = self.pool.state();
+        state.live.remove(&self.id);
+        state.doomed.remove(&self.id);
+        drop(state);
         self.worker.take().expect("a lease holds its worker until released")
     }
 }
@@ -72,7 +87,10 @@ impl Leased {
 impl Drop for Leased {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            self.pool.state().live.remove(&self.id);
+            let mut state = self.pool.state();
+            state.live.remove(&self.id);
+            state.doomed.remove(&self.id);
+            drop(state);
             self.pool.spawn_stop(worker);
         }
     }
@@ -127,6 +145,7 @@ impl WorkerPool {
             calls: 0,
             hostname: worker.hostname().map(str::to_string),
             address: worker.address(),
+            started: std::time::SystemTime::now(),
         };
         state.live.insert(id, info);
         let generation = state.generations.get(&key.tenant).copied().unwrap_or(0);
@@ -144,7 +163,8 @@ impl WorkerPool {
                 info.calls += 1;
                 info.busy = false;
             }
-            let replaced = state.generations.get(&key.tenant).copied().unwrap_or(0) != leased.generation;
+            let replaced = state.generations.get(&key.tenant).copied().unwrap_or(0) != leased.generation
+                || state.doomed.remove(&id);
             if keep_alive.is_zero() || replaced {
                 state.live.remove(&id);
             } else {
@@ -203,6 +223,30 @@ impl WorkerPool {
         }
         state.live.remove(&id);
         Some(worker)
+    }
+
+    /// The live worker with process id `pid` (of `tenant`, or of anyone), taken out if idle, or marked to stop
+    /// when its call ends if busy.
+    pub fn take_by_pid(&self, pid: u32, tenant: Option<&str>) -> Taken {
+        let mut state = self.state();
+        let Some((&id, info)) =
+            state.live.iter().find(|(_, info)| info.pid == pid && tenant.is_none_or(|t| info.tenant == t))
+        else {
+            return Taken::NotFound;
+        };
+        if info.busy {
+            state.doomed.insert(id);
+            return Taken::Busy;
+        }
+        state.live.remove(&id);
+        for workers in state.idle.values_mut() {
+            if let Some(position) = workers.iter().position(|(idle_id, _)| *idle_id == id) {
+                let (_, worker) = workers.remove(position);
+                state.idle.retain(|_, workers| !workers.is_empty());
+                return Taken::Idle(Box::new(worker));
+            }
+        }
+        Taken::NotFound
     }
 
     fn generation(&self, tenant: &str) -> u64 {
@@ -361,5 +405,31 @@ mod tests {
         let fresh_lease = pool.lease_new(&key("t", "v2"), fresh);
         pool.release(key("t", "v2"), fresh_lease, keep);
         assert!(pool.checkout(&key("t", "v2")).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_worker_asked_to_stop_by_pid_goes_now_if_idle_and_after_its_call_if_busy() {
+        let stops = Arc::new(AtomicUsize::new(0));
+        let pool = WorkerPool::default();
+        let keep = Duration::from_secs(3600);
+        let (idle, _a) = worker(&stops);
+        let lease = pool.lease_new(&key("t", "v"), idle);
+        pool.release(key("t", "v"), lease, keep);
+        // Another user's stop finds nothing; the owner's (or an admin's) takes it out.
+        assert!(matches!(pool.take_by_pid(1, Some("u")), Taken::NotFound));
+        assert!(matches!(pool.take_by_pid(2, None), Taken::NotFound));
+        match pool.take_by_pid(1, Some("t")) {
+            Taken::Idle(worker) => worker.stop().await,
+            other => panic!("expected the idle worker, got {other:?}"),
+        }
+        assert!(!pool.has_idle(&key("t", "v")) && pool.workers().is_empty());
+        // A busy one is marked: its release stops it instead of keeping it warm.
+        let (busy, _b) = worker(&stops);
+        let lease = pool.lease_new(&key("t", "v"), busy);
+        assert!(matches!(pool.take_by_pid(1, None), Taken::Busy));
+        pool.release(key("t", "v"), lease, keep);
+        pool.stopped().await;
+        assert_eq!(stops.load(Ordering::SeqCst), 2);
+        assert!(!pool.has_idle(&key("t", "v")) && pool.workers().is_empty());
     }
 }

@@ -39,6 +39,7 @@ pub struct Gateway {
     pub client: proxy::Client,
     /// The run history each request is recorded in (as its app's owner's run).
     pub runs: Arc<crate::runs::Runs>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A JSON error response.

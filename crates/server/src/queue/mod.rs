@@ -118,7 +118,7 @@ impl Queue {
     pub async fn start(gateway: Arc<Gateway>, store: Arc<QueueStore>, tls: bool) -> Arc<Self> {
         let config = gateway.apps.config;
         let queue = Arc::new(Self {
-            webhooks: Webhooks::new(store.clone(), config.webhook_attempts),
+            webhooks: Webhooks::new(store.clone(), config.webhook_attempts, gateway.metrics.clone()),
             gateway,
             store,
             tls,

@@ -271,6 +271,23 @@ impl QueueStore {
         position(&self.db(), revision, seq)
     }
 
+    /// How many requests wait for a replica (queued, not yet handed to one).
+    pub fn depth(&self) -> Result<u64, QueueStoreError> {
+        let count: i64 =
+            self.db().query_row("SELECT COUNT(*) FROM queue_requests WHERE state = 'queued'", [], |row| row.get(0))?;
+        Ok(count.max(0) as u64)
+    }
+
+    /// How many requests for app revision `revision` wait for a replica.
+    pub fn depth_of(&self, revision: &str) -> Result<u64, QueueStoreError> {
+        let count: i64 = self.db().query_row(
+            "SELECT COUNT(*) FROM queue_requests WHERE revision = ?1 AND state = 'queued'",
+            [revision],
+            |row| row.get(0),
+        )?;
+        Ok(count.max(0) as u64)
+    }
+
     /// Every request not done, in arrival order: what a (re)started server dispatches.
     pub fn unfinished(&self) -> Result<Vec<Stored>, QueueStoreError> {
         let db = self.db();

@@ -72,13 +72,14 @@ pub fn payload(request_id: &str, outcome: &Outcome) -> Vec<u8> {
 #[derive(Debug, Clone)]
 pub struct Webhooks {
     store: Arc<QueueStore>,
+    metrics: Arc<crate::metrics::Metrics>,
     attempts: u32,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Webhooks {
-    pub fn new(store: Arc<QueueStore>, attempts: u32) -> Self {
-        Self { store, attempts: attempts.max(1), tls: client_tls() }
+    pub fn new(store: Arc<QueueStore>, attempts: u32, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self { store, metrics, attempts: attempts.max(1), tls: client_tls() }
     }
 
     /// Starts delivering `delivery` (at its due time).
@@ -113,6 +114,11 @@ impl Webhooks {
             let next_ms = (!delivered && delivery.attempts < self.attempts)
                 .then(|| now_ms() + backoff(delivery.attempts).as_millis() as i64);
             let attempt = Attempt { attempt: delivery.attempts, at_ms, status_code, error: error.clone() };
+            self.metrics.webhook_attempt(match (delivered, next_ms) {
+                (true, _) => "delivered",
+                (false, Some(_)) => "retrying",
+                (false, None) => "failed",
+            });
             match &error {
                 None => tracing::debug!(request = %delivery.request_id, "webhook delivered"),
                 Some(error) if next_ms.is_some() => {

@@ -13,6 +13,7 @@ pub mod rpc;
 pub mod store;
 pub mod web;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fal_engine::{CallWorker, LogSource};
 use fal_proto::controller::RunInfo;
 use fal_proto::Log;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
+
+use crate::metrics::Metrics;
 
 pub use self::store::{RunRow, RunStore};
 
@@ -151,6 +154,9 @@ pub struct Runs {
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub store: Arc<RunStore>,
     pub config: RunsConfig,
+    /// Runs going on now, by id: their owner and their logs so far, for watching them live (the dashboard).
+    live: Mutex<HashMap<String, (String, Arc<LogCapture>)>>,
+    metrics: Arc<Metrics>,
 }
 
 pub fn now_ms() -> i64 {
@@ -159,7 +165,7 @@ pub fn now_ms() -> i64 {
 
 impl Runs {
     /// Marks the runs a stopped server left running as ended by that stop, then starts the writer.
-    pub fn start(store: Arc<RunStore>, config: RunsConfig) -> Arc<Self> {
+    pub fn start(store: Arc<RunStore>, config: RunsConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         match store.end_interrupted(now_ms()) {
             Ok(0) => {}
             Ok(n) => tracing::info!("{n} runs were still running when the server last stopped: marked cancelled"),
@@ -170,7 +176,9 @@ impl Runs {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let channel = Channel { receiver, queued_bytes: queued_bytes.clone(), dropped: dropped.clone() };
         let writer = tokio::spawn(write(store.clone(), config, channel, stop.clone()));
-        Arc::new(Self { sender, queued_bytes, dropped, stop, writer: Mutex::new(Some(writer)), store, config })
+        let writer = Mutex::new(Some(writer));
+        let live = Mutex::default();
+        Arc::new(Self { sender, queued_bytes, dropped, stop, writer, store, config, live, metrics })
     }
 
     fn send(&self, event: Event) {
@@ -186,18 +194,35 @@ impl Runs {
     /// Records that `run` arrived (it is listed as running), and returns its recording, which records its end.
     pub fn begin(self: &Arc<Self>, run: NewRun) -> Recording {
         self.send(Event::Started(run.clone()));
+        let logs = LogCapture::new(self.config.log_limit);
+        self.live_runs().insert(run.id.clone(), (run.user_id.clone(), logs.clone()));
         Recording {
             runs: self.clone(),
             run,
             state: Mutex::new(RecordingState::default()),
-            logs: LogCapture::new(self.config.log_limit),
-            done: std::sync::atomic::AtomicBool::new(false),
+            logs,
+            done: Default::default(),
         }
     }
 
     /// Records a run whose start was not recorded (the queue's, which records its requests itself until they end).
     pub fn ended(&self, ended: Ended) {
+        self.metrics.run_ended(&ended);
+        if let Some((_, logs)) = self.live_runs().remove(&ended.run.id) {
+            logs.end(ended.outcome.parts().0);
+        }
         self.send(Event::Ended(Box::new(ended)));
+    }
+
+    /// Run `id`'s owner and its logs so far, with a receiver of what follows, while it goes on.
+    pub fn watch(&self, id: &str) -> Option<(String, Vec<serde_json::Value>, broadcast::Receiver<LiveLog>)> {
+        let (owner, logs) = self.live_runs().get(id).cloned()?;
+        let (lines, receiver) = logs.subscribe();
+        Some((owner, lines, receiver))
+    }
+
+    fn live_runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Arc<LogCapture>)>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes what was sent so far and stops the writer (the server stops).
@@ -299,11 +324,24 @@ pub fn rfc3339(time: SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(time).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
+/// What a live run's watcher receives.
+#[derive(Debug, Clone)]
+pub enum LiveLog {
+    Line(serde_json::Value),
+    /// The run ended, with this outcome (`success`, `error`, ...).
+    Ended(&'static str),
+}
+
+/// Lines a slow watcher may fall behind by before it misses some (it is told so).
+const LIVE_LAG: usize = 1024;
+
 /// The log lines of one run, kept up to a number of bytes: later lines are left out, and a last line says so.
+/// Each kept line also goes to whoever watches the run live.
 #[derive(Debug)]
 pub struct LogCapture {
     limit: usize,
     kept: Mutex<Captured>,
+    live: broadcast::Sender<LiveLog>,
 }
 
 #[derive(Debug, Default)]
@@ -315,7 +353,20 @@ struct Captured {
 
 impl LogCapture {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit, kept: Mutex::default() })
+        Arc::new(Self { limit, kept: Mutex::default(), live: broadcast::channel(LIVE_LAG).0 })
+    }
+
+    /// The lines so far and a receiver of those that follow: taken under the lock lines are pushed under, so none
+    /// is missed or seen twice.
+    pub fn subscribe(&self) -> (Vec<serde_json::Value>, broadcast::Receiver<LiveLog>) {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        (kept.lines.clone(), self.live.subscribe())
+    }
+
+    /// Tells watchers the run ended.
+    fn end(&self, outcome: &'static str) {
+        let _kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.live.send(LiveLog::Ended(outcome));
     }
 
     pub fn push(&self, source: LogSource, line: &str) {
@@ -329,7 +380,11 @@ impl LogCapture {
             return;
         }
         kept.bytes += line.len();
-        kept.lines.push(log_value(time, source, line));
+        let value = log_value(time, source, line);
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(LiveLog::Line(value.clone()));
+        }
+        kept.lines.push(value);
     }
 
     /// Adds lines already in fal's JSON shape (the queue's), as many as fit.
@@ -342,6 +397,9 @@ impl LogCapture {
                 continue;
             }
             kept.bytes += bytes;
+            if self.live.receiver_count() > 0 {
+                let _ = self.live.send(LiveLog::Line(value.clone()));
+            }
             kept.lines.push(value);
         }
     }
@@ -531,7 +589,7 @@ mod tests {
     async fn the_channel_is_bounded_by_the_logs_it_holds_and_frees_them_once_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(RunStore::open(&dir.path().join("state.db")).unwrap());
-        let runs = Runs::start(store.clone(), RunsConfig::default());
+        let runs = Runs::start(store.clone(), RunsConfig::default(), Default::default());
         // The writer has not run yet (one thread, not yielded to): what is sent waits in the channel.
         let ended = |i: usize| Ended {
             // Arrived now: one arrived at 0 (1970) would be pruned as past the retention by the writer's first prune.
@@ -556,7 +614,7 @@ mod tests {
         assert_eq!(runs.dropped.load(Ordering::Relaxed), 3, "past the bytes, events are dropped, not queued");
         runs.close().await;
         assert_eq!(runs.queued_bytes.load(Ordering::Relaxed), 0);
-        let all = store::RunQuery { user: None, app: None, failed_only: false, before: None, limit: fit + 10 };
+        let all = store::RunQuery { user: None, app: None, limit: fit + 10, ..Default::default() };
         assert_eq!(store.list(&all).unwrap().len(), fit);
     }
 

@@ -37,8 +37,14 @@ pub async fn list(runs: &Runs, caller: &Caller, request: ListRunsRequest) -> Res
             invalid(format!("before {cursor:?} is not a cursor: pass the next_cursor of the previous page"))
         })?),
     };
-    let query =
-        RunQuery { user, app: request.app.filter(|a| !a.is_empty()), failed_only: request.failed_only, before, limit };
+    let query = RunQuery {
+        user,
+        app: request.app.filter(|a| !a.is_empty()),
+        failed_only: request.failed_only,
+        before,
+        limit,
+        ..Default::default()
+    };
     let store = runs.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.list(&query)).await.map_err(internal)?.map_err(internal)?;
     let next_cursor = (rows.len() == limit).then(|| rows.last().map(|r| r.cursor())).flatten();

@@ -1,6 +1,7 @@
 //! Runs in SQLite (`state.sqlite3`): one row per run, written by the history's writer in batches, listed newest
 //! first a page at a time by keyset (`(queued_ms, id)` below the previous page's last), per user or for everyone,
-//! each order served by an index.
+//! each order served by an index (and a user's runs of one outcome by one of their own, for the dashboard's filter:
+//! a rare outcome would otherwise scan all of a user's runs).
 
 use std::path::Path;
 
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_user ON runs (user_id, queued_ms, id);
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (queued_ms, id);
+CREATE INDEX IF NOT EXISTS runs_by_user_outcome ON runs (user_id, outcome, queued_ms, id);
 ";
 
 const COLUMNS: &str = "id, user_id, kind, function, app, revision, cron_id, machine_type, worker, queued_ms, \
@@ -94,6 +96,10 @@ pub struct RunQuery {
     /// Only those of this app (alias or revision id) or function name.
     pub app: Option<String>,
     pub failed_only: bool,
+    /// Only those of this outcome (`success`, `error`, `timeout`, `cancelled`, `running`).
+    pub outcome: Option<String>,
+    /// Only those that arrived at or after this time (ms since the epoch).
+    pub since_ms: Option<i64>,
     /// Only those before this cursor ([`RunRow::cursor`]).
     pub before: Option<(i64, String)>,
     pub limit: usize,
@@ -202,6 +208,14 @@ impl RunStore {
         if query.failed_only {
             conditions.push("outcome NOT IN ('success', 'running')".into());
         }
+        if let Some(outcome) = &query.outcome {
+            values.push(outcome.clone().into());
+            conditions.push(format!("outcome = ?{}", values.len()));
+        }
+        if let Some(since) = query.since_ms {
+            values.push(since.into());
+            conditions.push(format!("queued_ms >= ?{}", values.len()));
+        }
         if let Some((ms, id)) = &query.before {
             values.push((*ms).into());
             values.push(id.clone().into());
@@ -216,6 +230,17 @@ impl RunStore {
         let mut statement = db.prepare(&sql)?;
         let rows = statement.query_map(params_from_iter(values), row)?.collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    /// `user`'s runs of `app` (web and queued requests) since `since_ms`: how many, and their mean duration in ms.
+    pub fn app_traffic(&self, user: &str, app: &str, since_ms: i64) -> Result<(u64, Option<f64>), RunStoreError> {
+        let db = self.0.lock();
+        Ok(db.query_row(
+            "SELECT COUNT(*), AVG(finished_ms - queued_ms) FROM runs WHERE user_id = ?1 AND queued_ms >= ?2 \
+             AND (app = ?3 OR revision = ?3) AND kind IN ('web', 'queue')",
+            params![user, since_ms, app],
+            |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get(1)?)),
+        )?)
     }
 
     /// Run `id` with its logs (JSON), if it exists.
