@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import httpx
 import pytest
-from conftest import ROOT, Server, cloud_call, start_client, start_server
+from conftest import ROOT, Server, cloud_call, run_script, start_client, start_server
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -114,6 +114,19 @@ def test_a_wrong_key_cannot_sign_in_and_the_session_cookie_is_http_only(
     (cookie,) = browser.get_cookies()
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert secret not in browser.current_url and secret not in cookie["value"]
+    # A worker's key (what a function's calls use) cannot sign in.
+    worker_key = run_script(
+        "from fal_serverless import isolated, cloud\n"
+        "@isolated(host=cloud)\n"
+        "def f():\n"
+        "    import os\n"
+        "    return os.environ['FAL_KEY_ID'] + ':' + os.environ['FAL_KEY_SECRET']\n"
+        "print(f())\n",
+        server.env(*keys["bob"]),
+    )
+    assert worker_key.returncode == 0, worker_key.stderr
+    refused = httpx.post(url(server, "/login"), data={"key": worker_key.stdout.strip()})
+    assert refused.status_code == 401 and "cannot sign in" in refused.text and "set-cookie" not in refused.headers
     # A script of the page cannot read it.
     assert browser.execute_script("return document.cookie") == ""
     # A POST without the session's CSRF token changes nothing.
@@ -287,11 +300,76 @@ def test_public_metrics_and_the_health_probes() -> None:
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["sqlite"] == "ok" and ready.json()["checks"]["data_dir"] == "ok"
         # A data dir that takes no file makes it not ready, saying why; it is ready again once it does.
-        (public.data_dir / ".readyz").mkdir()
-        (public.data_dir / ".readyz" / "keep").write_text("")
-        unready = httpx.get(url(public, "/readyz"))
-        assert unready.status_code == 503 and "data dir" in unready.json()["checks"]["data_dir"]
+        # Its probes go in <data dir>/.readyz/: a file in that place makes the data dir take none.
         shutil.rmtree(public.data_dir / ".readyz")
+        (public.data_dir / ".readyz").write_text("in the way")
+        unready = httpx.get(url(public, "/readyz"))
+        assert unready.status_code == 503 and "data dir" in unready.json()["checks"]["data_dir"], unready.text
+        (public.data_dir / ".readyz").unlink()
         assert httpx.get(url(public, "/readyz")).status_code == 200
     finally:
         public.stop()
+
+
+APP = """
+from fal_serverless import isolated
+
+@isolated(serve=True, keep_alive=60, max_concurrency=3)
+def greet(name: str) -> dict:
+    return {"hello": name}
+
+print(greet.serve(alias="greeter"))
+"""
+
+
+def test_an_app_shows_its_replicas_and_traffic_and_an_environment_is_removed(
+    server: Server, browser: WebDriver
+) -> None:
+    key = server.create_key("carol")
+    deployed = run_script(APP, server.env(*key), timeout=600)
+    assert deployed.returncode == 0, deployed.stderr
+    app_url = deployed.stdout.strip().splitlines()[-1]
+    headers = {"Authorization": f"Key {key[0]}:{key[1]}"}
+    for name in ("a", "b", "c"):
+        answer = httpx.post(app_url, params={"name": name}, headers=headers, timeout=300)
+        assert answer.status_code == 200 and answer.json() == {"hello": name}, answer.text
+        # On the dashboard's origin, an app's answer is sandboxed: its pages cannot act as a signed-in user there.
+        policy = answer.headers["content-security-policy"]
+        assert "sandbox" in policy and "allow-same-origin" not in policy, policy
+    # An app named by the host keeps every path, the dashboard's too.
+    by_host = httpx.post(
+        f"http://{server.host}/workers",
+        params={"name": "d"},
+        headers={**headers, "Host": "carol-greeter.gateway.localhost"},
+        timeout=300,
+    )
+    assert by_host.status_code != 303 and "Workers" not in by_host.text, by_host.text
+    admin = {"Authorization": f"Key {server.admin_id}:{server.admin_secret}"}
+    scraped = httpx.get(url(server, "/metrics"), headers=admin).text
+    families = {family.name: family.samples for family in text_string_to_metric_families(scraped)}
+    assert sample(families, "fal_runs_total", kind="web", outcome="success", machine_type="XS") >= 3
+    assert sample(families, "fal_app_replicas", user="carol", app="greeter") == 1
+
+    sign_in(browser, server, key)
+    browser.get(url(server, "/apps"))
+    (row,) = browser.find_elements(By.CSS_SELECTOR, "#apps tr.app")
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == "carol" and cells[1] == "greeter" and cells[4] == "private", cells
+    assert cells[6] == "1 / 3", cells
+    assert float(cells[10].removesuffix("/s")) > 0, cells
+    screenshot(browser, "10-apps")
+
+    done = cloud_call(server, "return 'env'", key, keep_alive=0, requirements=["six==1.16.0"])
+    assert done.returncode == 0, done.stderr
+    browser.get(url(server, "/environments"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#environments tr")
+    with_six = [r for r in rows if "six==1.16.0" in r.text]
+    assert len(with_six) == 1, [r.text for r in rows]
+    screenshot(browser, "11-environments")
+    environment = with_six[0].find_elements(By.TAG_NAME, "td")[1].text
+    remove = f"form[action='/environments/carol/{environment}/remove'] button"
+    # Its worker (keep_alive 0) is stopped just after the call: then it is no longer in use, and can be removed.
+    eventually(lambda: bool(browser.find_elements(By.CSS_SELECTOR, remove)), 30, "the environment free", browser)
+    click(browser, By.CSS_SELECTOR, remove)
+    assert f"removed carol/{environment}" in browser.find_element(By.ID, "notice").text
+    assert environment not in browser.find_element(By.ID, "environments").text

@@ -574,7 +574,9 @@ impl Engine {
         match self.0.pool.take_by_pid(pid, tenant) {
             Taken::Idle(worker) => {
                 tracing::info!(pid, "stopping an idle worker, as asked");
-                worker.stop().await;
+                // In a task of its own: a caller that goes away (a closed browser tab) cannot cut the stop short and
+                // leave its cgroup or namespace behind.
+                let _ = tokio::spawn(async move { worker.stop().await }).await;
                 WorkerStop::Stopped
             }
             Taken::Busy => {

@@ -410,6 +410,7 @@ pub async fn serve(
         sessions: Default::default(),
         data_dir: config.data_dir.clone(),
         jailed: info.unjailed.is_none(),
+        local_cgroups: info.unjailed.is_none() && matches!(config.provider, ProviderConfig::Local),
         metrics_public: config.metrics_public,
         tls: tls.is_some(),
     });

@@ -8,8 +8,14 @@ function cell(text) {
 }
 
 function followLogs(table) {
+  // The page shows the lines printed before it loaded; the events start from the first line.
+  let skip = Number(table.dataset.skip || 0);
   const events = new EventSource(table.dataset.live);
   events.addEventListener("line", (event) => {
+    if (skip > 0) {
+      skip -= 1;
+      return;
+    }
     const line = JSON.parse(event.data);
     const row = document.createElement("tr");
     row.className = "log " + (line.source || "");
@@ -23,6 +29,12 @@ function followLogs(table) {
     if (outcome) outcome.textContent = event.data;
     const live = document.getElementById("live");
     if (live) live.textContent = "The run ended: " + event.data + ".";
+  });
+  events.addEventListener("lagged", (event) => {
+    const row = document.createElement("tr");
+    row.className = "log server";
+    row.append(cell(""), cell("server"), cell("... " + event.data + " lines not shown: reload the page once the run ends"));
+    table.append(row);
   });
   events.onerror = () => events.close();
 }

@@ -163,8 +163,8 @@ impl WorkerPool {
                 info.calls += 1;
                 info.busy = false;
             }
-            let replaced = state.generations.get(&key.tenant).copied().unwrap_or(0) != leased.generation
-                || state.doomed.remove(&id);
+            let doomed = state.doomed.remove(&id);
+            let replaced = state.generations.get(&key.tenant).copied().unwrap_or(0) != leased.generation || doomed;
             if keep_alive.is_zero() || replaced {
                 state.live.remove(&id);
             } else {

@@ -9,6 +9,9 @@ use http::StatusCode;
 
 use super::Console;
 
+/// Where `/readyz` writes its probe files, in the data dir.
+const PROBES: &str = ".readyz";
+
 /// The process is up and its port answers.
 pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
@@ -22,12 +25,13 @@ pub async fn readyz(State(console): State<Arc<Console>>) -> impl IntoResponse {
         let mut checks = serde_json::Map::new();
         let sqlite = keys.check_writable().map_err(|e| format!("SQLite (state.sqlite3) takes no write: {e}"));
         checks.insert("sqlite".into(), verdict(sqlite));
-        let probe = data_dir.join(".readyz");
-        let written = std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe));
-        checks.insert(
-            "data_dir".into(),
-            verdict(written.map_err(|e| format!("the data dir {} takes no file: {e}", data_dir.display()))),
-        );
+        // A file of its own per probe, in a directory of probes: probes at once never race on one name.
+        let probes = data_dir.join(PROBES);
+        let probe = probes.join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        let written = std::fs::create_dir_all(&probes)
+            .and_then(|()| std::fs::write(&probe, b"ok"))
+            .and_then(|()| std::fs::remove_file(&probe));
+        checks.insert("data_dir".into(), verdict(written.map_err(|e| format!("the data dir takes no file: {e}"))));
         if jailed {
             let jail = fal_sandbox::Jail::from_path()
                 .map(|_| ())

@@ -44,6 +44,8 @@ pub struct Console {
     pub data_dir: PathBuf,
     /// The server jails workers: `/readyz` checks the jail is still there.
     pub jailed: bool,
+    /// Workers have cgroups of their own on this host (jailed, local provider): the workers page reads their use.
+    pub local_cgroups: bool,
     pub metrics_public: bool,
     /// The port serves TLS: the session cookie is `Secure`.
     pub tls: bool,
@@ -77,8 +79,7 @@ pub fn routes(console: Arc<Console>) -> Router {
 
 /// Apps named by the host keep every path: their requests go to the gateway, not to these pages.
 async fn apps_by_host_first(State(console): State<Arc<Console>>, request: Request, next: Next) -> Response<Body> {
-    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
-    if host.split('.').nth(1) == Some("gateway") {
+    if crate::gateway::app_named_by_host(&console.gateway, request.headers()).await.is_some() {
         return crate::gateway::by_host_or_not_found(State(console.gateway.clone()), request).await;
     }
     next.run(request).await
@@ -89,8 +90,8 @@ impl Console {
     fn signed_in(&self, headers: &http::HeaderMap) -> Option<(String, session::Session, Caller)> {
         let (id, session) = self.sessions.of(headers)?;
         match self.keys.verify(&session.key_id, &session.key_secret) {
-            Ok(caller) => Some((id, session, caller)),
-            Err(_) => {
+            Ok(caller) if caller.depth == 0 => Some((id, session, caller)),
+            _ => {
                 // Its key was revoked: the session ends with it.
                 self.sessions.remove(&id);
                 None

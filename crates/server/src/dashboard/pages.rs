@@ -85,7 +85,7 @@ macro_rules! signed_in {
 macro_rules! posted {
     ($console:expr, $headers:expr, $csrf:expr) => {{
         let (id, session, caller) = signed_in!($console, $headers);
-        if $csrf != session.csrf {
+        if !session::csrf_matches(&$csrf, &session) {
             let nav = Nav::new(&caller, &session, "");
             return error_page(
                 StatusCode::FORBIDDEN,
@@ -157,8 +157,17 @@ pub async fn login(State(console): State<Arc<Console>>, Form(form): Form<LoginFo
         return refused("a key is KEY_ID:KEY_SECRET, as `fal-serverless keys create` prints it");
     };
     let (id, secret) = (id.trim().to_string(), secret.trim().to_string());
-    if console.keys.verify(&id, &secret).is_err() {
-        return refused("that key is not valid here (wrong, or revoked): check it, or ask your server's admin for one");
+    match console.keys.verify(&id, &secret) {
+        Err(_) => {
+            return refused(
+                "that key is not valid here (wrong, or revoked): check it, or ask your server's admin for one",
+            )
+        }
+        // A worker's key (a function's, for the calls it makes) stands for its user only for calls.
+        Ok(caller) if caller.depth > 0 => {
+            return refused("a worker's key cannot sign in: use a key `fal-serverless keys create` made")
+        }
+        Ok(_) => {}
     }
     let token = console.sessions.create(id, secret);
     let mut response = Redirect::to("/workers").into_response();
@@ -181,7 +190,7 @@ pub async fn logout(
     let (id, _, _) = posted!(console, headers, form.csrf);
     console.sessions.remove(&id);
     let mut response = Redirect::to("/login").into_response();
-    if let Ok(cookie) = HeaderValue::from_str(&session::clear_cookie()) {
+    if let Ok(cookie) = HeaderValue::from_str(&session::clear_cookie(console.tls)) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response
@@ -217,17 +226,8 @@ struct WorkersPage {
     notice: Option<String>,
 }
 
-#[derive(Deserialize)]
-pub struct Notice {
-    notice: Option<String>,
-}
-
-pub async fn workers(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Query(notice): Query<Notice>,
-) -> Response<Body> {
-    let (_, session, caller) = signed_in!(console, headers);
+pub async fn workers(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response<Body> {
+    let (id, session, caller) = signed_in!(console, headers);
     let listed: Vec<_> = console
         .controller
         .engine
@@ -235,7 +235,9 @@ pub async fn workers(
         .into_iter()
         .filter(|w| caller.scope == Scope::Admin || w.tenant == caller.user_id)
         .collect();
-    let pids: Vec<u32> = listed.iter().map(|w| w.pid).collect();
+    // A worker's own cgroup is on this host only for jailed workers of the local provider (a Slurm worker's "pid"
+    // is its job's id; an unjailed worker shares the server's cgroup).
+    let pids: Vec<u32> = if console.local_cgroups { listed.iter().map(|w| w.pid).collect() } else { Vec::new() };
     let usage = tokio::task::spawn_blocking(move || pids.into_iter().map(fal_sandbox::usage_of).collect::<Vec<_>>())
         .await
         .unwrap_or_default();
@@ -260,7 +262,7 @@ pub async fn workers(
         ("Memory", bytes(reserved.memory_bytes), bytes(total.memory_bytes)),
         ("GPUs", reserved.gpus.to_string(), total.gpus.to_string()),
     ];
-    let notice = notice.notice.filter(|n| !n.is_empty());
+    let notice = console.sessions.take_notice(&id);
     render(WorkersPage { nav: Nav::new(&caller, &session, "workers"), workers, capacity, notice })
 }
 
@@ -270,7 +272,7 @@ pub async fn stop_worker(
     Path(pid): Path<u32>,
     Form(form): Form<CsrfForm>,
 ) -> Response<Body> {
-    let (_, _, caller) = posted!(console, headers, form.csrf);
+    let (id, _, caller) = posted!(console, headers, form.csrf);
     let tenant = (caller.scope != Scope::Admin).then_some(caller.user_id.as_str());
     let notice = match console.controller.engine.stop_worker(pid, tenant).await {
         fal_engine::WorkerStop::Stopped => format!("worker {pid} stopped"),
@@ -278,7 +280,8 @@ pub async fn stop_worker(
         fal_engine::WorkerStop::NotFound => format!("there is no worker {pid} of yours (it may have stopped already)"),
     };
     tracing::info!(by = %caller.user_id, pid, %notice, "dashboard: stop a worker");
-    Redirect::to(&format!("/workers?notice={}", urlencode(&notice))).into_response()
+    console.sessions.notify(&id, notice);
+    Redirect::to("/workers").into_response()
 }
 
 fn urlencode(text: &str) -> String {
@@ -381,23 +384,10 @@ pub async fn runs(
         ..Default::default()
     };
     let store = console.controller.runs.store.clone();
-    let listed = tokio::task::spawn_blocking(move || store.list(&query)).await;
-    let mut rows = match listed {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(error)) => {
-            return error_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Nav::new(&caller, &session, "runs"),
-                error.to_string(),
-            )
-        }
-        Err(error) => {
-            return error_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Nav::new(&caller, &session, "runs"),
-                error.to_string(),
-            )
-        }
+    let listed = tokio::task::spawn_blocking(move || store.list(&query).map_err(|e| e.to_string())).await;
+    let mut rows = match listed.unwrap_or_else(|e| Err(e.to_string())) {
+        Ok(rows) => rows,
+        Err(error) => return error_page(StatusCode::INTERNAL_SERVER_ERROR, Nav::new(&caller, &session, "runs"), error),
     };
     let next = (rows.len() > RUNS_PER_PAGE).then(|| {
         rows.truncate(RUNS_PER_PAGE);
@@ -443,30 +433,36 @@ fn log_line(value: &serde_json::Value) -> LogLine {
     LogLine { time: text("timestamp"), source: text("source"), message: text("message") }
 }
 
+/// Run `id` as stored, if the caller may see it, with its logs (JSON).
+async fn stored_run(console: &Console, caller: &Caller, id: &str) -> Option<(crate::runs::RunRow, String)> {
+    let (store, wanted) = (console.controller.runs.store.clone(), id.to_string());
+    let found = tokio::task::spawn_blocking(move || store.logs(&wanted)).await.ok().and_then(Result::ok).flatten();
+    found.filter(|(row, _)| caller.scope == Scope::Admin || row.user_id == caller.user_id)
+}
+
 pub async fn run(State(console): State<Arc<Console>>, headers: HeaderMap, Path(id): Path<String>) -> Response<Body> {
     let (_, session, caller) = signed_in!(console, headers);
-    let store = console.controller.runs.store.clone();
-    let wanted = id.clone();
-    let found = tokio::task::spawn_blocking(move || store.logs(&wanted)).await.ok().and_then(Result::ok).flatten();
     let nav = Nav::new(&caller, &session, "runs");
-    let Some((row, logs)) = found.filter(|(row, _)| caller.scope == Scope::Admin || row.user_id == caller.user_id)
-    else {
+    let Some((row, stored)) = stored_run(&console, &caller, &id).await else {
         return error_page(StatusCode::NOT_FOUND, nav, format!("there is no run {id} of yours"));
     };
-    let live = row.finished_ms.is_none() && console.controller.runs.watch(&row.id).is_some();
-    let logs: Vec<serde_json::Value> = if live {
-        // Its lines so far come from the live run (the stored row has none until it ends); the page's script
-        // follows the rest.
-        Vec::new()
-    } else {
-        serde_json::from_str(&logs).unwrap_or_default()
+    // A run going on (or just ended, before its end is stored) shows the lines it has printed so far; the page's
+    // script follows the rest from there.
+    let (live, logs) = match console.controller.runs.watch(&row.id) {
+        Some((_, (lines, ended, _))) => (ended.is_none(), lines),
+        None => (false, serde_json::from_str(&stored).unwrap_or_default()),
     };
     let (worker, truncated) = (row.worker.clone(), row.logs_truncated);
     render(RunPage { nav, run: run_line(row), worker, live, logs: logs.iter().map(log_line).collect(), truncated })
 }
 
-/// `GET /runs/{id}/events`: a live run's log lines as server-sent events (`line` events with fal's log JSON, then
-/// one `end` event with its outcome), from its first line.
+fn event(name: &str, data: &str) -> Result<Bytes, std::convert::Infallible> {
+    Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
+}
+
+/// `GET /runs/{id}/events`: a run's log lines as server-sent events (`line` events with fal's log JSON, from its
+/// first line), followed live while it goes on, then one `end` event with its outcome (`lagged` says how many lines
+/// a watcher too slow to keep up missed).
 pub async fn run_events(
     State(console): State<Arc<Console>>,
     headers: HeaderMap,
@@ -477,36 +473,55 @@ pub async fn run_events(
         .controller
         .runs
         .watch(&id)
-        .filter(|(owner, _, _)| caller.scope == Scope::Admin || *owner == caller.user_id);
-    let Some((_, lines, receiver)) = watched else {
-        let nav = Nav::new(&caller, &session, "runs");
-        return error_page(StatusCode::NOT_FOUND, nav, format!("run {id} is not running now (reload its page)"));
-    };
-    let event = |name: &str, data: &str| {
-        Ok::<_, std::convert::Infallible>(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
-    };
-    let earlier = futures_util::stream::iter(lines.into_iter().map(move |line| event("line", &line.to_string())));
-    let later = tokio_stream::wrappers::BroadcastStream::new(receiver)
-        .scan(false, |ended, item| {
-            let out = match item {
-                _ if *ended => return std::future::ready(None),
-                Ok(LiveLog::Line(line)) => Some(format!("event: line\ndata: {line}\n\n")),
-                Ok(LiveLog::Ended(outcome)) => {
-                    *ended = true;
-                    Some(format!("event: end\ndata: {outcome}\n\n"))
-                }
-                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(format!("event: lagged\ndata: {n}\n\n"))
-                }
+        .filter(|(owner, _)| caller.scope == Scope::Admin || *owner == caller.user_id);
+    let body = match watched {
+        Some((_, (lines, ended, receiver))) => {
+            let earlier = futures_util::stream::iter(lines).map(|line| event("line", &line.to_string()));
+            let later = match ended {
+                Some(outcome) => futures_util::stream::iter(vec![event("end", outcome)]).boxed(),
+                None => follow(receiver).boxed(),
             };
-            std::future::ready(out)
-        })
-        .map(|text| Ok::<_, std::convert::Infallible>(Bytes::from(text)));
-    let mut response = Response::new(Body::from_stream(earlier.chain(later)));
+            Body::from_stream(earlier.chain(later))
+        }
+        None => match stored_run(&console, &caller, &id).await {
+            Some((row, stored)) if row.finished_ms.is_some() => {
+                let lines: Vec<serde_json::Value> = serde_json::from_str(&stored).unwrap_or_default();
+                let mut events: Vec<_> = lines.iter().map(|line| event("line", &line.to_string())).collect();
+                events.push(event("end", &row.outcome));
+                Body::from_stream(futures_util::stream::iter(events))
+            }
+            _ => {
+                let nav = Nav::new(&caller, &session, "runs");
+                return error_page(StatusCode::NOT_FOUND, nav, format!("there is no run {id} of yours"));
+            }
+        },
+    };
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// What follows for a watcher of a live run: its lines, until its end.
+fn follow(
+    receiver: tokio::sync::broadcast::Receiver<LiveLog>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+    tokio_stream::wrappers::BroadcastStream::new(receiver)
+        .scan(false, |ended, item| {
+            let text = match item {
+                _ if *ended => return std::future::ready(None),
+                Ok(LiveLog::Line(line)) => format!("event: line\ndata: {line}\n\n"),
+                Ok(LiveLog::Ended(outcome)) => {
+                    *ended = true;
+                    format!("event: end\ndata: {outcome}\n\n")
+                }
+                Err(BroadcastStreamRecvError::Lagged(n)) => format!("event: lagged\ndata: {n}\n\n"),
+            };
+            std::future::ready(Some(text))
+        })
+        .map(|text| Ok(Bytes::from(text)))
 }
 
 // --- apps ------------------------------------------------------------------------------------------------------
@@ -606,9 +621,8 @@ pub async fn schedules(State(console): State<Arc<Console>>, headers: HeaderMap) 
     let (store, runs) = (console.controller.schedules.store.clone(), console.controller.runs.store.clone());
     let (schedules, activations) = tokio::task::spawn_blocking(move || {
         let schedules = store.list(user.as_deref()).unwrap_or_default();
-        let query = RunQuery { user, limit: RUNS_PER_PAGE * 4, ..Default::default() };
-        let activations: Vec<_> =
-            runs.list(&query).unwrap_or_default().into_iter().filter(|r| r.kind == "activation").collect();
+        let query = RunQuery { user, kind: Some("activation"), limit: RUNS_PER_PAGE, ..Default::default() };
+        let activations = runs.list(&query).unwrap_or_default();
         (schedules, activations)
     })
     .await
@@ -670,12 +684,8 @@ fn installed(env_dir: &std::path::Path) -> String {
     found.join(", ")
 }
 
-pub async fn environments(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Query(notice): Query<Notice>,
-) -> Response<Body> {
-    let (_, session, caller) = signed_in!(console, headers);
+pub async fn environments(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response<Body> {
+    let (id, session, caller) = signed_in!(console, headers);
     let nav = Nav::new(&caller, &session, "environments");
     let listed = match console.controller.engine.environments().await {
         Ok(listed) => listed,
@@ -700,7 +710,7 @@ pub async fn environments(
     })
     .await
     .unwrap_or_default();
-    let notice = notice.notice.filter(|n| !n.is_empty());
+    let notice = console.sessions.take_notice(&id);
     render(EnvironmentsPage { nav, environments, notice })
 }
 
@@ -710,7 +720,7 @@ pub async fn remove_environment(
     Path((user, key)): Path<(String, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Response<Body> {
-    let (_, _, caller) = posted!(console, headers, form.csrf);
+    let (id, _, caller) = posted!(console, headers, form.csrf);
     let notice = if caller.scope != Scope::Admin && user != caller.user_id {
         format!("there is no environment {user}/{key} of yours")
     } else {
@@ -719,7 +729,8 @@ pub async fn remove_environment(
             Err(error) => error.to_string(),
         }
     };
-    Redirect::to(&format!("/environments?notice={}", urlencode(&notice))).into_response()
+    console.sessions.notify(&id, notice);
+    Redirect::to("/environments").into_response()
 }
 
 // --- keys and secrets ------------------------------------------------------------------------------------------

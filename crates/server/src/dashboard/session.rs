@@ -1,7 +1,12 @@
 //! Dashboard sessions: signing in with a key gives a random session token, kept by the browser in an HttpOnly,
-//! SameSite=Strict cookie (never in a URL), and held here in memory with the key it stands for. Each request
-//! checks that key again (a revoked key ends its sessions at once); a server restart ends them all.
-//! Every form carries the session's own CSRF token, checked on each POST.
+//! SameSite=Strict cookie (never in a URL; a session cookie, gone when the browser closes), and held here in memory
+//! with the key it stands for. Each request checks that key again (a revoked key ends its sessions at once); a
+//! server restart ends them all. Every form carries the session's own CSRF token, checked on each POST. Over TLS
+//! the cookie is `__Host-` prefixed (Secure, host-only, path /): an app on a subdomain cannot set one for it.
+//!
+//! Apps share the dashboard's origin where they are served by path (`/apps/...`, `/queue/...`): the gateway never
+//! hands them the session cookie, drops a session cookie they try to set, and sandboxes their answers
+//! (`crate::gateway::sandboxed`), so a page of theirs cannot act as a signed-in user of the dashboard.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -9,9 +14,53 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
 
-/// The cookie's name.
+/// The cookie's name over plaintext HTTP.
 pub const COOKIE: &str = "fal_session";
-/// How long a session lasts without use.
+/// Its name over TLS.
+pub const SECURE_COOKIE: &str = "__Host-fal_session";
+
+/// Whether `name` is the dashboard's session cookie (which an app is never given nor may set).
+pub fn is_session_cookie(name: &str) -> bool {
+    let name = name.trim();
+    name.eq_ignore_ascii_case(COOKIE) || name.eq_ignore_ascii_case(SECURE_COOKIE)
+}
+
+/// `headers`' `Cookie` values without the dashboard's session cookie: what an app is sent.
+pub fn strip_session_cookie(headers: &mut HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter(|pair| !pair.split_once('=').is_some_and(|(name, _)| is_session_cookie(name)))
+        .map(|pair| pair.trim().to_string())
+        .filter(|pair| !pair.is_empty())
+        .collect();
+    headers.remove(header::COOKIE);
+    if let Ok(value) = header::HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            headers.insert(header::COOKIE, value);
+        }
+    }
+}
+
+/// Drops the `Set-Cookie` headers of an app's answer that would set the dashboard's session cookie.
+pub fn drop_session_cookie_sets(headers: &mut HeaderMap) {
+    let kept: Vec<header::HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|value| {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            !text.split_once('=').is_some_and(|(name, _)| is_session_cookie(name))
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for value in kept {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+/// How long a session lasts without use (the cookie itself lasts until the browser closes).
 const IDLE_LIMIT: Duration = Duration::from_secs(12 * 3600);
 /// Sessions held at most: past it the oldest go first.
 const MAX_SESSIONS: usize = 10_000;
@@ -24,6 +73,8 @@ pub struct Session {
     /// The token each of its forms sends back.
     pub csrf: String,
     used: Instant,
+    /// A message for the next page (what an action did), shown once.
+    notice: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -44,13 +95,26 @@ impl Sessions {
             }
         }
         let id = token();
-        sessions.insert(id.clone(), Session { key_id, key_secret, csrf: token(), used: Instant::now() });
+        let session = Session { key_id, key_secret, csrf: token(), used: Instant::now(), notice: None };
+        sessions.insert(id.clone(), session);
         id
+    }
+
+    /// Keeps `notice` for session `id`'s next page.
+    pub fn notify(&self, id: &str, notice: String) {
+        if let Some(session) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+            session.notice = Some(notice);
+        }
+    }
+
+    /// Session `id`'s notice, if it has one, taken (shown once).
+    pub fn take_notice(&self, id: &str) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id)?.notice.take()
     }
 
     /// The session the request's cookie names, if it is live.
     pub fn of(&self, headers: &HeaderMap) -> Option<(String, Session)> {
-        let id = cookie(headers, COOKIE)?;
+        let id = cookie(headers, SECURE_COOKIE).or_else(|| cookie(headers, COOKIE))?;
         let mut sessions = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let session = sessions.get_mut(&id)?;
         if session.used.elapsed() >= IDLE_LIMIT {
@@ -78,15 +142,26 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, value)| value.to_string())
 }
 
-/// The `Set-Cookie` value of a session (`Secure` when the port serves TLS).
+/// The `Set-Cookie` value of a session (`__Host-` and `Secure` when the port serves TLS).
 pub fn set_cookie(token: &str, secure: bool) -> String {
-    let secure = if secure { "; Secure" } else { "" };
-    format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", IDLE_LIMIT.as_secs())
+    match secure {
+        true => format!("{SECURE_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Secure"),
+        false => format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"),
+    }
 }
 
 /// The `Set-Cookie` value that ends a session in the browser.
-pub fn clear_cookie() -> String {
-    format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+pub fn clear_cookie(secure: bool) -> String {
+    match secure {
+        true => format!("{SECURE_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Secure; Max-Age=0"),
+        false => format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    }
+}
+
+/// Whether a form's CSRF token is the session's (in constant time).
+pub fn csrf_matches(sent: &str, session: &Session) -> bool {
+    use subtle::ConstantTimeEq;
+    sent.len() == session.csrf.len() && bool::from(sent.as_bytes().ct_eq(session.csrf.as_bytes()))
 }
 
 #[cfg(test)]
@@ -112,6 +187,27 @@ mod tests {
     fn the_cookie_is_http_only_and_same_site() {
         let cookie = set_cookie("t", true);
         assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Secure"));
+        assert!(cookie.starts_with("__Host-") && !cookie.contains("Domain"));
         assert!(!set_cookie("t", false).contains("Secure"));
+    }
+
+    #[test]
+    fn apps_are_neither_sent_nor_may_set_the_session_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, "a=1; fal_session=secret; b=2".parse().unwrap());
+        headers.append(header::COOKIE, "__Host-fal_session=s2".parse().unwrap());
+        strip_session_cookie(&mut headers);
+        assert_eq!(headers.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut only = HeaderMap::new();
+        only.insert(header::COOKIE, "fal_session=secret".parse().unwrap());
+        strip_session_cookie(&mut only);
+        assert!(only.get(header::COOKIE).is_none());
+
+        let mut answer = HeaderMap::new();
+        answer.append(header::SET_COOKIE, "theirs=1; Path=/".parse().unwrap());
+        answer.append(header::SET_COOKIE, "FAL_SESSION=fixed; Path=/".parse().unwrap());
+        answer.append(header::SET_COOKIE, "__Host-fal_session=fixed; Path=/; Secure".parse().unwrap());
+        drop_session_cookie_sets(&mut answer);
+        assert_eq!(answer.get_all(header::SET_COOKIE).iter().collect::<Vec<_>>(), ["theirs=1; Path=/"]);
     }
 }

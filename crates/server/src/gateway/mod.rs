@@ -60,25 +60,45 @@ pub fn routes(gateway: Arc<Gateway>) -> Router {
         .route("/apps/{user}/{app}", any(app_root))
         .route("/apps/{user}/{app}/", any(app_root))
         .route("/apps/{user}/{app}/{*path}", any(app_path))
+        .route_layer(axum::middleware::map_response(sandboxed))
         .with_state(gateway)
 }
 
-/// What answers a path nothing else does: an app named by the host, as the original client prints its URLs
-/// (`https://<user>-<alias>.gateway.<host>/[path]`, for a wildcard DNS name pointing here), else a 404.
-pub async fn by_host_or_not_found(State(gateway): State<Arc<Gateway>>, request: Request) -> Response<Body> {
-    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+/// The policy apps' answers on the server's own origin (by path: `/apps/...`, `/queue/...`) carry: a
+/// `Content-Security-Policy` sandbox without `allow-same-origin`, so an app's page runs its scripts in an origin
+/// of its own and cannot read the dashboard (same origin otherwise) nor act as its signed-in user. Clients other
+/// than browsers ignore it. An app whose web page needs an origin of its own (cookies, storage) is reached by host:
+/// `https://<user>-<alias>.gateway.<host>/`.
+const APP_SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups allow-downloads allow-modals";
+
+/// Adds [`APP_SANDBOX`] to an answer (beside any policy of the app's own: browsers enforce both).
+pub async fn sandboxed(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().append(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(APP_SANDBOX));
+    response
+}
+
+/// The app a request's host names, as the original client prints its URLs
+/// (`https://<user>-<alias>.gateway.<host>/[path]`, for a wildcard DNS name pointing here): its user and name.
+pub async fn app_named_by_host(gateway: &Gateway, headers: &HeaderMap) -> Option<(String, String)> {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
     let mut labels = host.split('.');
-    if let (Some(label), Some("gateway")) = (labels.next(), labels.next()) {
-        // User names may hold '-' too: each split is tried, the first that names an app wins.
-        // At most MAX_HOST_SPLITS: a crafted name cannot make one request cost many lookups.
-        let splits = label.match_indices('-').take(MAX_HOST_SPLITS).map(|(at, _)| (&label[..at], &label[at + 1..]));
-        for (user, app) in splits {
-            if !app.is_empty() && gateway.apps.resolve(user, app).await.is_ok() {
-                let (user, app) = (user.to_string(), app.to_string());
-                let path = request.uri().path().trim_start_matches('/').to_string();
-                return serve(gateway, user, app, path, request).await;
-            }
+    let (Some(label), Some("gateway")) = (labels.next(), labels.next()) else { return None };
+    // User names may hold '-' too: each split is tried, the first that names an app wins.
+    // At most MAX_HOST_SPLITS: a crafted name cannot make one request cost many lookups.
+    let splits = label.match_indices('-').take(MAX_HOST_SPLITS).map(|(at, _)| (&label[..at], &label[at + 1..]));
+    for (user, app) in splits {
+        if !app.is_empty() && gateway.apps.resolve(user, app).await.is_ok() {
+            return Some((user.to_string(), app.to_string()));
         }
+    }
+    None
+}
+
+/// What answers a path nothing else does: an app named by the host ([`app_named_by_host`]), else a 404.
+pub async fn by_host_or_not_found(State(gateway): State<Arc<Gateway>>, request: Request) -> Response<Body> {
+    if let Some((user, app)) = app_named_by_host(&gateway, request.headers()).await {
+        let path = request.uri().path().trim_start_matches('/').to_string();
+        return serve(gateway, user, app, path, request).await;
     }
     json_error(
         StatusCode::NOT_FOUND,

@@ -34,9 +34,12 @@ pub fn client() -> Client {
         .build(connector)
 }
 
-/// Headers that belong to one connection, not to the request (RFC 9110 7.6.1), and the key of the caller (which
-/// an app of another user must never see).
+/// Headers that belong to one connection, not to the request (RFC 9110 7.6.1), the key of the caller (which
+/// an app of another user must never see), and the dashboard's session cookie (both ways: see
+/// `crate::dashboard::session`).
 fn strip(headers: &mut HeaderMap) {
+    crate::dashboard::session::strip_session_cookie(headers);
+    crate::dashboard::session::drop_session_cookie_sets(headers);
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

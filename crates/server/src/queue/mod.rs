@@ -668,6 +668,7 @@ pub fn routes(queue: Arc<Queue>) -> Router {
         .route("/queue/{user}/{app}", any(root))
         .route("/queue/{user}/{app}/", any(root))
         .route("/queue/{user}/{app}/{*rest}", any(rest))
+        .route_layer(axum::middleware::map_response(crate::gateway::sandboxed))
         .with_state(queue)
 }
 

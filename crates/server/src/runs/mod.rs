@@ -208,17 +208,20 @@ impl Runs {
     /// Records a run whose start was not recorded (the queue's, which records its requests itself until they end).
     pub fn ended(&self, ended: Ended) {
         self.metrics.run_ended(&ended);
-        if let Some((_, logs)) = self.live_runs().remove(&ended.run.id) {
+        // Its end is told before it leaves the live runs: a watcher arriving in between sees it ended.
+        let live = self.live_runs().get(&ended.run.id).map(|(_, logs)| logs.clone());
+        if let Some(logs) = live {
             logs.end(ended.outcome.parts().0);
+            self.live_runs().remove(&ended.run.id);
         }
         self.send(Event::Ended(Box::new(ended)));
     }
 
-    /// Run `id`'s owner and its logs so far, with a receiver of what follows, while it goes on.
-    pub fn watch(&self, id: &str) -> Option<(String, Vec<serde_json::Value>, broadcast::Receiver<LiveLog>)> {
+    /// Run `id`'s owner and what [`LogCapture::subscribe`] gives, while it goes on (or has just ended: its end is
+    /// then in what it gives).
+    pub fn watch(&self, id: &str) -> Option<(String, Watched)> {
         let (owner, logs) = self.live_runs().get(id).cloned()?;
-        let (lines, receiver) = logs.subscribe();
-        Some((owner, lines, receiver))
+        Some((owner, logs.subscribe()))
     }
 
     fn live_runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Arc<LogCapture>)>> {
@@ -341,7 +344,6 @@ const LIVE_LAG: usize = 1024;
 pub struct LogCapture {
     limit: usize,
     kept: Mutex<Captured>,
-    live: broadcast::Sender<LiveLog>,
 }
 
 #[derive(Debug, Default)]
@@ -349,24 +351,41 @@ struct Captured {
     lines: Vec<serde_json::Value>,
     bytes: usize,
     left_out: usize,
+    /// Made by the first watcher: a run nobody watches (nearly all) costs nothing more.
+    live: Option<broadcast::Sender<LiveLog>>,
+    /// How it ended, once it has.
+    ended: Option<&'static str>,
 }
+
+impl Captured {
+    fn tell(&self, event: LiveLog) {
+        if let Some(live) = &self.live {
+            let _ = live.send(event);
+        }
+    }
+}
+
+/// What a watcher of a run gets: its lines so far, how it ended if it has, and a receiver of what follows.
+pub type Watched = (Vec<serde_json::Value>, Option<&'static str>, broadcast::Receiver<LiveLog>);
 
 impl LogCapture {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit, kept: Mutex::default(), live: broadcast::channel(LIVE_LAG).0 })
+        Arc::new(Self { limit, kept: Mutex::default() })
     }
 
-    /// The lines so far and a receiver of those that follow: taken under the lock lines are pushed under, so none
-    /// is missed or seen twice.
-    pub fn subscribe(&self) -> (Vec<serde_json::Value>, broadcast::Receiver<LiveLog>) {
-        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        (kept.lines.clone(), self.live.subscribe())
+    /// The lines so far, its end if it has ended, and a receiver of what follows: taken under the lock lines are
+    /// pushed under, so none is missed or seen twice.
+    pub fn subscribe(&self) -> Watched {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let receiver = kept.live.get_or_insert_with(|| broadcast::channel(LIVE_LAG).0).subscribe();
+        (kept.lines.clone(), kept.ended, receiver)
     }
 
     /// Tells watchers the run ended.
     fn end(&self, outcome: &'static str) {
-        let _kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.live.send(LiveLog::Ended(outcome));
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.ended = Some(outcome);
+        kept.tell(LiveLog::Ended(outcome));
     }
 
     pub fn push(&self, source: LogSource, line: &str) {
@@ -381,8 +400,8 @@ impl LogCapture {
         }
         kept.bytes += line.len();
         let value = log_value(time, source, line);
-        if self.live.receiver_count() > 0 {
-            let _ = self.live.send(LiveLog::Line(value.clone()));
+        if kept.live.is_some() {
+            kept.tell(LiveLog::Line(value.clone()));
         }
         kept.lines.push(value);
     }
@@ -397,8 +416,8 @@ impl LogCapture {
                 continue;
             }
             kept.bytes += bytes;
-            if self.live.receiver_count() > 0 {
-                let _ = self.live.send(LiveLog::Line(value.clone()));
+            if kept.live.is_some() {
+                kept.tell(LiveLog::Line(value.clone()));
             }
             kept.lines.push(value);
         }
@@ -635,6 +654,29 @@ mod tests {
         assert!(logs[0].timestamp.is_some());
         let (json, cut) = LogCapture::new(10).json();
         assert_eq!((json.as_str(), cut), ("[]", false));
+    }
+
+    #[tokio::test]
+    async fn a_watched_run_gives_its_lines_so_far_then_each_new_one_then_its_end() {
+        let runs = Runs::start(
+            Arc::new(RunStore::open(&tempfile::tempdir().unwrap().path().join("s.sqlite3")).unwrap()),
+            RunsConfig::default(),
+            Default::default(),
+        );
+        let run = NewRun { id: "r1".into(), user_id: "alice".into(), kind: "call", ..Default::default() };
+        let recording = runs.begin(run);
+        recording.logs.push(LogSource::Stdout, "before");
+        let (owner, (lines, ended, mut receiver)) = runs.watch("r1").unwrap();
+        assert_eq!((owner.as_str(), lines.len(), ended), ("alice", 1, None));
+        recording.logs.push(LogSource::Stdout, "after");
+        let Ok(LiveLog::Line(line)) = receiver.recv().await else { panic!("a line") };
+        assert_eq!(line["message"], "after");
+        recording.finish(Outcome::Success);
+        let Ok(LiveLog::Ended(outcome)) = receiver.recv().await else { panic!("the end") };
+        assert_eq!(outcome, "success");
+        // Ended, it is no longer watched live (the stored run has it all).
+        assert!(runs.watch("r1").is_none());
+        runs.close().await;
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub struct RunQuery {
     pub failed_only: bool,
     /// Only those of this outcome (`success`, `error`, `timeout`, `cancelled`, `running`).
     pub outcome: Option<String>,
+    /// Only those of this kind (`call`, `web`, `queue`, `activation`).
+    pub kind: Option<&'static str>,
     /// Only those that arrived at or after this time (ms since the epoch).
     pub since_ms: Option<i64>,
     /// Only those before this cursor ([`RunRow::cursor`]).
@@ -211,6 +213,10 @@ impl RunStore {
         if let Some(outcome) = &query.outcome {
             values.push(outcome.clone().into());
             conditions.push(format!("outcome = ?{}", values.len()));
+        }
+        if let Some(kind) = query.kind {
+            values.push(kind.to_string().into());
+            conditions.push(format!("kind = ?{}", values.len()));
         }
         if let Some(since) = query.since_ms {
             values.push(since.into());
