@@ -252,3 +252,90 @@ def test_a_keep_alive_over_the_servers_ceiling_is_cut_and_the_call_says_so() -> 
         assert not server.workers(), "the worker outlived the server's keep_alive ceiling"
     finally:
         server.stop()
+
+
+MAP_HOSTILE = """
+import sys, cloudpickle, grpc
+from google.protobuf import struct_pb2
+import isolate_proto as pb
+
+host, key_id, key_secret, revoked_id, revoked_secret, python = sys.argv[1:7]
+channel = grpc.insecure_channel(host)
+map_stream = channel.stream_stream("/controller.IsolateController/MapStream", request_serializer=None,
+                                   response_deserializer=None)
+unary_map = channel.unary_stream("/controller.IsolateController/Map", request_serializer=None,
+                                 response_deserializer=None)
+configuration = struct_pb2.Struct()
+configuration.update({"requirements": [], "python_version": python,
+                      "serializer": "cloudpickle==" + cloudpickle.__version__})
+
+def varint(n):
+    out = b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+def field(number, payload):
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+def item(value):
+    return pb.SerializedObject(method="cloudpickle", definition=cloudpickle.dumps(value)).SerializeToString()
+
+def hosted_map(method="cloudpickle", inputs=()):
+    return pb.HostedMap(
+        environments=[pb.EnvironmentDefinition(kind="virtualenv", configuration=configuration)],
+        machine_requirements=pb.MachineRequirements(machine_type="XS", keep_alive=5),
+        function=pb.SerializedObject(method=method, definition=cloudpickle.dumps(abs)),
+        inputs=[pb.SerializedObject(method="cloudpickle", definition=cloudpickle.dumps(i)) for i in inputs],
+    ).SerializeToString()
+
+def first(method="cloudpickle"):
+    return field(1, hosted_map(method))
+
+def attempt(name, messages, key=(key_id, key_secret)):
+    metadata = [("auth-key-id", key[0]), ("auth-key", key[1])] if key else []
+    try:
+        replies = list(map_stream(iter(messages), metadata=metadata))
+        print(name, "accepted", len(replies))
+    except grpc.RpcError as error:
+        print(name, error.code().name, error.details())
+
+attempt("no-key", [first()], key=None)
+attempt("wrong-key", [first()], key=(key_id, "not-the-secret"))
+attempt("revoked-key", [first()], key=(revoked_id, revoked_secret))
+attempt("empty", [])
+attempt("no-map-first", [field(2, item(((1,), {})))])
+attempt("map-again", [first(), field(1, hosted_map())])
+attempt("dill", [first("dill")])
+attempt("garbage", [b"\\xff\\xff\\xff"])
+try:
+    list(unary_map(hosted_map(inputs=[((1,), {})]), metadata=[]))
+    print("unary-no-key accepted")
+except grpc.RpcError as error:
+    print("unary-no-key", error.code().name, error.details())
+"""
+
+
+def test_hostile_map_streams_are_refused_clearly(strict: Server, key: Tuple[str, str], original_stubs: Path) -> None:
+    revoked = strict.create_key("bad-input")
+    assert strict.cli("keys", "revoke", revoked[0]).returncode == 0
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    proc = subprocess.run(
+        [str(original_stubs), "-c", MAP_HOSTILE, strict.host, *key, *revoked, python],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert said["no-key"].startswith("UNAUTHENTICATED"), said
+    assert said["wrong-key"].startswith("UNAUTHENTICATED"), said
+    assert said["revoked-key"].startswith("UNAUTHENTICATED") and "revoked" in said["revoked-key"], said
+    assert said["empty"] == "INVALID_ARGUMENT the map's stream ended before its first message", said
+    assert said["no-map-first"].startswith("INVALID_ARGUMENT a map's first message must hold the map"), said
+    assert said["map-again"].startswith("INVALID_ARGUMENT only a map's first message names the map"), said
+    assert said["dill"].startswith('INVALID_ARGUMENT a map\'s function must be pickled with "cloudpickle"'), said
+    assert said["garbage"].startswith("INTERNAL") and "decode" in said["garbage"], said
+    assert said["unary-no-key"].startswith("UNAUTHENTICATED"), said
