@@ -28,9 +28,10 @@ pub async fn readyz(State(console): State<Arc<Console>>) -> impl IntoResponse {
         // A file of its own per probe, in a directory of probes: probes at once never race on one name.
         let probes = data_dir.join(PROBES);
         let probe = probes.join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
-        let written = std::fs::create_dir_all(&probes)
-            .and_then(|()| std::fs::write(&probe, b"ok"))
-            .and_then(|()| std::fs::remove_file(&probe));
+        let written = std::fs::create_dir_all(&probes).and_then(|()| std::fs::write(&probe, b"ok"));
+        // Removed whether or not the write went through (a full disk may leave it created and empty).
+        let removed = std::fs::remove_file(&probe);
+        let written = written.and(removed);
         checks.insert("data_dir".into(), verdict(written.map_err(|e| format!("the data dir takes no file: {e}"))));
         if jailed {
             let jail = fal_sandbox::Jail::from_path()

@@ -88,11 +88,16 @@ async fn apps_by_host_first(State(console): State<Arc<Console>>, request: Reques
 impl Console {
     /// Who a request's session (cookie) is signed in as, checked against the key store now.
     fn signed_in(&self, headers: &http::HeaderMap) -> Option<(String, session::Session, Caller)> {
-        let (id, session) = self.sessions.of(headers)?;
+        let (id, session) = self.sessions.of(headers, self.tls)?;
         match self.keys.verify(&session.key_id, &session.key_secret) {
             Ok(caller) if caller.depth == 0 => Some((id, session, caller)),
+            // The database did not answer: the session stays for the next request.
+            Err(crate::store::StoreError::Database(error)) => {
+                tracing::warn!(%error, "dashboard: cannot check a session's key");
+                None
+            }
             _ => {
-                // Its key was revoked: the session ends with it.
+                // Its key was revoked (or is no longer one that may sign in): the session ends with it.
                 self.sessions.remove(&id);
                 None
             }

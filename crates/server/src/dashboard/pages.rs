@@ -446,10 +446,11 @@ pub async fn run(State(console): State<Arc<Console>>, headers: HeaderMap, Path(i
     let Some((row, stored)) = stored_run(&console, &caller, &id).await else {
         return error_page(StatusCode::NOT_FOUND, nav, format!("there is no run {id} of yours"));
     };
-    // A run going on (or just ended, before its end is stored) shows the lines it has printed so far; the page's
-    // script follows the rest from there.
-    let (live, logs) = match console.controller.runs.watch(&row.id) {
-        Some((_, (lines, ended, _))) => (ended.is_none(), lines),
+    // A run going on shows the lines it has printed so far, and the page's script follows the rest from there. One
+    // that has just ended may not be stored as ended yet (the history writes every few ms): its events give it.
+    let (live, logs) = match console.controller.runs.peek(&row.id) {
+        Some((_, lines, ended)) => (ended.is_none(), lines),
+        None if row.finished_ms.is_none() => (true, Vec::new()),
         None => (false, serde_json::from_str(&stored).unwrap_or_default()),
     };
     let (worker, truncated) = (row.worker.clone(), row.logs_truncated);
@@ -469,11 +470,9 @@ pub async fn run_events(
     Path(id): Path<String>,
 ) -> Response<Body> {
     let (_, session, caller) = signed_in!(console, headers);
-    let watched = console
-        .controller
-        .runs
-        .watch(&id)
-        .filter(|(owner, _)| caller.scope == Scope::Admin || *owner == caller.user_id);
+    let theirs = |owner: &str| caller.scope == Scope::Admin || owner == caller.user_id;
+    let mine = console.controller.runs.peek(&id).is_some_and(|(owner, _, _)| theirs(&owner));
+    let watched = if mine { console.controller.runs.watch(&id) } else { None };
     let body = match watched {
         Some((_, (lines, ended, receiver))) => {
             let earlier = futures_util::stream::iter(lines).map(|line| event("line", &line.to_string()));
@@ -483,16 +482,16 @@ pub async fn run_events(
             };
             Body::from_stream(earlier.chain(later))
         }
-        None => match stored_run(&console, &caller, &id).await {
-            Some((row, stored)) if row.finished_ms.is_some() => {
+        None => match ended_run(&console, &caller, &id).await {
+            Some((row, stored)) => {
                 let lines: Vec<serde_json::Value> = serde_json::from_str(&stored).unwrap_or_default();
                 let mut events: Vec<_> = lines.iter().map(|line| event("line", &line.to_string())).collect();
                 events.push(event("end", &row.outcome));
                 Body::from_stream(futures_util::stream::iter(events))
             }
-            _ => {
+            None => {
                 let nav = Nav::new(&caller, &session, "runs");
-                return error_page(StatusCode::NOT_FOUND, nav, format!("there is no run {id} of yours"));
+                return error_page(StatusCode::NOT_FOUND, nav, format!("there is no run {id} of yours that ended"));
             }
         },
     };
@@ -501,6 +500,23 @@ pub async fn run_events(
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// How long the events of a run no longer live wait for its end to be stored (the history writes in batches).
+const STORED_END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Run `id` as stored once its end is, waiting [`STORED_END_WAIT`] for it.
+async fn ended_run(console: &Console, caller: &Caller, id: &str) -> Option<(crate::runs::RunRow, String)> {
+    let deadline = tokio::time::Instant::now() + STORED_END_WAIT;
+    loop {
+        match stored_run(console, caller, id).await {
+            Some(found) if found.0.finished_ms.is_some() => return Some(found),
+            // Not the caller's, or not there at all: no waiting.
+            None => return None,
+            Some(_) if tokio::time::Instant::now() >= deadline => return None,
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// What follows for a watcher of a live run: its lines, until its end.

@@ -19,39 +19,42 @@ pub const COOKIE: &str = "fal_session";
 /// Its name over TLS.
 pub const SECURE_COOKIE: &str = "__Host-fal_session";
 
-/// Whether `name` is the dashboard's session cookie (which an app is never given nor may set).
-pub fn is_session_cookie(name: &str) -> bool {
-    let name = name.trim();
-    name.eq_ignore_ascii_case(COOKIE) || name.eq_ignore_ascii_case(SECURE_COOKIE)
-}
-
-/// `headers`' `Cookie` values without the dashboard's session cookie: what an app is sent.
+/// `headers`' `Cookie` values without the dashboard's session cookie: what an app is sent. Works on bytes: a cookie
+/// of the app's that is not ASCII is kept as it was.
 pub fn strip_session_cookie(headers: &mut HeaderMap) {
-    let kept: Vec<String> = headers
+    let kept: Vec<&[u8]> = headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter(|pair| !pair.split_once('=').is_some_and(|(name, _)| is_session_cookie(name)))
-        .map(|pair| pair.trim().to_string())
-        .filter(|pair| !pair.is_empty())
+        .flat_map(|value| value.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .filter(|pair| !pair.is_empty() && !is_session_cookie_bytes(cookie_name(pair)))
         .collect();
+    let joined = kept.join(&b"; "[..]);
     headers.remove(header::COOKIE);
-    if let Ok(value) = header::HeaderValue::from_str(&kept.join("; ")) {
-        if !kept.is_empty() {
-            headers.insert(header::COOKIE, value);
-        }
+    if let (false, Ok(value)) = (joined.is_empty(), header::HeaderValue::from_bytes(&joined)) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
-/// Drops the `Set-Cookie` headers of an app's answer that would set the dashboard's session cookie.
+/// The name of a `name=value` pair (all of it, without a `=`).
+fn cookie_name(pair: &[u8]) -> &[u8] {
+    pair.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii()
+}
+
+fn is_session_cookie_bytes(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(COOKIE.as_bytes()) || name.eq_ignore_ascii_case(SECURE_COOKIE.as_bytes())
+}
+
+/// Drops the `Set-Cookie` headers of an app's answer that would set the dashboard's session cookie: those naming
+/// it, and those with no name, whose value a browser sends back as a bare `name=value` (`=fal_session=TOKEN`).
 pub fn drop_session_cookie_sets(headers: &mut HeaderMap) {
     let kept: Vec<header::HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
         .filter(|value| {
-            let text = String::from_utf8_lossy(value.as_bytes());
-            !text.split_once('=').is_some_and(|(name, _)| is_session_cookie(name))
+            let pair = value.as_bytes().split(|b| *b == b';').next().unwrap_or_default();
+            let name = cookie_name(pair);
+            !name.is_empty() && !is_session_cookie_bytes(name)
         })
         .cloned()
         .collect();
@@ -60,6 +63,7 @@ pub fn drop_session_cookie_sets(headers: &mut HeaderMap) {
         headers.append(header::SET_COOKIE, value);
     }
 }
+
 /// How long a session lasts without use (the cookie itself lasts until the browser closes).
 const IDLE_LIMIT: Duration = Duration::from_secs(12 * 3600);
 /// Sessions held at most: past it the oldest go first.
@@ -112,9 +116,10 @@ impl Sessions {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id)?.notice.take()
     }
 
-    /// The session the request's cookie names, if it is live.
-    pub fn of(&self, headers: &HeaderMap) -> Option<(String, Session)> {
-        let id = cookie(headers, SECURE_COOKIE).or_else(|| cookie(headers, COOKIE))?;
+    /// The session the request's cookie names, if it is live. Over TLS only the `__Host-` cookie counts (a plain one
+    /// may have been set by someone else: a subdomain, a path-served app).
+    pub fn of(&self, headers: &HeaderMap, tls: bool) -> Option<(String, Session)> {
+        let id = cookie(headers, if tls { SECURE_COOKIE } else { COOKIE })?;
         let mut sessions = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let session = sessions.get_mut(&id)?;
         if session.used.elapsed() >= IDLE_LIMIT {
@@ -130,16 +135,18 @@ impl Sessions {
     }
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
+/// The value of cookie `name` in the request's `Cookie` headers (on bytes: another cookie that is not ASCII does not
+/// hide it).
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value.to_string())
+        .flat_map(|value| value.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .find_map(|pair| {
+            let (key, value) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+            (key == name.as_bytes()).then(|| String::from_utf8_lossy(&value[1..]).into_owned())
+        })
 }
 
 /// The `Set-Cookie` value of a session (`__Host-` and `Secure` when the port serves TLS).
@@ -174,13 +181,23 @@ mod tests {
         let token = sessions.create("k".into(), "s".into());
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, format!("other=1; {COOKIE}={token}").parse().unwrap());
-        let (_, session) = sessions.of(&headers).unwrap();
+        let (_, session) = sessions.of(&headers, false).unwrap();
         assert_eq!(session.key_id, "k");
+        // Over TLS only the __Host- cookie counts.
+        assert!(sessions.of(&headers, true).is_none());
+        headers.insert(header::COOKIE, format!("{SECURE_COOKIE}={token}").parse().unwrap());
+        assert!(sessions.of(&headers, true).is_some());
+        // A cookie that is not ASCII beside it does not hide it.
+        headers.insert(
+            header::COOKIE,
+            header::HeaderValue::from_bytes(format!("x=\u{e9}; {COOKIE}={token}").as_bytes()).unwrap(),
+        );
+        assert!(sessions.of(&headers, false).is_some());
         headers.insert(header::COOKIE, format!("{COOKIE}=not-a-session").parse().unwrap());
-        assert!(sessions.of(&headers).is_none());
+        assert!(sessions.of(&headers, false).is_none());
         sessions.remove(&token);
         headers.insert(header::COOKIE, format!("{COOKIE}={token}").parse().unwrap());
-        assert!(sessions.of(&headers).is_none());
+        assert!(sessions.of(&headers, false).is_none());
     }
 
     #[test]
@@ -202,11 +219,16 @@ mod tests {
         only.insert(header::COOKIE, "fal_session=secret".parse().unwrap());
         strip_session_cookie(&mut only);
         assert!(only.get(header::COOKIE).is_none());
+        let mut theirs = HeaderMap::new();
+        theirs.insert(header::COOKIE, header::HeaderValue::from_bytes("x=\u{e9}; fal_session=s".as_bytes()).unwrap());
+        strip_session_cookie(&mut theirs);
+        assert_eq!(theirs[header::COOKIE].as_bytes(), "x=\u{e9}".as_bytes());
 
         let mut answer = HeaderMap::new();
         answer.append(header::SET_COOKIE, "theirs=1; Path=/".parse().unwrap());
         answer.append(header::SET_COOKIE, "FAL_SESSION=fixed; Path=/".parse().unwrap());
         answer.append(header::SET_COOKIE, "__Host-fal_session=fixed; Path=/; Secure".parse().unwrap());
+        answer.append(header::SET_COOKIE, "=fal_session=fixed; Path=/workers".parse().unwrap());
         drop_session_cookie_sets(&mut answer);
         assert_eq!(answer.get_all(header::SET_COOKIE).iter().collect::<Vec<_>>(), ["theirs=1; Path=/"]);
     }

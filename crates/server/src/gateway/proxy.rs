@@ -117,7 +117,8 @@ pub async fn forward(client: &Client, mut lease: Lease, mut request: Request<Bod
                 let (Ok(client), Ok(replica)) = (client_upgrade.await, replica_upgrade.await) else { return };
                 let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(replica)).await;
             });
-            let (parts, _) = response.into_parts();
+            let (mut parts, _) = response.into_parts();
+            crate::dashboard::session::drop_session_cookie_sets(&mut parts.headers);
             return Response::from_parts(parts, Body::empty());
         }
     }

@@ -224,6 +224,13 @@ impl Runs {
         Some((owner, logs.subscribe()))
     }
 
+    /// Run `id`'s owner, its lines so far and its end if it has ended, while it is live (no watcher is made).
+    pub fn peek(&self, id: &str) -> Option<(String, Vec<serde_json::Value>, Option<&'static str>)> {
+        let (owner, logs) = self.live_runs().get(id).cloned()?;
+        let kept = logs.kept.lock().unwrap_or_else(|e| e.into_inner());
+        Some((owner, kept.lines.clone(), kept.ended))
+    }
+
     fn live_runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Arc<LogCapture>)>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
