@@ -1,6 +1,6 @@
 //! The dashboard's pages: each reads what the signed-in caller may see (an admin everyone's) and renders a
 //! template of `templates/dashboard/`. Forms POST back with the session's CSRF token and redirect (a reload never
-//! repeats an action).
+//! repeats an action), except a new key's, whose answer shows its secret that once.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
