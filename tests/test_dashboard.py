@@ -16,10 +16,9 @@ import pytest
 from conftest import ROOT, Server, cloud_call, run_script, start_client, start_server
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 ARTIFACTS = Path(os.environ.get("FAL_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "dashboard"
@@ -65,10 +64,18 @@ def screenshot(browser: WebDriver, name: str) -> None:
 
 
 def click(browser: WebDriver, by: str, value: str) -> None:
-    """Clicks what submits a form or follows a link, and waits for the next page to have replaced this one."""
-    page = browser.find_element(By.TAG_NAME, "html")
+    """Clicks what submits a form or follows a link, and waits for the next page to have replaced this one.
+
+    The old page is marked with a window property (a new document has none) rather than watched through an element
+    reference: while a page is being replaced, Chromium can answer a question about an old element with a generic
+    inspector error ("Node with given id does not belong to the document") instead of a stale-element one."""
+    browser.execute_script("window.falPageBeforeClick = true")
     browser.find_element(by, value).click()
-    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(page))
+    WebDriverWait(browser, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda b: b.execute_script(
+            "return window.falPageBeforeClick === undefined && document.readyState === 'complete'"
+        )
+    )
 
 
 def sign_in(browser: WebDriver, server: Server, key: Tuple[str, str]) -> None:
@@ -84,7 +91,7 @@ def eventually(check: Callable[[], bool], timeout: float, what: str, browser: We
         try:
             if check():
                 return
-        except (NoSuchElementException, StaleElementReferenceException):
+        except WebDriverException:  # the element not there yet, or the page being replaced under it
             pass
         time.sleep(0.5)
         if reload:

@@ -122,7 +122,7 @@ impl Console {
             }
         };
         let queue = self.queue.clone();
-        let queue_depth = tokio::task::spawn_blocking(move || queue.depth()).await.ok().and_then(Result::ok);
+        let queue_depth = tokio::task::spawn_blocking(move || queue.depth(None)).await.ok().and_then(Result::ok);
         let (reserved, total) = self.capacity.usage();
         Snapshot { workers, replicas, queue_depth: queue_depth.unwrap_or(0), reserved, total }
     }

@@ -583,7 +583,7 @@ pub async fn apps(State(console): State<Arc<Console>>, headers: HeaderMap) -> Re
             .map(|a| {
                 let r = &a.revision;
                 let (count, mean) = runs.app_traffic(&r.user_id, r.name(), since).unwrap_or((0, None));
-                let queued = queue.depth_of(&r.id).unwrap_or(0);
+                let queued = queue.depth(Some(&r.id)).unwrap_or(0);
                 AppRow {
                     user: r.user_id.clone(),
                     alias: r.name().to_string(),

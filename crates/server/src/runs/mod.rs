@@ -208,12 +208,12 @@ impl Runs {
     /// Records a run whose start was not recorded (the queue's, which records its requests itself until they end).
     pub fn ended(&self, ended: Ended) {
         self.metrics.run_ended(&ended);
-        // Its end is told before it leaves the live runs: a watcher arriving in between sees it ended.
-        let live = self.live_runs().get(&ended.run.id).map(|(_, logs)| logs.clone());
-        if let Some(logs) = live {
+        // Told its end under the live runs' lock: no watcher finds it live without its end coming.
+        let mut live = self.live_runs();
+        if let Some((_, logs)) = live.remove(&ended.run.id) {
             logs.end(ended.outcome.parts().0);
-            self.live_runs().remove(&ended.run.id);
         }
+        drop(live);
         self.send(Event::Ended(Box::new(ended)));
     }
 
