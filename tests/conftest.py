@@ -153,13 +153,16 @@ def start_server(
     log: Optional[Path] = None,
 ) -> Server:
     """Starts `fal-serverless server` on a free loopback port with a fresh data dir (or `data_dir`, to restart one),
-    `config` as its config.toml and `env` added to its environment; its log (stderr) goes to `log` if given."""
+    `config` as its config.toml and `env` added to its environment; its log (stderr) goes to `log` (default:
+    `<data dir>.log`)."""
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fal-serverless-test-server-"))
     _DATA_DIRS.append(data_dir)
     if config is not None:
         data_dir.chmod(0o700)
         (data_dir / "config.toml").write_text(config)
-    with open(log or os.devnull, "ab") as stderr:
+    # Its log goes beside its data dir unless asked for elsewhere: a server that does not start is reported with it.
+    log = log or data_dir.parent / f"{data_dir.name}.log"
+    with open(log, "ab") as stderr:
         process = subprocess.Popen(
             [FAL_SERVERLESS, "server", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *extra],
             env=script_env(env),
@@ -173,6 +176,10 @@ def start_server(
         lines.append(line.strip())
         if "listening on" in line:
             break
+    if not lines or "listening on" not in lines[-1]:
+        process.kill()
+        tail = log.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the server did not start (exit {process.wait()}); its log ({log}):\n{tail}")
     values = dict(line.split("=", 1) for line in lines if line.startswith("FAL_KEY_"))
     host = lines[-1].rsplit(" ", 1)[-1]
     # A restarted server prints no key (its data dir has one): the admin key is then the caller's to reuse.

@@ -6,11 +6,14 @@ that call."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
-from typing import Dict, Iterator, Set
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Set
 
 import pytest
 from conftest import (
@@ -20,6 +23,7 @@ from conftest import (
     check_reference_example,
     cloud_call,
     run_script,
+    start_client,
     start_server,
 )
 from slurm_cluster import SlurmCluster, missing_tools, start_cluster
@@ -27,13 +31,37 @@ from slurm_cluster import SlurmCluster, missing_tools, start_cluster
 MEMORY_MB = 6000
 
 
-def slurm_config(cluster: SlurmCluster) -> str:
-    """The server's config: M and L are cut down to what the test machine has."""
+def slurm_commands(cluster: SlurmCluster) -> Path:
+    """Slurm's commands as the servers run them: the real ones, except that `squeue` fails while the file
+    `squeue-fails` exists here (as when slurmctld does not answer in time), and notes each run in `squeue.calls`."""
+    commands = cluster.root / "commands"
+    if not commands.exists():
+        commands.mkdir()
+        for name in ("sbatch", "scontrol", "scancel"):
+            (commands / name).symlink_to(shutil.which(name) or name)
+        (commands / "squeue").write_text(
+            "#!/bin/sh\n"
+            f"if [ -e '{commands}/squeue-fails' ]; then\n"
+            "  echo 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2; exit 1\n"
+            "fi\n"
+            f"echo \"$@\" >> '{commands}/squeue.calls'\n"
+            f"exec '{shutil.which('squeue')}' \"$@\"\n"
+        )
+        (commands / "squeue").chmod(0o755)
+    return commands
+
+
+def slurm_config(cluster: SlurmCluster, shared_dir: Optional[Path] = None) -> str:
+    """The server's config: M and L are cut down to what the test machine has; environments go to `shared_dir` (a
+    new directory if not given), the directory the nodes share, apart from the data dir."""
     cpus = cluster.cpus
+    shared_dir = shared_dir or Path(tempfile.mkdtemp(prefix="shared-", dir=cluster.root))
     return f"""provider = "slurm"
 [slurm]
 partition = "debug"
 callback = "{cluster.host_address}:0"
+bin_dir = "{slurm_commands(cluster)}"
+shared_dir = "{shared_dir}"
 [slurm.machine_types.M]
 cpus_per_task = {min(2, cpus)}
 memory_mb = 2048
@@ -219,7 +247,8 @@ def test_a_warm_job_cancelled_while_idle_is_replaced_on_the_next_call(
 
 
 def test_a_restarted_server_cancels_the_jobs_it_left(cluster: SlurmCluster) -> None:
-    server = start_server(config=slurm_config(cluster), env=cluster.env)
+    config = slurm_config(cluster)
+    server = start_server(config=config, env=cluster.env)
     key = server.create_key("restart")
     # A job queued behind a blocker when the server dies: nothing would ever connect to it.
     blocker = cluster.command(
@@ -234,7 +263,7 @@ def test_a_restarted_server_cancels_the_jobs_it_left(cluster: SlurmCluster) -> N
         server.process.wait(timeout=30)
         call.join(timeout=60)
         assert left in cluster.worker_jobs(), "the queued job should outlive the killed server until it restarts"
-        restarted = start_server(config=slurm_config(cluster), data_dir=server.data_dir, env=cluster.env)
+        restarted = start_server(config=config, data_dir=server.data_dir, env=cluster.env)
         try:
             deadline = time.time() + 10
             while left in cluster.worker_jobs() and time.time() < deadline:
@@ -387,3 +416,147 @@ print("stream", list(count(3)))
     assert "stream [0, 1, 2]" in proc.stdout
     # One warm job ran every call and map input: its setup ran once.
     assert proc.stdout.count("setup ran") == 1, proc.stdout
+
+
+def shared_dir_of(server: Server) -> Path:
+    for line in (server.data_dir / "config.toml").read_text().splitlines():
+        if line.startswith("shared_dir = "):
+            return Path(line.split("=", 1)[1].strip().strip('"'))
+    raise AssertionError("the server's config names no shared_dir")
+
+
+def test_environments_are_built_in_the_shared_dir_and_the_state_stays_in_the_data_dir(slurm_server: Server) -> None:
+    key = slurm_server.create_key("shared-dir")
+    assert job_of(slurm_server, key, keep_alive=0)["id"]
+    shared = shared_dir_of(slurm_server)
+    assert any((shared / "envs").iterdir()), "no environment was built in the shared dir"
+    assert not (slurm_server.data_dir / "envs").exists(), "an environment was built in the data dir"
+    assert (slurm_server.data_dir / "state.sqlite3").exists() and not (shared / "state.sqlite3").exists()
+
+
+def blocking_job(cluster: SlurmCluster, seconds: int) -> str:
+    """A job holding every CPU of the (one-node) cluster for `seconds`: worker jobs queue behind it."""
+    return cluster.command(
+        "sbatch",
+        "--parsable",
+        f"--cpus-per-task={cluster.cpus}",
+        "--mem=100M",
+        "-o",
+        "/dev/null",
+        "--wrap",
+        f"sleep {seconds}",
+    ).strip()
+
+
+def scancel(cluster: SlurmCluster, job: str) -> None:
+    subprocess.run(["scancel", job], env=dict(os.environ, **cluster.env), check=False)
+
+
+def test_slurm_not_answering_leaves_a_queued_call_waiting_not_failed(
+    slurm_server: Server, cluster: SlurmCluster
+) -> None:
+    key = slurm_server.create_key("squeue-fails")
+    failing = slurm_commands(cluster) / "squeue-fails"
+    blocker = blocking_job(cluster, 8)
+    try:
+        failing.touch()
+        before = set(cluster.worker_jobs())
+        client = start_client(slurm_server, key, "return 42", machine_type="XS", keep_alive=0)
+        new_worker_job(cluster, before)
+        time.sleep(3)  # several looks at the queue fail meanwhile
+        failing.unlink()
+        stdout, stderr = client.communicate(timeout=120)
+    finally:
+        failing.unlink(missing_ok=True)
+        scancel(cluster, blocker)
+    # Before: squeue's failure read as the job's end ("its Slurm job N is ."), and the call failed.
+    assert client.returncode == 0, stderr
+    assert stdout.strip().endswith("42"), stdout
+    assert "the cluster does not answer (slurm_load_jobs error: Socket timed out" in stderr, stderr
+
+
+def test_calls_waiting_in_the_queue_share_one_look_at_it(slurm_server: Server, cluster: SlurmCluster) -> None:
+    key = slurm_server.create_key("one-look")
+    calls = slurm_commands(cluster) / "squeue.calls"
+    blocker = blocking_job(cluster, 10)
+    clients: List[subprocess.Popen[str]] = []
+    try:
+        before = set(cluster.worker_jobs())
+        clients = [start_client(slurm_server, key, f"return {n}", machine_type="XS", keep_alive=0) for n in range(3)]
+        deadline = time.time() + 60
+        while len(set(cluster.worker_jobs()) - before) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(set(cluster.worker_jobs()) - before) == 3, "the three calls did not all queue"
+        looks_before, started = len(calls.read_text().splitlines()), time.time()
+        time.sleep(4)
+        looks = len(calls.read_text().splitlines()) - looks_before
+        window = time.time() - started
+        # All three still waited the whole window (else fewer looks would prove nothing).
+        pending = cluster.command(
+            "squeue", "--noheader", "--name", "fal-worker", "--states", "PENDING", "--format", "%i"
+        )
+        assert len(set(pending.split()) - before) == 3, "the calls stopped waiting within the window"
+    finally:
+        scancel(cluster, blocker)
+    for client in clients:
+        _, stderr = client.communicate(timeout=120)
+        assert client.returncode == 0, stderr
+    # One look each 500 ms for all three (before: one each 500 ms for each of them).
+    assert looks <= window / 0.5 + 2, f"{looks} squeue runs in {window:.1f}s for three waiting calls"
+
+
+def zombies_of(pid: int) -> List[str]:
+    """The children of `pid` that have ended but were never waited for."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        for child in children:
+            try:
+                stat = Path(f"/proc/{child}/stat").read_text()
+            except OSError:
+                continue  # reaped meanwhile
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                found.append(stat)
+    return found
+
+
+def test_an_abandoned_queued_call_cancels_its_job_and_leaves_no_zombie(
+    slurm_server: Server, cluster: SlurmCluster
+) -> None:
+    key = slurm_server.create_key("abandoned")
+    blocker = blocking_job(cluster, 30)
+    try:
+        before = set(cluster.worker_jobs())
+        client = start_client(slurm_server, key, "return 1", machine_type="XS", keep_alive=0)
+        job = new_worker_job(cluster, before)
+        client.kill()
+        client.wait(timeout=30)
+        deadline = time.time() + 20
+        while job in cluster.worker_jobs() and time.time() < deadline:
+            time.sleep(0.2)
+        assert job not in cluster.worker_jobs(), "the abandoned call's job is still queued"
+        # Before: scancel was spawned and never waited for, a zombie of the server's until it exited.
+        time.sleep(1)
+        assert zombies_of(slurm_server.process.pid) == []
+    finally:
+        scancel(cluster, blocker)
+
+
+def test_the_last_lines_a_function_prints_arrive_before_its_result(slurm_server: Server) -> None:
+    key = slurm_server.create_key("last-lines")
+    # Much more than a socket's buffers hold, written at once: the last lines are still in flight (or not yet read
+    # by the server) when the function returns.
+    body = (
+        "import sys\n"
+        "sys.stdout.write(''.join(f'line {n} ' + 'x' * 190 + '\\n' for n in range(25000)))\n"
+        "print('the very last line', flush=True)\n"
+        "return 'done'"
+    )
+    for attempt in range(3):
+        proc = cloud_call(slurm_server, body, key, keep_alive=30)
+        assert proc.returncode == 0, proc.stderr
+        output = proc.stdout + proc.stderr
+        assert "line 24999 " in output and "the very last line" in output, (attempt, output[-2000:])

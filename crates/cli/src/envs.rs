@@ -90,7 +90,7 @@ pub fn run(args: EnvsArgs) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    let store = EnvironmentStore::new(data_dir.join("envs"));
+    let store = EnvironmentStore::new(environments_dir(&data_dir)?.join("envs"));
     match args.command {
         EnvsCommand::List { user, json } => {
             // The budget is shown for reference; a config file that does not load only loses that.
@@ -106,6 +106,17 @@ pub fn run(args: EnvsArgs) -> anyhow::Result<()> {
             prune(&store, &policy, user.as_deref(), dry_run)
         }
     }
+}
+
+/// Where a server of `data_dir` builds its environments: the data dir, or the config's Slurm `shared_dir`.
+fn environments_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    if !data_dir.join("config.toml").is_file() {
+        return Ok(data_dir.to_path_buf());
+    }
+    let config = ServerConfig::load(data_dir, None, None).with_context(|| {
+        format!("reading {} to find where its environments are", data_dir.join("config.toml").display())
+    })?;
+    Ok(config.environments_dir)
 }
 
 /// The data dir's `[environments]`, or the defaults where it has no config file (the local host's cache).

@@ -15,8 +15,9 @@ use crate::environment::{
 use crate::error::{CallError, EnvironmentError};
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
+use crate::provider::cluster::ClusterProvider;
 use crate::provider::local::LocalProvider;
-use crate::provider::slurm::SlurmProvider;
+use crate::provider::slurm::Slurm;
 use crate::provider::{Provider, ProviderConfig};
 use crate::room::{Granted, Room};
 use crate::variables::WorkerVariables;
@@ -227,7 +228,7 @@ impl Engine {
                 let run_dir = config.jail.as_ref().map(|_| config.cache_dir.join("run"));
                 Box::new(LocalProvider::new(cgroups.clone(), config.network.clone(), run_dir.as_deref()))
             }
-            ProviderConfig::Slurm(slurm) => Box::new(SlurmProvider::new(slurm.clone())),
+            ProviderConfig::Slurm(slurm) => Box::new(ClusterProvider::new(Slurm::new(slurm.clone()))),
         };
         let sandbox = config.jail.clone().map(|jail| BuildSandbox {
             jail,
@@ -619,6 +620,7 @@ impl Engine {
     /// Stops all idle workers and waits for them; busy ones end with their calls.
     pub async fn shutdown(&self) {
         self.0.pool.shutdown().await;
+        self.0.provider.shutdown().await;
     }
 }
 

@@ -129,6 +129,9 @@ pub struct ServerConfig {
     pub credentials_file: Option<PathBuf>,
     /// Where workers run: this host, or a Slurm cluster (`provider = "slurm"` and a `[slurm]` table).
     pub provider: ProviderConfig,
+    /// Where environments are built: the data dir, or for Slurm `[slurm] shared_dir` (a directory every node mounts
+    /// at the same path), so that the server's state stays on its own disk.
+    pub environments_dir: PathBuf,
     /// The uids users' jailed processes run as: `uid_count` from `first_uid`.
     pub first_uid: u32,
     pub uid_count: u32,
@@ -354,6 +357,9 @@ struct SlurmFileConfig {
     env_cache: Option<String>,
     /// Where the Slurm commands are, if not on `PATH`.
     bin_dir: Option<PathBuf>,
+    /// A directory every node mounts at the same path, where environments are built (absolute); unset: the data
+    /// dir is that directory, which then must not be on a network file system (the server's state is in it).
+    shared_dir: Option<PathBuf>,
     #[serde(default)]
     machine_types: BTreeMap<String, SlurmMachineTypeConfig>,
 }
@@ -438,6 +444,7 @@ impl ServerConfig {
         let sharing = sharing(&file.capacity, &file.limits).map_err(invalid)?;
         let (environments, prune_interval) = environment_policy(&file.environments).map_err(invalid)?;
         let limits = user_limits(&file.limits).map_err(invalid)?;
+        let mut environments_dir = data_dir.to_path_buf();
         let provider = match (file.provider.as_deref(), file.slurm) {
             (None | Some("local"), None) => ProviderConfig::Local,
             (None | Some("local"), Some(_)) => {
@@ -446,7 +453,16 @@ impl ServerConfig {
                 ))
             }
             (Some("slurm"), slurm) => {
-                ProviderConfig::Slurm(slurm_config(&tag, slurm.unwrap_or_default(), &machine_types).map_err(invalid)?)
+                let mut slurm = slurm.unwrap_or_default();
+                if let Some(shared) = slurm.shared_dir.take() {
+                    if !shared.is_absolute() {
+                        return Err(invalid(format!(
+                            "[slurm] shared_dir = {shared:?}: must be an absolute path, the same on every node"
+                        )));
+                    }
+                    environments_dir = shared;
+                }
+                ProviderConfig::Slurm(slurm_config(&tag, slurm, &machine_types).map_err(invalid)?)
             }
             (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
         };
@@ -461,6 +477,7 @@ impl ServerConfig {
         Ok(Self {
             listen,
             provider,
+            environments_dir,
             data_dir: data_dir.to_path_buf(),
             cpus: file.capacity.cpus,
             memory_bytes: file.capacity.memory_gb.map(|gb| (gb * GIB) as u64),
@@ -731,8 +748,8 @@ fn slurm_config(tag: &str, file: SlurmFileConfig, machine_types: &MachineTypes) 
     match file.env_cache.as_deref() {
         None | Some("shared") => {}
         Some("per-node") => {
-            return Err("[slurm] env_cache = \"per-node\" is not supported yet; put the data dir on a file system \
-                        every node mounts at the same path and set env_cache = \"shared\""
+            return Err("[slurm] env_cache = \"per-node\" is not supported yet; set [slurm] shared_dir to a directory \
+                        every node mounts at the same path and env_cache = \"shared\""
                 .into())
         }
         Some(other) => return Err(format!("[slurm] env_cache = {other:?}: expected \"shared\"")),
@@ -822,6 +839,20 @@ mod tests {
         assert!(ServerConfig::load(dir.path(), None, None).unwrap_err().to_string().contains("not supported yet"));
         write("[slurm]\npartition = \"x\"\n");
         assert!(ServerConfig::load(dir.path(), None, None).unwrap_err().to_string().contains("provider = \"slurm\""));
+        // Environments go to the shared dir; the data dir (the server's state) stays where it is.
+        write("provider = \"slurm\"\n[slurm]\nshared_dir = \"/shared/fal\"\n");
+        let config = ServerConfig::load(dir.path(), None, None).unwrap();
+        assert_eq!(
+            (config.environments_dir.as_path(), config.data_dir.as_path()),
+            (Path::new("/shared/fal"), dir.path())
+        );
+        write("provider = \"slurm\"\n[slurm]\nshared_dir = \"shared\"\n");
+        assert!(ServerConfig::load(dir.path(), None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("must be an absolute path"));
+        write("provider = \"slurm\"\n");
+        assert_eq!(ServerConfig::load(dir.path(), None, None).unwrap().environments_dir, dir.path());
     }
 
     #[test]

@@ -148,6 +148,13 @@ pub enum ServerError {
     Storage(#[from] storage::StorageError),
     #[error(transparent)]
     Secrets(#[from] secrets::SecretsError),
+    #[error(
+        "the data dir {path} is on a network file system ({file_system}), where SQLite's locking is unsafe for the \
+         server's state (state.sqlite3). Keep the data dir on this host's disk, and set [slurm] shared_dir (in its \
+         config.toml) to the directory every node mounts: environments are built there. To keep this server's keys \
+         and apps, move state.sqlite3 and secrets.key into the new data dir"
+    )]
+    StateOnNetworkFileSystem { path: std::path::PathBuf, file_system: &'static str },
 }
 
 /// What a starting server tells whoever started it.
@@ -160,6 +167,38 @@ pub struct Started {
     pub unjailed: Option<String>,
     /// The certificate and key the port serves TLS with, when it does.
     pub tls: Option<TlsFiles>,
+}
+
+/// The network file system `path` is on, by name, if it is on one (or on one of the cluster file systems that
+/// share SQLite's trouble with locks).
+fn network_file_system(path: &std::path::Path) -> Option<&'static str> {
+    const KNOWN: [(i64, &str); 12] = [
+        (0x6969, "nfs"),
+        (0x517b, "smb"),
+        (0xff53_4d42, "cifs"),
+        (0xfe53_4d42, "smb2"),
+        (0x0bd0_0bd0, "lustre"),
+        (0x4750_4653, "gpfs"),
+        (0x00c3_6400, "ceph"),
+        (0x1983_0326, "beegfs"),
+        (0x5346_414f, "afs"),
+        (0x7375_7245, "coda"),
+        (0x0102_1997, "9p"),
+        (0x1366_1366, "orangefs"),
+    ];
+    // The data dir may not exist yet: its nearest existing ancestor is where it will be.
+    let absolute = std::path::absolute(path).ok()?;
+    let existing = absolute.ancestors().find(|p| p.exists())?;
+    let c_path = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of statfs's size, filled on success.
+    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statfs succeeded, so it filled the buffer. (`f_type` is i64 here, another integer elsewhere.)
+    #[allow(clippy::unnecessary_cast)]
+    let kind = unsafe { stat.assume_init() }.f_type as i64;
+    KNOWN.iter().find(|(magic, _)| *magic == kind).map(|(_, name)| *name)
 }
 
 /// Opens the data dir (creating it, mode 0700) and its key store; creates the first admin key if there is none.
@@ -181,6 +220,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
     started: impl FnOnce(&Started),
 ) -> Result<(), ServerError> {
+    // Slurm mode is where a data dir on a shared file system is likely (the nodes need the environments); on one
+    // host, a home directory on NFS holds the zero-config server's data dir, and has so far.
+    if matches!(config.provider, ProviderConfig::Slurm(_)) {
+        if let Some(file_system) = network_file_system(&config.data_dir) {
+            return Err(ServerError::StateOnNetworkFileSystem { path: config.data_dir.clone(), file_system });
+        }
+    }
     let (store, admin_key) = init(&config.data_dir)?;
     // Opened before anything starts: a missing or wrong key file stops the server at once, saying so.
     let secrets = {
@@ -222,7 +268,7 @@ pub async fn serve(
     // The engine's own settings (uv, payload limit) come from the environment, as everywhere it runs.
     let engine = Engine::new(EngineConfig {
         observer: Some(metrics.clone()),
-        cache_dir: config.data_dir.clone(),
+        cache_dir: config.environments_dir.clone(),
         machine_types: config.machine_types.clone(),
         jail,
         network: network.clone(),
@@ -409,6 +455,7 @@ pub async fn serve(
         queue: queue_store.clone(),
         sessions: Default::default(),
         data_dir: config.data_dir.clone(),
+        environments_dir: config.environments_dir.clone(),
         jailed: info.unjailed.is_none(),
         local_cgroups: info.unjailed.is_none() && matches!(config.provider, ProviderConfig::Local),
         metrics_public: config.metrics_public,
@@ -461,4 +508,17 @@ pub async fn serve(
 fn geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_disks_are_not_network_file_systems_and_a_missing_dir_is_judged_by_its_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(super::network_file_system(dir.path()), None);
+        assert_eq!(super::network_file_system(&dir.path().join("not/yet")), None);
+        assert_eq!(super::network_file_system(std::path::Path::new("relative/not/yet")), None);
+        // /proc is no network file system either; what statfs reports for it is read, not guessed.
+        assert_eq!(super::network_file_system(std::path::Path::new("/proc")), None);
+    }
 }

@@ -236,20 +236,7 @@ mod tests {
         std::fs::write(&python, agent).expect("fake python");
         std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let env_root = root.path().to_path_buf();
-        let spec = move || WorkerSpec {
-            python: python.clone(),
-            env_root: env_root.clone(),
-            dill_layer: None,
-            cgroup: None,
-            jail: None,
-            visible_gpus: None,
-            gpus: None,
-            max_payload: 1024,
-            data_dir: None,
-            link: None,
-            granted: None,
-            variables: crate::WorkerVariables::new(),
-        };
+        let spec = move || WorkerSpec::bare(python.clone(), env_root.clone());
         (root, provider, spec)
     }
 

@@ -3,12 +3,15 @@
 //!
 //! * [`local`]: a process of this host, in a cgroup the engine makes (and the server's jail), on GPUs of its own
 //!   ([`gpus`]) for GPU machine types.
-//! * [`slurm`]: a Slurm job on a cluster's node, sized by the machine type, whose agent connects back over TCP;
-//!   Slurm enforces the limits.
+//! * [`cluster`]: a job of a cluster's engine on one of its nodes, sized by the machine type, whose agent connects
+//!   back over TCP; the cluster enforces the limits. One [`cluster::Launcher`] per cluster engine:
+//!   * [`slurm`]: a Slurm batch job.
 //!
-//! Another cluster engine (Kubernetes, say) is another implementation of [`Provider`] and of the
-//! [`Placement`](crate::worker::Placement) its workers report their end through.
+//! Another cluster engine (Kubernetes, say) is another [`cluster::Launcher`]; a provider that is not a cluster at
+//! all, another implementation of [`Provider`] and of the [`Placement`](crate::worker::Placement) its workers
+//! report their end through.
 
+pub(crate) mod cluster;
 pub(crate) mod gpus;
 pub(crate) mod local;
 pub(crate) mod slurm;
@@ -43,4 +46,10 @@ pub(crate) trait Provider: Send + Sync + std::fmt::Debug {
 
     /// GPUs a machine type may be given (for capacity and early refusals); `None`: the provider does not know.
     fn gpus(&self) -> Option<u32>;
+
+    /// Finishes what the provider still does for workers that are gone (a cluster's cancellations), before the
+    /// engine stops.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }

@@ -1,13 +1,15 @@
-//! The Slurm provider: a worker is a Slurm job. Its allocation is the machine type's (`--cpus-per-task`, `--mem`,
+//! The Slurm launcher: a worker is a Slurm job. Its allocation is the machine type's (`--cpus-per-task`, `--mem`,
 //! `--gres` for GPU types), and Slurm enforces it (`task/cgroup`). The job's script connects three TCP streams back
 //! to this engine (frames, stdout, stderr), each opened with the worker's one-time token, then runs the agent as the
 //! local provider would (in the jail, where the server has one). The environment is built by the engine into a cache
-//! the nodes share, at the same path.
+//! the nodes share, at the same path. What every cluster shares (the start, the callback, the jobs' book, leftovers)
+//! is [`super::cluster`]'s; this module is how Slurm's commands do each part.
 //!
-//! A worker ends when the engine stops it (its keep_alive expired: the job is cancelled, releasing the allocation),
-//! or when its job ends on its own; [`SlurmJob::ended`] asks Slurm why (out of memory, node failure, cancelled).
-//! Jobs carry the server's tag in their comment, so a restarted engine cancels the warm jobs of its previous run
-//! instead of leaking them.
+//! One `squeue` of this server's jobs each [`POLL`] answers for every job someone waits on; a job that left the
+//! queue is asked of `scontrol`, which keeps an ended job's state a while (out of memory, node failure, cancelled).
+//! A command that fails (slurmctld timing out) says nothing of any job: the waiting calls are told the cluster does
+//! not answer, and keep waiting. Jobs carry the server's tag in their comment, so a restarted engine cancels the warm
+//! jobs of its previous run instead of leaking them.
 //!
 //! A worker's [variables](crate::WorkerVariables) (a user's secrets) are never in the job script, which Slurm keeps
 //! in its state directory and shows to `scontrol write batch_script`, nor in the job's environment as submitted
@@ -19,38 +21,27 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tokio::sync::{mpsc, OnceCell};
 
-use super::Provider;
+use super::cluster::book::{EndCause, Ending, JobBook, JobState};
+use super::cluster::{JobRequest, Launcher, Refused};
 use crate::error::CallError;
-use crate::logs::{LogSink, LogSource};
 use crate::machine::MachineType;
-use crate::worker::{AgentCommand, BoxFuture, Placement, Worker, WorkerSpec};
+use crate::worker::{AgentCommand, BoxFuture, WorkerSpec};
 
 /// The job name of every worker job; the comment tells one server's jobs from another's.
 const JOB_NAME: &str = "fal-worker";
-/// How often a queued job's state is asked for.
+/// How often the queue is asked for the states of the jobs someone waits on.
 const POLL: Duration = Duration::from_millis(500);
-/// How long Slurm may take to record why a job whose worker vanished ended.
-const END_GRACE: Duration = Duration::from_secs(15);
-/// TCP keepalive on worker jobs' streams: a node that vanished (powered off, cut off the network) without closing
-/// them fails its call within about a minute instead of leaving it to its timeout. Idle time before the first
-/// probe, time between probes, probes unanswered before the stream is closed.
-const TCP_KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(15), Duration::from_secs(5), 3);
-/// How long anything sent (data, or those probes) may go unacknowledged before the stream is closed: covers data
-/// in flight to a vanished node, where keepalive does not probe. Linux lets it override keepalive's count, so it
-/// is keepalive's own total (15 s + 3 x 5 s).
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a Slurm command may take (slurmctld's own timeout is 10 s by default); then it is killed, and what it was
+/// asked is unknown.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a server runs workers on Slurm.
 #[derive(Debug, Clone, Default)]
@@ -96,83 +87,13 @@ impl SlurmAllocation {
 }
 
 #[derive(Debug)]
-pub(crate) struct SlurmProvider {
+pub(crate) struct Slurm {
     config: SlurmConfig,
-    callback: OnceCell<Arc<Callback>>,
 }
 
-/// The listener worker jobs connect back to, and who waits for which token.
-#[derive(Debug)]
-struct Callback {
-    address: SocketAddr,
-    waiting: Mutex<HashMap<String, mpsc::UnboundedSender<(Stream, TcpStream)>>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Stream {
-    Frames,
-    Stdout,
-    Stderr,
-}
-
-impl SlurmProvider {
+impl Slurm {
     pub fn new(config: SlurmConfig) -> Self {
-        let provider = Self { config, callback: OnceCell::new() };
-        provider.cancel_jobs_of_a_previous_run();
-        provider
-    }
-
-    /// Warm jobs a previous run of this server started (it was killed, say) are cancelled: nothing would ever call
-    /// them again, and they hold allocations.
-    fn cancel_jobs_of_a_previous_run(&self) {
-        let listed = std::process::Command::new(program(self.config.bin_dir.as_ref(), "squeue"))
-            .args(["--noheader", "--name", JOB_NAME, "--format", "%i|%k"])
-            .stdin(Stdio::null())
-            .output();
-        let output = match listed {
-            Ok(output) if output.status.success() => output,
-            Ok(output) => {
-                tracing::warn!("squeue failed: {}", String::from_utf8_lossy(&output.stderr).trim());
-                return;
-            }
-            Err(error) => {
-                tracing::warn!("cannot run squeue ({error}); is Slurm installed on this host?");
-                return;
-            }
-        };
-        let ours: Vec<String> = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|line| line.split_once('|'))
-            .filter(|(_, comment)| *comment == self.config.tag)
-            .map(|(id, _)| id.trim().to_string())
-            .collect();
-        if ours.is_empty() {
-            return;
-        }
-        tracing::info!(jobs = %ours.join(","), "cancelling worker jobs of this server's previous run");
-        let scancel = program(self.config.bin_dir.as_ref(), "scancel");
-        let _ = std::process::Command::new(scancel).args(&ours).stdin(Stdio::null()).output();
-    }
-
-    async fn callback(&self) -> Result<Arc<Callback>, CallError> {
-        let callback = self
-            .callback
-            .get_or_try_init(|| async {
-                let asked = self.config.callback.ok_or_else(|| {
-                    CallError::Spawn(
-                        "the slurm provider needs `callback`: an address of this host the nodes reach".into(),
-                    )
-                })?;
-                let listener = TcpListener::bind(asked)
-                    .await
-                    .map_err(|e| CallError::Spawn(format!("cannot listen for worker jobs on {asked}: {e}")))?;
-                let address = listener.local_addr().map_err(|e| CallError::Spawn(e.to_string()))?;
-                let callback = Arc::new(Callback { address, waiting: Mutex::default() });
-                tokio::spawn(accept(listener, Arc::downgrade(&callback)));
-                Ok::<_, CallError>(callback)
-            })
-            .await?;
-        Ok(callback.clone())
+        Self { config }
     }
 
     fn allocation(&self, machine: &MachineType) -> SlurmAllocation {
@@ -244,246 +165,179 @@ impl SlurmProvider {
         script
     }
 
-    async fn submit(&self, script: &str) -> Result<String, String> {
-        let mut sbatch = command(self.config.bin_dir.as_ref(), "sbatch");
-        sbatch.arg("--parsable").stdin(Stdio::piped());
-        let mut child = sbatch.spawn().map_err(|e| format!("cannot run sbatch: {e}"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes()).await.map_err(|e| format!("sbatch: {e}"))?;
+    /// Runs a Slurm command to its end: its stdout, or what went wrong (its stderr, or why it could not run).
+    async fn run(&self, name: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
+        let mut command = Command::new(program(self.config.bin_dir.as_ref(), name));
+        command.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        command.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = command.spawn().map_err(|e| format!("cannot run {name}: {e}; is Slurm installed here?"))?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).await.map_err(|e| format!("{name}: {e}"))?;
         }
-        let output = child.wait_with_output().await.map_err(|e| format!("sbatch: {e}"))?;
+        let output = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| format!("{name} did not answer within {}s", COMMAND_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("{name}: {e}"))?;
         if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            return Err(if stderr.is_empty() { format!("{name} failed ({})", output.status) } else { stderr });
         }
-        // `--parsable` prints `<id>` or `<id>;<cluster>`.
-        let id = String::from_utf8_lossy(&output.stdout).trim().split(';').next().unwrap_or("").to_string();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
-            return Err(format!("sbatch printed no job id: {:?}", String::from_utf8_lossy(&output.stdout)));
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// This server's jobs in Slurm's queue (pending, running, completing), by id.
+    async fn queue(&self) -> Result<HashMap<String, QueuedJob>, String> {
+        let listed =
+            self.run("squeue", &["--noheader", "--name", JOB_NAME, "--format", "%i|%T|%r|%N|%k"], None).await?;
+        Ok(parse_queue(&listed, &self.config.tag))
+    }
+
+    /// How a job that left the queue ended; `Ok(None)`: Slurm says it has not.
+    async fn ending(&self, id: &str) -> Result<Option<Ending>, String> {
+        let shown = match self.run("scontrol", &["--oneliner", "show", "job", id], None).await {
+            Ok(shown) => shown,
+            // Ended long enough ago to be purged (MinJobAge).
+            Err(error) if error.contains("Invalid job id") => {
+                return Ok(Some(Ending {
+                    cause: EndCause::Other,
+                    node: None,
+                    detail: "no longer known to Slurm".into(),
+                }))
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(parse_ending(&shown))
+    }
+
+    /// One look at the queue, recorded in `book` for the jobs it follows.
+    async fn look(&self, book: &JobBook) -> Result<(), String> {
+        let followed = book.followed();
+        if followed.is_empty() {
+            return Ok(());
         }
-        Ok(id)
+        let queue = self.queue().await?;
+        let mut trouble = Ok(());
+        for id in followed {
+            match queue.get(&id) {
+                Some(job) if !is_terminal(&job.state) => book.record(&id, job.job_state()),
+                // One job's scontrol failing leaves the others' states to be recorded.
+                _ => match self.ending(&id).await {
+                    Ok(Some(ending)) => book.record(&id, JobState::Ended(ending)),
+                    Ok(None) => {}
+                    Err(error) => trouble = trouble.and(Err(error)),
+                },
+            }
+        }
+        trouble
     }
 }
 
-impl Provider for SlurmProvider {
-    fn start<'a>(
-        &'a self,
-        mut spec: WorkerSpec,
-        machine: &'a MachineType,
-        wait: Option<Duration>,
-        logs: &'a LogSink,
-    ) -> BoxFuture<'a, Result<Worker, CallError>> {
-        // Persistent storage is a directory of the server's host, which a cluster's nodes do not have.
-        spec.data_dir = None;
-        Box::pin(async move {
-            let callback = self.callback().await?;
-            let token = token();
-            let (sender, mut connections) = mpsc::unbounded_channel();
-            let _registered = Registration::new(&callback, &token, sender);
-            let allocation = self.allocation(machine);
-            let mut spec = spec;
-            if let Some(jail) = spec.jail.as_mut() {
-                // The job's agent needs the node's network to connect back; the cluster's network policy applies.
-                jail.network = fal_sandbox::JailNetwork::Host;
-            }
-            // No seccomp filter: the job's script could hand bubblewrap no descriptor of ours. What it takes away
-            // matters for `/data`'s quota, and a job has no `/data`.
-            let agent = spec.agent_command(None)?;
-            let script = self.script(&spec, &agent, &allocation, callback.address, &token);
-            let id = self.submit(&script).await.map_err(|reason| CallError::Allocation {
-                machine_type: machine.name.clone(),
-                options: allocation.options().join(" "),
-                reason,
-            })?;
-            // Until the worker is connected, the job is this call's to cancel (if the caller goes away, say).
-            let mut job = SlurmJob { id, bin_dir: self.config.bin_dir.clone(), node: None, stopped: false };
-            let mut streams: HashMap<Stream, TcpStream> = HashMap::new();
-            let mut shown = String::new();
-            let deadline = wait.map(|wait| tokio::time::Instant::now() + wait);
-            while streams.len() < 3 {
-                tokio::select! {
-                    connection = connections.recv() => {
-                        if let Some((kind, stream)) = connection {
-                            streams.insert(kind, stream);
-                        }
-                    }
-                    () = tokio::time::sleep(POLL) => {
-                        let (state, reason, node) = job.queue_state().await;
-                        if state.is_empty() || is_terminal(&state) {
-                            let why = job.final_state().await.unwrap_or(state);
-                            return Err(CallError::WorkerDied {
-                                how: format!(
-                                    "ended before it connected: its Slurm job {} is {why}. If it failed, check that \
-                                     the nodes reach this server's callback address {}",
-                                    job.id, callback.address
-                                ),
-                            });
-                        }
-                        job.node = node.or(job.node.take());
-                        let now = with_reason(&state, &reason);
-                        if state == "PENDING" && now != shown {
-                            logs.send(LogSource::Engine, format!("waiting for a Slurm allocation: {now}"));
-                            shown = now;
-                        }
-                        if deadline.is_some_and(|deadline| tokio::time::Instant::now() > deadline) {
-                            return Err(CallError::Timeout { seconds: wait.unwrap_or_default().as_secs_f64() });
-                        }
-                    }
-                }
-            }
-            let (Some(frames), Some(stdout), Some(stderr)) =
-                (streams.remove(&Stream::Frames), streams.remove(&Stream::Stdout), streams.remove(&Stream::Stderr))
-            else {
-                return Err(CallError::Spawn("a worker job connected the same stream twice".into()));
-            };
-            let _ = frames.set_nodelay(true);
-            let mut frames = frames;
-            frames
-                .write_all(&agent.variables_message(&spec.variables))
-                .await
-                .map_err(|e| CallError::Spawn(format!("worker job {}: sending its variables: {e}", job.id)))?;
-            let fd = |stream: TcpStream| stream.into_std().map(OwnedFd::from);
-            let job_id = job.id.clone();
-            let spawn_error = |e: std::io::Error| CallError::Spawn(format!("worker job {job_id}: {e}"));
-            let (stdout, stderr) = (fd(stdout).map_err(spawn_error)?, fd(stderr).map_err(spawn_error)?);
-            tracing::debug!(job = %job.id, node = ?job.node, machine_type = %machine.name, "worker job connected");
-            let placement = Box::new(std::mem::replace(&mut job, SlurmJob::defused()));
-            Worker::connected(placement, Box::new(frames), stdout, stderr, spec.max_payload).map_err(spawn_error)
+impl Launcher for Slurm {
+    const JOB: &'static str = "Slurm job";
+    const WAITING: &'static str = "waiting for a Slurm allocation";
+    const CLUSTER: &'static str = "Slurm";
+
+    fn callback_address(&self) -> Result<SocketAddr, CallError> {
+        self.config.callback.ok_or_else(|| {
+            CallError::Spawn("the slurm provider needs `callback`: an address of this host the nodes reach".into())
         })
     }
 
-    fn gpus(&self) -> Option<u32> {
-        None
-    }
-}
-
-/// A worker's job, from submission on. Dropped before it is stopped (its call was abandoned while it queued), it is
-/// cancelled.
-#[derive(Debug)]
-pub(crate) struct SlurmJob {
-    id: String,
-    bin_dir: Option<PathBuf>,
-    node: Option<String>,
-    stopped: bool,
-}
-
-impl SlurmJob {
-    fn defused() -> Self {
-        Self { id: String::new(), bin_dir: None, node: None, stopped: true }
-    }
-
-    fn command(&self, name: &str) -> Command {
-        command(self.bin_dir.as_ref(), name)
-    }
-
-    /// State, reason and node as `squeue` shows them; an empty state once the job has left the queue.
-    async fn queue_state(&self) -> (String, String, Option<String>) {
-        let output =
-            self.command("squeue").args(["--noheader", "--jobs", &self.id, "--format", "%T|%r|%N"]).output().await;
-        let text = output.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-        let mut fields = text.splitn(3, '|');
-        let state = fields.next().unwrap_or("").to_string();
-        let reason = fields.next().unwrap_or("").to_string();
-        let node = fields.next().map(str::to_string).filter(|n| !n.is_empty());
-        (state, reason, node)
-    }
-
-    /// `JobState` as `scontrol` records it, kept a while after the job ended.
-    async fn final_state(&self) -> Option<String> {
-        let output = self.command("scontrol").args(["--oneliner", "show", "job", &self.id]).output().await.ok()?;
-        let text = String::from_utf8_lossy(&output.stdout).to_string();
-        let field = |name: &str| text.split_whitespace().find_map(|kv| kv.strip_prefix(name)).map(str::to_string);
-        Some(with_reason(&field("JobState=")?, &field("Reason=").unwrap_or_default()))
-    }
-
-    fn cancel_now(&self) {
-        if self.id.is_empty() {
-            return;
-        }
-        // Not awaited: this runs from Drop, and scancel only asks slurmctld.
-        let _ = std::process::Command::new(program(self.bin_dir.as_ref(), "scancel"))
-            .arg(&self.id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-    }
-}
-
-impl Drop for SlurmJob {
-    fn drop(&mut self) {
-        if !self.stopped {
-            self.cancel_now();
-        }
-    }
-}
-
-impl Placement for SlurmJob {
-    fn id(&self) -> u32 {
-        self.id.parse().unwrap_or(0)
-    }
-
-    fn has_ended(&mut self) -> bool {
-        // Known only by asking Slurm, too slow for every call; a job that ended while idle closed its connection,
-        // which the worker itself sees.
-        false
-    }
-
-    fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError> {
+    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, Refused>> {
         Box::pin(async move {
-            if self.node.is_none() {
-                self.node = self.queue_state().await.2;
+            let allocation = self.allocation(job.machine);
+            let script = self.script(job.spec, job.agent, &allocation, job.callback, job.token);
+            let refused = |reason: String| Refused { asked: allocation.options().join(" "), reason };
+            let printed = self.run("sbatch", &["--parsable"], Some(&script)).await.map_err(refused)?;
+            // `--parsable` prints `<id>` or `<id>;<cluster>`.
+            let id = printed.trim().split(';').next().unwrap_or("").to_string();
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+                return Err(refused(format!("sbatch printed no job id: {printed:?}")));
             }
-            let deadline = tokio::time::Instant::now() + END_GRACE;
-            let mut state = None;
-            while tokio::time::Instant::now() < deadline {
-                let (queued, _, _) = self.queue_state().await;
-                if queued.is_empty() || is_terminal(&queued) {
-                    state = self.final_state().await;
-                    break;
+            Ok(id)
+        })
+    }
+
+    fn observe(self: Arc<Self>, book: Arc<JobBook>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            loop {
+                book.until_followed().await;
+                match self.look(&book).await {
+                    Ok(()) => book.trouble(None),
+                    Err(why) => {
+                        tracing::warn!(%why, "cannot ask Slurm for the state of worker jobs; asking again");
+                        book.trouble(Some(why));
+                    }
                 }
                 tokio::time::sleep(POLL).await;
             }
-            let node = self.node.clone().map(|n| format!("node {n}")).unwrap_or_else(|| "its node".into());
-            let Some(state) = state else {
-                // The worker's connection is gone but Slurm still runs the job: its node is unreachable, say.
-                self.cancel_now();
-                self.stopped = true;
-                return CallError::WorkerDied {
-                    how: format!(
-                        "lost its connection to the server, on {node} (Slurm job {}, now cancelled); the node may be \
-                         down",
-                        self.id
-                    ),
-                };
-            };
-            self.stopped = true;
-            if state.starts_with("OUT_OF_MEMORY") {
-                return CallError::OutOfMemory {
-                    machine_type: machine_type.to_string(),
-                    memory: memory.to_string(),
-                    child: false,
-                };
-            }
-            let how = if state.starts_with("NODE_FAIL") {
-                format!("was lost with {node} (Slurm job {}: {state})", self.id)
-            } else if state.starts_with("CANCELLED") {
-                format!("was cancelled in Slurm (job {}: {state})", self.id)
-            } else {
-                format!("ended (Slurm job {}: {state})", self.id)
-            };
-            CallError::WorkerDied { how }
         })
     }
 
-    fn stop(&mut self) -> BoxFuture<'_, ()> {
+    fn cancel<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            if self.stopped {
-                return;
+            let ids: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !id.is_empty()).collect();
+            if ids.is_empty() {
+                return Ok(());
             }
-            self.stopped = true;
-            let _ = self.command("scancel").arg(&self.id).output().await;
+            self.run("scancel", &ids, None).await.map(drop)
         })
     }
+
+    fn leftovers(&self) -> BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async move { Ok(self.queue().await?.into_keys().collect()) })
+    }
+}
+
+/// A job as `squeue` lists it.
+#[derive(Debug, Clone, PartialEq)]
+struct QueuedJob {
+    state: String,
+    reason: String,
+    node: Option<String>,
+}
+
+impl QueuedJob {
+    fn job_state(&self) -> JobState {
+        match self.state.as_str() {
+            "RUNNING" | "CONFIGURING" | "COMPLETING" => JobState::Running { node: self.node.clone() },
+            _ => JobState::Waiting { reason: with_reason(&self.state, &self.reason) },
+        }
+    }
+}
+
+/// `squeue --format %i|%T|%r|%N|%k` lines, those whose comment is `tag`.
+fn parse_queue(listed: &str, tag: &str) -> HashMap<String, QueuedJob> {
+    listed
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.trim().splitn(5, '|');
+            let (id, state, reason, node, comment) =
+                (fields.next()?, fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+            (comment == tag && !id.is_empty()).then(|| {
+                let node = Some(node.to_string()).filter(|n| !n.is_empty() && n != "(null)");
+                (id.to_string(), QueuedJob { state: state.into(), reason: reason.into(), node })
+            })
+        })
+        .collect()
+}
+
+/// An ending from `scontrol --oneliner show job`; `None` if the job has not ended.
+fn parse_ending(shown: &str) -> Option<Ending> {
+    let field = |name: &str| shown.split_whitespace().find_map(|kv| kv.strip_prefix(name)).map(str::to_string);
+    let state = field("JobState=")?;
+    if !is_terminal(&state) {
+        return None;
+    }
+    let detail = with_reason(&state, &field("Reason=").unwrap_or_default());
+    let node = field("NodeList=").filter(|n| !n.is_empty() && n != "(null)");
+    let cause = match state.as_str() {
+        "OUT_OF_MEMORY" => EndCause::OutOfMemory,
+        "NODE_FAIL" => EndCause::NodeLost,
+        "CANCELLED" | "PREEMPTED" => EndCause::Cancelled,
+        _ => EndCause::Other,
+    };
+    Some(Ending { cause, node, detail })
 }
 
 /// A job's state as Slurm words it, with the reason Slurm gives where it gives one: `PENDING (Resources)`.
@@ -499,103 +353,12 @@ fn program(bin_dir: Option<&PathBuf>, name: &str) -> PathBuf {
     bin_dir.map(|dir| dir.join(name)).unwrap_or_else(|| name.into())
 }
 
-fn command(bin_dir: Option<&PathBuf>, name: &str) -> Command {
-    let mut command = Command::new(program(bin_dir, name));
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    command
-}
-
 fn is_terminal(state: &str) -> bool {
     !matches!(state, "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING" | "SUSPENDED" | "RESIZING" | "REQUEUED")
 }
 
-/// Removes a token's waiter when its start is over, however it ended.
-struct Registration<'a> {
-    callback: &'a Callback,
-    token: String,
-}
-
-impl<'a> Registration<'a> {
-    fn new(callback: &'a Callback, token: &str, sender: mpsc::UnboundedSender<(Stream, TcpStream)>) -> Self {
-        callback.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(token.to_string(), sender);
-        Self { callback, token: token.to_string() }
-    }
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.callback.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.token);
-    }
-}
-
-/// Accepts worker jobs' connections: each names its token and stream on its first line.
-async fn accept(listener: TcpListener, callback: std::sync::Weak<Callback>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        if callback.strong_count() == 0 {
-            return;
-        }
-        set_tcp_keepalive(&stream);
-        let callback = callback.clone();
-        tokio::spawn(async move {
-            let greeted = tokio::time::timeout(Duration::from_secs(10), greeting(&mut stream)).await;
-            let Ok(Ok(Some((token, kind)))) = greeted else { return };
-            let Some(callback) = callback.upgrade() else { return };
-            let waiting = callback.waiting.lock().unwrap_or_else(|e| e.into_inner()).get(&token).cloned();
-            if let Some(sender) = waiting {
-                let _ = sender.send((kind, stream));
-            }
-        });
-    }
-}
-
-/// Sets TCP keepalive and a user timeout on a worker job's stream (the job's end, bash's `/dev/tcp`, cannot; its
-/// agent sets keepalive on the frames stream itself).
-fn set_tcp_keepalive(stream: &TcpStream) {
-    let (idle, interval, retries) = TCP_KEEPALIVE;
-    let keepalive = socket2::TcpKeepalive::new().with_time(idle).with_interval(interval).with_retries(retries);
-    let socket = socket2::SockRef::from(stream);
-    if let Err(error) =
-        socket.set_tcp_keepalive(&keepalive).and_then(|()| socket.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT)))
-    {
-        tracing::debug!(%error, "cannot set TCP keepalive on a worker job's stream");
-    }
-}
-
-/// Reads `<token> <stream>\n` byte by byte, so nothing after it is consumed.
-async fn greeting(stream: &mut TcpStream) -> std::io::Result<Option<(String, Stream)>> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 128 {
-        if stream.read(&mut byte).await? == 0 {
-            return Ok(None);
-        }
-        if byte[0] == b'\n' {
-            let text = String::from_utf8_lossy(&line).to_string();
-            let Some((token, kind)) = text.split_once(' ') else { return Ok(None) };
-            let kind = match kind {
-                "frames" => Stream::Frames,
-                "stdout" => Stream::Stdout,
-                "stderr" => Stream::Stderr,
-                _ => return Ok(None),
-            };
-            return Ok(Some((token.to_string(), kind)));
-        }
-        line.push(byte[0]);
-    }
-    Ok(None)
-}
-
-/// What Slurm sets in a job given GPUs (`--gres`), passed on to its agent with `SLURM_*` (see
-/// [`SlurmProvider::script`]).
+/// What Slurm sets in a job given GPUs (`--gres`), passed on to its agent with `SLURM_*` (see [`Slurm::script`]).
 const SLURM_GPU_VARIABLES: [&str; 3] = ["CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES"];
-
-/// A one-time secret a worker job proves itself with.
-fn token() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
-}
 
 /// `value` quoted for bash.
 fn quote(value: &str) -> String {
@@ -605,21 +368,6 @@ fn quote(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn worker_job_streams_get_tcp_keepalive() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-        let (_client, (stream, _)) = (client.unwrap(), accepted.unwrap());
-        let socket = socket2::SockRef::from(&stream);
-        assert!(!socket.keepalive().unwrap());
-        set_tcp_keepalive(&stream);
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE.0);
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE.2);
-        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
-    }
 
     #[test]
     fn machine_types_map_to_allocations() {
@@ -635,21 +383,8 @@ mod tests {
     fn the_job_script_asks_for_the_allocation_then_becomes_the_agent() {
         let config =
             SlurmConfig { partition: Some("debug".into()), tag: "fal-serverless-t".into(), ..Default::default() };
-        let provider = SlurmProvider { config, callback: OnceCell::new() };
-        let spec = WorkerSpec {
-            python: "/data/envs/u/k/bin/python".into(),
-            env_root: "/data/envs/u/k".into(),
-            dill_layer: None,
-            cgroup: None,
-            jail: None,
-            visible_gpus: None,
-            gpus: None,
-            max_payload: 1024,
-            data_dir: None,
-            link: None,
-            granted: None,
-            variables: crate::WorkerVariables::new(),
-        };
+        let provider = Slurm::new(config);
+        let spec = WorkerSpec::bare("/data/envs/u/k/bin/python", "/data/envs/u/k");
         let allocation = SlurmAllocation { cpus_per_task: 2, memory_mb: 2048, gres: None };
         let agent = spec.agent_command(None).unwrap();
         let script = provider.script(&spec, &agent, &allocation, "10.0.0.5:7000".parse().unwrap(), "abc");
@@ -681,5 +416,131 @@ mod tests {
     #[test]
     fn quoting_survives_quotes() {
         assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn the_queue_is_read_for_this_servers_jobs_alone() {
+        let listed = "12|PENDING|Resources||fal-serverless-a\n13|RUNNING|None|node-1|fal-serverless-a\n\
+                      14|RUNNING|None|node-1|fal-serverless-b\n";
+        let queue = parse_queue(listed, "fal-serverless-a");
+        assert_eq!(queue.len(), 2);
+        assert_eq!(queue["12"].job_state(), JobState::Waiting { reason: "PENDING (Resources)".into() });
+        assert_eq!(queue["13"].job_state(), JobState::Running { node: Some("node-1".into()) });
+        assert!(parse_queue("garbage\n\n", "fal-serverless-a").is_empty());
+    }
+
+    #[test]
+    fn scontrol_says_how_a_job_ended() {
+        let shown = "JobId=7 JobName=fal-worker JobState=OUT_OF_MEMORY Reason=OutOfMemory NodeList=node-2 Comment=x";
+        let ending = parse_ending(shown).unwrap();
+        assert_eq!((ending.cause, ending.node.as_deref()), (EndCause::OutOfMemory, Some("node-2")));
+        assert_eq!(parse_ending("JobId=7 JobState=CANCELLED Reason=None NodeList=(null)").unwrap().detail, "CANCELLED");
+        assert_eq!(parse_ending("JobId=7 JobState=NODE_FAIL Reason=NodeDown").unwrap().cause, EndCause::NodeLost);
+        assert_eq!(parse_ending("JobId=7 JobState=RUNNING Reason=None"), None, "a running job has not ended");
+        assert_eq!(parse_ending(""), None);
+    }
+
+    /// Slurm's four commands as shell scripts in a directory: `sbatch` hands out ids 100, 101, ...; `squeue` lists
+    /// every submitted job PENDING (or fails while the file `squeue-fails` exists); `scontrol` says PENDING;
+    /// `scancel` records what it cancelled. Each records its calls in `<name>.calls`.
+    fn fake_slurm(dir: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let scripts = [
+            ("sbatch", "cat > /dev/null; exec 9> \"$D/lock\"; flock 9; n=$(($(wc -l < \"$D/submitted\" 2>/dev/null || echo 0) + 100)); echo $n >> \"$D/submitted\"; echo $n"),
+            ("squeue", "if [ -e \"$D/squeue-fails\" ]; then echo 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2; exit 1; fi; touch \"$D/submitted\"; while read -r id; do grep -qx \"$id\" \"$D/cancelled\" 2>/dev/null || echo \"$id|PENDING|Resources||fal-serverless-t\"; done < \"$D/submitted\""),
+            ("scontrol", "echo \"JobId=$4 JobState=PENDING Reason=Resources\""),
+            ("scancel", "for id in \"$@\"; do echo $id >> \"$D/cancelled\"; done"),
+        ];
+        for (name, body) in scripts {
+            let path = dir.join(name);
+            let text = format!("#!/bin/sh\nD='{}'\necho \"$@\" >> \"$D/{name}.calls\"\n{body}\n", dir.display());
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
+    fn calls(dir: &std::path::Path, name: &str) -> Vec<String> {
+        std::fs::read_to_string(dir.join(format!("{name}.calls")))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn fake_provider(dir: &std::path::Path) -> super::super::cluster::ClusterProvider<Slurm> {
+        fake_slurm(dir);
+        super::super::cluster::ClusterProvider::new(Slurm::new(SlurmConfig {
+            callback: Some("127.0.0.1:0".parse().unwrap()),
+            tag: "fal-serverless-t".into(),
+            bin_dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        }))
+    }
+
+    fn spec() -> WorkerSpec {
+        WorkerSpec::bare("/usr/bin/python3", "/usr")
+    }
+
+    #[tokio::test]
+    async fn one_squeue_serves_every_waiting_start_and_its_failure_is_no_end() {
+        use super::super::Provider;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("squeue-fails"), "").unwrap();
+        let provider = fake_provider(dir.path());
+        let machine = MachineType::new("XS", 0.25, 256 * 1024 * 1024, 0);
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let logs = {
+            let lines = lines.clone();
+            crate::logs::LogSink::new(move |line| lines.lock().unwrap().push(line.line))
+        };
+        let wait = Some(Duration::from_secs(3));
+        let start = || provider.start(spec(), &machine, wait, &logs);
+        let recovering = async {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            std::fs::remove_file(dir.path().join("squeue-fails")).unwrap();
+        };
+        let (a, b, c, d, ()) = tokio::join!(start(), start(), start(), start(), recovering);
+        for start in [a, b, c, d] {
+            // Slurm failing to answer is not the job's end: each start waited its whole time.
+            assert!(matches!(start, Err(CallError::Timeout { .. })), "{start:?}");
+        }
+        let lines = lines.lock().unwrap().clone();
+        assert!(
+            lines.iter().any(|l| l.contains("does not answer (slurm_load_jobs error: Socket timed out")),
+            "{lines:?}"
+        );
+        assert!(lines.iter().any(|l| l == "waiting for a Slurm allocation: PENDING (Resources)"), "{lines:?}");
+        // One squeue per look for all four (and one for the previous run's jobs), not one per start: over 3 s at
+        // one look each 500 ms, at most 8 looks.
+        let looks = calls(dir.path(), "squeue").len();
+        assert!((2..=9).contains(&looks), "{looks} squeue calls for 4 waiting starts");
+        // The timed-out starts' jobs were cancelled, by a scancel that was waited for.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while std::fs::read_to_string(dir.path().join("cancelled")).unwrap_or_default().lines().count() < 4 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the abandoned jobs were not cancelled");
+        let mut cancelled: Vec<String> = calls(dir.path(), "scancel").join(" ").split(' ').map(String::from).collect();
+        cancelled.sort();
+        assert_eq!(cancelled, ["100", "101", "102", "103"]);
+    }
+
+    #[tokio::test]
+    async fn jobs_a_previous_run_left_are_cancelled_before_any_of_this_runs() {
+        use super::super::Provider;
+        let dir = tempfile::tempdir().unwrap();
+        fake_slurm(dir.path());
+        // The previous run's job, still queued.
+        std::fs::write(dir.path().join("submitted"), "99\n").unwrap();
+        std::fs::write(dir.path().join("sbatch.calls"), "").unwrap();
+        let provider = fake_provider(dir.path());
+        let machine = MachineType::new("XS", 0.25, 256 * 1024 * 1024, 0);
+        let logs = crate::logs::LogSink::discard();
+        let start = provider.start(spec(), &machine, Some(Duration::from_millis(600)), &logs);
+        assert!(matches!(start.await, Err(CallError::Timeout { .. })));
+        let cancels = calls(dir.path(), "scancel");
+        assert_eq!(cancels.first().map(String::as_str), Some("99"), "{cancels:?}");
     }
 }

@@ -228,6 +228,30 @@ def serve():
             sock.sendall(head)
             sock.sendall(payload)
 
+    def output_sockets():
+        # A cluster job's stdout and stderr are TCP streams of their own (a local worker's are pipes). Lines go out
+        # as written (no Nagle delay): the reply waits for them.
+        import stat
+
+        found = []
+        for fd in (1, 2):
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    continue
+                stream = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                if stream.family not in (socket.AF_INET, socket.AF_INET6):
+                    raise OSError("not TCP")
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                found.append(stream)
+            except OSError:
+                stream.close()
+        return found
+
+    streamed_output = output_sockets()
+
     def flush_output():
         # Whatever the call printed must reach its pipes before its reply (or item) reaches the engine.
         for stream in (sys.stdout, sys.stderr):
@@ -235,6 +259,43 @@ def serve():
                 stream.flush()
             except BaseException:
                 pass
+        if streamed_output:
+            output_acknowledged()
+
+    def output_acknowledged():
+        # Over TCP, the last lines can still be in flight on their stream when the reply arrives on its own: wait
+        # (5 s at most) until the server's host has acknowledged every byte written so far. What is written after
+        # this point (a thread of the function's, printing on) is not waited for. The engine reads the output
+        # streams before it takes a reply, so it then has every line.
+        import array
+        import fcntl
+        import termios
+        import time
+
+        def acknowledged(stream):
+            # tcp_info's tcpi_bytes_acked (Linux 4.1 on), at its fixed offset; None where the kernel has none.
+            info = stream.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 136)
+            return struct.unpack_from("=Q", info, 120)[0] if len(info) >= 128 else None
+
+        unacknowledged = array.array("i", [0])
+        targets = []
+        for stream in streamed_output:
+            try:
+                fcntl.ioctl(stream.fileno(), termios.TIOCOUTQ, unacknowledged, True)
+                acked = acknowledged(stream) if unacknowledged[0] else None
+            except OSError:
+                continue
+            if acked is not None:
+                targets.append((stream, acked + unacknowledged[0]))
+        deadline = time.monotonic() + 5
+        for stream, target in targets:
+            while time.monotonic() < deadline:
+                try:
+                    if acknowledged(stream) >= target:
+                        break
+                except OSError:
+                    break
+                time.sleep(0.001)
 
     setups = {}  # sha256 of a setup function's bytes -> its result, for this worker's life
     loaded_function = [None, None]  # the last FUNCTION frame's bytes, and the function they load

@@ -33,6 +33,10 @@ pub(crate) fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 /// The most one drain reads: a writer that never stops cannot keep the engine reading for ever.
 const DRAIN_LIMIT: usize = 1 << 20;
+/// The most the drain before a reply reads: more than a TCP stream's receive buffer holds (Linux's default
+/// `tcp_rmem` maximum is 6 MiB). A cluster job's agent sends its reply once the server's host has acknowledged all
+/// it printed before it, so that drain reads it whole.
+const HELD_LIMIT: usize = 8 << 20;
 
 #[derive(Debug)]
 pub(crate) struct OutputPipe {
@@ -130,10 +134,19 @@ impl OutputPipe {
     /// Reads what the pipe holds right now (up to [`DRAIN_LIMIT`]) and forwards whole lines. Returns whether
     /// anything happened (bytes read or end of stream).
     pub fn drain(&mut self, logs: &LogSink) -> bool {
+        self.drain_up_to(logs, DRAIN_LIMIT)
+    }
+
+    /// [`Self::drain`] before a reply is taken: all the pipe (or stream) holds, up to [`HELD_LIMIT`].
+    pub fn drain_held(&mut self, logs: &LogSink) -> bool {
+        self.drain_up_to(logs, HELD_LIMIT)
+    }
+
+    fn drain_up_to(&mut self, logs: &LogSink, limit: usize) -> bool {
         let mut progressed = false;
         let mut chunk = [0u8; 16 * 1024];
         let mut read = 0;
-        while self.open && read < DRAIN_LIMIT {
+        while self.open && read < limit {
             // SAFETY: reads into a stack buffer of the given length from a descriptor we own.
             let n = unsafe { libc::read(self.fd.get_ref().as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len()) };
             match n {

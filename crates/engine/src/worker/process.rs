@@ -120,6 +120,25 @@ fn jail_variables(args: &[String]) -> Vec<String> {
 }
 
 impl WorkerSpec {
+    /// A worker of `python` in the environment at `env_root`, with nothing else (tests' workers).
+    #[cfg(test)]
+    pub fn bare(python: impl Into<PathBuf>, env_root: impl Into<PathBuf>) -> Self {
+        Self {
+            python: python.into(),
+            env_root: env_root.into(),
+            dill_layer: None,
+            cgroup: None,
+            jail: None,
+            visible_gpus: None,
+            gpus: None,
+            max_payload: 1024,
+            data_dir: None,
+            link: None,
+            granted: None,
+            variables: crate::WorkerVariables::new(),
+        }
+    }
+
     /// `PATH` for a worker that inherits nothing: the environment's scripts, then the system's.
     pub fn clean_path(&self) -> String {
         format!("{}:/usr/local/bin:/usr/bin:/bin", self.env_root.join("bin").display())
@@ -528,8 +547,8 @@ impl Worker {
 
     /// Forwards what the worker's pipes hold now, partial last lines included.
     fn drain_output(&mut self, logs: &LogSink) {
-        self.stdout.drain(logs);
-        self.stderr.drain(logs);
+        self.stdout.drain_held(logs);
+        self.stderr.drain_held(logs);
         self.stdout.flush_partial(logs);
         self.stderr.flush_partial(logs);
     }
@@ -539,7 +558,7 @@ impl Worker {
         let error = self.placement.ended(machine_type, memory).await;
         // Its last words (a traceback, "Segmentation fault") are part of this call's logs.
         for pipe in [&mut self.stdout, &mut self.stderr] {
-            pipe.drain(logs);
+            pipe.drain_held(logs);
             pipe.flush_partial(logs);
         }
         error

@@ -42,6 +42,8 @@ pub struct Console {
     pub queue: Arc<crate::queue::store::QueueStore>,
     pub sessions: session::Sessions,
     pub data_dir: PathBuf,
+    /// Where environments are (the data dir, or Slurm's shared dir).
+    pub environments_dir: PathBuf,
     /// The server jails workers: `/readyz` checks the jail is still there.
     pub jailed: bool,
     /// Workers have cgroups of their own on this host (jailed, local provider): the workers page reads their use.

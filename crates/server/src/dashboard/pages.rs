@@ -707,7 +707,7 @@ pub async fn environments(State(console): State<Arc<Console>>, headers: HeaderMa
         Ok(listed) => listed,
         Err(error) => return error_page(StatusCode::INTERNAL_SERVER_ERROR, nav, error.to_string()),
     };
-    let envs_dir = console.data_dir.join("envs");
+    let envs_dir = console.environments_dir.join("envs");
     let admin = caller.scope == Scope::Admin;
     let user = caller.user_id.clone();
     let environments = tokio::task::spawn_blocking(move || {
