@@ -16,6 +16,7 @@ use crate::error::{CallError, EnvironmentError};
 use crate::logs::{LogSink, LogSource};
 use crate::machine::{MachineType, MachineTypes};
 use crate::provider::cluster::ClusterProvider;
+use crate::provider::kubernetes::Kubernetes;
 use crate::provider::local::LocalProvider;
 use crate::provider::slurm::Slurm;
 use crate::provider::{Provider, ProviderConfig};
@@ -229,6 +230,9 @@ impl Engine {
                 Box::new(LocalProvider::new(cgroups.clone(), config.network.clone(), run_dir.as_deref()))
             }
             ProviderConfig::Slurm(slurm) => Box::new(ClusterProvider::new(Slurm::new(slurm.clone()))),
+            ProviderConfig::Kubernetes(kubernetes) => {
+                Box::new(ClusterProvider::new(Kubernetes::new(kubernetes.clone())))
+            }
         };
         let sandbox = config.jail.clone().map(|jail| BuildSandbox {
             jail,

@@ -94,9 +94,15 @@ pub enum CallError {
     Spawn(String),
     #[error(
         "the cluster refused an allocation for machine type {machine_type} ({options}): {reason}. Use another \
-         machine type, or ask the server's admin to change its mapping ([slurm.machine_types.{machine_type}])"
+         machine type, or ask the server's admin to change its mapping ([{section}.machine_types.{machine_type}])"
     )]
-    Allocation { machine_type: String, options: String, reason: String },
+    Allocation {
+        machine_type: String,
+        options: String,
+        reason: String,
+        /// The config table that maps machine types for this cluster: `slurm`, `kubernetes`.
+        section: &'static str,
+    },
     #[error(
         "the worker exceeded the {memory} of machine type {machine_type} {}; use a larger machine_type",
         if *child {

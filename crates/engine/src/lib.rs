@@ -39,7 +39,9 @@ pub use crate::error::{CallError, EnvironmentError};
 pub use crate::logs::{LogBudget, LogLine, LogSink, LogSource};
 pub use crate::machine::{MachineType, MachineTypes, UnknownMachineType};
 pub use crate::observer::Observer;
-pub use crate::provider::{ProviderConfig, SlurmAllocation, SlurmConfig};
+pub use crate::provider::{
+    EnvironmentsVolume, KubernetesConfig, PodResources, PodToleration, ProviderConfig, SlurmAllocation, SlurmConfig,
+};
 pub use crate::room::{Granted, Hold, Room};
 pub use crate::variables::WorkerVariables;
 pub use crate::worker::{BoxFuture, LinkGrant, WorkerLink};

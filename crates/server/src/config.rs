@@ -95,7 +95,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fal_engine::{
-    BuildLimits, EnvironmentPolicy, MachineType, MachineTypes, ProviderConfig, SlurmAllocation, SlurmConfig,
+    BuildLimits, EnvironmentPolicy, EnvironmentsVolume, KubernetesConfig, MachineType, MachineTypes, PodResources,
+    PodToleration, ProviderConfig, SlurmAllocation, SlurmConfig,
 };
 use fal_sandbox::{Egress, Limits, NetworkPolicy};
 use serde::Deserialize;
@@ -211,6 +212,7 @@ struct FileConfig {
     machine_types: BTreeMap<String, MachineTypeConfig>,
     provider: Option<String>,
     slurm: Option<SlurmFileConfig>,
+    kubernetes: Option<KubernetesFileConfig>,
     #[serde(default)]
     jail: JailConfig,
     #[serde(default)]
@@ -372,6 +374,54 @@ struct SlurmMachineTypeConfig {
     gres: Option<String>,
 }
 
+/// `[kubernetes]`: how machine types become pods.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesFileConfig {
+    /// A kubeconfig file; unset: `$KUBECONFIG`, `~/.kube/config`, or the pod's service account.
+    kubeconfig: Option<PathBuf>,
+    namespace: Option<String>,
+    /// The worker image: bash, and the Python the environments are built with at the same path.
+    image: Option<String>,
+    image_pull_policy: Option<String>,
+    service_account: Option<String>,
+    priority_class: Option<String>,
+    #[serde(default)]
+    host_network: bool,
+    /// `host:port` of this server that pods reach (port 0: any).
+    callback: Option<String>,
+    /// The server's directory of environments, mounted at the same path in every pod.
+    shared_dir: Option<PathBuf>,
+    /// That directory as every node has it (a hostPath volume); unset: `shared_dir`.
+    host_path: Option<PathBuf>,
+    /// Or a PersistentVolumeClaim holding it (mounted read-only in pods; the server mounts it at `shared_dir`).
+    claim: Option<String>,
+    #[serde(default)]
+    machine_types: BTreeMap<String, KubernetesMachineTypeConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesMachineTypeConfig {
+    cpu: Option<String>,
+    memory: Option<String>,
+    gpus: Option<u32>,
+    gpu_resource: Option<String>,
+    #[serde(default)]
+    node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    tolerations: Vec<TolerationConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TolerationConfig {
+    key: Option<String>,
+    operator: Option<String>,
+    value: Option<String>,
+    effect: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CapacityConfig {
@@ -446,8 +496,20 @@ impl ServerConfig {
         let limits = user_limits(&file.limits).map_err(invalid)?;
         let mut environments_dir = data_dir.to_path_buf();
         let provider = match (file.provider.as_deref(), file.slurm) {
+            (Some("kubernetes"), None) => {
+                let kubernetes = file.kubernetes.unwrap_or_default();
+                let config = kubernetes_config(&tag, kubernetes, &machine_types).map_err(invalid)?;
+                environments_dir = config.environments_dir.clone();
+                ProviderConfig::Kubernetes(config)
+            }
+            (_, _) if file.kubernetes.is_some() && file.provider.as_deref() != Some("kubernetes") => {
+                return Err(invalid(
+                    "a [kubernetes] table is set but provider is not \"kubernetes\"; add provider = \"kubernetes\""
+                        .into(),
+                ))
+            }
             (None | Some("local"), None) => ProviderConfig::Local,
-            (None | Some("local"), Some(_)) => {
+            (None | Some("local") | Some("kubernetes"), Some(_)) => {
                 return Err(invalid(
                     "a [slurm] table is set but provider is not \"slurm\"; add provider = \"slurm\"".into(),
                 ))
@@ -464,7 +526,9 @@ impl ServerConfig {
                 }
                 ProviderConfig::Slurm(slurm_config(&tag, slurm, &machine_types).map_err(invalid)?)
             }
-            (Some(other), _) => return Err(invalid(format!("provider = {other:?}: expected \"local\" or \"slurm\""))),
+            (Some(other), _) => {
+                return Err(invalid(format!("provider = {other:?}: expected \"local\", \"slurm\" or \"kubernetes\"")))
+            }
         };
         let secrets = secrets_config(&file.secrets, path.as_deref().and_then(Path::parent)).map_err(invalid)?;
         let tls = match file.tls {
@@ -778,6 +842,72 @@ fn slurm_config(tag: &str, file: SlurmFileConfig, machine_types: &MachineTypes) 
     })
 }
 
+fn kubernetes_config(
+    tag: &str,
+    file: KubernetesFileConfig,
+    machine_types: &MachineTypes,
+) -> Result<KubernetesConfig, String> {
+    let callback = match &file.callback {
+        None => return Err("[kubernetes] callback is needed: host:port of this server that pods reach".into()),
+        Some(text) => text.parse().map_err(|e| format!("[kubernetes] callback = {text:?}: {e}; expected host:port"))?,
+    };
+    let Some(image) = file.image.filter(|i| !i.is_empty()) else {
+        return Err("[kubernetes] image is needed: the worker image (bash, and the environments' Python)".into());
+    };
+    let Some(shared_dir) = file.shared_dir else {
+        return Err("[kubernetes] shared_dir is needed: the directory of environments the pods mount".into());
+    };
+    if !shared_dir.is_absolute() {
+        return Err(format!("[kubernetes] shared_dir = {shared_dir:?}: must be an absolute path"));
+    }
+    if let Some(policy) = file.image_pull_policy.as_deref() {
+        if !["Always", "IfNotPresent", "Never"].contains(&policy) {
+            return Err(format!(
+                "[kubernetes] image_pull_policy = {policy:?}: expected \"Always\", \"IfNotPresent\" or \"Never\""
+            ));
+        }
+    }
+    let volume = match (file.host_path, file.claim) {
+        (Some(_), Some(_)) => return Err("[kubernetes]: give host_path or claim, not both".into()),
+        (None, Some(claim)) => EnvironmentsVolume::Claim(claim),
+        (host_path, None) => EnvironmentsVolume::HostPath(host_path.unwrap_or_else(|| shared_dir.clone())),
+    };
+    let mut mapped = BTreeMap::new();
+    for (name, t) in file.machine_types {
+        machine_types.get(&name).map_err(|e| format!("[kubernetes.machine_types.{name}]: {e}"))?;
+        let tolerations = t
+            .tolerations
+            .into_iter()
+            .map(|t| PodToleration { key: t.key, operator: t.operator, value: t.value, effect: t.effect })
+            .collect();
+        mapped.insert(
+            name,
+            PodResources {
+                cpu: t.cpu,
+                memory: t.memory,
+                gpus: t.gpus,
+                gpu_resource: t.gpu_resource,
+                node_selector: t.node_selector,
+                tolerations,
+            },
+        );
+    }
+    Ok(KubernetesConfig {
+        kubeconfig: file.kubeconfig,
+        namespace: file.namespace.unwrap_or_else(|| "default".into()),
+        image,
+        image_pull_policy: file.image_pull_policy,
+        service_account: file.service_account,
+        priority_class: file.priority_class,
+        host_network: file.host_network,
+        callback: Some(callback),
+        volume,
+        environments_dir: shared_dir,
+        machine_types: mapped,
+        tag: format!("fal-serverless-{tag}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -853,6 +983,51 @@ mod tests {
             .contains("must be an absolute path"));
         write("provider = \"slurm\"\n");
         assert_eq!(ServerConfig::load(dir.path(), None, None).unwrap().environments_dir, dir.path());
+    }
+
+    #[test]
+    fn kubernetes_maps_machine_types_to_pods_and_refuses_what_it_cannot_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |text: &str| std::fs::write(dir.path().join("config.toml"), text).unwrap();
+        let load = || ServerConfig::load(dir.path(), None, None);
+        let base = "provider = \"kubernetes\"\n[kubernetes]\nimage = \"fal-worker:1\"\ncallback = \"10.0.0.5:0\"\n\
+                    shared_dir = \"/srv/fal\"\n";
+        write(&format!(
+            "{base}claim = \"fal-envs\"\n[kubernetes.machine_types.GPU]\ncpu = \"6\"\nmemory = \"48Gi\"\n\
+             node_selector = {{ gpu = \"a100\" }}\n\
+             tolerations = [{{ key = \"nvidia.com/gpu\", operator = \"Exists\", effect = \"NoSchedule\" }}]\n"
+        ));
+        let config = load().unwrap();
+        assert_eq!(config.environments_dir, Path::new("/srv/fal"));
+        let ProviderConfig::Kubernetes(kubernetes) = config.provider else { panic!("not kubernetes") };
+        assert_eq!(
+            (kubernetes.namespace.as_str(), kubernetes.volume),
+            ("default", EnvironmentsVolume::Claim("fal-envs".into()))
+        );
+        assert_eq!(kubernetes.machine_types["GPU"].node_selector["gpu"], "a100");
+        assert_eq!(kubernetes.machine_types["GPU"].tolerations[0].operator.as_deref(), Some("Exists"));
+        write(base);
+        let ProviderConfig::Kubernetes(kubernetes) = load().unwrap().provider else { panic!("not kubernetes") };
+        assert_eq!(
+            kubernetes.volume,
+            EnvironmentsVolume::HostPath("/srv/fal".into()),
+            "the nodes' path is the server's"
+        );
+        for (bad, says) in [
+            (
+                "provider = \"kubernetes\"\n[kubernetes]\ncallback = \"1.2.3.4:0\"\nshared_dir = \"/s\"\n",
+                "image is needed",
+            ),
+            ("provider = \"kubernetes\"\n[kubernetes]\nimage = \"i\"\nshared_dir = \"/s\"\n", "callback is needed"),
+            (&format!("{base}host_path = \"/a\"\nclaim = \"c\"\n"), "not both"),
+            (&format!("{base}image_pull_policy = \"Sometimes\"\n"), "image_pull_policy"),
+            (&format!("{base}[kubernetes.machine_types.XXXL]\ncpu = \"1\"\n"), "unknown machine type \"XXXL\""),
+            ("[kubernetes]\nimage = \"i\"\n", "provider = \"kubernetes\""),
+        ] {
+            write(bad);
+            let error = load().unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     #[test]

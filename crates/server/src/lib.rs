@@ -222,7 +222,7 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     // Slurm mode is where a data dir on a shared file system is likely (the nodes need the environments); on one
     // host, a home directory on NFS holds the zero-config server's data dir, and has so far.
-    if matches!(config.provider, ProviderConfig::Slurm(_)) {
+    if config.provider.cluster().is_some() {
         if let Some(file_system) = network_file_system(&config.data_dir) {
             return Err(ServerError::StateOnNetworkFileSystem { path: config.data_dir.clone(), file_system });
         }
@@ -285,7 +285,7 @@ pub async fn serve(
     // On a cluster, its scheduler queues what does not fit; this server's own size does not bound it.
     let host = match config.provider {
         ProviderConfig::Local => Resources::of_host(engine.gpus()),
-        ProviderConfig::Slurm(_) => Resources::unbounded(),
+        ProviderConfig::Slurm(_) | ProviderConfig::Kubernetes(_) => Resources::unbounded(),
     };
     let resources = Resources {
         cpus: config.cpus.unwrap_or(host.cpus),
@@ -298,6 +298,7 @@ pub async fn serve(
         let no_mount = match (&config.provider, root) {
             // Its workers see no /data: storage is a directory of this host.
             (ProviderConfig::Slurm(_), _) => Some("workers run on Slurm, where no /data is mounted"),
+            (ProviderConfig::Kubernetes(_), _) => Some("workers run on Kubernetes, where no /data is mounted"),
             (_, false) => Some("the server does not run as root, so it cannot mount a btrfs image"),
             (_, true) => None,
         };
@@ -338,11 +339,12 @@ pub async fn serve(
         max_keep_alive: config.limits.max_keep_alive,
         config: config.apps,
         unavailable: match (&config.provider, &unjailed) {
-            (ProviderConfig::Slurm(_), _) => Some(
-                "web endpoints run on this server's own workers, and its workers run on Slurm (provider = \"slurm\"): \
-                 deploy to a server whose provider is local"
-                    .into(),
-            ),
+            (ProviderConfig::Slurm(_) | ProviderConfig::Kubernetes(_), _) => Some(format!(
+                "web endpoints run on this server's own workers, and its workers run on {} (provider = {:?}): \
+                 deploy to a server whose provider is local",
+                config.provider.cluster().unwrap_or_default(),
+                config.provider.cluster().unwrap_or_default().to_lowercase()
+            )),
             (_, Some(reason)) => Some(format!(
                 "web endpoints need jailed workers, each with a network namespace of its own where its replica \
                  listens on port 8080, and this server does not jail them ({reason}). Run the server as root with \

@@ -5,14 +5,16 @@
 //!   ([`gpus`]) for GPU machine types.
 //! * [`cluster`]: a job of a cluster's engine on one of its nodes, sized by the machine type, whose agent connects
 //!   back over TCP; the cluster enforces the limits. One [`cluster::Launcher`] per cluster engine:
-//!   * [`slurm`]: a Slurm batch job.
+//!   * [`slurm`]: a Slurm batch job;
+//!   * [`kubernetes`]: a pod.
 //!
-//! Another cluster engine (Kubernetes, say) is another [`cluster::Launcher`]; a provider that is not a cluster at
-//! all, another implementation of [`Provider`] and of the [`Placement`](crate::worker::Placement) its workers
-//! report their end through.
+//! Another cluster engine is another [`cluster::Launcher`]; a provider that is not a cluster at all, another
+//! implementation of [`Provider`] and of the [`Placement`](crate::worker::Placement) its workers report their end
+//! through.
 
 pub(crate) mod cluster;
 pub(crate) mod gpus;
+pub(crate) mod kubernetes;
 pub(crate) mod local;
 pub(crate) mod slurm;
 
@@ -21,6 +23,7 @@ use crate::logs::LogSink;
 use crate::machine::MachineType;
 use crate::worker::{BoxFuture, Worker, WorkerSpec};
 
+pub use kubernetes::{EnvironmentsVolume, KubernetesConfig, PodResources, PodToleration};
 pub use slurm::{SlurmAllocation, SlurmConfig};
 
 /// Which provider an engine runs its workers with.
@@ -31,6 +34,19 @@ pub enum ProviderConfig {
     Local,
     /// Jobs of a Slurm cluster.
     Slurm(SlurmConfig),
+    /// Pods of a Kubernetes cluster.
+    Kubernetes(KubernetesConfig),
+}
+
+impl ProviderConfig {
+    /// The cluster engine workers run on (`"Slurm"`, `"Kubernetes"`); `None`: this host.
+    pub fn cluster(&self) -> Option<&'static str> {
+        match self {
+            Self::Local => None,
+            Self::Slurm(_) => Some("Slurm"),
+            Self::Kubernetes(_) => Some("Kubernetes"),
+        }
+    }
 }
 
 pub(crate) trait Provider: Send + Sync + std::fmt::Debug {

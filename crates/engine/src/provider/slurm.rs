@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::cluster::book::{EndCause, Ending, JobBook, JobState};
-use super::cluster::{JobRequest, Launcher, Refused};
+use super::cluster::{connect_back, JobRequest, Launcher, Refused};
 use crate::error::CallError;
 use crate::machine::MachineType;
 use crate::worker::{AgentCommand, BoxFuture, WorkerSpec};
@@ -132,36 +132,10 @@ impl Slurm {
         if let Some(qos) = &self.config.qos {
             directive(format!("--qos={qos}"));
         }
-        let (host, port) = (address.ip(), address.port());
-        let _ = writeln!(
-            script,
-            "exec 3<>/dev/tcp/{host}/{port} 4<>/dev/tcp/{host}/{port} 5<>/dev/tcp/{host}/{port} || exit 1"
-        );
-        let _ = writeln!(
-            script,
-            "printf '{token} frames\\n' >&3; printf '{token} stdout\\n' >&4; printf '{token} stderr\\n' >&5"
-        );
-        let _ = writeln!(script, "exec 0</dev/null 1>&4 2>&5 4>&- 5>&-");
-        // The agent starts with the engine's variables and nothing else of the job's environment: sbatch passes the
-        // server's own on (its `--export=ALL` default), which the user's function must not see. Only what Slurm
-        // sets for the job goes through: SLURM_* (the job's id, its nodes) and which GPUs it was given.
-        let _ = writeln!(
-            script,
-            "slurm=(); for name in $(compgen -e); do case $name in SLURM_*|{}) slurm+=(\"$name=${{!name}}\");; esac; \
-             done",
-            SLURM_GPU_VARIABLES.join("|")
-        );
-        let mut exec = format!("exec env -i \"${{slurm[@]}}\" LANG=C.UTF-8 PATH={}", quote(&spec.clean_path()));
-        for (name, value) in &agent.env {
-            let _ = write!(exec, " {name}={}", quote(value));
-        }
-        let _ = write!(exec, " {}", quote(&agent.program.display().to_string()));
-        for arg in &agent.args {
-            exec.push(' ');
-            exec.push_str(&quote(arg));
-        }
-        script.push_str(&exec);
-        script.push('\n');
+        // The agent gets only what Slurm sets for the job of its environment: SLURM_* (the job's id, its nodes) and
+        // which GPUs it was given; sbatch passes the server's own environment on (its `--export=ALL` default).
+        let kept: Vec<&str> = std::iter::once("SLURM_*").chain(SLURM_GPU_VARIABLES).collect();
+        script.push_str(&connect_back(spec, agent, address, token, &kept));
         script
     }
 
@@ -236,6 +210,9 @@ impl Launcher for Slurm {
     const JOB: &'static str = "Slurm job";
     const WAITING: &'static str = "waiting for a Slurm allocation";
     const CLUSTER: &'static str = "Slurm";
+    const SECTION: &'static str = "slurm";
+    const JAILS: bool = true;
+    const KEEPS_ENDED: bool = false;
 
     fn callback_address(&self) -> Result<SocketAddr, CallError> {
         self.config.callback.ok_or_else(|| {
@@ -360,11 +337,6 @@ fn is_terminal(state: &str) -> bool {
 /// What Slurm sets in a job given GPUs (`--gres`), passed on to its agent with `SLURM_*` (see [`Slurm::script`]).
 const SLURM_GPU_VARIABLES: [&str; 3] = ["CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES"];
 
-/// `value` quoted for bash.
-fn quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,9 +373,9 @@ mod tests {
         }
         // The agent gets the engine's variables alone (and the GPUs Slurm gave), none of the job's environment.
         let exec = script.split_once("\nexec env -i ").map(|(_, exec)| exec).unwrap();
-        let kept = "case $name in SLURM_*|CUDA_VISIBLE_DEVICES|GPU_DEVICE_ORDINAL|ROCR_VISIBLE_DEVICES) slurm+=";
-        assert!(script.lines().any(|l| l.starts_with("slurm=(); for name in $(compgen -e)") && l.contains(kept)));
-        let start = r#""${slurm[@]}" LANG=C.UTF-8 PATH='/data/envs/u/k/bin:/usr/local/bin:/usr/bin:/bin' "#;
+        let kept = "case $name in SLURM_*|CUDA_VISIBLE_DEVICES|GPU_DEVICE_ORDINAL|ROCR_VISIBLE_DEVICES) kept+=";
+        assert!(script.lines().any(|l| l.starts_with("kept=(); for name in $(compgen -e)") && l.contains(kept)));
+        let start = r#""${kept[@]}" LANG=C.UTF-8 PATH='/data/envs/u/k/bin:/usr/local/bin:/usr/bin:/bin' "#;
         assert!(exec.starts_with(start), "{exec}");
         assert!(exec.contains(" VIRTUAL_ENV='/data/envs/u/k' "), "{exec}");
         assert!(!script.contains("export "), "nothing is exported into the job's own environment");
@@ -411,11 +383,6 @@ mod tests {
         let exec = exec.split_once(" '/data/envs/u/k/bin/python' ").map(|(_, exec)| exec).unwrap();
         assert!(exec.starts_with("'-I' '-u' '-c' '"), "{exec}");
         assert!(exec.contains("def serve():") && exec.ends_with("serve()\n'\n"));
-    }
-
-    #[test]
-    fn quoting_survives_quotes() {
-        assert_eq!(quote("it's"), r"'it'\''s'");
     }
 
     #[test]

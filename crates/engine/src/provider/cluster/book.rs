@@ -2,7 +2,7 @@
 //! a watch) keeps it current for all of them; starts waiting for their job to run, and workers whose connection
 //! closed waiting to learn why, read it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
@@ -51,6 +51,9 @@ pub(crate) struct JobBook {
     trouble: watch::Sender<Option<String>>,
     /// Wakes the observer when the first job is followed.
     followed: Notify,
+    /// Jobs the cluster said are over or going (a pod being deleted), followed or not, where its observer sees every
+    /// job (a watch): a warm worker of one is not handed a call.
+    gone: Mutex<HashSet<String>>,
 }
 
 impl JobBook {
@@ -102,6 +105,25 @@ impl JobBook {
             *known = why;
             changed
         });
+    }
+
+    /// Records that `id` is over or going.
+    pub fn gone(&self, id: &str) {
+        self.gone_jobs().insert(id.to_string());
+    }
+
+    /// Whether the cluster said `id` is over or going.
+    pub fn is_gone(&self, id: &str) -> bool {
+        self.gone_jobs().contains(id)
+    }
+
+    /// Forgets `id` (its worker is gone too).
+    pub fn forget(&self, id: &str) {
+        self.gone_jobs().remove(id);
+    }
+
+    fn gone_jobs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.gone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, (watch::Sender<JobState>, usize)>> {

@@ -45,6 +45,14 @@ pub(crate) trait Launcher: Send + Sync + std::fmt::Debug + 'static {
     const WAITING: &'static str;
     /// The cluster engine's name: "Slurm", "Kubernetes".
     const CLUSTER: &'static str;
+    /// The config table of its settings: "slurm".
+    const SECTION: &'static str;
+    /// Whether workers run in the server's jail inside their job (bubblewrap on the node); else the job itself is
+    /// the sandbox (a pod), and the jail's uid is what the job runs as.
+    const JAILS: bool;
+    /// Whether an ended job stays in the cluster until it is cancelled (a pod until it is deleted), so that ending
+    /// is not enough.
+    const KEEPS_ENDED: bool;
 
     /// The address workers connect back to (port 0: any free port).
     fn callback_address(&self) -> Result<SocketAddr, CallError>;
@@ -70,6 +78,8 @@ pub(crate) struct JobRequest<'a> {
     /// Where the job connects back to, saying `token` on each stream.
     pub callback: SocketAddr,
     pub token: &'a str,
+    /// The uid the job's processes run as, for a launcher that does not jail ([`Launcher::JAILS`]).
+    pub run_as: Option<u32>,
 }
 
 /// A job the cluster would not take.
@@ -79,6 +89,53 @@ pub(crate) struct Refused {
     pub asked: String,
     /// The cluster's words.
     pub reason: String,
+}
+
+/// The shell script that makes a job a worker: it connects three streams back to `address` (frames, stdout,
+/// stderr), each first saying `token`, then execs the agent with the engine's variables and, of the job's own
+/// environment, only the variables `kept` names (shell patterns: `SLURM_*`): what the cluster sets for the job, not
+/// what it passed on from the server's environment. Needs bash (`/dev/tcp`).
+pub(crate) fn connect_back(
+    spec: &WorkerSpec,
+    agent: &AgentCommand,
+    address: SocketAddr,
+    token: &str,
+    kept: &[&str],
+) -> String {
+    use std::fmt::Write as _;
+    let mut script = String::new();
+    let (host, port) = (address.ip(), address.port());
+    let _ = writeln!(
+        script,
+        "exec 3<>/dev/tcp/{host}/{port} 4<>/dev/tcp/{host}/{port} 5<>/dev/tcp/{host}/{port} || exit 1"
+    );
+    let _ = writeln!(
+        script,
+        "printf '{token} frames\\n' >&3; printf '{token} stdout\\n' >&4; printf '{token} stderr\\n' >&5"
+    );
+    let _ = writeln!(script, "exec 0</dev/null 1>&4 2>&5 4>&- 5>&-");
+    let _ = writeln!(
+        script,
+        "kept=(); for name in $(compgen -e); do case $name in {}) kept+=(\"$name=${{!name}}\");; esac; done",
+        kept.join("|")
+    );
+    let mut exec = format!("exec env -i \"${{kept[@]}}\" LANG=C.UTF-8 PATH={}", quote(&spec.clean_path()));
+    for (name, value) in &agent.env {
+        let _ = write!(exec, " {name}={}", quote(value));
+    }
+    let _ = write!(exec, " {}", quote(&agent.program.display().to_string()));
+    for arg in &agent.args {
+        exec.push(' ');
+        exec.push_str(&quote(arg));
+    }
+    script.push_str(&exec);
+    script.push('\n');
+    script
+}
+
+/// `value` quoted for bash.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 /// A provider running workers as jobs of the cluster `L` launches on.
@@ -223,6 +280,7 @@ impl<L: Launcher> Provider for ClusterProvider<L> {
             // The job's agent needs the node's network to connect back; the cluster's network policy applies.
             jail.network = fal_sandbox::JailNetwork::Host;
         }
+        let run_as = if L::JAILS { None } else { spec.jail.take().map(|jail| jail.uid) };
         Box::pin(async move {
             let shared = &self.shared;
             shared.clean_up().await;
@@ -231,12 +289,19 @@ impl<L: Launcher> Provider for ClusterProvider<L> {
             // No seccomp filter: the job could be handed no descriptor of ours. What it takes away matters for
             // `/data`'s quota, and a job has no `/data`.
             let agent = spec.agent_command(None)?;
-            let request =
-                JobRequest { spec: &spec, agent: &agent, machine, callback: callback.address, token: &expected.token };
+            let request = JobRequest {
+                spec: &spec,
+                agent: &agent,
+                machine,
+                callback: callback.address,
+                token: &expected.token,
+                run_as,
+            };
             let id = shared.launcher.submit(request).await.map_err(|refused| CallError::Allocation {
                 machine_type: machine.name.clone(),
                 options: refused.asked,
                 reason: refused.reason,
+                section: L::SECTION,
             })?;
             // Until the worker is connected, the job is this start's to cancel (if the caller goes away, say).
             let mut job = ClusterJob { shared: shared.clone(), id, node: None, stopped: false };
@@ -267,7 +332,8 @@ impl<L: Launcher> Provider for ClusterProvider<L> {
                         }
                         JobState::Running { node } => job.node = node.or(job.node.take()),
                         JobState::Ended(ending) => {
-                            job.stopped = true;
+                            // Dropped with this start, the job is cancelled where the cluster keeps it.
+                            job.stopped = !L::KEEPS_ENDED;
                             return Err(CallError::WorkerDied {
                                 how: format!(
                                     "ended before it connected: its {} {} ended ({}). If it failed, check that the \
@@ -336,6 +402,7 @@ pub(crate) struct ClusterJob<L: Launcher> {
 
 impl<L: Launcher> Drop for ClusterJob<L> {
     fn drop(&mut self) {
+        self.shared.book.forget(&self.id);
         if !self.stopped {
             let _ = self.shared.cancels.send(Cancel::Job(std::mem::take(&mut self.id)));
         }
@@ -348,9 +415,9 @@ impl<L: Launcher> Placement for ClusterJob<L> {
     }
 
     fn has_ended(&mut self) -> bool {
-        // Known only by asking the cluster, too slow for every call; a job that ended while idle closed its
-        // connection, which the worker itself sees.
-        false
+        // What the observer saw, where it sees every job (a watch); asking the cluster is too slow for every call.
+        // A job that ended while idle also closed its connection, which the worker itself sees.
+        self.shared.book.is_gone(&self.id)
     }
 
     fn ended<'a>(&'a mut self, machine_type: &'a str, memory: &'a str) -> BoxFuture<'a, CallError> {
@@ -400,6 +467,11 @@ impl<L: Launcher> Placement for ClusterJob<L> {
                     };
                 }
             };
+            if L::KEEPS_ENDED {
+                if let Err(error) = self.shared.launcher.cancel(std::slice::from_ref(&self.id)).await {
+                    tracing::warn!(%error, job = %self.id, "cannot remove an ended worker job");
+                }
+            }
             self.stopped = true;
             let (job, id, detail) = (L::JOB, &self.id, &ending.detail);
             match ending.cause {
@@ -430,5 +502,15 @@ impl<L: Launcher> Placement for ClusterJob<L> {
             // Only now: dropped while cancelling, it is cancelled again from its drop.
             self.stopped = true;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(quote("it's"), r"'it'\''s'");
     }
 }
