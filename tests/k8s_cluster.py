@@ -56,8 +56,22 @@ def cache_dir() -> Path:
     return base / "fal-serverless-tests" / f"kubernetes-{VERSION}"
 
 
+def tool(name: str) -> str:
+    """A command's path: on PATH, or in the sbin directories root's PATH may lack (dockerd, iptables, debootstrap)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if not found:
+        raise AssertionError(f"{name} is not installed: apt-get install {PACKAGES.get(name, name)}")
+    return found
+
+
 def missing_tools() -> List[str]:
-    return [package for command, package in PACKAGES.items() if not shutil.which(command)]
+    missing = []
+    for command, package in PACKAGES.items():
+        try:
+            tool(command)
+        except AssertionError:
+            missing.append(package)
+    return missing
 
 
 def _sha256(path: Path) -> str:
@@ -237,7 +251,7 @@ class KubeCluster:
 
     def docker(self, *argv: str, input: Optional[bytes] = None) -> str:
         proc = subprocess.run(
-            ["docker", "-H", self.docker_host, *argv], input=input, capture_output=True, check=False, timeout=600
+            [tool("docker"), "-H", self.docker_host, *argv], input=input, capture_output=True, check=False, timeout=600
         )
         if proc.returncode != 0:
             raise AssertionError(f"docker {' '.join(argv)}: {proc.stderr.decode(errors='replace')}")
@@ -256,7 +270,7 @@ class KubeCluster:
             _stop(self.processes.get(name))
         _unmount_below(self.root)
         if self.iptables_before:
-            subprocess.run(["iptables-restore"], input=self.iptables_before.encode(), check=False)
+            subprocess.run([tool("iptables-restore")], input=self.iptables_before.encode(), check=False)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -293,7 +307,7 @@ def _wait(check, timeout: float, what: str, logs: Optional[Path] = None) -> None
 def start_cluster() -> KubeCluster:
     bin_dir = binaries()
     root = Path(tempfile.mkdtemp(prefix="fal-serverless-test-k8s-"))
-    iptables_before = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False).stdout
+    iptables_before = subprocess.run([tool("iptables-save")], capture_output=True, text=True, check=False).stdout
     pki = root / "pki"
     _certificates(pki)
     token = os.urandom(16).hex()
@@ -329,7 +343,7 @@ current-context: test
         spawn(
             "etcd",
             [
-                "etcd",
+                tool("etcd"),
                 "--name",
                 "fal-test",
                 "--data-dir",
@@ -347,12 +361,12 @@ current-context: test
             ],
         )
         runc = root / "runc-wrapper"
-        runc.write_text(RUNC_WRAPPER.format(runc=shutil.which("runc")))
+        runc.write_text(RUNC_WRAPPER.format(runc=tool("runc")))
         runc.chmod(0o755)
         spawn(
             "containerd",
             [
-                "containerd",
+                tool("containerd"),
                 "--root",
                 str(root / "containerd"),
                 "--state",
@@ -365,7 +379,7 @@ current-context: test
         spawn(
             "dockerd",
             [
-                "dockerd",
+                tool("dockerd"),
                 "--data-root",
                 str(root / "docker"),
                 "--exec-root",
@@ -383,6 +397,9 @@ current-context: test
                 "--add-runtime",
                 f"fal-test-runc={runc}",
                 "--default-runtime=fal-test-runc",
+                # The kubelet's driver: on a systemd host dockerd would pick systemd's, and the kubelet refuse it.
+                "--exec-opt",
+                "native.cgroupdriver=cgroupfs",
             ],
         )
         _wait(lambda: cluster.docker("info") != "", 60, "dockerd", root / "dockerd.log")
@@ -502,7 +519,7 @@ def _images(cluster: KubeCluster) -> None:
         rootfs = Path(tempfile.mkdtemp(prefix="fal-worker-rootfs-"))
         subprocess.run(
             [
-                "debootstrap",
+                tool("debootstrap"),
                 "--variant=minbase",
                 "--include=python3",
                 "bookworm",
@@ -516,9 +533,14 @@ def _images(cluster: KubeCluster) -> None:
         Path(str(base) + ".partial").rename(base)
         shutil.rmtree(rootfs, ignore_errors=True)
     cluster.docker("import", str(base), "fal-test/debian-python:1")
-    # The environments' Python, at the same path as on this host (a venv's python links to it).
+    # The environments' Python, at the same path as on this host (a venv's python links to it); the system's own
+    # (/usr) is the image's already.
+    prefix = Path(sys.base_prefix)
+    if prefix == Path("/usr"):
+        cluster.docker("tag", "fal-test/debian-python:1", WORKER_IMAGE)
+        return
     container = cluster.docker("create", "fal-test/debian-python:1", "/bin/true").strip()
-    cluster.docker("cp", "-", f"{container}:/", input=_installation_tar(Path(sys.base_prefix)))
+    cluster.docker("cp", "-", f"{container}:/", input=_installation_tar(prefix))
     cluster.docker("commit", container, WORKER_IMAGE)
     cluster.docker("rm", container)
 

@@ -388,8 +388,10 @@ struct KubernetesFileConfig {
     priority_class: Option<String>,
     #[serde(default)]
     host_network: bool,
-    /// `host:port` of this server that pods reach (port 0: any).
+    /// `host:port` this server listens on for worker pods (port 0: any).
     callback: Option<String>,
+    /// The host name or address pods connect to, if not `callback`'s host (a Service's name).
+    advertise: Option<String>,
     /// The server's directory of environments, mounted at the same path in every pod.
     shared_dir: Option<PathBuf>,
     /// That directory as every node has it (a hostPath volume); unset: `shared_dir`.
@@ -901,6 +903,7 @@ fn kubernetes_config(
         priority_class: file.priority_class,
         host_network: file.host_network,
         callback: Some(callback),
+        advertise: file.advertise,
         volume,
         environments_dir: shared_dir,
         machine_types: mapped,

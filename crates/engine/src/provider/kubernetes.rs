@@ -14,7 +14,7 @@
 //! cannot be pulled. The pod is the sandbox here: the worker runs as the user's uid, without privilege escalation or
 //! capabilities, without a service account token; the server's bubblewrap jail is not used inside it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource, Node, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, SecurityContext, Toleration, Volume,
-    VolumeMount,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
@@ -32,7 +32,7 @@ use kube::runtime::watcher;
 use tokio::sync::OnceCell;
 
 use super::cluster::book::{EndCause, Ending, JobBook, JobState};
-use super::cluster::{connect_back, JobRequest, Launcher, Refused};
+use super::cluster::{connect_back, JobRequest, Launcher, SubmitError};
 use crate::error::CallError;
 use crate::machine::MachineType;
 use crate::worker::BoxFuture;
@@ -43,6 +43,8 @@ const USER_LABEL: &str = "fal-serverless/user";
 const ENVIRONMENT_LABEL: &str = "fal-serverless/environment";
 /// The GPU resource a GPU machine type asks for unless its mapping says another.
 const NVIDIA_GPU: &str = "nvidia.com/gpu";
+/// The uid workers run as where the server has no uid of the user's (it does not jail).
+const NOBODY: u32 = 65534;
 /// How long what the watch said of a pod is kept after the pod is gone (for a worker that asks why it ended).
 const KEPT: Duration = Duration::from_secs(600);
 /// How often followed jobs are given what the watch knows of them (a job followed after its pod's last event).
@@ -74,8 +76,11 @@ pub struct KubernetesConfig {
     pub priority_class: Option<String>,
     /// Pods use their node's network (clusters without a pod network, or a callback only nodes reach).
     pub host_network: bool,
-    /// An address of the server that pods reach; worker pods connect back to it (port 0: any free port).
+    /// Where the server listens for worker pods (port 0: any free port).
     pub callback: Option<SocketAddr>,
+    /// The host name or address pods connect to, if not `callback`'s (a Service's name, for a server in the
+    /// cluster: it listens on all addresses there).
+    pub advertise: Option<String>,
     /// Where the environments come from on the nodes.
     pub volume: EnvironmentsVolume,
     /// The server's environments dir: mounted at the same path in each pod.
@@ -182,7 +187,8 @@ impl Kubernetes {
             ("app.kubernetes.io/managed-by".to_string(), "fal-serverless".to_string()),
         ]);
         let annotations = BTreeMap::from([("fal-serverless/user".to_string(), user)]);
-        let script = connect_back(job.spec, job.agent, job.callback, job.token, &KEPT_VARIABLES);
+        let host = config.advertise.clone().unwrap_or_else(|| job.callback.ip().to_string());
+        let script = connect_back(job.spec, job.agent, (&host, job.callback.port()), job.token, &KEPT_VARIABLES);
         let mut limits = BTreeMap::from([
             ("cpu".to_string(), Quantity(resources.cpu.clone())),
             ("memory".to_string(), Quantity(resources.memory.clone())),
@@ -237,11 +243,13 @@ impl Kubernetes {
             }),
             volume_mounts: Some(mounts),
             security_context: Some(SecurityContext {
-                run_as_user: job.run_as.map(i64::from),
-                run_as_group: job.run_as.map(i64::from),
-                run_as_non_root: job.run_as.map(|_| true),
+                // The user's uid where the server has one for them (it jails), else nobody's: never root.
+                run_as_user: Some(i64::from(job.run_as.unwrap_or(NOBODY))),
+                run_as_group: Some(i64::from(job.run_as.unwrap_or(NOBODY))),
+                run_as_non_root: Some(true),
                 allow_privilege_escalation: Some(false),
                 capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
                 ..SecurityContext::default()
             }),
             ..Container::default()
@@ -277,7 +285,8 @@ impl Kubernetes {
     /// Pending until the call's timeout).
     async fn offered(&self, resource: &str) -> Result<bool, String> {
         let nodes: Api<Node> = Api::all(self.client().await?);
-        let listed = nodes.list(&ListParams::default()).await.map_err(|e| format!("cannot list nodes: {e}"))?;
+        let listed =
+            nodes.list(&ListParams::default()).await.map_err(|e| format!("cannot list nodes: {}", api_error(&e)))?;
         Ok(listed.items.iter().any(|node| {
             node.status
                 .as_ref()
@@ -346,11 +355,11 @@ impl Launcher for Kubernetes {
         })
     }
 
-    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, Refused>> {
+    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, SubmitError>> {
         Box::pin(async move {
             let sized = Sized::of(job.machine, self.config.machine_types.get(&job.machine.name));
-            let refused = |reason: String| Refused { asked: sized.asked(), reason };
-            if sized.gpus > 0 && !self.offered(&sized.gpu_resource).await.map_err(refused)? {
+            let refused = |reason: String| SubmitError::Refused { asked: sized.asked(), reason };
+            if sized.gpus > 0 && !self.offered(&sized.gpu_resource).await.map_err(SubmitError::Failed)? {
                 return Err(refused(format!(
                     "no node of the cluster offers {} (is the device plugin installed?)",
                     sized.gpu_resource
@@ -358,15 +367,29 @@ impl Launcher for Kubernetes {
             }
             let name = format!("fal-worker-{}", hex::encode(rand::random::<[u8; 6]>()));
             let pod = self.pod(&job, &sized, &name);
-            let pods = self.pods().await.map_err(refused)?;
-            pods.create(&PostParams::default(), &pod).await.map_err(|e| refused(api_error(&e)))?;
-            Ok(name)
+            let pods = self.pods().await.map_err(SubmitError::Failed)?;
+            // Dropped while the API creates it (its call abandoned), the pod would have no job to delete it.
+            let mut unowned = Unowned { pods: pods.clone(), name: Some(name.clone()) };
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(_) => {
+                    unowned.name = None;
+                    Ok(name)
+                }
+                Err(error) => {
+                    unowned.name = None;
+                    match &error {
+                        // Invalid: what the machine type's mapping asks for (a quantity, a resource) is refused.
+                        kube::Error::Api(status) if status.code == 422 => Err(refused(api_error(&error))),
+                        _ => Err(SubmitError::Failed(api_error(&error))),
+                    }
+                }
+            }
         })
     }
 
     fn observe(self: Arc<Self>, book: Arc<JobBook>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let mut known: HashMap<String, (JobState, Instant)> = HashMap::new();
+            let mut seen = Seen::default();
             loop {
                 let pods = match self.pods().await {
                     Ok(pods) => pods,
@@ -382,23 +405,10 @@ impl Launcher for Kubernetes {
                 loop {
                     tokio::select! {
                         event = events.next() => match event {
-                            Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => {
+                            Some(Ok(event)) => {
                                 book.trouble(None);
-                                if let Some(name) = pod.metadata.name.clone() {
-                                    let state = state_of(&pod);
-                                    if matches!(state, JobState::Ended(_)) {
-                                        book.gone(&name);
-                                    }
-                                    known.insert(name, (state, Instant::now()));
-                                }
+                                seen.event(event, &book);
                             }
-                            Some(Ok(watcher::Event::Delete(pod))) => {
-                                if let Some(name) = pod.metadata.name.clone() {
-                                    book.gone(&name);
-                                    known.insert(name, (deleted(&pod, state_of(&pod)), Instant::now()));
-                                }
-                            }
-                            Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => book.trouble(None),
                             // The watcher retries on its own; a failure is told to the waiting calls meanwhile.
                             Some(Err(error)) => {
                                 book.trouble(Some(format!("watching pods: {error}")));
@@ -406,14 +416,7 @@ impl Launcher for Kubernetes {
                             }
                             None => break,
                         },
-                        _ = tick.tick() => {
-                            known.retain(|_, (_, seen)| seen.elapsed() < KEPT);
-                            for id in book.followed() {
-                                if let Some((state, _)) = known.get(&id) {
-                                    book.record(&id, state.clone());
-                                }
-                            }
-                        }
+                        _ = tick.tick() => seen.tell(&book),
                     }
                 }
             }
@@ -423,6 +426,10 @@ impl Launcher for Kubernetes {
     fn cancel<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let pods = self.pods().await?;
+            // At once (grace 0): the worker has nothing to finish (it is idle, or its call is over). A graceful
+            // delete waits on the kubelet, which on the test cluster kept pods terminating for over a minute. Known
+            // cost: the pod leaves the API before its container is gone, so the scheduler may count its node's
+            // resources free a little early.
             let now = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
             for id in ids.iter().filter(|id| !id.is_empty()) {
                 match pods.delete(id, &now).await {
@@ -456,6 +463,94 @@ fn downward(name: &str, field: &str) -> EnvVar {
             ..EnvVarSource::default()
         }),
         value: None,
+    }
+}
+
+/// A pod being created: deleted if its creation is abandoned (`name` still set when dropped).
+struct Unowned {
+    pods: Api<Pod>,
+    name: Option<String>,
+}
+
+impl Drop for Unowned {
+    fn drop(&mut self) {
+        if let (Some(name), Ok(runtime)) = (self.name.take(), tokio::runtime::Handle::try_current()) {
+            let pods = self.pods.clone();
+            runtime.spawn(async move {
+                match pods.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(error) => {
+                        tracing::warn!(pod = %name, error = %api_error(&error), "cannot delete an abandoned pod")
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// What the watch said of this server's pods, kept a while after each is gone.
+#[derive(Debug, Default)]
+struct Seen {
+    pods: HashMap<String, (JobState, Instant)>,
+    /// The pods of a (re-)list under way: those it leaves out are gone.
+    listing: Option<HashSet<String>>,
+}
+
+impl Seen {
+    fn event(&mut self, event: watcher::Event<Pod>, book: &JobBook) {
+        match event {
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                let Some(name) = pod.metadata.name.clone() else { return };
+                if let Some(listing) = self.listing.as_mut() {
+                    listing.insert(name.clone());
+                }
+                self.set(name, state_of(&pod), book);
+            }
+            watcher::Event::Delete(pod) => {
+                let Some(name) = pod.metadata.name.clone() else { return };
+                let last = self.pods.get(&name).map(|(state, _)| state.clone()).unwrap_or_else(|| state_of(&pod));
+                self.set(name, deleted(&pod, last), book);
+            }
+            watcher::Event::Init => self.listing = Some(HashSet::new()),
+            // A re-list (after the watch expired, say) tells no deletions: pods it did not list went meanwhile.
+            watcher::Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let vanished: Vec<String> = self.pods.keys().filter(|name| !listed.contains(*name)).cloned().collect();
+                for name in vanished {
+                    if let Some((last, _)) = self.pods.get(&name).cloned() {
+                        if !matches!(last, JobState::Ended(_)) {
+                            let ending = Ending { cause: EndCause::Cancelled, node: None, detail: "deleted".into() };
+                            self.set(name, JobState::Ended(ending), book);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set(&mut self, name: String, state: JobState, book: &JobBook) {
+        if matches!(state, JobState::Ended(_)) {
+            book.gone(&name);
+        }
+        self.pods.insert(name, (state, Instant::now()));
+    }
+
+    /// Gives followed jobs what is known of them (one followed after its pod's last event too), and forgets pods
+    /// gone long enough.
+    fn tell(&mut self, book: &JobBook) {
+        self.pods.retain(|name, (state, seen)| {
+            let kept = seen.elapsed() < KEPT || !matches!(state, JobState::Ended(_));
+            if !kept {
+                book.forget(name);
+            }
+            kept
+        });
+        for id in book.followed() {
+            if let Some((state, _)) = self.pods.get(&id) {
+                book.record(&id, state.clone());
+            }
+        }
     }
 }
 
@@ -506,7 +601,7 @@ fn state_of(pod: &Pod) -> JobState {
                         waiting.reason.clone().unwrap_or_default(),
                         waiting.message.clone().unwrap_or_default()
                     );
-                    return ending(EndCause::Other, detail);
+                    return ending(EndCause::Unstartable, detail);
                 }
             }
             let unschedulable = status

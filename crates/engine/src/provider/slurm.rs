@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::cluster::book::{EndCause, Ending, JobBook, JobState};
-use super::cluster::{connect_back, JobRequest, Launcher, Refused};
+use super::cluster::{connect_back, JobRequest, Launcher, SubmitError};
 use crate::error::CallError;
 use crate::machine::MachineType;
 use crate::worker::{AgentCommand, BoxFuture, WorkerSpec};
@@ -135,7 +135,7 @@ impl Slurm {
         // The agent gets only what Slurm sets for the job of its environment: SLURM_* (the job's id, its nodes) and
         // which GPUs it was given; sbatch passes the server's own environment on (its `--export=ALL` default).
         let kept: Vec<&str> = std::iter::once("SLURM_*").chain(SLURM_GPU_VARIABLES).collect();
-        script.push_str(&connect_back(spec, agent, address, token, &kept));
+        script.push_str(&connect_back(spec, agent, (&address.ip().to_string(), address.port()), token, &kept));
         script
     }
 
@@ -220,11 +220,11 @@ impl Launcher for Slurm {
         })
     }
 
-    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, Refused>> {
+    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, SubmitError>> {
         Box::pin(async move {
             let allocation = self.allocation(job.machine);
             let script = self.script(job.spec, job.agent, &allocation, job.callback, job.token);
-            let refused = |reason: String| Refused { asked: allocation.options().join(" "), reason };
+            let refused = |reason: String| SubmitError::Refused { asked: allocation.options().join(" "), reason };
             let printed = self.run("sbatch", &["--parsable"], Some(&script)).await.map_err(refused)?;
             // `--parsable` prints `<id>` or `<id>;<cluster>`.
             let id = printed.trim().split(';').next().unwrap_or("").to_string();

@@ -38,6 +38,8 @@ pub(crate) enum EndCause {
     NodeLost,
     /// Cancelled or deleted by someone else (an admin, an eviction).
     Cancelled,
+    /// It could not start at all (an image that cannot be pulled): the detail says why.
+    Unstartable,
     /// Ended otherwise (exited, or the cluster no longer knows it).
     Other,
 }

@@ -58,7 +58,7 @@ pub(crate) trait Launcher: Send + Sync + std::fmt::Debug + 'static {
     fn callback_address(&self) -> Result<SocketAddr, CallError>;
 
     /// Submits a worker job and returns its id.
-    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, Refused>>;
+    fn submit<'a>(&'a self, job: JobRequest<'a>) -> BoxFuture<'a, Result<String, SubmitError>>;
 
     /// Keeps `book` current for as long as the provider lives: the state of every job it follows.
     fn observe(self: Arc<Self>, book: Arc<JobBook>) -> BoxFuture<'static, ()>;
@@ -82,29 +82,33 @@ pub(crate) struct JobRequest<'a> {
     pub run_as: Option<u32>,
 }
 
-/// A job the cluster would not take.
+/// Why a job was not submitted.
 #[derive(Debug)]
-pub(crate) struct Refused {
-    /// What was asked for, as the admin maps it: `--cpus-per-task=4 --mem=16384M --gres=gpu:1`.
-    pub asked: String,
-    /// The cluster's words.
-    pub reason: String,
+pub(crate) enum SubmitError {
+    /// The cluster would not take what was asked for (a mapping of the machine type's it cannot give).
+    Refused {
+        /// What was asked for, as the admin maps it: `--cpus-per-task=4 --mem=16384M --gres=gpu:1`.
+        asked: String,
+        /// The cluster's words.
+        reason: String,
+    },
+    /// The cluster could not be asked, or refused the server itself (its permissions, say).
+    Failed(String),
 }
 
-/// The shell script that makes a job a worker: it connects three streams back to `address` (frames, stdout,
+/// The shell script that makes a job a worker: it connects three streams back to `host:port` (frames, stdout,
 /// stderr), each first saying `token`, then execs the agent with the engine's variables and, of the job's own
 /// environment, only the variables `kept` names (shell patterns: `SLURM_*`): what the cluster sets for the job, not
 /// what it passed on from the server's environment. Needs bash (`/dev/tcp`).
 pub(crate) fn connect_back(
     spec: &WorkerSpec,
     agent: &AgentCommand,
-    address: SocketAddr,
+    (host, port): (&str, u16),
     token: &str,
     kept: &[&str],
 ) -> String {
     use std::fmt::Write as _;
     let mut script = String::new();
-    let (host, port) = (address.ip(), address.port());
     let _ = writeln!(
         script,
         "exec 3<>/dev/tcp/{host}/{port} 4<>/dev/tcp/{host}/{port} 5<>/dev/tcp/{host}/{port} || exit 1"
@@ -297,11 +301,14 @@ impl<L: Launcher> Provider for ClusterProvider<L> {
                 token: &expected.token,
                 run_as,
             };
-            let id = shared.launcher.submit(request).await.map_err(|refused| CallError::Allocation {
-                machine_type: machine.name.clone(),
-                options: refused.asked,
-                reason: refused.reason,
-                section: L::SECTION,
+            let id = shared.launcher.submit(request).await.map_err(|error| match error {
+                SubmitError::Refused { asked, reason } => CallError::Allocation {
+                    machine_type: machine.name.clone(),
+                    options: asked,
+                    reason,
+                    section: L::SECTION,
+                },
+                SubmitError::Failed(why) => CallError::Spawn(format!("cannot submit a {}: {why}", L::JOB)),
             })?;
             // Until the worker is connected, the job is this start's to cancel (if the caller goes away, say).
             let mut job = ClusterJob { shared: shared.clone(), id, node: None, stopped: false };
@@ -334,11 +341,17 @@ impl<L: Launcher> Provider for ClusterProvider<L> {
                         JobState::Ended(ending) => {
                             // Dropped with this start, the job is cancelled where the cluster keeps it.
                             job.stopped = !L::KEEPS_ENDED;
+                            let hint = match ending.cause {
+                                EndCause::Unstartable => String::new(),
+                                _ => format!(
+                                    ". If it failed, check that the nodes reach this server's callback address {}",
+                                    callback.address
+                                ),
+                            };
                             return Err(CallError::WorkerDied {
                                 how: format!(
-                                    "ended before it connected: its {} {} ended ({}). If it failed, check that the \
-                                     nodes reach this server's callback address {}",
-                                    L::JOB, job.id, ending.detail, callback.address
+                                    "ended before it connected: its {} {} ended ({}){hint}",
+                                    L::JOB, job.id, ending.detail
                                 ),
                             });
                         }
@@ -486,7 +499,9 @@ impl<L: Launcher> Placement for ClusterJob<L> {
                 EndCause::Cancelled => {
                     CallError::WorkerDied { how: format!("was cancelled in {} ({job} {id}: {detail})", L::CLUSTER) }
                 }
-                EndCause::Other => CallError::WorkerDied { how: format!("ended ({job} {id}: {detail})") },
+                EndCause::Unstartable | EndCause::Other => {
+                    CallError::WorkerDied { how: format!("ended ({job} {id}: {detail})") }
+                }
             }
         })
     }
