@@ -90,16 +90,15 @@ pub fn run(args: EnvsArgs) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    let store = EnvironmentStore::new(environments_dir(&data_dir)?.join("envs"));
+    let (environments_dir, mut policy) = settings(&data_dir)?;
+    let store = EnvironmentStore::new(environments_dir.join("envs"));
     match args.command {
         EnvsCommand::List { user, json } => {
-            // The budget is shown for reference; a config file that does not load only loses that.
-            let budget = policy(&data_dir).ok().map(|p| p.disk_budget(store.dir()));
-            list(&store, user.as_deref(), json, budget)
+            // The budget is shown for reference.
+            list(&store, user.as_deref(), json, policy.disk_budget(store.dir()))
         }
         EnvsCommand::Rm { keys, user } => remove(&store, &keys, user.as_deref()),
         EnvsCommand::Prune { older_than, dry_run, user } => {
-            let mut policy = policy(&data_dir)?;
             if let Some(older_than) = older_than {
                 policy.max_unused = older_than;
             }
@@ -108,24 +107,17 @@ pub fn run(args: EnvsArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Where a server of `data_dir` builds its environments: the data dir, or the config's Slurm `shared_dir`.
-fn environments_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    if !data_dir.join("config.toml").is_file() {
-        return Ok(data_dir.to_path_buf());
+/// Where a server of `data_dir` builds its environments (the data dir, or the config's cluster `shared_dir`) and
+/// its `[environments]` policy: from the data dir's config.toml, read once, or the defaults where it has none (the
+/// local host's cache).
+fn settings(data_dir: &Path) -> anyhow::Result<(PathBuf, EnvironmentPolicy)> {
+    let file = data_dir.join("config.toml");
+    if !file.is_file() {
+        return Ok((data_dir.to_path_buf(), EnvironmentPolicy::default()));
     }
-    let config = ServerConfig::load(data_dir, None, None).with_context(|| {
-        format!("reading {} to find where its environments are", data_dir.join("config.toml").display())
-    })?;
-    Ok(config.environments_dir)
-}
-
-/// The data dir's `[environments]`, or the defaults where it has no config file (the local host's cache).
-fn policy(data_dir: &Path) -> anyhow::Result<EnvironmentPolicy> {
-    if data_dir.join("config.toml").is_file() {
-        Ok(ServerConfig::load(data_dir, None, None)?.environments)
-    } else {
-        Ok(EnvironmentPolicy::default())
-    }
+    let config = ServerConfig::load(data_dir, None, None)
+        .with_context(|| format!("reading {} to find where its environments are", file.display()))?;
+    Ok((config.environments_dir, config.environments))
 }
 
 fn listed(store: &EnvironmentStore) -> anyhow::Result<Vec<EnvironmentInfo>> {
@@ -138,7 +130,7 @@ fn listed(store: &EnvironmentStore) -> anyhow::Result<Vec<EnvironmentInfo>> {
     })
 }
 
-fn list(store: &EnvironmentStore, user: Option<&str>, json: bool, budget: Option<u64>) -> anyhow::Result<()> {
+fn list(store: &EnvironmentStore, user: Option<&str>, json: bool, budget: u64) -> anyhow::Result<()> {
     let environments: Vec<EnvironmentInfo> =
         listed(store)?.into_iter().filter(|e| user.is_none_or(|u| e.tenant == u)).collect();
     if json {
@@ -175,7 +167,7 @@ fn list(store: &EnvironmentStore, user: Option<&str>, json: bool, budget: Option
         );
     }
     let total: u64 = environments.iter().map(|e| e.bytes).sum();
-    let budget = budget.filter(|&b| b < u64::MAX).map(|b| format!(" (budget {})", size(b))).unwrap_or_default();
+    let budget = if budget < u64::MAX { format!(" (budget {})", size(budget)) } else { String::new() };
     println!("{} environments, {} in all{budget}, in {}", environments.len(), size(total), store.dir().display());
     Ok(())
 }

@@ -370,19 +370,15 @@ impl Launcher for Kubernetes {
             let pods = self.pods().await.map_err(SubmitError::Failed)?;
             // Dropped while the API creates it (its call abandoned), the pod would have no job to delete it.
             let mut unowned = Unowned { pods: pods.clone(), name: Some(name.clone()) };
-            match pods.create(&PostParams::default(), &pod).await {
-                Ok(_) => {
-                    unowned.name = None;
-                    Ok(name)
-                }
-                Err(error) => {
-                    unowned.name = None;
-                    match &error {
-                        // Invalid: what the machine type's mapping asks for (a quantity, a resource) is refused.
-                        kube::Error::Api(status) if status.code == 422 => Err(refused(api_error(&error))),
-                        _ => Err(SubmitError::Failed(api_error(&error))),
-                    }
-                }
+            let created = pods.create(&PostParams::default(), &pod).await;
+            unowned.name = None;
+            match created {
+                Ok(_) => Ok(name),
+                // Invalid (422): what the machine type's mapping asks for (a quantity, a resource) is refused.
+                Err(error) => match &error {
+                    kube::Error::Api(status) if status.code == 422 => Err(refused(api_error(&error))),
+                    _ => Err(SubmitError::Failed(api_error(&error))),
+                },
             }
         })
     }
